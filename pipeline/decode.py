@@ -1,0 +1,206 @@
+"""CPU stage: bytes -> RGB uint8 at the model's input size, exactly as the checkpoint's processor would resize it.
+
+Rescaling and normalisation are left to the model's device (see `models.py`): uint8 travels all the way there.
+Every row gets a status; a file that cannot be decoded becomes an error row with a reason, never an exception.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import UserError
+from .storage import read_bytes
+
+# Keep truncated files as errors (PIL's default); never let PIL decide bomb limits on its own.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the checkpoint's image processor does, in the order it does it."""
+
+    mode: str  # "squash" (resize to height x width) or "shortest_edge" (resize shortest edge, then centre crop)
+    height: int  # squash target, or crop height
+    width: int
+    shortest_edge: int = 0
+    resample: int = Image.Resampling.BICUBIC
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+
+def _size_field(size, name):
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(name)
+    return getattr(size, name, None)
+
+
+def spec_from_image_processor(ip) -> PreprocessSpec:
+    """Read a transformers image processor's configuration into a PreprocessSpec."""
+    name = type(ip).__name__
+    size = getattr(ip, "size", None)
+    resample = int(getattr(ip, "resample", Image.Resampling.BICUBIC) or Image.Resampling.BICUBIC)
+    common = dict(
+        resample=resample,
+        do_rescale=bool(getattr(ip, "do_rescale", True)),
+        rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
+        do_normalize=bool(getattr(ip, "do_normalize", True)),
+        mean=_triple(getattr(ip, "image_mean", None) or (0.0, 0.0, 0.0)),
+        std=_triple(getattr(ip, "image_std", None) or (1.0, 1.0, 1.0)),
+    )
+    if not getattr(ip, "do_resize", True):
+        raise UserError(f"image processor {name} does not resize; the pipeline needs a fixed input size")
+    h, w, short = _size_field(size, "height"), _size_field(size, "width"), _size_field(size, "shortest_edge")
+    crop = getattr(ip, "crop_size", None)
+    do_crop = bool(getattr(ip, "do_center_crop", False))
+    if short and not _size_field(size, "longest_edge"):
+        if not do_crop or not crop:
+            raise UserError(f"image processor {name} resizes the shortest edge without a centre crop; "
+                            "the pipeline needs a fixed input size")
+        return PreprocessSpec("shortest_edge", int(_size_field(crop, "height")), int(_size_field(crop, "width")),
+                              shortest_edge=int(short), **common)
+    if h and w:
+        if do_crop and crop:
+            raise UserError(f"image processor {name}: resize to {h}x{w} followed by a crop is not supported")
+        return PreprocessSpec("squash", int(h), int(w), **common)
+    raise UserError(f"image processor {name} has a size setting the pipeline does not support: {size}")
+
+
+def _triple(values) -> tuple[float, float, float]:
+    vals = [float(v) for v in (values if hasattr(values, "__len__") else [values])]
+    if len(vals) == 1:
+        vals = vals * 3
+    return (vals[0], vals[1], vals[2])
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: alpha on white, 16-bit scaled, palette and bilevel expanded."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA") if ("transparency" in img.info or mode == "PA") else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img)
+        if arr.dtype.kind == "f":
+            arr = np.nan_to_num(arr.astype(np.float64))
+            arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
+        elif arr.max(initial=0) > 255:
+            arr = arr.astype(np.float64) / 257.0  # 16-bit full range -> 8-bit
+        arr8 = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if arr8.ndim == 2:
+            arr8 = np.repeat(arr8[:, :, None], 3, axis=2)
+        return Image.fromarray(arr8[:, :, :3], "RGB")
+    return img.convert("RGB")
+
+
+def resize_for_model(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize (and crop) an RGB image as the processor does; returns HxWx3 uint8."""
+    if spec.mode == "squash":
+        out = img.resize((spec.width, spec.height), resample=spec.resample)
+        return np.asarray(out, dtype=np.uint8)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    arr = np.asarray(img.resize((new_w, new_h), resample=spec.resample), dtype=np.uint8)
+    return centre_crop(arr, spec.height, spec.width)
+
+
+def centre_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < height or w < width:  # pad with zeros around the image, as transformers does
+        ph, pw = max(height, h), max(width, w)
+        padded = np.zeros((ph, pw, 3), dtype=arr.dtype)
+        top, left = (ph - h) // 2, (pw - w) // 2
+        padded[top:top + h, left:left + w] = arr
+        arr, h, w = padded, ph, pw
+    top, left = (h - height) // 2, (w - width) // 2
+    return arr[top:top + height, left:left + width]
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode bytes to an RGB image with EXIF orientation applied; raises ValueError with a reason."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"decompression bomb: {exc}") from None
+    except Exception as exc:  # PIL raises many types for unknown formats
+        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"image is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
+                         f"{max_pixels} (raise max_image_pixels if it is genuine)")
+    try:
+        img.seek(0)  # first frame of animations
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except Exception as exc:
+        raise ValueError(f"cannot decode {img.format or 'image'} ({type(exc).__name__}: {exc})") from None
+
+
+def decode_one(data: bytes, spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, int, int]:
+    """Bytes -> (pixels HxWx3 uint8, original width, original height). Raises ValueError with a reason."""
+    img = open_image(data, max_pixels)
+    width, height = img.size
+    try:
+        return resize_for_model(img, spec), width, height
+    except Exception as exc:
+        raise ValueError(f"cannot resize ({type(exc).__name__}: {exc})") from None
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int,
+                 storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: rows with `uri` -> the same rows plus pixels, status, error, width, height."""
+    t = time.perf_counter()
+    Image.MAX_IMAGE_PIXELS = None  # our own limit applies, checked from the header before decoding
+    uris = batch["uri"]
+    n = len(uris)
+    pixels = np.zeros((n, *spec.out_shape), dtype=np.uint8)
+    status = np.full(n, "ok", dtype=object)
+    error = np.full(n, None, dtype=object)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    for i, uri in enumerate(uris):
+        try:
+            data = read_bytes(str(uri), storage_options)
+            pixels[i], width[i], height[i] = decode_one(data, spec, max_pixels)
+        except (ValueError, OSError) as exc:
+            status[i], error[i] = "error", _reason(exc)
+    out = dict(batch)
+    out.update(pixels=pixels, status=status, error=error, width=width, height=height,
+               decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (removed after listing?)"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"

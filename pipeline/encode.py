@@ -1,0 +1,108 @@
+"""GPU (or CPU) stage: the Ray Data actor that holds the model.
+
+Thin on purpose: it loads the model once, encodes the prompt set once, and maps batches of uint8 pixels to
+image features and concept logits. Out-of-memory halves the micro-batch and retries; an image the model still
+cannot take becomes an error row, so no row is ever lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from .decode import PreprocessSpec
+from .models import Encoder, ModelSpec
+from .prompts import PromptSet
+
+log = logging.getLogger(__name__)
+
+
+class PromptStore:
+    """Tiny Ray actor through which the first model actor hands its prompt embeddings to the driver."""
+
+    def __init__(self):
+        self.value = None
+
+    def put(self, value) -> None:
+        if self.value is None:
+            self.value = value
+
+    def get(self):
+        return self.value
+
+
+class EncodeBatch:
+    """Ray Data callable class: decoded rows -> rows with `image_features` and `concept_logits`."""
+
+    def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet,
+                 torch_threads: int = 0, prompt_store=None, micro_batch: int = 0):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.encoder = Encoder(model_spec, preprocess)
+        self.text_embeddings = self.encoder.encode_prompts(prompt_set)
+        self.micro_batch = micro_batch
+        if prompt_store is not None:
+            prompt_store.put.remote({
+                "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
+                "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
+                "dtype": str(self.encoder.dtype).replace("torch.", ""), "pid": os.getpid(),
+            })
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t = time.perf_counter()
+        pixels = batch.pop("pixels")
+        status = np.asarray(batch["status"], dtype=object).copy()
+        error = np.asarray(batch["error"], dtype=object).copy()
+        n, dim, k = len(status), self.text_embeddings.shape[1], self.text_embeddings.shape[0]
+        features = np.zeros((n, dim), dtype=np.float16)
+        logits = np.zeros((n, k), dtype=np.float32)
+        ok = np.flatnonzero(status == "ok")
+        if len(ok):
+            encoded, failed = self._encode(pixels[ok])
+            features[ok] = encoded.astype(np.float16)
+            logits[ok] = self.encoder.logits(encoded, self.text_embeddings)
+            for j, reason in failed.items():
+                status[ok[j]], error[ok[j]] = "error", reason
+                features[ok[j]], logits[ok[j]] = 0, 0
+        batch.update(status=status, error=error, image_features=features, concept_logits=logits,
+                     model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+        return batch
+
+    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """Encode in micro-batches; on OOM halve and retry; per-image fallback for other model errors."""
+        import torch
+
+        n = len(pixels)
+        step = self.micro_batch or n
+        out = np.zeros((n, self.text_embeddings.shape[1]), dtype=np.float32)
+        failed: dict[int, str] = {}
+        start = 0
+        while start < n:
+            chunk = pixels[start:start + step]
+            try:
+                out[start:start + len(chunk)] = self.encoder.encode_images(chunk)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if step == 1:
+                    failed[start] = "model ran out of device memory on a single image"
+                    start += 1
+                    continue
+                step = max(1, step // 2)
+                self.micro_batch = step
+                log.warning("out of device memory: micro-batch halved to %d", step)
+                continue
+            except Exception as exc:  # one bad input must not sink its neighbours
+                for j in range(len(chunk)):
+                    try:
+                        out[start + j] = self.encoder.encode_images(chunk[j:j + 1])[0]
+                    except Exception as one:
+                        failed[start + j] = f"model failed on this image ({type(one).__name__}: {one})"[:500]
+                if not failed:
+                    log.warning("batch failed (%s) but every image passed alone", exc)
+            start += len(chunk)
+        return out, failed

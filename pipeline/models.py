@@ -1,0 +1,269 @@
+"""Models behind one small interface: resolve a checkpoint, load it once, encode prompts once, encode images, score.
+
+Three families, recognised from the checkpoint's config.json:
+- ``remote``: ConceptCLIP and any remote-code model with its interface (``encode_image``/``encode_text``; a forward
+  that returns a dict with ``image_features``, ``text_features``, ``logit_scale``, ``logit_bias``).
+  logits = logit_scale * cos + logit_bias (the scale comes back already exponentiated).
+- ``clip``: transformers CLIPModel. logits = exp(logit_scale) * cos (no bias: softmax over prompts).
+- ``siglip``: transformers SiglipModel. logits = exp(logit_scale) * cos + logit_bias (sigmoid per prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .decode import PreprocessSpec, spec_from_image_processor
+from .errors import UserError
+from .prompts import PromptSet, ensemble
+
+log = logging.getLogger(__name__)
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+TRANSFORMERS_5_HINT = ("this checkpoint's remote code does not load under transformers 5 (it never calls post_init); "
+                       "install 'transformers<5' for it")
+
+
+class Secret:
+    """A value (the HF token) that never shows itself in reprs, logs or errors."""
+
+    def __init__(self, value: str | None):
+        self._value = value or None
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(****)" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (Secret, (self._value,))
+
+
+def hf_token() -> Secret:
+    return Secret(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an actor needs to load the model; built and checked on the driver."""
+
+    model: str
+    kind: str  # "remote" | "clip" | "siglip"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    token: Secret = field(default_factory=lambda: Secret(None), repr=False, compare=False)
+
+    def identity(self) -> dict:
+        """What makes two runs' numbers comparable (no secrets)."""
+        return {"model": self.model, "kind": self.kind, "revision": self.revision, "dtype": self.dtype}
+
+
+def _load_config_json(model: str, revision: str | None, token: Secret) -> dict:
+    path = Path(model)
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise UserError(f"model folder {model} has no config.json; is it a Hugging Face checkpoint?")
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"model {model} is neither a folder with a checkpoint nor a hub id")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        cfg = hf_hub_download(model, "config.json", revision=revision, token=token.get())
+    except hf_errors.GatedRepoError:
+        raise UserError(f"model {model} is gated: accept its terms on the hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise UserError(f"model {model} was not found on the hub (or HF_TOKEN lacks access)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise UserError(f"model {model} has no revision {revision!r}") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise UserError(f"model {model} is not in the local cache and the hub cannot be reached "
+                        "(check the network, or pass a local folder)") from None
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        raise UserError(f"model {model}: cannot fetch config.json ({type(exc).__name__})") from None
+    return json.loads(Path(cfg).read_text(encoding="utf-8"))
+
+
+def resolve_model(model: str, revision: str | None = None, trust_remote_code: bool = False,
+                  dtype: str = "auto", device: str = "auto") -> ModelSpec:
+    """Check the checkpoint exists, recognise its family, and refuse remote code unless allowed."""
+    token = hf_token()
+    config = _load_config_json(model, revision, token)
+    model_type = config.get("model_type")
+    if model_type == "clip":
+        kind = "clip"
+    elif model_type == "siglip":
+        kind = "siglip"
+    elif config.get("auto_map"):
+        kind = "remote"
+        if not trust_remote_code:
+            raise UserError(f"model {model} ships its own Python code; review it, then pass --trust-remote-code "
+                            "(and pin --revision to a commit hash)")
+        if not Path(model).is_dir() and not (revision and _COMMIT_RE.match(revision)):
+            log.warning("model %s runs remote code from revision %r, which is not a commit hash: pin --revision "
+                        "to a commit for unattended runs", model, revision or "main")
+    else:
+        raise UserError(f"model {model} has model_type {model_type!r}; supported: CLIPModel, SiglipModel, "
+                        "and remote-code models with ConceptCLIP's interface")
+    return ModelSpec(model, kind, revision, trust_remote_code, dtype, device, token)
+
+
+def load_processor(spec: ModelSpec):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(spec.model, revision=spec.revision, token=spec.token.get(),
+                                             trust_remote_code=spec.kind == "remote")
+    except Exception as exc:
+        raise UserError(f"model {spec.model}: cannot load its processor ({type(exc).__name__}: "
+                        f"{_first_line(exc)})") from None
+
+
+def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
+    processor = load_processor(spec)
+    return spec_from_image_processor(getattr(processor, "image_processor", processor))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return getattr(torch, dtype)
+
+
+class Encoder:
+    """A loaded model: encode prompt sets once, then batches of uint8 images; compute logits."""
+
+    def __init__(self, spec: ModelSpec, preprocess: PreprocessSpec):
+        import torch
+
+        self.spec = spec
+        self.preprocess = preprocess
+        self.device = torch.device(pick_device(spec.device))
+        self.dtype = pick_dtype(spec.dtype, self.device.type)
+        self.processor = load_processor(spec)
+        self.model = self._load_model()
+        self.mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.logit_scale, self.logit_bias = 1.0, 0.0
+
+    def _load_model(self):
+        import torch
+        from transformers import AutoModel, CLIPModel, SiglipModel
+
+        cls = {"clip": CLIPModel, "siglip": SiglipModel, "remote": AutoModel}[self.spec.kind]
+        try:
+            model = cls.from_pretrained(self.spec.model, revision=self.spec.revision, token=self.spec.token.get(),
+                                        trust_remote_code=self.spec.kind == "remote", dtype=self.dtype)
+        except AttributeError as exc:
+            if "all_tied_weights_keys" in str(exc):
+                raise UserError(f"model {self.spec.model}: {TRANSFORMERS_5_HINT}") from None
+            raise
+        model.to(self.device).eval()
+        torch.set_grad_enabled(False)
+        return model
+
+    # -- images -------------------------------------------------------------------------------------------------
+    def pixel_values(self, pixels) -> "torch.Tensor":
+        """uint8 [B,H,W,3] (numpy or tensor) -> normalised [B,3,H,W] in the model dtype, on the device."""
+        import torch
+
+        x = torch.as_tensor(pixels)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).to(torch.float32)
+        if self.preprocess.do_rescale:
+            x = x * self.preprocess.rescale_factor
+        if self.preprocess.do_normalize:
+            x = (x - self.mean) / self.std
+        return x.to(self.dtype)
+
+    def encode_images(self, pixels) -> np.ndarray:
+        """uint8 [B,H,W,3] -> L2-normalised image features [B,D] float32."""
+        import torch
+
+        with torch.inference_mode():
+            x = self.pixel_values(pixels)
+            if self.spec.kind == "remote":
+                features = self.model.encode_image(x, normalize=True)[0]
+            else:
+                features = _pooled(self.model.get_image_features(pixel_values=x))
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy()
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompt_set: PromptSet) -> np.ndarray:
+        """Ensembled, L2-normalised text embeddings [K,D] float32; also reads the model's logit scale and bias."""
+        import torch
+
+        prompts = prompt_set.all_prompts
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), 256):
+                chunks.append(self._encode_text(prompts[start:start + 256]))
+        return ensemble(np.concatenate(chunks), prompt_set.counts)
+
+    def _encode_text(self, prompts: list[str]) -> np.ndarray:
+        import torch
+
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if self.spec.kind == "remote":
+            # The documented forward, once: it returns the text features and the (already exponentiated) scales.
+            dummy = np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8)
+            text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in text.items()}
+            out = self.model(pixel_values=self.pixel_values(dummy), **inputs)
+            self.logit_scale = float(out["logit_scale"])
+            self.logit_bias = float(out["logit_bias"]) if out.get("logit_bias") is not None else 0.0
+            features = out["text_features"]
+        else:
+            text_config = self.model.config.text_config
+            padding = "max_length" if self.spec.kind == "siglip" else True
+            text = tokenizer(prompts, padding=padding, truncation=True,
+                             max_length=text_config.max_position_embeddings, return_tensors="pt")
+            # Pass what the tokenizer gives, as model(**processor(...)) would (SigLIP's gives no mask).
+            inputs = {k: v.to(self.device) for k, v in text.items() if k in ("input_ids", "attention_mask")}
+            features = _pooled(self.model.get_text_features(**inputs))
+            self.logit_scale = float(self.model.logit_scale.float().exp())
+            self.logit_bias = float(self.model.logit_bias.float()) if self.spec.kind == "siglip" else 0.0
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    # -- scores -------------------------------------------------------------------------------------------------
+    def logits(self, image_features: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+        """The model's own logit formula, in float32: scale * cos + bias."""
+        cos = image_features.astype(np.float32) @ text_embeddings.astype(np.float32).T
+        return (self.logit_scale * cos + self.logit_bias).astype(np.float32)
+
+
+def _pooled(output):
+    """transformers 5 returns an output object from get_*_features, transformers 4 a tensor."""
+    if hasattr(output, "pooler_output"):
+        return output.pooler_output
+    return output

@@ -1,0 +1,100 @@
+"""The output contract: Parquet schemas, provenance, and the prompt table. Other tools read these."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+
+import numpy as np
+import pyarrow as pa
+
+from .prompts import PromptSet
+
+IMAGE_COLUMNS = [
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+]
+RESULT_COLUMNS = [
+    ("image_features", pa.list_(pa.float16())),
+    ("concept_logits", pa.list_(pa.float32())),
+]
+SOURCE_COLUMNS = [  # what the listing knew of the input, so incremental runs can tell a changed file
+    ("size", pa.int64()),
+    ("mtime", pa.float64()),
+    ("etag", pa.string()),
+    ("run_id", pa.string()),
+    ("dataset_version", pa.int32()),
+]
+IMAGE_SCHEMA = pa.schema(IMAGE_COLUMNS + RESULT_COLUMNS + SOURCE_COLUMNS)
+
+_PACKAGES = ("pipeline-featurize", "torch", "transformers", "ray", "pyarrow", "pillow", "numpy", "fsspec")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance(model_identity: dict, prompt_hash: str, run_id: str, extra: dict | None = None) -> dict:
+    """What produced the numbers; repeated in every Parquet file's key-value metadata. Never holds secrets."""
+    return {
+        "extractor": "pipeline-featurize",
+        **model_identity,
+        "prompt_set_hash": prompt_hash,
+        "run_id": run_id,
+        "versions": package_versions(),
+        "command": " ".join(_safe_argv()),
+        **(extra or {}),
+    }
+
+
+def _safe_argv() -> list[str]:
+    """argv with the values of options that may carry credentials masked."""
+    out, mask_next = [], False
+    for arg in sys.argv:
+        if mask_next:
+            out.append("****")
+            mask_next = False
+            continue
+        key = arg.split("=", 1)[0]
+        if key in ("--storage-options", "--token", "--hf-token"):
+            out.append(key + ("=****" if "=" in arg else ""))
+            mask_next = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def metadata_bytes(prov: dict) -> dict[bytes, bytes]:
+    return {b"pipeline.provenance": json.dumps(prov, sort_keys=True, default=str).encode("utf-8")}
+
+
+def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -> pa.Array:
+    """[N,D] numpy -> list<value_type> with nulls where not valid (error rows)."""
+    n, d = values.shape
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    mask = pa.array(~np.asarray(valid, dtype=bool))
+    return pa.ListArray.from_arrays(offsets, flat, mask=mask)
+
+
+def prompts_table(prompt_set: PromptSet, text_embeddings: np.ndarray, prov: dict) -> pa.Table:
+    table = pa.table({
+        "concept": pa.array(prompt_set.names, pa.string()),
+        "prompts": pa.array([list(c.prompts) for c in prompt_set.concepts], pa.list_(pa.string())),
+        "text_embedding": fixed_list(np.asarray(text_embeddings, np.float32), pa.float32(),
+                                     np.ones(len(prompt_set.concepts), bool)),
+        "prompt_set_hash": pa.array([prompt_set.set_hash] * len(prompt_set.concepts), pa.string()),
+    })
+    return table.replace_schema_metadata(metadata_bytes(prov))

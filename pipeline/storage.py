@@ -1,0 +1,106 @@
+"""fsspec access for local disks and object stores: one filesystem per process, retries, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import uuid
+from functools import lru_cache
+from typing import Any, Callable, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+_RETRY_ATTEMPTS = 5
+_TRANSIENT_WORDS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "502", "504",
+                    "connection reset", "temporarily", "too many requests", "internal error", "serviceunavailable")
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def _options_key(options: dict | None) -> str:
+    return json.dumps(options or {}, sort_keys=True, default=str)
+
+
+@lru_cache(maxsize=16)
+def _filesystem(protocol: str, options_key: str) -> fsspec.AbstractFileSystem:
+    return fsspec.filesystem(protocol, **json.loads(options_key))
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a local path or URL; filesystems are cached per process."""
+    protocol, path = fsspec.core.split_protocol(url)
+    protocol = protocol or "file"
+    fs = _filesystem(protocol, _options_key(storage_options if protocol != "file" else {}))
+    if protocol == "file":
+        path = os.path.abspath(path)
+    return fs, fs._strip_protocol(path) if protocol != "file" else path
+
+
+def join(base: str, *names: str) -> str:
+    return "/".join([base.rstrip("/"), *names])
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _TRANSIENT_WORDS)
+
+
+def with_retries(fn: Callable[[], T], attempts: int = _RETRY_ATTEMPTS, base_delay_s: float = 0.2) -> T:
+    """Run fn, retrying transient storage faults (timeouts, 5xx, throttling) with jittered exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(base_delay_s * (2 ** attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        with open(path, "rb") as f:
+            return f.read()
+    fs, path = filesystem(uri, storage_options)
+    return with_retries(lambda: fs.cat_file(path))
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write so that readers see the whole file or nothing: temp name + rename locally, one PUT on object stores."""
+    fs, path = filesystem(url, storage_options)
+    if not is_remote(url):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with_retries(lambda: fs.pipe_file(path, data))
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    return with_retries(lambda: fs.exists(path))
+
+
+def read_text(url: str, storage_options: dict | None = None) -> str:
+    return read_bytes(url, storage_options).decode("utf-8")
+
+
+def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
+    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"),
+                       storage_options)

@@ -1,0 +1,221 @@
+"""Driver-side sink: the output folder's state, work units, and shards committed atomically.
+
+Layout of OUTPUT:
+  part-NNNNN.parquet       one shard per work unit, written whole or not at all
+  _prompts.parquet         the prompt set and its text embeddings
+  _dataset.json            what the numbers depend on (model, revision, dtype, prompt set) and the dataset version
+  _run.json                the newest run's summary
+  _runs/<run-id>.json      every run's counts and timings; <run-id>.plan.parquet its work units (for resume)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+from .schema import IMAGE_SCHEMA, fixed_list, metadata_bytes
+from .sources import image_id
+from .storage import filesystem, is_remote, join, with_retries, write_bytes_atomic, write_json_atomic
+
+SHARD_RE = re.compile(r"part-(\d+)\.parquet$")
+PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
+                         ("etag", pa.string()), ("unit", pa.int32()), ("row", pa.int64())])
+
+
+def shard_name(unit: int) -> str:
+    return f"part-{unit:05d}.parquet"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+class OutputDir:
+    """An OUTPUT folder on any fsspec filesystem."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.path = filesystem(self.url, self.storage_options)
+
+    def child(self, *names: str) -> str:
+        return join(self.url, *names)
+
+    def _child_path(self, *names: str) -> str:
+        return join(self.path, *names)
+
+    def exists(self) -> bool:
+        return with_retries(lambda: self.fs.exists(self.path))
+
+    def read_json(self, *names: str) -> dict | None:
+        path = self._child_path(*names)
+        try:
+            return json.loads(with_retries(lambda: self.fs.cat_file(path)))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, obj: dict, *names: str) -> None:
+        write_json_atomic(self.child(*names), obj, self.storage_options)
+
+    def write_table(self, table: pa.Table, *names: str) -> None:
+        write_bytes_atomic(self.child(*names), parquet_bytes(table), self.storage_options)
+
+    def shard_units(self) -> dict[int, str]:
+        """Committed shards: unit -> path."""
+        try:
+            names = with_retries(lambda: self.fs.ls(self.path, detail=False))
+        except FileNotFoundError:
+            return {}
+        units = {}
+        for name in names:
+            m = SHARD_RE.search(name.rsplit("/", 1)[-1])
+            if m and name.rsplit("/", 1)[-1].startswith("part-"):
+                units[int(m.group(1))] = name
+        return units
+
+    def committed_index(self, columns=("uri", "size", "mtime", "etag", "run_id", "dataset_version")) -> pa.Table:
+        """Selected columns of every committed shard (one column read, not the features)."""
+        paths = sorted(self.shard_units().values())
+        if not paths:
+            return pa.table({c: pa.array([], IMAGE_SCHEMA.field(c).type) for c in columns})
+        import pyarrow.dataset as pads
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        arrow_fs = PyFileSystem(FSSpecHandler(self.fs)) if is_remote(self.url) else None
+        return pads.dataset(paths, format="parquet", filesystem=arrow_fs).to_table(columns=list(columns))
+
+    def runs(self) -> list[dict]:
+        try:
+            names = with_retries(lambda: self.fs.ls(self._child_path("_runs"), detail=False))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in sorted(names):
+            if name.endswith(".json"):
+                record = self.read_json("_runs", name.rsplit("/", 1)[-1])
+                if record:
+                    out.append(record)
+        return out
+
+    def read_plan(self, run_id: str) -> pa.Table | None:
+        path = self._child_path("_runs", f"{run_id}.plan.parquet")
+        try:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f)
+        except FileNotFoundError:
+            return None
+
+
+def make_plan(pending: pa.Table, first_unit: int, rows_per_shard: int) -> pa.Table:
+    """Deterministic work units: inputs sorted by uri, cut into runs of rows_per_shard."""
+    pending = pending.sort_by("uri")
+    n = pending.num_rows
+    rows = np.arange(n, dtype=np.int64)
+    units = (first_unit + rows // rows_per_shard).astype(np.int32)
+    return pa.table({
+        "uri": pending.column("uri"), "size": pending.column("size"), "mtime": pending.column("mtime"),
+        "etag": pending.column("etag"), "unit": pa.array(units), "row": pa.array(rows),
+    }, schema=PLAN_SCHEMA)
+
+
+@dataclass
+class _Unit:
+    expected: int
+    seen: set = field(default_factory=set)
+    parts: list = field(default_factory=list)
+
+
+class ShardWriter:
+    """Collects result rows per work unit (dropping rows Ray delivered twice) and commits each complete unit."""
+
+    def __init__(self, out: OutputDir, plan: pa.Table, pending_units: set[int], run_id: str, dataset_version: int,
+                 prov: dict):
+        self.out = out
+        self.run_id = run_id
+        self.dataset_version = dataset_version
+        self.metadata = metadata_bytes(prov)
+        unit_ids, counts = np.unique(plan.column("unit").to_numpy(), return_counts=True)
+        self.units = {int(u): _Unit(int(c)) for u, c in zip(unit_ids, counts) if int(u) in pending_units}
+        self.plan_columns = {c: plan.column(c) for c in ("size", "mtime", "etag")}
+        self.committed: list[int] = []
+        self.counts = {"ok": 0, "error": 0, "duplicates_dropped": 0}
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[int]:
+        """Take one result batch; returns the units it completed (already committed)."""
+        done = []
+        units, rows = batch["unit"], batch["row"]
+        for unit in np.unique(units):
+            state = self.units.get(int(unit))
+            if state is None:
+                self.counts["duplicates_dropped"] += int((units == unit).sum())
+                continue
+            idx = np.flatnonzero(units == unit)
+            fresh = [i for i in idx if int(rows[i]) not in state.seen]
+            self.counts["duplicates_dropped"] += len(idx) - len(fresh)
+            if not fresh:
+                continue
+            state.seen.update(int(rows[i]) for i in fresh)
+            take = np.asarray(fresh)
+            state.parts.append({k: np.asarray(v)[take] for k, v in batch.items()})
+            if len(state.seen) == state.expected:
+                self._commit(int(unit), state)
+                done.append(int(unit))
+        return done
+
+    def _commit(self, unit: int, state: _Unit) -> None:
+        cols = {k: np.concatenate([p[k] for p in state.parts]) for k in state.parts[0]}
+        order = np.argsort(cols["row"], kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+        rows = cols["row"]
+        ok = cols["status"] == "ok"
+        uris = [str(u) for u in cols["uri"]]
+        n = len(uris)
+        table = pa.Table.from_arrays([
+            pa.array([image_id(u) for u in uris], pa.string()),
+            pa.array(uris, pa.string()),
+            pa.array([str(s) for s in cols["status"]], pa.string()),
+            pa.array([None if e is None else str(e) for e in cols["error"]], pa.string()),
+            pa.array(cols["width"], pa.int32()),
+            pa.array(cols["height"], pa.int32()),
+            fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
+            fixed_list(np.asarray(cols["concept_logits"], np.float32), pa.float32(), ok),
+            self.plan_columns["size"].take(pa.array(rows)).combine_chunks(),
+            self.plan_columns["mtime"].take(pa.array(rows)).combine_chunks(),
+            self.plan_columns["etag"].take(pa.array(rows)).combine_chunks(),
+            pa.array([self.run_id] * n, pa.string()),
+            pa.array([self.dataset_version] * n, pa.int32()),
+        ], schema=IMAGE_SCHEMA).replace_schema_metadata(self.metadata)
+        self.out.write_table(table, shard_name(unit))
+        self.counts["ok"] += int(ok.sum())
+        self.counts["error"] += int(n - ok.sum())
+        self.committed.append(unit)
+        del self.units[unit]
+
+    @property
+    def pending(self) -> int:
+        return len(self.units)
+
+
+def check_identity(out: OutputDir, identity: dict, new_version: bool) -> int:
+    """The dataset version to write; refuses to mix a changed model/revision/dtype/prompt set silently."""
+    current = out.read_json("_dataset.json")
+    if current is None:
+        return 1
+    old = current.get("identity", {})
+    if old == identity:
+        return int(current.get("version", 1))
+    changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if not new_version:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+        raise UserError(f"output {out.url} was made with a different {', '.join(changed)} ({detail}); "
+                        "pass --new-version to start a new dataset version there, or use another OUTPUT")
+    return int(current.get("version", 1)) + 1
