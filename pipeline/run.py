@@ -24,7 +24,7 @@ from .models import ModelSpec, preprocess_spec, resolve_model
 from .prompts import load_prompts
 from .schema import package_versions, prompts_table, provenance
 from .sources import list_inputs
-from .write import OutputDir, ShardWriter, check_identity, make_plan
+from .write import OutputDir, ShardWriter, check_identity, image_table_builder, make_plan, unit_counts
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,8 @@ def run_images(cfg: RunConfig, echo=print) -> dict:
         if pending_units:
             work = plan.filter(pc.is_in(plan.column("unit"), value_set=pa.array(sorted(pending_units), pa.int32())))
             processed = work.num_rows
-            writer = ShardWriter(out, plan, pending_units, run_id, version, prov)
+            writer = ShardWriter(out, unit_counts(plan, pending_units), image_table_builder(plan, run_id, version),
+                                 prov)
             store = _prompt_store()
             ds = build_dataset(work.select(["uri", "unit", "row"]), cfg, spec, preprocess, prompt_set, layout, store)
 

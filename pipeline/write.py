@@ -135,17 +135,16 @@ class _Unit:
 
 
 class ShardWriter:
-    """Collects result rows per work unit (dropping rows Ray delivered twice) and commits each complete unit."""
+    """Collects result rows per work unit (dropping rows Ray delivered twice) and commits each complete unit.
 
-    def __init__(self, out: OutputDir, plan: pa.Table, pending_units: set[int], run_id: str, dataset_version: int,
-                 prov: dict):
+    `build_table(cols)` turns one unit's rows (numpy columns sorted by `row`) into the shard's Arrow table.
+    """
+
+    def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict):
         self.out = out
-        self.run_id = run_id
-        self.dataset_version = dataset_version
+        self.build_table = build_table
         self.metadata = metadata_bytes(prov)
-        unit_ids, counts = np.unique(plan.column("unit").to_numpy(), return_counts=True)
-        self.units = {int(u): _Unit(int(c)) for u, c in zip(unit_ids, counts) if int(u) in pending_units}
-        self.plan_columns = {c: plan.column(c) for c in ("size", "mtime", "etag")}
+        self.units = {int(u): _Unit(int(c)) for u, c in unit_counts.items()}
         self.committed: list[int] = []
         self.counts = {"ok": 0, "error": 0, "duplicates_dropped": 0}
 
@@ -175,11 +174,29 @@ class ShardWriter:
         cols = {k: np.concatenate([p[k] for p in state.parts]) for k in state.parts[0]}
         order = np.argsort(cols["row"], kind="stable")
         cols = {k: v[order] for k, v in cols.items()}
-        rows = cols["row"]
+        table = self.build_table(cols).replace_schema_metadata(self.metadata)
+        self.out.write_table(table, shard_name(unit))
+        ok = int((cols["status"] == "ok").sum())
+        self.counts["ok"] += ok
+        self.counts["error"] += len(cols["row"]) - ok
+        self.committed.append(unit)
+        del self.units[unit]
+
+    @property
+    def pending(self) -> int:
+        return len(self.units)
+
+
+def image_table_builder(plan: pa.Table, run_id: str, dataset_version: int):
+    """build_table for image shards: result columns plus what the listing knew of each input."""
+    source = {c: plan.column(c) for c in ("size", "mtime", "etag")}
+
+    def build(cols: dict[str, np.ndarray]) -> pa.Table:
         ok = cols["status"] == "ok"
         uris = [str(u) for u in cols["uri"]]
+        rows = pa.array(cols["row"])
         n = len(uris)
-        table = pa.Table.from_arrays([
+        return pa.Table.from_arrays([
             pa.array([image_id(u) for u in uris], pa.string()),
             pa.array(uris, pa.string()),
             pa.array([str(s) for s in cols["status"]], pa.string()),
@@ -188,21 +205,17 @@ class ShardWriter:
             pa.array(cols["height"], pa.int32()),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
             fixed_list(np.asarray(cols["concept_logits"], np.float32), pa.float32(), ok),
-            self.plan_columns["size"].take(pa.array(rows)).combine_chunks(),
-            self.plan_columns["mtime"].take(pa.array(rows)).combine_chunks(),
-            self.plan_columns["etag"].take(pa.array(rows)).combine_chunks(),
-            pa.array([self.run_id] * n, pa.string()),
-            pa.array([self.dataset_version] * n, pa.int32()),
-        ], schema=IMAGE_SCHEMA).replace_schema_metadata(self.metadata)
-        self.out.write_table(table, shard_name(unit))
-        self.counts["ok"] += int(ok.sum())
-        self.counts["error"] += int(n - ok.sum())
-        self.committed.append(unit)
-        del self.units[unit]
+            *(source[c].take(rows).combine_chunks() for c in ("size", "mtime", "etag")),
+            pa.array([run_id] * n, pa.string()),
+            pa.array([dataset_version] * n, pa.int32()),
+        ], schema=IMAGE_SCHEMA)
 
-    @property
-    def pending(self) -> int:
-        return len(self.units)
+    return build
+
+
+def unit_counts(plan: pa.Table, units: set[int]) -> dict[int, int]:
+    ids, counts = np.unique(plan.column("unit").to_numpy(), return_counts=True)
+    return {int(u): int(c) for u, c in zip(ids, counts) if int(u) in units}
 
 
 def check_identity(out: OutputDir, identity: dict, new_version: bool) -> int:
