@@ -20,8 +20,8 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_ROWS_PER_SHARD = 40_000
 
 
-class RunConfig(BaseModel):
-    """Options of `featurize images` (and the job entry points that run the same thing)."""
+class JobConfig(BaseModel):
+    """Options every featurisation job shares (images and slides)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,7 +38,6 @@ class RunConfig(BaseModel):
     num_actors: int = Field(0, ge=0, description="Model actors; 0 = one per GPU, else sized from the CPUs.")
     decode_batch_size: int = Field(32, ge=1, description="Images per decode task batch.")
     rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="Rows per Parquet shard (one work unit).")
-    max_image_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb limit, in pixels.")
     torch_threads: int = Field(0, ge=0, description="Torch CPU threads per actor; 0 = the CPUs of its node / actors.")
     storage_options: dict[str, Any] = Field(default_factory=dict,
                                             description="fsspec storage options for input and output.")
@@ -55,6 +54,12 @@ class RunConfig(BaseModel):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"storage_options is not valid JSON ({exc.msg})") from None
         return value
+
+
+class RunConfig(JobConfig):
+    """Options of `featurize images` (and the job entry points that run the same thing)."""
+
+    max_image_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb limit, in pixels.")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import RunConfig
+from .config import JobConfig, RunConfig
 from .decode import decode_batch
 from .encode import EncodeBatch, PromptStore
 from .errors import UserError
@@ -67,7 +67,7 @@ def cluster_shape() -> dict:
     return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0))}
 
 
-def actor_layout(cfg: RunConfig, shape: dict) -> dict:
+def actor_layout(cfg: JobConfig, shape: dict) -> dict:
     """Actor count and resources: one per GPU; on CPUs, leave room for the decode tasks (a pool that takes every
     CPU starves them and the run hangs)."""
     device = cfg.device
@@ -110,7 +110,7 @@ def _changed(listing: pa.Table, committed: pa.Table) -> np.ndarray:
     return out
 
 
-def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: RunConfig) -> tuple[str, pa.Table, bool]:
+def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig) -> tuple[str, pa.Table, bool]:
     """Resume the unfinished run on this OUTPUT, or plan a new one over the inputs not yet committed."""
     runs = out.runs()
     for record in reversed(runs):
@@ -220,7 +220,12 @@ def run_images(cfg: RunConfig, echo=print) -> dict:
             writer = ShardWriter(out, unit_counts(plan, pending_units), image_table_builder(plan, run_id, version),
                                  prov)
             store = _prompt_store()
-            ds = build_dataset(work.select(["uri", "unit", "row"]), cfg, spec, preprocess, prompt_set, layout, store)
+            ds = build_dataset(
+                work.select(["uri", "unit", "row"]), decode_batch,
+                {"spec": preprocess, "max_pixels": cfg.max_image_pixels, "storage_options": cfg.storage_options},
+                cfg.decode_batch_size,
+                {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store},
+                layout)
 
             def on_commit(unit):
                 if first_commit[0] is None:
@@ -268,23 +273,25 @@ def _write_prompts(out: OutputDir, store, prompt_set, prov: dict) -> None:
     out.write_table(table, "_prompts.parquet")
 
 
-def build_dataset(work: pa.Table, cfg: RunConfig, spec: ModelSpec, preprocess, prompt_set, layout: dict, store):
-    """plan rows -> decode tasks (CPU) -> model actors; nothing is pulled until the driver iterates."""
+def build_dataset(work: pa.Table, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict,
+                  layout: dict):
+    """work rows -> decode tasks (CPU) -> model actors; nothing is pulled until the driver iterates.
+
+    decode_fn(batch, **decode_kwargs) must add `pixels` (uint8 [N,H,W,3]), `status` and `error` to each batch;
+    encode_kwargs are EncodeBatch's constructor arguments (model_spec, preprocess, prompt_set, prompt_store...).
+    """
     import ray
 
     n = work.num_rows
     cpus = max(1, cluster_shape()["cpus"])
-    block_rows = int(min(1024, max(cfg.decode_batch_size, math.ceil(n / (4 * cpus)))))
+    block_rows = int(min(1024, max(decode_batch_size, math.ceil(n / (4 * cpus)))))
     blocks = [work.slice(i, block_rows) for i in range(0, n, block_rows)]
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"spec": preprocess, "max_pixels": cfg.max_image_pixels,
-                                                 "storage_options": cfg.storage_options},
-                        batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=1,
-                        memory=DECODE_TASK_MEMORY)
+    ds = ds.map_batches(decode_fn, fn_kwargs=decode_kwargs, batch_size=decode_batch_size, batch_format="numpy",
+                        num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set,
-                               "torch_threads": layout["torch_threads"], "prompt_store": store},
+        fn_constructor_kwargs={"torch_threads": layout["torch_threads"], **encode_kwargs},
         compute=ray.data.ActorPoolStrategy(size=layout["size"]),
         num_gpus=layout["num_gpus"], num_cpus=layout["num_cpus"],
         batch_size=layout["batch_size"], batch_format="numpy",

@@ -21,11 +21,11 @@ templates: ["a histopathology image of {}"]
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray, started once. Two CPUs: one model actor plus decode tasks, as on the CI machine."""
+    """A real local Ray, started once; 3 logical CPUs so a test can run two model actors beside decode tasks."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False,
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING", configure_logging=False,
                  object_store_memory=512 * 1024**2)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -81,7 +81,7 @@ def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, ph
 def test_same_input_gives_identical_features_whatever_the_batching(ray_session, conceptclip_model, photo_dir,
                                                                   prompts_file, tmp_path):
     outputs = []
-    for i, (batch_size, actors, decode_batch) in enumerate([(1, 1, 1), (16, 1, 5)]):
+    for i, (batch_size, actors, decode_batch) in enumerate([(1, 1, 1), (16, 2, 5)]):
         cfg = RunConfig(input=str(photo_dir), output=str(tmp_path / f"out{i}"), model=str(conceptclip_model),
                         prompts=str(prompts_file), trust_remote_code=True, batch_size=batch_size,
                         num_actors=actors, decode_batch_size=decode_batch, rows_per_shard=5 + 7 * i)
