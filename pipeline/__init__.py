@@ -1,3 +1,10 @@
 """Featurise very large image collections and whole-slide images with CLIP-family models on Ray."""
 
 __version__ = "0.1.0"
+
+
+def read_features(output, storage_options=None, exclude_removed=False, columns=None):
+    """One current row per input of a featurised OUTPUT, as a pyarrow Table (see pipeline.read)."""
+    from .read import read_features as _read
+
+    return _read(output, storage_options, exclude_removed, columns)

@@ -68,6 +68,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .sources import write_manifest
+
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
+    t = time.perf_counter()
+    table = write_manifest(args.input, args.manifest, options)
+    seconds = time.perf_counter() - t
+    _echo(f"featurize: listed {table.num_rows} inputs in {seconds:.1f} s "
+          f"({table.num_rows / max(seconds, 1e-9):.0f} files/s) -> {args.manifest}")
+    return 0
+
+
 def _echo(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -89,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input became an error row")
     add_model_options(p, RunConfig, positional=("input", "output"))
     p.set_defaults(func=_cmd_images)
+
+    p = sub.add_parser("manifest", help="list INPUT once (uri, size, mtime, etag) into a Parquet manifest")
+    p.add_argument("input", metavar="INPUT", help="folder, glob or list file; local path or fsspec URL")
+    p.add_argument("manifest", metavar="MANIFEST", help="the .parquet file to write (local path or fsspec URL)")
+    p.add_argument("--storage-options", help="fsspec storage options as JSON")
+    p.set_defaults(func=_cmd_manifest)
 
     p = sub.add_parser("demo", help="run the whole pipeline offline on generated images and a tiny random model")
     p.add_argument("output", metavar="OUTPUT", help="output folder")

@@ -204,6 +204,7 @@ def run_images(cfg: RunConfig, echo=print) -> dict:
         if plan.num_rows and not resumed:
             out.write_table(plan, "_runs", f"{run_id}.plan.parquet")
         out.write_json({"identity": identity, "version": version}, "_dataset.json")
+        out.write_table(listing.select(["uri"]), "_listing.parquet")  # lets readers drop removed inputs
         out.write_json(record, "_runs", f"{run_id}.json")
         echo(f"featurize: {listing.num_rows} inputs listed in {listing_s:.1f} s; "
              f"{'resuming run ' + run_id + ': ' if resumed else ''}{len(pending_units)} work unit(s) to process "

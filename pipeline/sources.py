@@ -107,7 +107,7 @@ def _list_folder(source: str, storage_options: dict | None, suffixes) -> pa.Tabl
     fs, path = filesystem(source, storage_options)
     protocol = source.split("://", 1)[0]
     try:
-        found = with_retries(lambda: fs.find(path, detail=True))
+        found = _find_parallel(fs, path)
     except FileNotFoundError:
         raise UserError(f"input {source} does not exist") from None
     except PermissionError:
@@ -116,6 +116,32 @@ def _list_folder(source: str, storage_options: dict | None, suffixes) -> pa.Tabl
             if info.get("type", "file") == "file" and os.path.splitext(name)[1].lower() in suffixes
             and not name.rsplit("/", 1)[-1].startswith(".")]
     return _table(rows)
+
+
+def _find_parallel(fs, path: str) -> dict:
+    """Recursive listing, one paginated listing per top-level prefix, in parallel threads."""
+    top = with_retries(lambda: fs.ls(path, detail=True))
+    if not top and not with_retries(lambda: fs.exists(path)):
+        raise FileNotFoundError(path)
+    found = {e["name"]: e for e in top if e.get("type") == "file"}
+    prefixes = [e["name"] for e in top if e.get("type") == "directory"]
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(prefixes)))) as pool:
+        for part in pool.map(lambda p: with_retries(lambda: fs.find(p, detail=True)), prefixes):
+            found.update(part)
+    return found
+
+
+def write_manifest(source: str, manifest: str, storage_options: dict | None = None) -> pa.Table:
+    """`featurize manifest`: list once and save uri, size, mtime, etag as Parquet (atomically)."""
+    import io
+
+    from .storage import write_bytes_atomic
+
+    table = list_inputs(source, storage_options)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes_atomic(manifest, sink.getvalue(), storage_options)
+    return table
 
 
 def _list_glob(source: str, storage_options: dict | None, suffixes) -> pa.Table:

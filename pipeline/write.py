@@ -106,13 +106,16 @@ class OutputDir:
                     out.append(record)
         return out
 
-    def read_plan(self, run_id: str) -> pa.Table | None:
-        path = self._child_path("_runs", f"{run_id}.plan.parquet")
+    def read_table(self, *names: str) -> pa.Table | None:
+        path = self._child_path(*names)
         try:
             with self.fs.open(path, "rb") as f:
                 return pq.read_table(f)
         except FileNotFoundError:
             return None
+
+    def read_plan(self, run_id: str) -> pa.Table | None:
+        return self.read_table("_runs", f"{run_id}.plan.parquet")
 
 
 def make_plan(pending: pa.Table, first_unit: int, rows_per_shard: int) -> pa.Table:

@@ -74,3 +74,57 @@ def photo_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("photos")
     make_images(folder, 24, seed=1, sizes=((120, 90), (400, 300)))
     return folder
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint on loopback (moto's server); yields storage_options for s3fs."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    # Distinctive credentials so tests can check they never reach an output or a log.
+    options = {"key": "AKIAFEATURIZETEST", "secret": "sEcReT-do-not-leak-42",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+    def create_bucket(name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=options["key"],
+                     aws_secret_access_key=options["secret"]).create_bucket(Bucket=name)
+
+    yield {"endpoint": endpoint, "storage_options": options, "create_bucket": create_bucket}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the loopback server; returns its name."""
+    import uuid
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    s3_server["create_bucket"](name)
+    return name

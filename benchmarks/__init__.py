@@ -1,0 +1,1 @@
+"""Benchmarks for the featurisation pipeline (see BENCHMARKS.md). Not part of the installed package."""
