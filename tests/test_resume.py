@@ -211,3 +211,27 @@ def test_changed_prompts_or_model_refused_without_new_version(ray_session, conce
     current = read_features(out)
     assert set(current.column("dataset_version").to_pylist()) == {2}
     assert len(current.column("image_features")[0]) == 32
+
+
+def test_manifest_input_and_object_vanished_after_listing(ray_session, s3_server, s3_bucket, conceptclip_model,
+                                                          prompts_file, photo_dir, tmp_path):
+    import s3fs
+
+    from pipeline.sources import write_manifest
+
+    options = s3_server["storage_options"]
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(photo_dir) + "/", f"{s3_bucket}/photos/", recursive=True)
+    manifest = f"s3://{s3_bucket}/manifests/photos.parquet"
+    listed = write_manifest(f"s3://{s3_bucket}/photos", manifest, options)
+    n = len(list(photo_dir.glob("*.jpg")))
+    assert listed.num_rows == n and all(e for e in listed.column("etag").to_pylist())
+    gone = listed.column("uri")[3].as_py()
+    fs.rm(gone)
+    run_images(RunConfig(input=manifest, output=str(tmp_path / "out"), model=str(conceptclip_model),
+                         prompts=str(prompts_file), trust_remote_code=True, storage_options=options), **QUIET)
+    table = all_rows(tmp_path / "out")
+    assert table.num_rows == n
+    row = table.filter(pa.compute.equal(table.column("uri"), gone)).to_pylist()[0]
+    assert row["status"] == "error" and "not found" in row["error"] and row["image_features"] is None
+    assert table.column("status").to_pylist().count("ok") == n - 1

@@ -1,0 +1,445 @@
+"""Whole-slide images: readers, microns per pixel, tissue mask, tile grid, and the tile-reading CPU stage.
+
+Pure functions over numbers and arrays, plus two entry points the driver runs in Ray tasks:
+- `plan_slide(uri, ...)`: open a slide, resolve its mpp, find tissue on a low-resolution level and lay the tile
+  grid over it. Any failure becomes a slide row with status "error" and a reason, never an exception.
+- `read_tiles(batch, ...)`: a Ray Data batch function that reads each tile region from the best pyramid level and
+  resizes it to the model input exactly as `decode.resize_for_model` would for an RGB image of that tile.
+
+Coordinates `x`, `y` are level-0 pixels of a tile's top-left corner. A tile covers `footprint_px` level-0 pixels
+on a side; it is read as `read_px` pixels at pyramid level `level` and resized to `tile_px` pixels at `mpp`.
+Slide handles are opened once per worker process (a small cache keyed by uri and reader) and never pickled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .decode import PreprocessSpec, resize_for_model, to_rgb
+from .storage import _options_key, is_remote
+
+# Suffixes the readers handle: tiffslide reads the TIFF family (local or fsspec URLs); openslide (local) adds MRXS.
+TIFF_SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
+OPENSLIDE_ONLY_SUFFIXES = frozenset({".mrxs"})
+SLIDE_SUFFIXES = TIFF_SLIDE_SUFFIXES | OPENSLIDE_ONLY_SUFFIXES
+READERS = ("auto", "tiffslide", "openslide")
+
+MIN_MASK_TILE_PX = 8  # the tissue mask level keeps at least this many mask pixels across a tile
+MAX_MASK_PIXELS = 1 << 26  # never read a mask level larger than this (64 Mpx, ~200 MB of RGB)
+MIN_TISSUE_SATURATION = 20  # an Otsu threshold below this is noise on a blank slide, not tissue
+MAX_UPSAMPLING = 1.1  # a slide may be at most this much coarser than the target mpp
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How tiles are cut: at `mpp` microns per pixel, `tile_px` pixels a side, `overlap` pixels shared with each
+    neighbour, kept when at least `min_tissue` of the tile is tissue."""
+
+    mpp: float = 0.5
+    tile_px: int = 224
+    overlap: int = 0
+    min_tissue: float = 0.25
+
+    def __post_init__(self):
+        if not self.mpp > 0 or self.tile_px < 1 or not 0 <= self.overlap < self.tile_px \
+                or not 0 <= self.min_tissue <= 1:
+            raise ValueError(f"invalid tiling {self}: need mpp > 0, tile_px >= 1, 0 <= overlap < tile_px, "
+                             "0 <= min_tissue <= 1")
+
+
+# -- readers --------------------------------------------------------------------------------------------------------
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def openslide_available() -> bool:
+    try:
+        import openslide  # noqa: F401
+    except Exception:  # ImportError, or the shared library failing to load
+        return False
+    return True
+
+
+class SlideReader:
+    """One open slide behind openslide's API (dimensions, levels, properties, regions), whichever library reads."""
+
+    def __init__(self, handle, name: str):
+        self.handle = handle
+        self.name = name
+        self.dimensions: tuple[int, int] = tuple(int(v) for v in handle.dimensions)
+        self.level_dimensions = [tuple(int(v) for v in d) for d in handle.level_dimensions]
+        self.level_downsamples = [float(d) for d in handle.level_downsamples]
+        self.properties = {str(k): v for k, v in dict(handle.properties).items()}
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """The region whose top-left corner is level-0 pixel (x, y), `width` x `height` pixels at `level`,
+        as HxWx3 uint8 RGB (transparent pixels on white)."""
+        if self.name == "tiffslide":
+            arr = np.asarray(self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)),
+                                                     as_array=True))
+            if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+                return arr
+            return np.asarray(to_rgb(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)))
+        region = self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        return np.asarray(to_rgb(region))
+
+    def close(self) -> None:
+        try:
+            self.handle.close()
+        except Exception:
+            pass
+
+
+def _open_tiffslide(uri: str, storage_options: dict | None) -> SlideReader:
+    from tiffslide import TiffSlide
+
+    if is_remote(uri):
+        handle = TiffSlide(uri, storage_options=storage_options or {})
+    else:
+        handle = TiffSlide(_local_path(uri))
+    reader = SlideReader(handle, "tiffslide")
+    _check_not_truncated(handle)
+    return reader
+
+
+def _check_not_truncated(handle) -> None:
+    """A cut-off TIFF often opens fine and fails (or reads zeros) tile by tile later: compare its data to its size."""
+    tf = handle.ts_tifffile
+    size = tf.filehandle.size
+    for page in tf.pages:
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        if ends and max(ends) > size:
+            raise ValueError(f"file is truncated: page {page.index} needs {max(ends)} bytes but the file has {size}")
+
+
+def _open_openslide(uri: str) -> SlideReader:
+    if is_remote(uri):
+        raise ValueError("openslide reads local files only; use reader tiffslide for object storage")
+    import openslide
+
+    return SlideReader(openslide.OpenSlide(_local_path(uri)), "openslide")
+
+
+def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = None) -> SlideReader:
+    """Open with the named reader. auto: tiffslide for the TIFF family (local or remote), openslide for what only
+    it reads, and openslide as a fallback for local files tiffslide cannot read. Raises ValueError with a reason."""
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; expected one of {', '.join(READERS)}")
+    suffix = os.path.splitext(uri.rstrip("/"))[1].lower()
+    attempts = [reader] if reader != "auto" else (
+        ["openslide"] if suffix in OPENSLIDE_ONLY_SUFFIXES else
+        ["tiffslide"] + (["openslide"] if not is_remote(uri) and openslide_available() else []))
+    reasons = []
+    for name in attempts:
+        try:
+            if name == "openslide" and not openslide_available():
+                raise ValueError("openslide is not installed (pip install openslide-python openslide-bin)")
+            return _open_tiffslide(uri, storage_options) if name == "tiffslide" else _open_openslide(uri)
+        except FileNotFoundError:
+            raise ValueError("file not found") from None
+        except Exception as exc:  # every library raises its own types for unreadable files
+            reasons.append(f"{name}: {_first_line(exc)}")
+    raise ValueError("unsupported or unreadable slide (" + "; ".join(reasons) + ")")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# -- microns per pixel ----------------------------------------------------------------------------------------------
+def _positive(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _mpp_from_resolution(properties: dict) -> float | None:
+    unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
+    if unit not in ("centimeter", "centimetre", "3"):
+        return None  # inch resolutions are display DPI in practice, not the scanner's pixel size
+    resolution = _positive(properties.get("tiff.XResolution"))
+    return 10_000.0 / resolution if resolution else None
+
+
+def resolve_mpp(properties: dict, slide_mpp: float | None = None) -> tuple[float | None, str | None]:
+    """(microns per level-0 pixel, where it came from).
+
+    `slide_mpp` (the user's override) wins; then the reader's own property (`openslide.mpp-x` /
+    `tiffslide.mpp-x`), then the Aperio description's `MPP`, then the TIFF resolution tags in centimetres. The
+    source names the metadata the value comes from: `aperio.MPP` or `tiff.XResolution` when the reader's property
+    is one of those, the reader's property name when it has a source of its own (a vendor's XML, say).
+    (None, None) when nothing gives a usable value.
+    """
+    if slide_mpp is not None:
+        value = _positive(slide_mpp)
+        if value is None:
+            raise ValueError(f"slide_mpp must be a positive number, got {slide_mpp!r}")
+        return value, "slide_mpp"
+    named = [("aperio.MPP", _positive(properties.get("aperio.MPP"))),
+             ("tiff.XResolution", _mpp_from_resolution(properties))]
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+        value = _positive(properties.get(key))
+        if value is not None:
+            for source, candidate in named:
+                if candidate is not None and math.isclose(candidate, value, rel_tol=1e-6):
+                    return value, source
+            return value, key
+    for source, candidate in named:
+        if candidate is not None:
+            return candidate, source
+    return None, None
+
+
+# -- tissue ---------------------------------------------------------------------------------------------------------
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation of an HxWx3 uint8 image, 0..255 (as PIL's HSV conversion computes it)."""
+    arr = rgb.astype(np.int32)
+    hi, lo = arr.max(axis=2), arr.min(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(hi > 0, (hi - lo) * 255 // np.maximum(hi, 1), 0)
+    return s.astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: the t maximising the between-class variance of (<= t, > t)."""
+    hist = np.bincount(values.reshape(-1), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    m0 = np.cumsum(hist * levels)
+    mean_all = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_all * w0 - m0 * total) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1
+    return int(np.argmax(between))
+
+
+def tissue_mask(rgb: np.ndarray, min_saturation: int = MIN_TISSUE_SATURATION) -> np.ndarray:
+    """Tissue where saturation exceeds its Otsu threshold (never below `min_saturation`: glass and white
+    background are unsaturated, stained tissue is not). Returns an HxW bool array."""
+    s = saturation(rgb)
+    return s > max(otsu_threshold(s), min_saturation)
+
+
+def mask_level(level_dimensions, level_downsamples, footprint_px: float) -> int:
+    """The coarsest level that still resolves a tile in MIN_MASK_TILE_PX pixels and is small enough to read."""
+    candidates = [i for i, ds in enumerate(level_downsamples) if footprint_px / ds >= MIN_MASK_TILE_PX] or [0]
+    small = [i for i in candidates if level_dimensions[i][0] * level_dimensions[i][1] <= MAX_MASK_PIXELS]
+    if small:
+        return max(small, key=lambda i: level_downsamples[i])
+    fits = [i for i, (w, h) in enumerate(level_dimensions) if w * h <= MAX_MASK_PIXELS]
+    if not fits:
+        w, h = level_dimensions[-1]
+        raise ValueError(f"no pyramid level small enough for a tissue mask (smallest is {w}x{h}); "
+                         "the slide needs a reduced-resolution level")
+    return min(fits, key=lambda i: level_downsamples[i])
+
+
+def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], xs: np.ndarray, ys: np.ndarray,
+                     footprint_px: int) -> np.ndarray:
+    """The fraction of tissue under each tile (level-0 corners xs, ys), measured on the mask with a summed-area
+    table; the mask covers the whole slide at its own scale."""
+    mh, mw = mask.shape
+    w0, h0 = dimensions
+    sx, sy = mw / w0, mh / h0
+    sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    x0 = np.clip(np.rint(xs * sx).astype(np.int64), 0, mw - 1)
+    y0 = np.clip(np.rint(ys * sy).astype(np.int64), 0, mh - 1)
+    x1 = np.clip(np.maximum(x0 + 1, np.rint((xs + footprint_px) * sx).astype(np.int64)), 1, mw)
+    y1 = np.clip(np.maximum(y0 + 1, np.rint((ys + footprint_px) * sy).astype(np.int64)), 1, mh)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
+# -- tile grid ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileGeometry:
+    """One slide's tiles: read `read_px` pixels at `level` (downsample `downsample`), covering `footprint_px`
+    level-0 pixels, every `step_px` level-0 pixels; `mpp` is the tile's actual microns per pixel at tile_px."""
+
+    level: int
+    downsample: float
+    read_px: int
+    footprint_px: int
+    step_px: int
+    mpp: float
+
+
+def tile_geometry(slide_mpp: float, level_downsamples, tiling: Tiling) -> TileGeometry:
+    """Read from the coarsest level that is not coarser than the target mpp; round the footprint to whole pixels
+    of that level so every tile starts on a pixel of the level it is read from (both readers then agree)."""
+    target_ds = tiling.mpp / slide_mpp
+    if target_ds < 1 / MAX_UPSAMPLING:
+        raise ValueError(f"level 0 is {slide_mpp:g} um/px, coarser than the target mpp {tiling.mpp:g}; "
+                         "pass a larger --mpp (tiles are never upsampled)")
+    usable = [i for i, ds in enumerate(level_downsamples) if ds <= target_ds * (1 + 1e-3)] or [0]
+    level = max(usable, key=lambda i: level_downsamples[i])
+    ds = float(level_downsamples[level])
+    whole = round(ds)
+    ds_grid = float(whole) if whole >= 1 and abs(ds - whole) < 1e-2 else ds
+    read_px = max(1, round(tiling.tile_px * target_ds / ds_grid))
+    overlap_read = round(tiling.overlap * read_px / tiling.tile_px)
+    footprint = int(round(read_px * ds_grid))
+    step = int(round((read_px - overlap_read) * ds_grid))
+    if step < 1:
+        raise ValueError(f"overlap {tiling.overlap} leaves no step between tiles at {tiling.tile_px} px")
+    return TileGeometry(level, ds, read_px, footprint, step, footprint * slide_mpp / tiling.tile_px)
+
+
+def tile_grid(dimensions: tuple[int, int], level_dimensions, geometry: TileGeometry, mask: np.ndarray,
+              min_tissue: float) -> dict[str, np.ndarray]:
+    """Tiles lying wholly inside the slide (and inside the level they are read from) whose tissue fraction is at
+    least `min_tissue` and above zero, in row-major order: {"x", "y", "tissue_fraction"}."""
+    w0, h0 = dimensions
+    fp = geometry.footprint_px
+    xs = np.arange(0, w0 - fp + 1, geometry.step_px, dtype=np.int64)
+    ys = np.arange(0, h0 - fp + 1, geometry.step_px, dtype=np.int64)
+    lw, lh = level_dimensions[geometry.level]
+    xs = xs[(xs / geometry.downsample).astype(np.int64) + geometry.read_px <= lw]
+    ys = ys[(ys / geometry.downsample).astype(np.int64) + geometry.read_px <= lh]
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    gx, gy = gx.reshape(-1), gy.reshape(-1)
+    if not len(gx):
+        return {"x": gx, "y": gy, "tissue_fraction": np.zeros(0, np.float32)}
+    fraction = tissue_fractions(mask, dimensions, gx, gy, fp)
+    keep = (fraction >= min_tissue) & (fraction > 0)
+    return {"x": gx[keep], "y": gy[keep], "tissue_fraction": fraction[keep]}
+
+
+# -- planning one slide (runs in a Ray task) ------------------------------------------------------------------------
+def plan_slide(uri: str, tiling: Tiling, reader: str = "auto", slide_mpp: float | None = None,
+               storage_options: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Open one slide, resolve its mpp, find its tissue and lay the grid: (slide row, tile columns).
+
+    Never raises for a bad slide: the row then has status "error" and a reason, and no tiles.
+    """
+    t = time.perf_counter()
+    row = {"uri": uri, "status": "ok", "error": None, "reader": None, "mpp": None, "mpp_source": None,
+           "width": None, "height": None, "level_count": None, "n_tiles": 0, "level": None, "read_px": None,
+           "footprint_px": None, "step_px": None, "tile_mpp": None, "plan_s": 0.0}
+    empty = {"x": np.zeros(0, np.int64), "y": np.zeros(0, np.int64), "tissue_fraction": np.zeros(0, np.float32)}
+    slide = None
+    try:
+        slide = open_slide(uri, reader, storage_options)
+        row.update(reader=slide.name, width=slide.dimensions[0], height=slide.dimensions[1],
+                   level_count=slide.level_count)
+        mpp, source = resolve_mpp(slide.properties, slide_mpp)
+        if mpp is None:
+            raise ValueError("slide has no microns-per-pixel (mpp) metadata (no reader mpp property, Aperio MPP "
+                             "or centimetre resolution tags); pass --slide-mpp with its level-0 um/px")
+        row.update(mpp=mpp, mpp_source=source)
+        geometry = tile_geometry(mpp, slide.level_downsamples, tiling)
+        row.update(level=geometry.level, read_px=geometry.read_px, footprint_px=geometry.footprint_px,
+                   step_px=geometry.step_px, tile_mpp=geometry.mpp)
+        level = mask_level(slide.level_dimensions, slide.level_downsamples, geometry.footprint_px)
+        lw, lh = slide.level_dimensions[level]
+        mask = tissue_mask(slide.read(0, 0, level, lw, lh))
+        tiles = tile_grid(slide.dimensions, slide.level_dimensions, geometry, mask, tiling.min_tissue)
+        row["n_tiles"] = int(len(tiles["x"]))
+    except Exception as exc:  # one bad slide must not stop the others
+        row.update(status="error", error=_reason(exc), n_tiles=0)
+        tiles = empty
+    finally:
+        if slide is not None:
+            slide.close()
+    row["plan_s"] = time.perf_counter() - t
+    return row, tiles
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ValueError):
+        return str(exc)[:1000]
+    return _first_line(exc)
+
+
+# -- slide ids ------------------------------------------------------------------------------------------------------
+def slide_ids(uris: list[str]) -> list[str]:
+    """The file name without its extension; the path relative to the slides' common folder (without extension,
+    or with it if that still collides) for slides that share a name."""
+    parts = [u.rstrip("/").split("/") for u in uris]
+    stems = [os.path.splitext(p[-1])[0] for p in parts]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    if all(c == 1 for c in counts.values()):
+        return stems
+    common = 0
+    dirs = [p[:-1] for p in parts]
+    while all(len(d) > common for d in dirs) and len({d[common] for d in dirs}) == 1:
+        common += 1
+    rel = ["/".join(p[common:]) for p in parts]
+    rel_stems = [os.path.splitext(r)[0] for r in rel]
+    out = []
+    for stem, r, rs in zip(stems, rel, rel_stems):
+        if counts[stem] == 1:
+            out.append(stem)
+        else:
+            out.append(rs if rel_stems.count(rs) == 1 else r)
+    return out
+
+
+# -- reading tiles (a Ray Data batch function) ----------------------------------------------------------------------
+_HANDLES: OrderedDict = OrderedDict()  # (uri, reader, storage options) -> SlideReader, per worker process
+MAX_OPEN_SLIDES = 8
+
+
+def cached_slide(uri: str, reader: str, storage_options: dict | None) -> SlideReader:
+    """This process's open handle for the slide (opened on first use, least recently used closed first)."""
+    key = (uri, reader, _options_key(storage_options))
+    slide = _HANDLES.get(key)
+    if slide is None:
+        slide = open_slide(uri, reader, storage_options)
+        _HANDLES[key] = slide
+        while len(_HANDLES) > MAX_OPEN_SLIDES:
+            _HANDLES.popitem(last=False)[1].close()
+    else:
+        _HANDLES.move_to_end(key)
+    return slide
+
+
+def tile_pixels(region: np.ndarray, tile_px: int, spec: PreprocessSpec) -> np.ndarray:
+    """A region read at its pyramid level -> the tile at tile_px -> the model input, as the processor resizes."""
+    img = Image.fromarray(region, "RGB")
+    if img.size != (tile_px, tile_px):
+        img = img.resize((tile_px, tile_px), resample=spec.resample)
+    return resize_for_model(img, spec)
+
+
+def read_tiles(batch: dict[str, np.ndarray], spec: PreprocessSpec, tile_px: int,
+               storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: tile rows (uri, reader, x, y, level, read_px) -> the same rows plus `pixels`,
+    `status` and `error`. A tile that cannot be read becomes an error row with a reason."""
+    t = time.perf_counter()
+    n = len(batch["uri"])
+    pixels = np.zeros((n, *spec.out_shape), dtype=np.uint8)
+    status = np.full(n, "ok", dtype=object)
+    error = np.full(n, None, dtype=object)
+    for i in range(n):
+        try:
+            slide = cached_slide(str(batch["uri"][i]), str(batch["reader"][i]), storage_options)
+            size = int(batch["read_px"][i])
+            region = slide.read(int(batch["x"][i]), int(batch["y"][i]), int(batch["level"][i]), size, size)
+            pixels[i] = tile_pixels(region, tile_px, spec)
+        except Exception as exc:  # a bad tile must not sink its batch
+            status[i], error[i] = "error", f"cannot read tile: {_reason(exc)}"
+    out = dict(batch)
+    out.update(pixels=pixels, status=status, error=error, decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+    return out

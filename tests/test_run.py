@@ -1,0 +1,70 @@
+"""Driver pieces that need no cluster: actor sizing, work-unit planning and the no-progress watchdog."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+from pipeline.run import _consume, actor_layout
+from pipeline.write import make_plan
+
+CFG = dict(input="in", output="out", model="m", prompts="p.yaml")
+
+
+def test_cpu_pool_leaves_room_for_decoding():
+    layout = actor_layout(RunConfig(**CFG), {"cpus": 2, "gpus": 0})
+    assert layout["size"] == 1 and layout["device"] == "cpu" and layout["num_gpus"] == 0
+    with pytest.raises(UserError, match="starve decoding"):
+        actor_layout(RunConfig(**CFG, num_actors=2), {"cpus": 2, "gpus": 0})
+
+
+def test_one_actor_per_gpu_in_bfloat16_batches():
+    layout = actor_layout(RunConfig(**CFG), {"cpus": 64, "gpus": 4})
+    assert layout["size"] == 4 and layout["num_gpus"] == 1 and layout["device"] == "cuda"
+    with pytest.raises(UserError, match="no GPUs"):
+        actor_layout(RunConfig(**CFG, device="cuda"), {"cpus": 8, "gpus": 0})
+
+
+def test_work_units_are_deterministic_and_sized():
+    listing = pa.table({"uri": [f"u{i:03d}" for i in range(10)][::-1], "size": [1] * 10, "mtime": [0.0] * 10,
+                        "etag": pa.array([None] * 10, pa.string())})
+    a = make_plan(listing, 7, 4)
+    b = make_plan(listing.take(np.random.default_rng(0).permutation(10)), 7, 4)
+    assert a.equals(b)
+    assert a.column("uri").to_pylist() == sorted(listing.column("uri").to_pylist())
+    assert a.column("unit").to_pylist() == [7] * 4 + [8] * 4 + [9] * 2
+
+
+class _Stalled:
+    """A stream that yields one batch and then never again (a lost actor pool)."""
+
+    def iter_batches(self, **_):
+        yield {"unit": np.array([0]), "row": np.array([0])}
+        threading.Event().wait()
+
+
+class _Writer:
+    pending = 3
+
+    def __init__(self):
+        self.batches = []
+
+    def add(self, batch):
+        self.batches.append(batch)
+        return []
+
+
+def test_watchdog_fails_a_stalled_run_with_a_clear_message():
+    writer = _Writer()
+    stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="no progress for 1 s.*Rerun the same command to resume"):
+        _consume(_Stalled(), writer, 1.0, stats, on_commit=lambda unit: None)
+    assert time.perf_counter() - t < 10
+    assert len(writer.batches) == 1
