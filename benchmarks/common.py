@@ -107,6 +107,7 @@ class RssSampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.samples = [(t, r) for t, r in self.samples if r >= 20 * 1024 ** 2]  # drop fork/exit instants
         rss = [r for _, r in self.samples]
         if not rss:
             return {"samples": 0}
@@ -203,7 +204,18 @@ def _source_commit():
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]) if sys.argv else ""
+    """The command as typed: `python -m benchmarks.x ...` or `python benchmarks/x.py ...`."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        head = ["python", "-m", spec.name]
+    else:
+        script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+        try:
+            head = ["python", str(script.relative_to(ROOT))] if script else ["python"]
+        except ValueError:
+            head = ["python", str(script)]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 
 # -- cached inputs -------------------------------------------------------------------------------------------------

@@ -110,7 +110,9 @@ def prepare_ceiling_pool(paths: list[str], model_dir: Path, pool_size: int, batc
     return [b.contiguous() for b in x.split(batch)]
 
 
-def run_ceiling(batches, n: int, model_dir: Path, batch: int, threads: int) -> dict:
+def run_ceiling(batches, n: int, model_dir: Path, batch: int, threads: int, min_s: float = 3.0) -> dict:
+    """Forward n images (cycling through the pool), and keep going until min_s has passed (a fast model on few
+    images would otherwise be timed over milliseconds)."""
     import torch
     from transformers import AutoModel
 
@@ -120,14 +122,14 @@ def run_ceiling(batches, n: int, model_dir: Path, batch: int, threads: int) -> d
         model.encode_image(batches[0], normalize=True)  # warm-up
         done, i = 0, 0
         t0 = time.perf_counter()
-        while done < n:
+        while done < n or time.perf_counter() - t0 < min_s:
             xb = batches[i % len(batches)]
-            take = min(len(xb), n - done)
+            take = min(len(xb), n - done) if done < n else len(xb)
             model.encode_image(xb[:take] if take < len(xb) else xb, normalize=True)
             done += take
             i += 1
         seconds = time.perf_counter() - t0
-    return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2), "batch_size": batch,
+    return {"images": done, "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 2), "batch_size": batch,
             "threads": threads, "distinct_images": sum(len(b) for b in batches)}
 
 
@@ -233,7 +235,7 @@ def markdown_row(rec: dict) -> str:
             parts.append(f"{label} {rat[key]:.2f}x")
     note = " (noisy)" if rec.get("noisy") else ""
     return "| " + " | ".join([
-        rec["timestamp"][:8], common.machine_short(rec["machine"]), rec["size"], str(rec["images"]),
+        f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}", common.machine_short(rec["machine"]), rec["size"], str(rec["images"]),
         _fmt(loop and loop["images_per_s"]), _fmt(ceil and ceil["images_per_s"]),
         _fmt(pipe and pipe["steady_images_per_s"]), _fmt(pipe and pipe["whole_command_images_per_s"]),
         "; ".join(parts) or "-", _fmt(first and first["first_shard_s"]),

@@ -58,7 +58,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
     cfg = make_config(RunConfig, options_from_args(args, RunConfig))
     record = run_images(cfg, echo=_echo)
     _print_summary(record)
-    return 0 if record["counts"].get("error", 0) == 0 or not args.fail_on_error else 1
+    return 1 if cfg.fail_on_error and record["counts"].get("error", 0) else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -104,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("images", help="featurise every image under INPUT into sharded Parquet in OUTPUT")
     p.add_argument("--config", help="YAML file with the same options (command-line options win)")
-    p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any input became an error row")
     add_model_options(p, RunConfig, positional=("input", "output"))
     p.set_defaults(func=_cmd_images)
 

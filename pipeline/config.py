@@ -44,6 +44,7 @@ class JobConfig(BaseModel):
     stall_timeout_s: float = Field(900.0, gt=0, description="Fail the run when nothing progresses this long, seconds.")
     incremental: bool = Field(False, description="Process only new or changed inputs into an existing OUTPUT.")
     new_version: bool = Field(False, description="Allow a changed model/revision/dtype/prompt set in an existing OUTPUT.")
+    fail_on_error: bool = Field(False, description="Exit with status 1 when any input became an error row.")
 
     @field_validator("storage_options", mode="before")
     @classmethod
@@ -60,6 +61,22 @@ class RunConfig(JobConfig):
     """Options of `featurize images` (and the job entry points that run the same thing)."""
 
     max_image_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb limit, in pixels.")
+
+
+class SlidesConfig(JobConfig):
+    """Options of `featurize slides`: whole-slide images cut into tissue tiles (see pipeline/slides.py)."""
+
+    mpp: float = Field(0.5, gt=0, description="Target microns per pixel of the tiles (0.5 um/px is about 20x).")
+    tile_px: int = Field(0, ge=0, description="Tile side in pixels at --mpp; 0 = the model's input size.")
+    overlap: int = Field(0, ge=0, description="Pixels (at --mpp) each tile shares with its neighbours.")
+    min_tissue: float = Field(0.25, ge=0, le=1, description="Minimum tissue fraction of a tile for it to be scored.")
+    slide_mpp: float | None = Field(None, gt=0, description="Level-0 microns per pixel of every slide, overriding "
+                                                            "their metadata.")
+    reader: Literal["auto", "tiffslide", "openslide"] = Field(
+        "auto", description="Slide reader; auto = tiffslide (local or remote), openslide for what only it reads.")
+    top_k: int = Field(16, ge=1, description="Per slide and concept, the mean of the k highest tile logits.")
+    concept_maps: bool = Field(False, description="Also store each tile's patch-level concept scores (float16; "
+                                                  "models with ConceptCLIP's concept head).")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -118,7 +118,21 @@ def resolve_model(model: str, revision: str | None = None, trust_remote_code: bo
     else:
         raise UserError(f"model {model} has model_type {model_type!r}; supported: CLIPModel, SiglipModel, "
                         "and remote-code models with ConceptCLIP's interface")
-    return ModelSpec(model, kind, revision, trust_remote_code, dtype, device, token)
+    return ModelSpec(model, kind, _resolved_revision(model, revision, token), trust_remote_code, dtype, device,
+                     token)
+
+
+def _resolved_revision(model: str, revision: str | None, token: Secret) -> str | None:
+    """The commit a hub revision points at now, so a moved branch is seen as a changed model; local folders and
+    unreachable hubs keep what was given."""
+    if Path(model).is_dir() or (revision and _COMMIT_RE.match(revision)):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(model, revision=revision, token=token.get()).sha or revision
+    except Exception:
+        return revision
 
 
 def load_processor(spec: ModelSpec):

@@ -75,9 +75,10 @@ def actor_layout(cfg: JobConfig, shape: dict) -> dict:
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cuda":
-        if not gpus:
-            raise UserError("device cuda was asked for, but the Ray cluster has no GPUs")
-        size = cfg.num_actors or gpus
+        if not gpus and not cfg.num_actors:
+            raise UserError("device cuda was asked for, but the Ray cluster has no GPUs up; on an autoscaling "
+                            "cluster pass --num-actors N so the autoscaler starts GPU workers for them")
+        size = cfg.num_actors or gpus  # pending actors make an autoscaler add GPU nodes
         return {"device": "cuda", "size": size, "num_gpus": 1, "num_cpus": 1, "torch_threads": cfg.torch_threads,
                 "batch_size": cfg.batch_size or 256}
     cpus = max(1, shape["cpus"])
@@ -87,6 +88,13 @@ def actor_layout(cfg: JobConfig, shape: dict) -> dict:
     threads = cfg.torch_threads or max(1, cpus // size)
     return {"device": "cpu", "size": size, "num_gpus": 0, "num_cpus": 1, "torch_threads": threads,
             "batch_size": cfg.batch_size or 32}
+
+
+def placed_spec(spec: ModelSpec, layout: dict) -> ModelSpec:
+    """The model spec with the layout's device and a concrete dtype (auto: bfloat16 on GPUs, float32 on CPUs)."""
+    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if layout["device"] == "cuda" else "float32")
+    return ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout["device"],
+                     spec.token)
 
 
 # -- planning -------------------------------------------------------------------------------------------------------
@@ -110,15 +118,29 @@ def _changed(listing: pa.Table, committed: pa.Table) -> np.ndarray:
     return out
 
 
-def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig) -> tuple[str, pa.Table, bool]:
-    """Resume the unfinished run on this OUTPUT, or plan a new one over the inputs not yet committed."""
-    runs = out.runs()
+def unfinished_run(out: OutputDir, runs: list[dict], version: int, cfg: JobConfig) -> tuple[str, pa.Table] | None:
+    """The newest run on this OUTPUT over the same input and dataset version that did not complete, and its plan."""
     for record in reversed(runs):
         if record.get("state") != "complete" and record.get("dataset_version") == version \
                 and record.get("input") == cfg.input:
             plan = out.read_plan(record["run_id"])
             if plan is not None:
-                return record["run_id"], plan, True
+                return record["run_id"], plan
+    return None
+
+
+def next_unit(out: OutputDir, runs: list[dict]) -> int:
+    """The first work unit number no committed shard or earlier run has used."""
+    used = list(out.shard_units()) + [int(r.get("last_unit", -1)) for r in runs]
+    return max(used, default=-1) + 1
+
+
+def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig) -> tuple[str, pa.Table, bool]:
+    """Resume the unfinished run on this OUTPUT, or plan a new one over the inputs not yet committed."""
+    runs = out.runs()
+    resumable = unfinished_run(out, runs, version, cfg)
+    if resumable is not None:
+        return (*resumable, True)
     committed = out.committed_index()
     committed = committed.filter(pc.equal(committed.column("dataset_version"), version))
     if cfg.incremental:
@@ -127,8 +149,7 @@ def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig) ->
         mask = ~np.asarray(pc.is_in(listing.column("uri"), value_set=committed.column("uri")).to_numpy(
             zero_copy_only=False), dtype=bool)
     pending = listing.filter(pa.array(mask))
-    used = list(out.shard_units()) + [int(r.get("last_unit", -1)) for r in runs]
-    first_unit = max(used, default=-1) + 1
+    first_unit = next_unit(out, runs)
     run_id = new_run_id()
     plan = make_plan(pending, first_unit, cfg.rows_per_shard)
     return run_id, plan, False
@@ -182,9 +203,7 @@ def run_images(cfg: RunConfig, echo=print) -> dict:
     started_ray = init_ray()
     try:
         layout = actor_layout(cfg, cluster_shape())
-        dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if layout["device"] == "cuda" else "float32")
-        spec = ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout["device"],
-                         spec.token)
+        spec = placed_spec(spec, layout)
         identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash}
         out = OutputDir(cfg.output, cfg.storage_options)
         version = check_identity(out, identity, cfg.new_version)

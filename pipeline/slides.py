@@ -140,6 +140,8 @@ def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = No
     attempts = [reader] if reader != "auto" else (
         ["openslide"] if suffix in OPENSLIDE_ONLY_SUFFIXES else
         ["tiffslide"] + (["openslide"] if not is_remote(uri) and openslide_available() else []))
+    if not is_remote(uri) and not os.path.exists(_local_path(uri)):
+        raise ValueError("file not found")
     reasons = []
     for name in attempts:
         try:

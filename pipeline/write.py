@@ -118,12 +118,16 @@ class OutputDir:
         return self.read_table("_runs", f"{run_id}.plan.parquet")
 
 
+def work_units(n: int, first_unit: int, rows_per_shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit, row) for n rows in plan order: runs of rows_per_shard rows per unit, numbered from first_unit."""
+    rows = np.arange(n, dtype=np.int64)
+    return (first_unit + rows // rows_per_shard).astype(np.int32), rows
+
+
 def make_plan(pending: pa.Table, first_unit: int, rows_per_shard: int) -> pa.Table:
     """Deterministic work units: inputs sorted by uri, cut into runs of rows_per_shard."""
     pending = pending.sort_by("uri")
-    n = pending.num_rows
-    rows = np.arange(n, dtype=np.int64)
-    units = (first_unit + rows // rows_per_shard).astype(np.int32)
+    units, rows = work_units(pending.num_rows, first_unit, rows_per_shard)
     return pa.table({
         "uri": pending.column("uri"), "size": pending.column("size"), "mtime": pending.column("mtime"),
         "etag": pending.column("etag"), "unit": pa.array(units), "row": pa.array(rows),

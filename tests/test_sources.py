@@ -206,8 +206,8 @@ def test_single_image_file_is_user_error(tree):
 
 
 @pytest.mark.xfail(strict=True, reason="BUG sources._scan_dir follows symlinked folders without remembering "
-                                       "where it has been: a symlink to a parent raises a raw OSError (ELOOP) "
-                                       "after listing every image ~40 times, instead of listing each once")
+                                       "where it has been: a symlink to a parent recurses until the OS says ELOOP, "
+                                       "and list_inputs raises a raw OSError instead of listing each image once")
 def test_symlink_cycle(tmp_path):
     root = tmp_path / "root"
     touch(root / "sub" / "a.jpg")
