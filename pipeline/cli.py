@@ -97,10 +97,17 @@ def _print_summary(record: dict) -> None:
           f"{record['images_per_s']} images/s; output {record['output']}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line that names the option and points at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Featurise images and whole-slide images with "
+    parser = _Parser(prog=PROG, description="Featurise images and whole-slide images with "
                                                             "CLIP-family models on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("images", help="featurise every image under INPUT into sharded Parquet in OUTPUT")
     p.add_argument("--config", help="YAML file with the same options (command-line options win)")

@@ -53,7 +53,8 @@ def spec_from_image_processor(ip) -> PreprocessSpec:
     """Read a transformers image processor's configuration into a PreprocessSpec."""
     name = type(ip).__name__
     size = getattr(ip, "size", None)
-    resample = int(getattr(ip, "resample", Image.Resampling.BICUBIC) or Image.Resampling.BICUBIC)
+    resample = getattr(ip, "resample", None)
+    resample = int(Image.Resampling.BICUBIC if resample is None else resample)  # 0 is NEAREST, not "unset"
     common = dict(
         resample=resample,
         do_rescale=bool(getattr(ip, "do_rescale", True)),
@@ -106,8 +107,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if arr.dtype.kind == "f":
             arr = np.nan_to_num(arr.astype(np.float64))
             arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
-        elif arr.max(initial=0) > 255:
-            arr = arr.astype(np.float64) / 257.0  # 16-bit full range -> 8-bit
+        elif mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr.astype(np.float64) / 257.0  # 16-bit full range -> 8-bit (by bit depth, not content)
         arr8 = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         if arr8.ndim == 2:
             arr8 = np.repeat(arr8[:, :, None], 3, axis=2)
@@ -130,10 +131,10 @@ def resize_for_model(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 def centre_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = arr.shape[:2]
-    if h < height or w < width:  # pad with zeros around the image, as transformers does
+    if h < height or w < width:  # pad with zeros around the image, the larger half first, as transformers does
         ph, pw = max(height, h), max(width, w)
         padded = np.zeros((ph, pw, 3), dtype=arr.dtype)
-        top, left = (ph - h) // 2, (pw - w) // 2
+        top, left = -(-(ph - h) // 2), -(-(pw - w) // 2)
         padded[top:top + h, left:left + w] = arr
         arr, h, w = padded, ph, pw
     top, left = (h - height) // 2, (w - width) // 2
@@ -144,6 +145,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes to an RGB image with EXIF orientation applied; raises ValueError with a reason."""
     if not data:
         raise ValueError("empty file")
+    Image.MAX_IMAGE_PIXELS = None  # our own limit applies, checked from the header before decoding
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
@@ -179,7 +181,6 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels:
                  storage_options: dict | None = None) -> dict[str, np.ndarray]:
     """Ray Data batch function: rows with `uri` -> the same rows plus pixels, status, error, width, height."""
     t = time.perf_counter()
-    Image.MAX_IMAGE_PIXELS = None  # our own limit applies, checked from the header before decoding
     uris = batch["uri"]
     n = len(uris)
     pixels = np.zeros((n, *spec.out_shape), dtype=np.uint8)

@@ -61,15 +61,21 @@ def _table(rows: list[tuple]) -> pa.Table:
 
 
 def _scan_dir(top: str, suffixes, recurse: bool) -> tuple[list[tuple], list[str]]:
-    """Files of one folder tree (stat comes with the directory entry); the subfolders left unvisited."""
+    """Files of one folder tree (stat comes with the directory entry); the subfolders left unvisited.
+    Symlinked folders are followed once (a link back to a parent would loop)."""
     rows: list[tuple] = []
     stack, unvisited = [top], []
+    visited = {os.path.realpath(top)}
     while stack:
         with os.scandir(stack.pop()) as it:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=True):
+                    real = os.path.realpath(entry.path)
+                    if real in visited:
+                        continue
+                    visited.add(real)
                     (stack if recurse else unvisited).append(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in suffixes and entry.is_file():
                     st = entry.stat()
@@ -176,7 +182,7 @@ def read_list_file(source: str, storage_options: dict | None = None) -> pa.Table
             with fs.open(path, "rb") as f:
                 table = pacsv.read_csv(f)
         else:
-            with fs.open(path, "rt", encoding="utf-8") as f:
+            with fs.open(path, "rt", encoding="utf-8-sig") as f:  # tolerate a byte-order mark
                 lines = [ln.strip() for ln in f]
             table = pa.table({"uri": [ln for ln in lines if ln and not ln.startswith("#")]})
     except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as exc:

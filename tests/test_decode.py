@@ -181,8 +181,6 @@ def test_custom_rectangular_configs_match_processor(size):
         np.testing.assert_allclose(normalise(pixels, spec), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG spec_from_image_processor: `int(resample or BICUBIC)` turns "
-                                       "resample=0 (NEAREST) into BICUBIC")
 def test_nearest_resample_is_kept():
     from transformers import SiglipImageProcessorPil
 
@@ -195,9 +193,6 @@ def test_nearest_resample_is_kept():
     np.testing.assert_allclose(normalise(pixels, spec), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode.centre_crop pads an odd margin floor-first ((ph-h)//2); the "
-                                       "transformers (PIL/numpy) processor pads ceil-first, so a crop larger than "
-                                       "the resized image is shifted by one pixel")
 def test_crop_larger_than_resized_image_pads_like_processor():
     from transformers import CLIPImageProcessorPil
 
@@ -233,9 +228,6 @@ def test_16bit_grayscale_png_scaled_to_8bit(squash):
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode.to_rgb scales 16-bit data only when the image's max exceeds "
-                                       "255, so a dark 16-bit image (all values <= 255) is read as 8-bit and "
-                                       "comes out up to 257x too bright")
 def test_dark_16bit_png_is_scaled_by_bit_depth_not_content(squash):
     arr = np.full((64, 64), 200, np.uint16)  # 200/65535: practically black
     arr[:, 32:] = 255

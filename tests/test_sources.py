@@ -118,8 +118,6 @@ def test_txt_list_with_crlf_line_endings(tmp_path):
                                                                              str(tmp_path / "b.jpg")]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG sources.read_list_file opens .txt lists as 'utf-8', not 'utf-8-sig': "
-                                       "a byte-order mark (Notepad's default) sticks to the first path")
 def test_txt_list_with_byte_order_mark(tmp_path):
     (tmp_path / "l.txt").write_bytes("a.jpg\nb.jpg\n".encode("utf-8-sig"))
     assert list_inputs(str(tmp_path / "l.txt")).column("uri").to_pylist() == [str(tmp_path / "a.jpg"),
@@ -205,9 +203,6 @@ def test_single_image_file_is_user_error(tree):
     assert str(tree / "b.jpg") in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG sources._scan_dir follows symlinked folders without remembering "
-                                       "where it has been: a symlink to a parent recurses until the OS says ELOOP, "
-                                       "and list_inputs raises a raw OSError instead of listing each image once")
 def test_symlink_cycle(tmp_path):
     root = tmp_path / "root"
     touch(root / "sub" / "a.jpg")
