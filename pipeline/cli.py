@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Later subcommands (manifest, slides, heatmap) register themselves here.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+from .run_slides import register_slides  # noqa: E402  (it imports this module's helpers when called)
+
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides]
 
 
 def quiet_libraries() -> None:

@@ -61,6 +61,9 @@ class RunConfig(JobConfig):
     """Options of `featurize images` (and the job entry points that run the same thing)."""
 
     max_image_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb limit, in pixels.")
+    fast_decode: bool = Field(False, description="Approximate but faster: JPEGs decode at a reduced scale (at least "
+                                                  "twice the model input); features drift slightly from the "
+                                                  "processor's (see BENCHMARKS.md).")
 
 
 class SlidesConfig(JobConfig):

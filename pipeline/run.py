@@ -242,7 +242,8 @@ def run_images(cfg: RunConfig, echo=print) -> dict:
             store = _prompt_store()
             ds = build_dataset(
                 work.select(["uri", "unit", "row"]), decode_batch,
-                {"spec": preprocess, "max_pixels": cfg.max_image_pixels, "storage_options": cfg.storage_options},
+                {"spec": preprocess, "max_pixels": cfg.max_image_pixels, "storage_options": cfg.storage_options,
+                 "fast": cfg.fast_decode},
                 cfg.decode_batch_size,
                 {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store},
                 layout)

@@ -436,3 +436,17 @@ def test_unsupported_processor_config_is_user_error(model, changes, processors):
         setattr(ip, key, value)
     with pytest.raises(UserError, match=type(ip).__name__):
         spec_from_image_processor(ip)
+
+
+def test_fast_decode_keeps_sizes_and_stays_close_to_exact(tmp_path):
+    from pipeline.demo import make_images
+
+    spec = PreprocessSpec("squash", 64, 64)
+    for path in make_images(tmp_path, 4, seed=2, sizes=((800, 600), (1024, 768))):
+        data = path.read_bytes()
+        exact, w, h = decode_one(data, spec, BIG)
+        fast, fw, fh = decode_one(data, spec, BIG, fast=True)
+        assert (fw, fh) == (w, h) == Image.open(path).size
+        assert fast.shape == exact.shape == (64, 64, 3)
+        diff = np.abs(fast.astype(int) - exact.astype(int))
+        assert diff.mean() < 3 and 0 < diff.max()  # approximate: close, not identical
