@@ -6,10 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import time
 import typing
 from typing import Any, Callable
 
 from pydantic import BaseModel
+
+COMMAND_STARTED = time.time()
 
 from .config import RunConfig, load_config_file, make_config
 from .errors import UserError
@@ -56,7 +59,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
     from .run import run_images
 
     cfg = make_config(RunConfig, options_from_args(args, RunConfig))
-    record = run_images(cfg, echo=_echo)
+    record = run_images(cfg, echo=_echo, command_started=COMMAND_STARTED)
     _print_summary(record)
     return 1 if cfg.fail_on_error and record["counts"].get("error", 0) else 0
 
@@ -64,7 +67,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, n_images=args.images, echo=_echo)
+    run_demo(args.output, n_images=args.images, echo=_echo, command_started=COMMAND_STARTED)
     return 0
 
 
@@ -131,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Later subcommands (manifest, slides, heatmap) register themselves here.
-from .run_slides import register_slides  # noqa: E402  (it imports this module's helpers when called)
+from .heatmap import register_heatmap  # noqa: E402  (these import this module's helpers when called)
+from .run_slides import register_slides  # noqa: E402
 
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides]
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides, register_heatmap]
 
 
 def quiet_libraries() -> None:

@@ -50,23 +50,33 @@ def make_images(folder: str | Path, n: int, seed: int = 0, sizes=((500, 375), (1
     return paths
 
 
-def run_demo(output: str, n_images: int = 64, echo=print) -> dict:
-    from .run import run_images
+def run_demo(output: str, n_images: int = 64, echo=print, command_started: float | None = None) -> dict:
+    from .run import run_images, while_ray_starts
     from .tiny import build_tiny_conceptclip
 
     t = time.perf_counter()
     root = Path(output) / "_demo"
     images = root / "images"
-    if not images.is_dir():
-        make_images(images, n_images, sizes=((320, 240), (640, 480)))
-    model = build_tiny_conceptclip(root / "model")
     prompts = root / "prompts.yaml"
-    prompts.write_text(DEMO_PROMPTS, encoding="utf-8")
+
+    def prepare():
+        if not images.is_dir():
+            make_images(images, n_images, sizes=((320, 240), (640, 480)))
+        prompts.write_text(DEMO_PROMPTS, encoding="utf-8")
+        return build_tiny_conceptclip(root / "model")
+
+    started_ray, model = while_ray_starts(prepare)  # the demo's inputs are made while Ray starts
     echo(f"featurize demo: {n_images} generated images and a tiny RANDOM-WEIGHT model with ConceptCLIP's "
-         f"interface in {root} ({time.perf_counter() - t:.1f} s)")
+         f"interface in {root} ({time.perf_counter() - t:.1f} s, Ray started meanwhile)")
     cfg = RunConfig(input=str(images), output=output, model=str(model), prompts=str(prompts),
                     trust_remote_code=True, rows_per_shard=max(1, n_images // 4))
-    record = run_images(cfg, echo=echo)
+    try:
+        record = run_images(cfg, echo=echo, command_started=command_started)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     table = pq.read_table(Path(output) / "part-00000.parquet")
     names = pq.read_table(Path(output) / "_prompts.parquet").column("concept").to_pylist()
     c = record["counts"]

@@ -60,6 +60,24 @@ def init_ray() -> bool:
     return address is None
 
 
+def while_ray_starts(prepare):
+    """Run prepare() (listing, loading the processor) on a thread while Ray starts on this one (ray.init wants
+    the main thread). Returns (whether we started Ray, prepare's result); Ray is shut down again if prepare fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="featurize-prepare") as pool:
+        future = pool.submit(prepare)
+        started_ray = init_ray()
+        try:
+            return started_ray, future.result()
+        except BaseException:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
+
+
 def cluster_shape() -> dict:
     import ray
 
@@ -190,17 +208,21 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
             on_commit(unit)
 
 
-def run_images(cfg: RunConfig, echo=print) -> dict:
-    """`featurize images`: returns the run record (also written to OUTPUT/_run.json)."""
+def run_images(cfg: RunConfig, echo=print, command_started: float | None = None) -> dict:
+    """`featurize images`: returns the run record (also written to OUTPUT/_run.json).
+
+    command_started: when the user's command began (for first_shard_s); defaults to now."""
     started = time.time()
+    command_started = command_started or started
     prompt_set = load_prompts(cfg.prompts)
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
-    preprocess = preprocess_spec(spec)
-    t = time.perf_counter()
-    listing = list_inputs(cfg.input, cfg.storage_options)
-    listing_s = time.perf_counter() - t
 
-    started_ray = init_ray()
+    def prepare():
+        t = time.perf_counter()
+        listing = list_inputs(cfg.input, cfg.storage_options)
+        return preprocess_spec(spec), listing, time.perf_counter() - t
+
+    started_ray, (preprocess, listing, listing_s) = while_ray_starts(prepare)
     try:
         layout = actor_layout(cfg, cluster_shape())
         spec = placed_spec(spec, layout)
@@ -250,7 +272,7 @@ def run_images(cfg: RunConfig, echo=print) -> dict:
 
             def on_commit(unit):
                 if first_commit[0] is None:
-                    first_commit[0] = time.time() - started
+                    first_commit[0] = time.time() - command_started
                     _write_prompts(out, store, prompt_set, prov)
 
             _consume(ds, writer, cfg.stall_timeout_s, stats, on_commit)
