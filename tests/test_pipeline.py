@@ -96,3 +96,85 @@ def test_same_input_gives_identical_features_whatever_the_batching(ray_session, 
     assert (fa == fb).mean() > 0.99
     np.testing.assert_allclose(np.array(a.column("concept_logits").to_pylist()),
                                np.array(b.column("concept_logits").to_pylist()), rtol=0, atol=1e-4)
+
+
+def _mixed_folder(folder: Path) -> tuple[set[str], set[str]]:
+    """Unusual-but-valid images and broken files side by side; returns (good names, broken names)."""
+    import io
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    good = {
+        "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
+        "sixteen bit.png": lambda p: Image.fromarray((rng.integers(0, 65535, (50, 70))).astype(np.uint16)).save(p),
+        "palette.png": lambda p: rgb.convert("P").save(p),
+        "alpha.png": lambda p: rgb.convert("RGBA").save(p),
+        "bilevel.tif": lambda p: rgb.convert("1").save(p),
+        "photo.webp": lambda p: rgb.save(p, "WEBP"),
+        "photo.bmp": lambda p: rgb.save(p),
+        "anim.gif": lambda p: rgb.save(p, save_all=True, append_images=[rgb.rotate(90)]),
+        "rotated.jpg": lambda p: rgb.save(p, exif=_exif(6)),
+        "png named.jpg": lambda p: rgb.save(p, "PNG"),
+        "ünïcödé 名前.jpg": lambda p: rgb.save(p),
+    }
+    for name, write in good.items():
+        write(folder / name)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG")
+    broken = {"empty.jpg": b"", "truncated.jpg": buf.getvalue()[:200], "notes.png": b"not an image at all",
+              "huge.png": _png_header(200_000, 200_000)}
+    for name, data in broken.items():
+        (folder / name).write_bytes(data)
+    return set(good), set(broken)
+
+
+def _exif(orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A real small PNG whose header claims width x height (a decompression bomb's signature)."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_cli_run_with_broken_and_unusual_files(ray_session, conceptclip_model, prompts_file, tmp_path, capfd,
+                                               monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_TOKEN_must_not_leak_987")
+    good, broken = _mixed_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["images", str(tmp_path / "in"), str(out), "--model", str(conceptclip_model), "--prompts",
+                 str(prompts_file), "--trust-remote-code", "--rows-per-shard", "6", "--fail-on-error"])
+    assert code == 1  # --fail-on-error: some inputs are error rows
+    table = read_output(out)
+    rows = {Path(r["uri"]).name: r for r in table.to_pylist()}
+    assert set(rows) == good | broken and table.num_rows == len(good | broken)
+    for name in good:
+        assert rows[name]["status"] == "ok", (name, rows[name]["error"])
+        assert len(rows[name]["image_features"]) == 32 and rows[name]["error"] is None
+    for name in broken:
+        assert rows[name]["status"] == "error" and rows[name]["error"], name
+        assert rows[name]["image_features"] is None and rows[name]["concept_logits"] is None
+    assert "decompression-bomb" in rows["huge.png"]["error"]
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (90, 120)
+    run = json.loads((out / "_run.json").read_text())
+    assert run["counts"]["ok"] == len(good) and run["counts"]["error"] == len(broken)
+
+    captured = capfd.readouterr()
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_TOKEN_must_not_leak" not in path.read_bytes(), path
+    assert "hf_TOKEN_must_not_leak" not in captured.out + captured.err

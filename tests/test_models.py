@@ -1,0 +1,66 @@
+"""Model adapters without Ray: recognition, remote-code consent, dtypes, secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.decode import PreprocessSpec
+from pipeline.errors import UserError
+from pipeline.models import Encoder, Secret, preprocess_spec, resolve_model
+from pipeline.prompts import Concept, PromptSet
+
+PROMPTS = PromptSet((Concept("tumor", ("a histopathology image of tumor", "tumor tissue")),
+                     Concept("stroma", ("a histopathology image of stroma",))))
+
+
+def test_families_are_recognised_from_the_config(conceptclip_model, clip_model, siglip_model):
+    assert resolve_model(str(clip_model)).kind == "clip"
+    assert resolve_model(str(siglip_model)).kind == "siglip"
+    assert resolve_model(str(conceptclip_model), trust_remote_code=True).kind == "remote"
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        resolve_model(str(conceptclip_model))
+
+
+def test_unsupported_or_missing_models_are_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UserError, match="model_type 'bert'"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(UserError, match="neither a folder"):
+        resolve_model(str(tmp_path / "nope" / "deeper" / "x"))
+
+
+def test_token_is_never_shown_but_survives_pickling(monkeypatch, conceptclip_model):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET_value_123")
+    spec = resolve_model(str(conceptclip_model), trust_remote_code=True)
+    assert "hf_SECRET" not in repr(spec) and "hf_SECRET" not in str(spec.token)
+    assert pickle.loads(pickle.dumps(spec)).token.get() == "hf_SECRET_value_123"  # what the actors receive
+    assert "hf_SECRET" not in json.dumps(spec.identity())
+    assert repr(Secret(None)) == "Secret(None)"
+
+
+def test_bfloat16_on_cpu_stays_close_to_float32(conceptclip_model):
+    spec32 = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    spec16 = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="bfloat16", device="cpu")
+    pre = preprocess_spec(spec32)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, *pre.out_shape), dtype=np.uint8)
+    f32, f16 = Encoder(spec32, pre), Encoder(spec16, pre)
+    a, b = f32.encode_images(pixels), f16.encode_images(pixels)
+    assert a.dtype == b.dtype == np.float32
+    assert ((a * b).sum(1) > 0.98).all()
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+
+
+def test_prompt_embeddings_are_ensembled_and_logits_follow_the_formula(conceptclip_model):
+    spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    encoder = Encoder(spec, preprocess_spec(spec))
+    text = encoder.encode_prompts(PROMPTS)
+    assert text.shape[0] == 2
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=1e-6)
+    assert encoder.logit_scale == pytest.approx(10.0, rel=1e-5) and encoder.logit_bias == pytest.approx(-5.0)
+    feats = np.eye(text.shape[1], dtype=np.float32)[:3]
+    np.testing.assert_allclose(encoder.logits(feats, text), 10.0 * feats @ text.T - 5.0, rtol=1e-6)
