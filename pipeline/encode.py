@@ -38,7 +38,7 @@ class EncodeBatch:
     """Ray Data callable class: decoded rows -> rows with `image_features` and `concept_logits`."""
 
     def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet,
-                 torch_threads: int = 0, prompt_store=None, micro_batch: int = 0):
+                 torch_threads: int = 0, prompt_store=None, micro_batch: int = 0, concept_maps: bool = False):
         import torch
 
         if torch_threads:
@@ -46,6 +46,11 @@ class EncodeBatch:
         self.encoder = Encoder(model_spec, preprocess)
         self.text_embeddings = self.encoder.encode_prompts(prompt_set)
         self.micro_batch = micro_batch
+        # With concept_maps, each encoded row is [features | flattened K x P x P local concept scores].
+        self.concept_embeddings = self.encoder.concept_embeddings(prompt_set) if concept_maps else None
+        self.width = self.text_embeddings.shape[1]
+        if concept_maps:
+            self.width = self._encode_chunk(np.zeros((1, *preprocess.out_shape), np.uint8)).shape[1]
         if prompt_store is not None:
             prompt_store.put.remote({
                 "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
@@ -62,13 +67,17 @@ class EncodeBatch:
         features = np.zeros((n, dim), dtype=np.float16)
         logits = np.zeros((n, k), dtype=np.float32)
         ok = np.flatnonzero(status == "ok")
+        maps = np.zeros((n, self.width - dim), dtype=np.float16)
         if len(ok):
             encoded, failed = self._encode(pixels[ok])
+            maps[ok], encoded = encoded[:, dim:], encoded[:, :dim]
             features[ok] = encoded.astype(np.float16)
             logits[ok] = self.encoder.logits(encoded, self.text_embeddings)
             for j, reason in failed.items():
                 status[ok[j]], error[ok[j]] = "error", reason
-                features[ok[j]], logits[ok[j]] = 0, 0
+                features[ok[j]], logits[ok[j]], maps[ok[j]] = 0, 0, 0
+        if self.concept_embeddings is not None:
+            batch["concept_maps"] = maps
         batch.update(status=status, error=error, image_features=features, concept_logits=logits,
                      model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
         return batch
@@ -79,13 +88,13 @@ class EncodeBatch:
 
         n = len(pixels)
         step = self.micro_batch or n
-        out = np.zeros((n, self.text_embeddings.shape[1]), dtype=np.float32)
+        out = np.zeros((n, self.width), dtype=np.float32)
         failed: dict[int, str] = {}
         start = 0
         while start < n:
             chunk = pixels[start:start + step]
             try:
-                out[start:start + len(chunk)] = self.encoder.encode_images(chunk)
+                out[start:start + len(chunk)] = self._encode_chunk(chunk)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if step == 1:
@@ -99,10 +108,16 @@ class EncodeBatch:
             except Exception as exc:  # one bad input must not sink its neighbours
                 for j in range(len(chunk)):
                     try:
-                        out[start + j] = self.encoder.encode_images(chunk[j:j + 1])[0]
+                        out[start + j] = self._encode_chunk(chunk[j:j + 1])[0]
                     except Exception as one:
                         failed[start + j] = f"model failed on this image ({type(one).__name__}: {one})"[:500]
                 if not failed:
                     log.warning("batch failed (%s) but every image passed alone", exc)
             start += len(chunk)
         return out, failed
+
+    def _encode_chunk(self, pixels: np.ndarray) -> np.ndarray:
+        if self.concept_embeddings is None:
+            return self.encoder.encode_images(pixels)
+        features, maps = self.encoder.encode_images_with_maps(pixels, self.concept_embeddings)
+        return np.concatenate([features, maps.reshape(len(maps), -1)], axis=1)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from .errors import UserError
 from .storage import is_remote
@@ -68,6 +67,7 @@ class SlideOutput:
         paths = sorted(self.out.shard_units().values())
         if not paths:
             return pa.table({"x": pa.array([], pa.int64()), "y": pa.array([], pa.int64())})
+        import pyarrow.dataset as pads
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         fs = PyFileSystem(FSSpecHandler(self.out.fs)) if is_remote(self.out.url) else None
@@ -149,15 +149,16 @@ def draw(path: str | Path, slide: dict, concept: str, grid: np.ndarray, extent: 
     fig = Figure(figsize=(width * scale / DPI, height * scale / DPI), dpi=DPI)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
-    if background is not None:
-        ax.imshow(background, extent=(0, width, height, 0), interpolation="bilinear")
+    if background is not None:  # in grey, so the colour map alone carries the values
+        grey = background.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=(0, width, height, 0), interpolation="bilinear")
     else:
         ax.imshow(np.full((2, 2, 3), 255, np.uint8), extent=(0, width, height, 0))
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if vmax <= vmin:
         vmin, vmax = vmin - 0.5, vmax + 0.5
-    image = ax.imshow(np.ma.masked_invalid(grid), extent=extent, cmap="inferno", alpha=0.6, vmin=vmin, vmax=vmax,
+    image = ax.imshow(np.ma.masked_invalid(grid), extent=extent, cmap="inferno", alpha=0.75, vmin=vmin, vmax=vmax,
                       interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -167,8 +168,9 @@ def draw(path: str | Path, slide: dict, concept: str, grid: np.ndarray, extent: 
         cax = ax.inset_axes((0.55, 0.09, 0.42, 0.03))
         bar = fig.colorbar(image, cax=cax, orientation="horizontal")
     else:
-        cax = ax.inset_axes((0.88, 0.3, 0.04, 0.4))
+        cax = ax.inset_axes((0.82, 0.3, 0.04, 0.4))
         bar = fig.colorbar(image, cax=cax, orientation="vertical")
+    bar.solids.set_alpha(1.0)
     bar.set_label(label, fontsize=9, backgroundcolor=(1, 1, 1, 0.8))
     bar.ax.tick_params(labelsize=8)
     path = Path(path)

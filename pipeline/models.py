@@ -275,6 +275,45 @@ class Encoder:
         cos = image_features.astype(np.float32) @ text_embeddings.astype(np.float32).T
         return (self.logit_scale * cos + self.logit_bias).astype(np.float32)
 
+    # -- patch-level concept maps (ConceptCLIP's concept head) --------------------------------------------------
+    def concept_embeddings(self, prompt_set: PromptSet) -> np.ndarray:
+        """Per concept, the mean of `text_proj(tokens)` over its name's word pieces, L2-normalised [K,D] float32;
+        also reads the concept head's scale and bias from the documented forward."""
+        import torch
+
+        if self.spec.kind != "remote" or not hasattr(self.model, "image_proj"):
+            raise UserError(f"model {self.spec.model} has no ConceptCLIP concept head (image_proj / text_proj); "
+                            "concept maps need one")
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        text = tokenizer(prompt_set.names, padding=True, truncation=True, max_length=77, return_tensors="pt",
+                         return_special_tokens_mask=True)
+        words = ((text.pop("special_tokens_mask") == 0) & (text["attention_mask"] == 1)).unsqueeze(-1).float()
+        dummy = np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8)
+        with torch.inference_mode():
+            out = self.model(pixel_values=self.pixel_values(dummy), **{k: v.to(self.device) for k, v in text.items()})
+        self.concept_logit_scale = float(out["concept_logit_scale"])
+        self.concept_logit_bias = float(out["concept_logit_bias"])
+        tokens = out["text_token_features"].float().cpu()
+        mean = (tokens * words).sum(dim=1) / words.sum(dim=1).clamp(min=1)
+        return torch.nn.functional.normalize(mean, dim=-1).numpy()
+
+    def encode_images_with_maps(self, pixels, concept_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B,H,W,3] -> (image features [B,D] as `encode_images` gives, local concept scores [B,K,P,P]):
+        concept_logit_scale * cos(image_proj(patch token), concept) + concept_logit_bias on the P x P patch grid."""
+        import torch
+
+        with torch.inference_mode():
+            pooled, tokens = self.model.encode_image(self.pixel_values(pixels), normalize=True)
+            patches = torch.nn.functional.normalize(self.model.image_proj(tokens).float(), dim=-1)
+            side = int(round(patches.shape[1] ** 0.5))
+            if side * side != patches.shape[1]:  # a class token ahead of the patch grid
+                patches, side = patches[:, 1:], int(round((patches.shape[1] - 1) ** 0.5))
+            concepts = torch.as_tensor(concept_embeddings, dtype=torch.float32, device=patches.device)
+            scores = self.concept_logit_scale * patches @ concepts.T + self.concept_logit_bias  # [B, P*P, K]
+            maps = scores.transpose(1, 2).reshape(len(scores), len(concepts), side, side)
+            features = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return features.cpu().numpy(), maps.cpu().numpy()
+
 
 def _pooled(output):
     """transformers 5 returns an output object from get_*_features, transformers 4 a tensor."""

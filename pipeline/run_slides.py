@@ -75,9 +75,12 @@ SLIDE_SCHEMA = pa.schema([
     ("plan_s", pa.float64()),
 ] + SOURCE_COLUMNS)
 
-# Plan columns (tiles in work-unit order) beyond the tile table's own.
-_PLAN_TILE_COLUMNS = ("slide_id", "uri", "reader", "x", "y", "level", "read_px", "tile_mpp", "tissue_fraction",
-                      "size", "mtime", "etag")
+# The run's tiles in work-unit order (plus `unit` and `row`): what read_tiles needs and the shards repeat.
+PLAN_TILE_SCHEMA = pa.schema([
+    ("slide_id", pa.string()), ("uri", pa.string()), ("reader", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
+    ("level", pa.int32()), ("read_px", pa.int32()), ("tile_mpp", pa.float64()), ("tissue_fraction", pa.float32()),
+    ("size", pa.int64()), ("mtime", pa.float64()), ("etag", pa.string()),
+])
 
 
 def make_tiling(cfg: SlidesConfig, model_input_px: int) -> Tiling:
@@ -88,10 +91,6 @@ def make_tiling(cfg: SlidesConfig, model_input_px: int) -> Tiling:
 
 
 # -- planning -------------------------------------------------------------------------------------------------------
-def _empty_slides() -> pa.Table:
-    return SLIDE_SCHEMA.empty_table()
-
-
 def done_slides(out: OutputDir, listing: pa.Table, version: int, incremental: bool) -> set[str]:
     """Slides of OUTPUT/_slides.parquet that finished (status ok) and whose tiles are all in committed shards;
     with `incremental`, less those whose file changed since."""
@@ -132,26 +131,14 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
         rows.append(row)
         if tiles is not None and len(tiles["x"]):
             n = len(tiles["x"])
-            tile_parts.append(pa.table({
-                "slide_id": pa.array([ids[uri]] * n, pa.string()), "uri": pa.array([uri] * n, pa.string()),
-                "reader": pa.array([row["reader"]] * n, pa.string()),
-                "x": pa.array(tiles["x"], pa.int64()), "y": pa.array(tiles["y"], pa.int64()),
-                "level": pa.array(np.full(n, row["level"]), pa.int32()),
-                "read_px": pa.array(np.full(n, row["read_px"]), pa.int32()),
-                "tile_mpp": pa.array(np.full(n, row["tile_mpp"]), pa.float64()),
-                "tissue_fraction": pa.array(tiles["tissue_fraction"], pa.float32()),
-                "size": pa.array([source["size"]] * n, pa.int64()),
-                "mtime": pa.array([source["mtime"]] * n, pa.float64()),
-                "etag": pa.array([source["etag"]] * n, pa.string()),
-            }))
+            per_slide = {"slide_id": ids[uri], "uri": uri, "reader": row["reader"], "level": row["level"],
+                         "read_px": row["read_px"], "tile_mpp": row["tile_mpp"], **source}
+            tile_parts.append(pa.table({  # the grid's columns, and the slide's values repeated on every tile
+                f.name: tiles[f.name] if f.name in tiles else pa.repeat(pa.scalar(per_slide[f.name], f.type), n)
+                for f in PLAN_TILE_SCHEMA}, schema=PLAN_TILE_SCHEMA))
     slides = pa.Table.from_pylist([{f.name: row.get(f.name) for f in SLIDE_SCHEMA} for row in rows],
-                                  schema=SLIDE_SCHEMA) if rows else _empty_slides()
-    tiles = pa.concat_tables(tile_parts) if tile_parts else pa.table(
-        {c: pa.array([], t) for c, t in [("slide_id", pa.string()), ("uri", pa.string()), ("reader", pa.string()),
-                                         ("x", pa.int64()), ("y", pa.int64()), ("level", pa.int32()),
-                                         ("read_px", pa.int32()), ("tile_mpp", pa.float64()),
-                                         ("tissue_fraction", pa.float32()), ("size", pa.int64()),
-                                         ("mtime", pa.float64()), ("etag", pa.string())]})
+                                  schema=SLIDE_SCHEMA)
+    tiles = pa.concat_tables(tile_parts) if tile_parts else PLAN_TILE_SCHEMA.empty_table()
     units, row_ids = work_units(tiles.num_rows, first_unit, cfg.rows_per_shard)
     plan = tiles.append_column("unit", pa.array(units)).append_column("row", pa.array(row_ids))
     return slides, plan

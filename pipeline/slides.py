@@ -100,6 +100,10 @@ class SlideReader:
         except Exception:
             pass
 
+    def __reduce__(self):
+        raise TypeError("a slide handle belongs to the process that opened it; pass the uri and open it there "
+                        "(slides.cached_slide)")
+
 
 def _open_tiffslide(uri: str, storage_options: dict | None) -> SlideReader:
     from tiffslide import TiffSlide

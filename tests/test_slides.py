@@ -3,9 +3,22 @@ readers), then `featurize slides` end to end through real Ray (local disk and th
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+from pipeline.cli import main
 
 from pipeline.decode import PreprocessSpec, resize_for_model
 from pipeline.slides import (
@@ -189,3 +202,319 @@ def test_read_tiles_resizes_like_the_processor_and_both_readers_agree(slide_file
     bad = read_tiles({**batch, "uri": np.array(["/nowhere.svs"] * n, dtype=object),
                       "reader": np.array(["tiffslide"] * n, dtype=object)}, spec, tile_px=64)
     assert set(bad["status"]) == {"error"} and "cannot read tile" in bad["error"][0]
+
+
+# -- end to end: `featurize slides` through real Ray ----------------------------------------------------------------
+
+TILE_COLUMNS = ["slide_id", "uri", "x", "y", "level", "tile_px", "mpp", "tissue_fraction", "status", "error",
+                "image_features", "concept_logits", "size", "mtime", "etag", "run_id", "dataset_version"]
+DRAWINGS = {"a": dict(seed=5), "b": dict(seed=6, shapes=[("rect", 1024, 128, 1792, 640), ("ellipse", 600, 1100,
+                                                                                            400, 300)])}
+
+
+@pytest.fixture(scope="module")
+def slide_dir(tmp_path_factory):
+    """a.tif (0.25 um/px, resolution tags), b.svs (Aperio description, 0.5 um/px), nompp.tif, truncated.tif."""
+    root = tmp_path_factory.mktemp("wsi")
+    folder = root / "in"
+    drawings = {name: draw_slide(2048, 1536, **kw) for name, kw in DRAWINGS.items()}
+    write_slide(folder / "a.tif", drawings["a"], 0.25)
+    write_slide(folder / "b.svs", drawings["b"], 0.5, aperio=True)
+    write_slide(folder / "nompp.tif", drawings["a"], None, compression="zlib")
+    truncate(folder / "a.tif", folder / "truncated.tif", 0.6)
+    return folder, drawings
+
+
+def featurize(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def model_args(conceptclip_model, prompts_file, *extra):
+    return ["--model", conceptclip_model, "--prompts", prompts_file, "--trust-remote-code", "--num-actors", 1,
+            "--batch-size", 16, "--decode-batch-size", 16, "--rows-per-shard", 60, *extra]
+
+
+def read_tiles_output(output) -> pa.Table:
+    if isinstance(output, Path):
+        return pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("part-*.parquet"))])
+    fs, path = output
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in sorted(fs.glob(path + "/part-*.parquet"))])
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, conceptclip_model, prompts_file, slide_dir, tmp_path_factory):
+    folder, _ = slide_dir
+    output = tmp_path_factory.mktemp("wsi-out") / "out"
+    args = ["slides", folder, output, *model_args(conceptclip_model, prompts_file)]
+    assert featurize(*args) == 0
+    return output, args
+
+
+def test_slides_end_to_end(local_run, slide_dir):
+    output, _ = local_run
+    folder, drawings = slide_dir
+    slides = {r["slide_id"]: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
+    assert sorted(slides) == ["a", "b", "nompp", "truncated"]
+    a, b = slides["a"], slides["b"]
+    assert (a["status"], a["mpp"], a["mpp_source"], a["footprint_px"], a["level"]) == ("ok", 0.25, "tiff.XResolution",
+                                                                                         128, 1)
+    assert (b["status"], b["mpp"], b["mpp_source"], b["footprint_px"], b["level"]) == ("ok", 0.5, "aperio.MPP", 64, 0)
+    assert (a["width"], a["height"]) == (2048, 1536)
+    # The slide without mpp and the truncated slide are error rows; the others finished.
+    assert slides["nompp"]["status"] == "error" and "mpp" in slides["nompp"]["error"]
+    assert slides["truncated"]["status"] == "error" and "truncated" in slides["truncated"]["error"]
+
+    tiles = read_tiles_output(output)
+    assert tiles.column_names == TILE_COLUMNS
+    assert set(tiles.column("slide_id").to_pylist()) == {"a", "b"}
+    assert set(tiles.column("status").to_pylist()) == {"ok"}
+    assert json.loads(tiles.schema.metadata[b"pipeline.provenance"])["model"] == str(local_run[1][4])
+    for name in ("a", "b"):
+        rows = tiles.filter(pc.equal(tiles.column("slide_id"), name))
+        fp = slides[name]["footprint_px"]
+        assert rows.num_rows == slides[name]["n_tiles"] > 20
+        xs, ys = rows.column("x").to_numpy(), rows.column("y").to_numpy()
+        assert not (xs % fp).any() and not (ys % fp).any()
+        assert np.diff(xs)[np.diff(ys) == 0].min() == fp  # x steps equal the footprint at either native mpp
+        truth = drawings[name].truth
+        fractions = np.array([true_fraction(truth, x, y, fp) for x, y in zip(xs, ys)])
+        assert fractions.min() >= 0.15  # every scored tile lies on tissue: none from the blank background
+        covered = np.zeros_like(truth)
+        for x, y in zip(xs, ys):
+            covered[y:y + fp, x:x + fp] = True
+        assert (covered & truth).sum() / truth.sum() > 0.95  # and they cover it
+        assert set(rows.column("mpp").to_pylist()) == {0.5} and set(rows.column("tile_px").to_pylist()) == {64}
+        logits = np.array(rows.column("concept_logits").to_pylist(), np.float32)
+        assert logits.shape == (rows.num_rows, 4)
+        np.testing.assert_allclose(slides[name]["concept_max"], logits.max(axis=0), rtol=1e-6)
+        top = -np.sort(-logits, axis=0)[:16].mean(axis=0)
+        np.testing.assert_allclose(slides[name]["concept_topk_mean"], top, rtol=1e-5)
+    record = json.loads((output / "_run.json").read_text())
+    assert record["counts"]["slides_ok"] == 2 and record["counts"]["slides_error"] == 2
+    assert record["counts"]["ok"] == tiles.num_rows
+
+
+def test_interrupted_run_resumes_and_finished_slides_are_skipped(local_run, tmp_path, capsys):
+    output, args = local_run
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    before = read_tiles_output(copy)
+    slides_before = pq.read_table(copy / "_slides.parquet")
+    # Interrupt: the run record says running and one shard never committed.
+    record = json.loads((copy / "_run.json").read_text())
+    lost = sorted(copy.glob("part-*.parquet"))[1]
+    lost_rows = pq.read_table(lost).num_rows
+    lost.unlink()
+    (copy / "_runs" / f"{record['run_id']}.json").write_text(json.dumps({**record, "state": "running"}))
+    run_args = [a if a != output else copy for a in args]
+    assert featurize(*run_args) == 0
+    resumed = json.loads((copy / "_run.json").read_text())
+    assert resumed["resumed"] and resumed["run_id"] == record["run_id"]
+    assert resumed["counts"]["processed"] == lost_rows
+    after = read_tiles_output(copy)
+    assert after.num_rows == before.num_rows
+    np.testing.assert_allclose(np.array(after.column("concept_logits").to_pylist()),
+                               np.array(before.column("concept_logits").to_pylist()), atol=1e-4)
+    assert pq.read_table(copy / "_slides.parquet").column("n_tiles").equals(slides_before.column("n_tiles"))
+    # A new run of the same command skips the finished slides and retries only the failed ones.
+    shards = sorted(p.name for p in copy.glob("part-*.parquet"))
+    assert featurize(*run_args, "--fail-on-error") == 1  # the two bad slides fail again
+    again = json.loads((copy / "_run.json").read_text())
+    assert again["run_id"] != record["run_id"] and again["counts"]["skipped"] == 2
+    assert again["counts"]["planned"] == 2 and again["counts"]["processed"] == 0
+    assert sorted(p.name for p in copy.glob("part-*.parquet")) == shards
+    assert "2 skipped (already done)" in capsys.readouterr().err
+
+
+def test_openslide_reader_and_slide_mpp_override(local_run, slide_dir, conceptclip_model, prompts_file, tmp_path):
+    folder, _ = slide_dir
+    listing = tmp_path / "slides.txt"
+    listing.write_text(f"{folder / 'a.tif'}\n{folder / 'nompp.tif'}\n")
+    output = tmp_path / "out"
+    assert featurize("slides", listing, output, "--reader", "openslide", "--slide-mpp", 0.25,
+                     *model_args(conceptclip_model, prompts_file)) == 0
+    slides = {r["slide_id"]: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
+    assert {r["status"] for r in slides.values()} == {"ok"}
+    assert {(r["reader"], r["mpp"], r["mpp_source"]) for r in slides.values()} == {("openslide", 0.25, "slide_mpp")}
+    # Same pixels through either reader: a.tif scores as the tiffslide run scored it.
+    ours, theirs = read_tiles_output(output), read_tiles_output(local_run[0])
+    ours = ours.filter(pc.equal(ours.column("slide_id"), "a"))
+    theirs = theirs.filter(pc.equal(theirs.column("slide_id"), "a"))
+    assert ours.select(["x", "y", "level"]).equals(theirs.select(["x", "y", "level"]))
+    np.testing.assert_allclose(np.array(ours.column("concept_logits").to_pylist()),
+                               np.array(theirs.column("concept_logits").to_pylist()), atol=1e-4)
+    # nompp.tif holds the same drawing as a.tif (zlib instead of JPEG): tissue found at the same places.
+    nompp = read_tiles_output(output).filter(pc.equal(read_tiles_output(output).column("slide_id"), "nompp"))
+    assert set(zip(nompp.column("x").to_pylist(), nompp.column("y").to_pylist())) == \
+        set(zip(ours.column("x").to_pylist(), ours.column("y").to_pylist()))
+
+
+def test_cli_errors_are_one_line(slide_dir, conceptclip_model, prompts_file, tmp_path, capsys):
+    folder, _ = slide_dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert featurize("slides", empty, tmp_path / "o", *model_args(conceptclip_model, prompts_file)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("featurize: error: input") and "\n" not in err and ".svs" in err
+    assert featurize("slides", folder, tmp_path / "o", "--tile-px", 64, "--overlap", 64,
+                     *model_args(conceptclip_model, prompts_file)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "featurize: error: overlap 64 must be smaller than the tile size 64 px"
+    assert featurize("slides", folder, tmp_path / "o", "--min-tissue", 2,
+                     *model_args(conceptclip_model, prompts_file)) == 2
+    assert "min_tissue" in capsys.readouterr().err
+
+
+# -- the same slide from object storage -----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 HTTP endpoint on loopback (moto's server), with one bucket."""
+    import boto3
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                  aws_secret_access_key="testing").create_bucket(Bucket="slides")
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    yield options
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_slide_on_s3_scores_as_the_local_copy(local_run, slide_dir, s3_server, conceptclip_model, prompts_file,
+                                              tmp_path):
+    import s3fs
+
+    folder, _ = slide_dir
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(folder / "a.tif"), "slides/in/a.tif")
+    options = json.dumps(s3_server)
+    assert featurize("slides", "s3://slides/in", "s3://slides/out", "--storage-options", options,
+                     *model_args(conceptclip_model, prompts_file)) == 0
+    fs.invalidate_cache()
+    remote = read_tiles_output((fs, "slides/out"))
+    local = read_tiles_output(local_run[0])
+    local = local.filter(pc.equal(local.column("slide_id"), "a"))
+    assert remote.column("uri").to_pylist() == ["s3://slides/in/a.tif"] * local.num_rows
+    assert remote.select(["slide_id", "x", "y", "level", "tissue_fraction"]).equals(
+        local.select(["slide_id", "x", "y", "level", "tissue_fraction"]))
+    np.testing.assert_allclose(np.array(remote.column("image_features").to_pylist(), np.float32),
+                               np.array(local.column("image_features").to_pylist(), np.float32), atol=2.0**-11)
+    np.testing.assert_allclose(np.array(remote.column("concept_logits").to_pylist()),
+                               np.array(local.column("concept_logits").to_pylist()), atol=1e-4)
+    with fs.open("slides/out/_slides.parquet", "rb") as f:
+        row = pq.read_table(f).to_pylist()[0]
+    assert (row["slide_id"], row["status"], row["reader"], row["mpp_source"]) == ("a", "ok", "tiffslide",
+                                                                                  "tiff.XResolution")
+    # The heatmap reads the remote OUTPUT and the remote slide's thumbnail.
+    png = tmp_path / "a.png"
+    assert featurize("heatmap", "s3://slides/out", "--slide", "a", "--concept", "tumor", "--out", png,
+                     "--storage-options", options) == 0
+    assert Image.open(png).size == (1200, 900)
+
+
+# -- patch-level concept maps ---------------------------------------------------------------------------------------
+def test_concept_maps_follow_the_documented_recipe(conceptclip_model, prompts_file, slide_files):
+    """EncodeBatch(concept_maps=True) against REFERENCE.md's recipe, computed from the model's own forward dict."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from pipeline.encode import EncodeBatch
+    from pipeline.models import preprocess_spec, resolve_model
+    from pipeline.prompts import load_prompts
+
+    spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    preprocess = preprocess_spec(spec)
+    prompt_set = load_prompts(str(prompts_file))
+    row, tiles = plan_slide(str(slide_files["tif25"]), TILING, "tiffslide")
+    n = 5
+    batch = read_tiles({"uri": np.array([str(slide_files["tif25"])] * n, dtype=object),
+                        "reader": np.array(["tiffslide"] * n, dtype=object), "x": tiles["x"][:n],
+                        "y": tiles["y"][:n], "level": np.full(n, 1), "read_px": np.full(n, 64)}, preprocess, 64)
+    batch["status"][3] = "error"  # a row that failed upstream keeps zero maps
+    pixels = batch["pixels"].copy()
+    with_maps = EncodeBatch(spec, preprocess, prompt_set, concept_maps=True)(dict(batch))
+    plain = EncodeBatch(spec, preprocess, prompt_set)(dict(batch, pixels=pixels))
+    assert "concept_maps" not in plain
+    np.testing.assert_array_equal(with_maps["image_features"], plain["image_features"])
+    np.testing.assert_allclose(with_maps["concept_logits"], plain["concept_logits"], atol=1e-5)
+    maps = with_maps["concept_maps"]
+    assert maps.dtype == np.float16 and maps.shape == (n, 4 * 4 * 4) and not maps[3].any()
+
+    model = AutoModel.from_pretrained(conceptclip_model, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(conceptclip_model, trust_remote_code=True)
+    names = prompt_set.names
+    inputs = processor(images=[Image.fromarray(p) for p in pixels], text=names, return_tensors="pt", padding=True,
+                       truncation=True, max_length=77)
+    with torch.no_grad():
+        out = model(**inputs)
+    tokenizer = processor.tokenizer
+    concepts = []
+    for i in range(len(names)):  # the concept's word pieces: every position but [CLS], [SEP] and padding
+        ids = inputs["input_ids"][i].tolist()
+        keep = [j for j, t in enumerate(ids) if t not in (tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                                          tokenizer.pad_token_id)]
+        concepts.append(out["text_token_features"][i, keep].mean(0))
+    concepts = torch.nn.functional.normalize(torch.stack(concepts), dim=-1)
+    patches = torch.nn.functional.normalize(out["image_token_features"], dim=-1)  # [B, 16, D]: a 4 x 4 grid
+    local = out["concept_logit_scale"] * patches @ concepts.T + out["concept_logit_bias"]  # [B, 16, K]
+    expected = local.permute(0, 2, 1).reshape(n, len(names), 4, 4).numpy()
+    got = maps.astype(np.float32).reshape(n, len(names), 4, 4)
+    ok = [0, 1, 2, 4]
+    np.testing.assert_allclose(got[ok], expected[ok], atol=2e-2, rtol=1e-2)  # float16 storage
+
+
+def test_concept_maps_end_to_end_and_drawn_by_the_heatmap(ray_session, slide_dir, conceptclip_model, prompts_file,
+                                                         tmp_path):
+    folder, _ = slide_dir
+    listing = tmp_path / "one.txt"
+    listing.write_text(f"{folder / 'a.tif'}\n")
+    output = tmp_path / "maps"
+    assert featurize("slides", listing, output, "--concept-maps", "--min-tissue", 0.9,
+                     *model_args(conceptclip_model, prompts_file)) == 0
+    tiles = read_tiles_output(output)
+    assert tiles.schema.field("concept_maps").type == pa.list_(pa.float16())
+    maps = np.array(tiles.column("concept_maps").to_pylist(), np.float32)
+    assert maps.shape == (tiles.num_rows, 4 * 4 * 4) and np.isfinite(maps).all() and maps.std() > 0
+    png = tmp_path / "a.png"
+    assert featurize("heatmap", output, "--slide", "a", "--concept", "necrosis", "--out", png) == 0
+    assert Image.open(png).size == (1200, 900)
+
+
+def test_concept_maps_need_the_concept_head(clip_model, prompts_file, slide_dir, tmp_path, capsys):
+    folder, _ = slide_dir
+    assert featurize("slides", folder, tmp_path / "o", "--model", clip_model, "--prompts", prompts_file,
+                     "--concept-maps") == 2
+    assert "--concept-maps needs a model with ConceptCLIP's concept head" in capsys.readouterr().err
+
+
+def test_slide_handles_are_cached_per_process_and_never_pickled(slide_files):
+    import pickle
+
+    from pipeline import slides as slides_module
+
+    uri = str(slide_files["tif25"])
+    first = slides_module.cached_slide(uri, "tiffslide", None)
+    assert slides_module.cached_slide(uri, "tiffslide", None) is first
+    assert slides_module.cached_slide(uri, "openslide", None) is not first
+    with pytest.raises(TypeError, match="belongs to the process"):
+        pickle.dumps(first)
