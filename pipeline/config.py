@@ -45,6 +45,8 @@ class JobConfig(BaseModel):
     incremental: bool = Field(False, description="Process only new or changed inputs into an existing OUTPUT.")
     new_version: bool = Field(False, description="Allow a changed model/revision/dtype/prompt set in an existing OUTPUT.")
     fail_on_error: bool = Field(False, description="Exit with status 1 when any input became an error row.")
+    torch_compile: bool = Field(False, description="torch.compile the image encoder (GPU; the first batches are slow "
+                                                    "while it compiles).")
 
     @field_validator("storage_options", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .decode import PreprocessSpec
-from .models import Encoder, ModelSpec
+from .models import Encoder, ModelSpec, micro_batch_for_memory
 from .prompts import PromptSet
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,15 @@ class EncodeBatch:
     """Ray Data callable class: decoded rows -> rows with `image_features` and `concept_logits`."""
 
     def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet,
-                 torch_threads: int = 0, prompt_store=None, micro_batch: int = 0, concept_maps: bool = False):
+                 torch_threads: int = 0, prompt_store=None, micro_batch: int = 0, concept_maps: bool = False,
+                 compile: bool = False):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.encoder = Encoder(model_spec, preprocess)
+        self.encoder = Encoder(model_spec, preprocess, compile=compile)
         self.text_embeddings = self.encoder.encode_prompts(prompt_set)
-        self.micro_batch = micro_batch
+        self.micro_batch = micro_batch or micro_batch_for_memory(self.encoder, limit=1024)
         # With concept_maps, each encoded row is [features | flattened K x P x P local concept scores].
         self.concept_embeddings = self.encoder.concept_embeddings(prompt_set) if concept_maps else None
         self.width = self.text_embeddings.shape[1]

@@ -175,7 +175,7 @@ def pick_dtype(dtype: str, device: str):
 class Encoder:
     """A loaded model: encode prompt sets once, then batches of uint8 images; compute logits."""
 
-    def __init__(self, spec: ModelSpec, preprocess: PreprocessSpec):
+    def __init__(self, spec: ModelSpec, preprocess: PreprocessSpec, compile: bool = False):
         import torch
 
         self.spec = spec
@@ -187,6 +187,8 @@ class Encoder:
         self.mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.logit_scale, self.logit_bias = 1.0, 0.0
+        image_fn = self.model.encode_image if spec.kind == "remote" else self.model.get_image_features
+        self._image_fn = torch.compile(image_fn, dynamic=True) if compile else image_fn
 
     def _load_model(self):
         import torch
@@ -226,9 +228,9 @@ class Encoder:
         with torch.inference_mode():
             x = self.pixel_values(pixels)
             if self.spec.kind == "remote":
-                features = self.model.encode_image(x, normalize=True)[0]
+                features = self._image_fn(x, normalize=True)[0]
             else:
-                features = _pooled(self.model.get_image_features(pixel_values=x))
+                features = _pooled(self._image_fn(pixel_values=x))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy()
 
@@ -313,6 +315,28 @@ class Encoder:
             maps = scores.transpose(1, 2).reshape(len(scores), len(concepts), side, side)
             features = torch.nn.functional.normalize(pooled.float(), dim=-1)
         return features.cpu().numpy(), maps.cpu().numpy()
+
+
+def micro_batch_for_memory(encoder: Encoder, limit: int, headroom: float = 0.7) -> int:
+    """On CUDA: the largest power-of-two batch whose activations fit in `headroom` of the free device memory,
+    measured with a probe batch (out-of-memory later still halves it)."""
+    import torch
+
+    if encoder.device.type != "cuda":
+        return limit
+    probe = 4
+    pixels = np.zeros((probe, *encoder.preprocess.out_shape), dtype=np.uint8)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    encoder.encode_images(pixels)
+    per_image = max(1, (torch.cuda.max_memory_allocated() - base) / probe)
+    free = torch.cuda.mem_get_info()[0]
+    fits = int(headroom * free / per_image)
+    size = 1
+    while size * 2 <= min(fits, limit):
+        size *= 2
+    return size
 
 
 def _pooled(output):

@@ -98,14 +98,14 @@ def actor_layout(cfg: JobConfig, shape: dict) -> dict:
                             "cluster pass --num-actors N so the autoscaler starts GPU workers for them")
         size = cfg.num_actors or gpus  # pending actors make an autoscaler add GPU nodes
         return {"device": "cuda", "size": size, "num_gpus": 1, "num_cpus": 1, "torch_threads": cfg.torch_threads,
-                "batch_size": cfg.batch_size or 256}
+                "batch_size": cfg.batch_size or 256, "compile": cfg.torch_compile}
     cpus = max(1, shape["cpus"])
     size = cfg.num_actors or max(1, cpus // 8)
     if size >= cpus and cpus > 1:
         raise UserError(f"num_actors={size} would take all {cpus} CPUs and starve decoding; use at most {cpus - 1}")
     threads = cfg.torch_threads or max(1, cpus // size)
     return {"device": "cpu", "size": size, "num_gpus": 0, "num_cpus": 1, "torch_threads": threads,
-            "batch_size": cfg.batch_size or 32}
+            "batch_size": cfg.batch_size or 32, "compile": cfg.torch_compile}
 
 
 def placed_spec(spec: ModelSpec, layout: dict) -> ModelSpec:
@@ -334,7 +334,7 @@ def build_dataset(work: pa.Table, decode_fn, decode_kwargs: dict, decode_batch_s
                         num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"torch_threads": layout["torch_threads"], **encode_kwargs},
+        fn_constructor_kwargs={"torch_threads": layout["torch_threads"], "compile": layout["compile"], **encode_kwargs},
         compute=ray.data.ActorPoolStrategy(size=layout["size"]),
         num_gpus=layout["num_gpus"], num_cpus=layout["num_cpus"],
         batch_size=layout["batch_size"], batch_format="numpy",
