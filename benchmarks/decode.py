@@ -8,7 +8,9 @@ The file bytes are read into memory first (no I/O in any timing). Per image:
                                                                         approximate decode mode would do)
   exif_transpose        ImageOps.exif_transpose(img) on a loaded image (a full copy when there is no rotation)
   resize_only           img.resize(model size, the processor's resample) on a decoded image
+  resize_gap3           the same with reducing_gap=3.0 (box-reduce first; approximate)
   decode_one            pipeline.decode.decode_one(bytes)              (ii: our CPU stage per image, uint8 out)
+  decode_one_fast       decode_one(bytes, fast=True), where the checkout has the fast mode (else "-")
   draft_resize          draft decode + exif + resize                   (a sketch of the fast mode, uint8 out)
   processor_only        processor.image_processor(images=[img])        (i: transformers, on a decoded RGB image)
   loop_per_image        open + exif_transpose + convert("RGB") + processor.image_processor(images=[img])
@@ -32,8 +34,8 @@ if __package__ in (None, ""):
 from . import common  # noqa: E402
 from .common import log  # noqa: E402
 
-CASES = ("pil_decode", "pil_decode_draft", "exif_transpose", "resize_only", "decode_one", "draft_resize",
-         "processor_only", "loop_per_image")
+CASES = ("pil_decode", "pil_decode_draft", "exif_transpose", "resize_only", "resize_gap3", "decode_one",
+         "decode_one_fast", "draft_resize", "processor_only", "loop_per_image")
 TABLE_HEADER = ("| date | machine | size | input | images | " + " | ".join(f"{c} ms" for c in CASES) + " | command |\n"
                 "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in CASES) + " | --- |\n")
 
@@ -99,6 +101,9 @@ def main(argv=None) -> int:
         img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
         return ip(images=[img], return_tensors="pt")
 
+    import inspect
+
+    has_fast = "fast" in inspect.signature(decode_one).parameters
     decoded = [open_image(b, big) for b in blobs]
     loaded = [pil_decode(b) for b in blobs]
     cases = {
@@ -106,11 +111,15 @@ def main(argv=None) -> int:
         "pil_decode_draft": (pil_decode_draft, blobs),
         "exif_transpose": (ImageOps.exif_transpose, loaded),
         "resize_only": (lambda img: img.resize((spec.width, spec.height), resample=spec.resample), decoded),
+        "resize_gap3": (lambda img: img.resize((spec.width, spec.height), resample=spec.resample,
+                                               reducing_gap=3.0), decoded),
         "decode_one": (lambda data: decode_one(data, spec, big), blobs),
+        "decode_one_fast": (lambda data: decode_one(data, spec, big, fast=True), blobs) if has_fast else None,
         "draft_resize": (draft_resize, blobs),
         "processor_only": (lambda img: ip(images=[img], return_tensors="pt"), decoded),
         "loop_per_image": (loop_per_image, blobs),
     }
+    cases = {k: v for k, v in cases.items() if v is not None}
     for fn, items in cases.values():  # warm-up (imports, first-call setup)
         fn(items[0])
 
@@ -143,7 +152,8 @@ def main(argv=None) -> int:
         note = " (noisy)" if args.noisy else ""
         common.append_row("decode", TABLE_HEADER,
                           f"| {date} | {common.machine_short(rec['machine'])} | {args.size} | {rec['input_size']} | "
-                          f"{rec['images']} | " + " | ".join(f"{rec['cases'][c]['mean_ms']:.2f}" for c in CASES)
+                          f"{rec['images']} | " + " | ".join(f"{rec['cases'][c]['mean_ms']:.2f}" if c in rec["cases"] else "-"
+                                            for c in CASES)
                           + f" | `{rec['command']}`{note} |")
         log(f"wrote {path}")
     return 0

@@ -61,12 +61,14 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--noisy", action="store_true", help="mark the result as taken on a busy machine")
     ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     common.set_quiet_env()
 
     counts = sorted({int(c) for c in args.counts.split(",") if c.strip()} | ({100_000} if args.with_100k else set()))
     work = args.work.resolve()
-    extra = shlex.split(args.pipeline_args)
+    extra = shlex.split(args.pipeline_args) + passthrough
     rec = {"benchmark": "driver_memory", "timestamp": common.timestamp(), "command": common.command_line(),
            "noisy": args.noisy, "machine": common.machine_info(), "versions": common.versions(),
            "target_growth_mb_10k_to_100k": TARGET_MB, "runs": []}
