@@ -49,9 +49,9 @@ def _size_field(size, name):
     return getattr(size, name, None)
 
 
-def spec_from_image_processor(ip) -> PreprocessSpec:
-    """Read a transformers image processor's configuration into a PreprocessSpec."""
-    name = type(ip).__name__
+def spec_from_image_processor(ip, name: str | None = None) -> PreprocessSpec:
+    """Read a transformers image processor (or its saved configuration, as attributes) into a PreprocessSpec."""
+    name = name or type(ip).__name__
     size = getattr(ip, "size", None)
     resample = getattr(ip, "resample", None)
     resample = int(Image.Resampling.BICUBIC if resample is None else resample)  # 0 is NEAREST, not "unset"

@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -69,12 +70,12 @@ class ModelSpec:
         return {"model": self.model, "kind": self.kind, "revision": self.revision, "dtype": self.dtype}
 
 
-def _load_config_json(model: str, revision: str | None, token: Secret) -> dict:
+def _load_config_json(model: str, revision: str | None, token: Secret, filename: str = "config.json") -> dict:
     path = Path(model)
     if path.is_dir():
-        cfg = path / "config.json"
+        cfg = path / filename
         if not cfg.is_file():
-            raise UserError(f"model folder {model} has no config.json; is it a Hugging Face checkpoint?")
+            raise UserError(f"model folder {model} has no {filename}; is it a Hugging Face checkpoint?")
         return json.loads(cfg.read_text(encoding="utf-8"))
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UserError(f"model {model} is neither a folder with a checkpoint nor a hub id")
@@ -82,18 +83,20 @@ def _load_config_json(model: str, revision: str | None, token: Secret) -> dict:
     from huggingface_hub import errors as hf_errors
 
     try:
-        cfg = hf_hub_download(model, "config.json", revision=revision, token=token.get())
+        cfg = hf_hub_download(model, filename, revision=revision, token=token.get())
     except hf_errors.GatedRepoError:
         raise UserError(f"model {model} is gated: accept its terms on the hub and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
         raise UserError(f"model {model} was not found on the hub (or HF_TOKEN lacks access)") from None
     except hf_errors.RevisionNotFoundError:
         raise UserError(f"model {model} has no revision {revision!r}") from None
+    except hf_errors.EntryNotFoundError:
+        raise UserError(f"model {model} has no {filename}") from None
     except hf_errors.LocalEntryNotFoundError:
         raise UserError(f"model {model} is not in the local cache and the hub cannot be reached "
                         "(check the network, or pass a local folder)") from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
-        raise UserError(f"model {model}: cannot fetch config.json ({type(exc).__name__})") from None
+        raise UserError(f"model {model}: cannot fetch {filename} ({type(exc).__name__})") from None
     return json.loads(Path(cfg).read_text(encoding="utf-8"))
 
 
@@ -147,8 +150,25 @@ def load_processor(spec: ModelSpec):
 
 
 def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
+    """The checkpoint's preprocessing, read from its saved processor configuration when that is complete (fast:
+    the driver need not import transformers); otherwise from the loaded processor."""
+    for filename, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        try:
+            config = _load_config_json(spec.model, spec.revision, spec.token, filename)
+        except (UserError, ValueError):
+            continue
+        config = config.get(key, {}) if key else config
+        if isinstance(config, dict) and COMPLETE_PROCESSOR_KEYS <= set(config):
+            return spec_from_image_processor(SimpleNamespace(**config),
+                                             name=config.get("image_processor_type", filename))
     processor = load_processor(spec)
     return spec_from_image_processor(getattr(processor, "image_processor", processor))
+
+
+# A saved image-processor configuration that names all of these says everything the resize needs; one that
+# leaves some to its class's defaults is read through the processor class instead.
+COMPLETE_PROCESSOR_KEYS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor",
+                                     "do_normalize", "image_mean", "image_std", "do_center_crop"})
 
 
 def _first_line(exc: BaseException) -> str:

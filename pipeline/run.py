@@ -199,6 +199,12 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
             return
         if isinstance(item, BaseException):
             raise item
+        now = time.perf_counter()
+        if "first_batch_at" not in stats:
+            stats["first_batch_at"], stats["steady_rows"] = now, 0
+        else:  # rows after the first batch, over the time since it: the rate once start-up is over
+            stats["steady_rows"] += len(item["row"])
+        stats["last_batch_at"] = now
         stats["decode_s"] += float(np.sum(item.pop("decode_s", 0)))
         stats["model_s"] += float(np.sum(item.pop("model_s", 0)))
         t = time.perf_counter()
@@ -206,6 +212,16 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
         stats["write_s"] += time.perf_counter() - t
         for unit in committed:
             on_commit(unit)
+
+
+def stage_summary(stats: dict, stream_started: float) -> dict:
+    """Per-stage seconds for the run record, plus the steady-state rate (start-up excluded)."""
+    out = {k: round(v, 3) for k, v in stats.items() if k.endswith("_s")}
+    if "first_batch_at" in stats:
+        out["startup_s"] = round(stats["first_batch_at"] - stream_started, 3)
+        span = stats["last_batch_at"] - stats["first_batch_at"]
+        out["steady_items_per_s"] = round(stats["steady_rows"] / span, 2) if span > 0 else None
+    return out
 
 
 def run_images(cfg: RunConfig, echo=print, command_started: float | None = None) -> dict:
@@ -220,9 +236,12 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
     def prepare():
         t = time.perf_counter()
         listing = list_inputs(cfg.input, cfg.storage_options)
-        return preprocess_spec(spec), listing, time.perf_counter() - t
+        t_listed = time.perf_counter()
+        return preprocess_spec(spec), listing, t_listed - t, time.perf_counter() - t_listed
 
-    started_ray, (preprocess, listing, listing_s) = while_ray_starts(prepare)
+    t_prepare = time.perf_counter()
+    started_ray, (preprocess, listing, listing_s, processor_s) = while_ray_starts(prepare)
+    ray_start_s = time.perf_counter() - t_prepare
     try:
         layout = actor_layout(cfg, cluster_shape())
         spec = placed_spec(spec, layout)
@@ -285,8 +304,10 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
         record.update(state="complete", ended_at=_iso(ended), wall_s=round(ended - started, 3),
                       images_per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
                       first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
-                      stages={"listing_s": round(listing_s, 3), "stream_s": round(stream_s, 3),
-                              **{k: round(v, 3) for k, v in stats.items()}})
+                      stages={"listing_s": round(listing_s, 3), "processor_s": round(processor_s, 3),
+                              "ray_start_and_prepare_s": round(ray_start_s, 3), "stream_s": round(stream_s, 3),
+                              **stage_summary(stats, t_stream)})
+        record["steady_images_per_s"] = record["stages"].pop("steady_items_per_s", None)
         if layout["device"] == "cuda" and stream_s > 0:
             record["stages"]["gpu_busy_fraction"] = round(min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
         out.write_json(record, "_runs", f"{run_id}.json")

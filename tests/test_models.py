@@ -64,3 +64,24 @@ def test_prompt_embeddings_are_ensembled_and_logits_follow_the_formula(conceptcl
     assert encoder.logit_scale == pytest.approx(10.0, rel=1e-5) and encoder.logit_bias == pytest.approx(-5.0)
     feats = np.eye(text.shape[1], dtype=np.float32)[:3]
     np.testing.assert_allclose(encoder.logits(feats, text), 10.0 * feats @ text.T - 5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["conceptclip_model", "clip_model", "siglip_model"])
+def test_preprocessing_read_from_saved_config_equals_the_loaded_processor(fixture, request, tmp_path):
+    import shutil
+
+    from pipeline.decode import spec_from_image_processor
+    from pipeline.models import load_processor
+
+    folder = request.getfixturevalue(fixture)
+    spec = resolve_model(str(folder), trust_remote_code=True)
+    loaded = spec_from_image_processor(load_processor(spec).image_processor)
+    assert preprocess_spec(spec) == loaded
+    # A saved configuration that leaves keys to its class's defaults is read through the processor instead.
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        config = json.loads((copy / name).read_text())
+        target = config.get("image_processor", config)
+        target.pop("do_center_crop", None)
+        (copy / name).write_text(json.dumps(config))
+    assert preprocess_spec(resolve_model(str(copy), trust_remote_code=True)) == loaded
