@@ -23,7 +23,7 @@ from .errors import UserError
 from .models import ModelSpec, preprocess_spec, resolve_model
 from .prompts import load_prompts
 from .schema import package_versions, prompts_table, provenance
-from .sources import list_inputs
+from .sources import check_local_input, list_inputs
 from .write import OutputDir, ShardWriter, check_identity, image_table_builder, make_plan, unit_counts
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
     command_started = command_started or started
     prompt_set = load_prompts(cfg.prompts)
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
+    check_local_input(cfg.input)
 
     def prepare():
         t = time.perf_counter()

@@ -39,6 +39,15 @@ def _has_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
+def check_local_input(source: str) -> None:
+    """Fail fast (before any cluster starts) when a local input path does not exist."""
+    if is_remote(source) or _has_glob(source):
+        return
+    path = source[len("file://"):] if source.startswith("file://") else source
+    if not os.path.exists(path):
+        raise UserError(f"input {source} does not exist")
+
+
 def list_inputs(source: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES) -> pa.Table:
     """List the images named by SOURCE (folder, glob, list file or manifest)."""
     name = source.rstrip("/").rsplit("/", 1)[-1]
