@@ -203,15 +203,20 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels:
     error = np.full(n, None, dtype=object)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
+    read_s = 0.0
     for i, uri in enumerate(uris):
         try:
+            t_read = time.perf_counter()
             data = read_bytes(str(uri), storage_options)
+            read_s += time.perf_counter() - t_read
             pixels[i], width[i], height[i] = decode_one(data, spec, max_pixels, fast)
         except (ValueError, OSError) as exc:
             status[i], error[i] = "error", _reason(exc)
     out = dict(batch)
+    per_row = max(n, 1)
     out.update(pixels=pixels, status=status, error=error, width=width, height=height,
-               decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+               read_s=np.full(n, read_s / per_row),
+               decode_s=np.full(n, (time.perf_counter() - t - read_s) / per_row))
     return out
 
 

@@ -205,6 +205,7 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
         else:  # rows after the first batch, over the time since it: the rate once start-up is over
             stats["steady_rows"] += len(item["row"])
         stats["last_batch_at"] = now
+        stats["read_s"] = stats.get("read_s", 0.0) + float(np.sum(item.pop("read_s", 0)))
         stats["decode_s"] += float(np.sum(item.pop("decode_s", 0)))
         stats["model_s"] += float(np.sum(item.pop("model_s", 0)))
         t = time.perf_counter()

@@ -76,6 +76,9 @@ def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, ph
     assert prompt_table.column("concept").to_pylist() == ["tumor", "stroma", "lymphocytes", "necrosis"]
     run = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert run["counts"]["listed"] == len(paths) and run["dtype"] == "float32"
+    # Telemetry: where the time went, stage by stage.
+    assert {"listing_s", "read_s", "decode_s", "model_s", "write_s", "stream_s", "startup_s"} <= set(run["stages"])
+    assert run["stages"]["decode_s"] > 0 and run["stages"]["model_s"] > 0 and run["first_shard_s"] > 0
 
 
 def test_same_input_gives_identical_features_whatever_the_batching(ray_session, conceptclip_model, photo_dir,
