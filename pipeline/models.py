@@ -158,7 +158,7 @@ def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
         except (UserError, ValueError):
             continue
         config = config.get(key, {}) if key else config
-        if isinstance(config, dict) and COMPLETE_PROCESSOR_KEYS <= set(config):
+        if isinstance(config, dict) and _complete(config):
             return spec_from_image_processor(SimpleNamespace(**config),
                                              name=config.get("image_processor_type", filename))
     processor = load_processor(spec)
@@ -168,7 +168,15 @@ def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
 # A saved image-processor configuration that names all of these says everything the resize needs; one that
 # leaves some to its class's defaults is read through the processor class instead.
 COMPLETE_PROCESSOR_KEYS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor",
-                                     "do_normalize", "image_mean", "image_std", "do_center_crop"})
+                                     "do_normalize", "image_mean", "image_std"})
+NEVER_CROPPING_PROCESSORS = ("SiglipImageProcessor",)  # classes without a centre crop: none to leave to defaults
+
+
+def _complete(config: dict) -> bool:
+    if not COMPLETE_PROCESSOR_KEYS <= set(config):
+        return False
+    return "do_center_crop" in config or str(config.get("image_processor_type", "")).startswith(
+        NEVER_CROPPING_PROCESSORS)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -82,6 +82,24 @@ def test_preprocessing_read_from_saved_config_equals_the_loaded_processor(fixtur
     for name in ("preprocessor_config.json", "processor_config.json"):
         config = json.loads((copy / name).read_text())
         target = config.get("image_processor", config)
-        target.pop("do_center_crop", None)
+        target.pop("resample", None)
         (copy / name).write_text(json.dumps(config))
     assert preprocess_spec(resolve_model(str(copy), trust_remote_code=True)) == loaded
+
+
+def test_saved_siglip_config_is_read_without_loading_the_processor(siglip_model, tmp_path):
+    import shutil
+
+    from pipeline.models import load_processor
+
+    copy = shutil.copytree(siglip_model, tmp_path / "copy")
+    for name in ("preprocessor_config.json", "processor_config.json"):  # SigLIP configs never name a crop
+        config = json.loads((copy / name).read_text())
+        config.get("image_processor", config).pop("do_center_crop", None)
+        (copy / name).write_text(json.dumps(config))
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        (copy / name).unlink()  # the processor can no longer load: the saved config must be enough
+    with pytest.raises(UserError, match="cannot load its processor"):
+        load_processor(resolve_model(str(copy)))
+    spec = preprocess_spec(resolve_model(str(copy)))
+    assert (spec.mode, spec.height, spec.width, spec.mean) == ("squash", 64, 64, (0.5, 0.5, 0.5))

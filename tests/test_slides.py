@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -366,68 +362,34 @@ def test_cli_errors_are_one_line(slide_dir, conceptclip_model, prompts_file, tmp
 
 
 # -- the same slide from object storage -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """A real S3 HTTP endpoint on loopback (moto's server), with one bucket."""
-    import boto3
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.2)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                  aws_secret_access_key="testing").create_bucket(Bucket="slides")
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    yield options
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_slide_on_s3_scores_as_the_local_copy(local_run, slide_dir, s3_server, conceptclip_model, prompts_file,
-                                              tmp_path):
+def test_slide_on_s3_scores_as_the_local_copy(local_run, slide_dir, s3_server, s3_bucket, conceptclip_model,
+                                              prompts_file, tmp_path):
     import s3fs
 
     folder, _ = slide_dir
-    fs = s3fs.S3FileSystem(**s3_server)
-    fs.put(str(folder / "a.tif"), "slides/in/a.tif")
-    options = json.dumps(s3_server)
-    assert featurize("slides", "s3://slides/in", "s3://slides/out", "--storage-options", options,
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.put(str(folder / "a.tif"), f"{s3_bucket}/in/a.tif")
+    options = json.dumps(s3_server["storage_options"])
+    assert featurize("slides", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--storage-options", options,
                      *model_args(conceptclip_model, prompts_file)) == 0
     fs.invalidate_cache()
-    remote = read_tiles_output((fs, "slides/out"))
+    remote = read_tiles_output((fs, f"{s3_bucket}/out"))
     local = read_tiles_output(local_run[0])
     local = local.filter(pc.equal(local.column("slide_id"), "a"))
-    assert remote.column("uri").to_pylist() == ["s3://slides/in/a.tif"] * local.num_rows
+    assert remote.column("uri").to_pylist() == [f"s3://{s3_bucket}/in/a.tif"] * local.num_rows
     assert remote.select(["slide_id", "x", "y", "level", "tissue_fraction"]).equals(
         local.select(["slide_id", "x", "y", "level", "tissue_fraction"]))
     np.testing.assert_allclose(np.array(remote.column("image_features").to_pylist(), np.float32),
                                np.array(local.column("image_features").to_pylist(), np.float32), atol=2.0**-11)
     np.testing.assert_allclose(np.array(remote.column("concept_logits").to_pylist()),
                                np.array(local.column("concept_logits").to_pylist()), atol=1e-4)
-    with fs.open("slides/out/_slides.parquet", "rb") as f:
+    with fs.open(f"{s3_bucket}/out/_slides.parquet", "rb") as f:
         row = pq.read_table(f).to_pylist()[0]
     assert (row["slide_id"], row["status"], row["reader"], row["mpp_source"]) == ("a", "ok", "tiffslide",
                                                                                   "tiff.XResolution")
     # The heatmap reads the remote OUTPUT and the remote slide's thumbnail.
     png = tmp_path / "a.png"
-    assert featurize("heatmap", "s3://slides/out", "--slide", "a", "--concept", "tumor", "--out", png,
+    assert featurize("heatmap", f"s3://{s3_bucket}/out", "--slide", "a", "--concept", "tumor", "--out", png,
                      "--storage-options", options) == 0
     assert Image.open(png).size == (1200, 900)
 
