@@ -199,12 +199,7 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
             return
         if isinstance(item, BaseException):
             raise item
-        now = time.perf_counter()
-        if "first_batch_at" not in stats:
-            stats["first_batch_at"], stats["steady_rows"] = now, 0
-        else:  # rows after the first batch, over the time since it: the rate once start-up is over
-            stats["steady_rows"] += len(item["row"])
-        stats["last_batch_at"] = now
+        stats.setdefault("first_batch_at", time.perf_counter())
         stats["read_s"] = stats.get("read_s", 0.0) + float(np.sum(item.pop("read_s", 0)))
         stats["decode_s"] += float(np.sum(item.pop("decode_s", 0)))
         stats["model_s"] += float(np.sum(item.pop("model_s", 0)))
@@ -216,12 +211,10 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
 
 
 def stage_summary(stats: dict, stream_started: float) -> dict:
-    """Per-stage seconds for the run record, plus the steady-state rate (start-up excluded)."""
+    """Per-stage seconds for the run record; startup_s is the wait for the first result (actors starting)."""
     out = {k: round(v, 3) for k, v in stats.items() if k.endswith("_s")}
     if "first_batch_at" in stats:
         out["startup_s"] = round(stats["first_batch_at"] - stream_started, 3)
-        span = stats["last_batch_at"] - stats["first_batch_at"]
-        out["steady_items_per_s"] = round(stats["steady_rows"] / span, 2) if span > 0 else None
     return out
 
 
@@ -309,7 +302,6 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
                       stages={"listing_s": round(listing_s, 3), "processor_s": round(processor_s, 3),
                               "ray_start_and_prepare_s": round(ray_start_s, 3), "stream_s": round(stream_s, 3),
                               **stage_summary(stats, t_stream)})
-        record["steady_images_per_s"] = record["stages"].pop("steady_items_per_s", None)
         if layout["device"] == "cuda" and stream_s > 0:
             record["stages"]["gpu_busy_fraction"] = round(min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
         out.write_json(record, "_runs", f"{run_id}.json")
