@@ -210,6 +210,12 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
             on_commit(unit)
 
 
+def save_run_record(out: OutputDir, record: dict) -> None:
+    """The run's record under _runs/ and as the newest _run.json."""
+    out.write_json(record, "_runs", f"{record['run_id']}.json")
+    out.write_json(record, "_run.json")
+
+
 def stage_summary(stats: dict, stream_started: float) -> dict:
     """Per-stage seconds for the run record; startup_s is the wait for the first result (actors starting)."""
     out = {k: round(v, 3) for k, v in stats.items() if k.endswith("_s")}
@@ -304,8 +310,7 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
                               **stage_summary(stats, t_stream)})
         if layout["device"] == "cuda" and stream_s > 0:
             record["stages"]["gpu_busy_fraction"] = round(min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
-        out.write_json(record, "_runs", f"{run_id}.json")
-        out.write_json(record, "_run.json")
+        save_run_record(out, record)
         return record
     finally:
         if started_ray:

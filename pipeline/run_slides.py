@@ -27,7 +27,8 @@ from .errors import UserError
 from .models import preprocess_spec, resolve_model
 from .prompts import load_prompts
 from .run import (_changed, _consume, _iso, _prompt_store, _write_prompts, actor_layout, build_dataset, cluster_shape,
-                  init_ray, new_run_id, next_unit, placed_spec, stage_summary, unfinished_run)
+                  init_ray, new_run_id, next_unit, placed_spec, save_run_record, stage_summary,
+                  unfinished_run)
 from .schema import RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list, metadata_bytes, package_versions, provenance
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .sources import list_inputs
@@ -338,8 +339,7 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
                       tiles_per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
                       stages={"listing_s": round(listing_s, 3), "planning_s": round(plan_s, 3),
                               "stream_s": round(stream_s, 3), **stage_summary(stats, t_stream)})
-        out.write_json(record, "_runs", f"{run_id}.json")
-        out.write_json(record, "_run.json")
+        save_run_record(out, record)
         return record
     finally:
         if started_ray:
