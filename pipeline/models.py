@@ -90,11 +90,11 @@ def _load_config_json(model: str, revision: str | None, token: Secret, filename:
         raise UserError(f"model {model} was not found on the hub (or HF_TOKEN lacks access)") from None
     except hf_errors.RevisionNotFoundError:
         raise UserError(f"model {model} has no revision {revision!r}") from None
-    except hf_errors.EntryNotFoundError:
-        raise UserError(f"model {model} has no {filename}") from None
-    except hf_errors.LocalEntryNotFoundError:
+    except hf_errors.LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
         raise UserError(f"model {model} is not in the local cache and the hub cannot be reached "
                         "(check the network, or pass a local folder)") from None
+    except hf_errors.EntryNotFoundError:
+        raise UserError(f"model {model} has no {filename}") from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
         raise UserError(f"model {model}: cannot fetch {filename} ({type(exc).__name__})") from None
     return json.loads(Path(cfg).read_text(encoding="utf-8"))

@@ -103,3 +103,30 @@ def test_saved_siglip_config_is_read_without_loading_the_processor(siglip_model,
         load_processor(resolve_model(str(copy)))
     spec = preprocess_spec(resolve_model(str(copy)))
     assert (spec.mode, spec.height, spec.width, spec.mean) == ("squash", 64, 64, (0.5, 0.5, 0.5))
+
+
+def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(tmp_path, monkeypatch, caplog,
+                                                                              conceptclip_model):
+    """A hub id is read through huggingface_hub's own cache (offline here); remote code at a branch warns."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--conceptclip-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(conceptclip_model, repo / "snapshots" / commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        spec = resolve_model("acme/conceptclip-tiny", trust_remote_code=True)
+    assert spec.kind == "remote"
+    assert "not a commit hash" in caplog.text and "--revision" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        assert resolve_model("acme/conceptclip-tiny", revision=commit, trust_remote_code=True).revision == commit
+    assert "not a commit hash" not in caplog.text
+    with pytest.raises(UserError, match="not in the local cache"):
+        resolve_model("acme/missing-model", trust_remote_code=True)
