@@ -77,23 +77,35 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write so that readers see the whole file or nothing: temp name + rename locally, one PUT on object stores."""
+    """Write so that readers see the whole file or nothing: temp name + rename locally, one PUT on object stores.
+
+    Locally, a failed write, fsync or rename (a full disk, say) removes the temp file before the error propagates.
+    """
     fs, path = filesystem(url, storage_options)
     if not is_remote(url):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # never created, already renamed, or swept: nothing to clean; the original error matters
+            raise
         return
     with_retries(lambda: fs.pipe_file(path, data))
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
+    """Whether the file or object is there now (fsspec's cached listings are dropped first: they may be stale)."""
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
     return with_retries(lambda: fs.exists(path))
 
 
