@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 import typing
@@ -15,7 +16,8 @@ from pydantic import BaseModel
 COMMAND_STARTED = time.time()
 
 from .config import RunConfig, load_config_file, make_config
-from .errors import UserError
+from .errors import EnvironmentFailure, UserError
+from .models import quiet_libraries
 
 PROG = "featurize"
 
@@ -101,10 +103,86 @@ def _print_summary(record: dict) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line that names the option and points at --help."""
+    """Usage errors as one line that names the option and points at --help, never showing a value.
+
+    Options must be spelt in full (no abbreviations: `--storage-o` is an error, not --storage-options), and an
+    unknown argument is an error of the (sub)command that met it; the error names only option tokens, cut at
+    "=", because the values after them may be credentials."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # A token like `--storage-o={"a": 1}` holds a space, so argparse takes it for a positional value.
+        swallowed = [getattr(namespace, a.dest, None) for a in self._actions
+                     if not a.option_strings and a.nargs != argparse.PARSER]
+        extras = extras + [v for v in swallowed if isinstance(v, str) and v.startswith("-") and " " in v]
+        if extras:
+            self.error(_unrecognized(extras))
+        return namespace, extras
 
     def error(self, message: str):
+        # argparse quotes the value it rejects (`--incremental=x`, a stray value taken for COMMAND, a bad int or
+        # choice); any of them may be a credential, and the option's name says enough.
+        message = re.sub(r"ignored explicit argument .*", "takes no value", message)
+        message = re.sub(r"(invalid choice|invalid \S+ value): .*?( \(choose from .*)?$", r"\1\2", message)
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _unrecognized(tokens: list[str]) -> str:
+    """'unrecognized arguments: --storage-o' for the options among tokens; values are counted, never shown."""
+    names, hidden = [], 0
+    for token in tokens:
+        if token.startswith("--") and re.fullmatch(r"--[A-Za-z0-9][\w.-]*", token.split("=", 1)[0]):
+            names.append(token.split("=", 1)[0])
+        elif re.fullmatch(r"-[A-Za-z0-9]", token[:2]) and not token.startswith("--"):
+            names.append(token[:2] + ("..." if len(token) > 2 else ""))  # `-kSECRET`: the flag letter only
+        else:
+            hidden += 1
+    shown = ", ".join(dict.fromkeys(names))
+    if hidden:
+        values = f"{hidden} value{'s' if hidden > 1 else ''} (not shown)"
+        shown = f"{shown} and {values}" if shown else values
+    return f"unrecognized arguments: {shown}"
+
+
+def masked_command(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """`featurize ARGV` with the value of every option whose destination may carry credentials (storage_options,
+    *_token, *_key, ...) replaced by ****, however it was written (`--opt VALUE`, `--opt=VALUE`).
+
+    Options are exact spellings (abbreviations are off), looked up in the parser and in the subcommand's parser."""
+    from .schema import MASK, is_secret_dest
+
+    subcommands = _subparsers(parser)
+    actions = parser._option_string_actions
+    out, pending, in_subcommand, positional_only = [PROG], None, False, False
+    for token in argv:
+        if pending is not None:  # the value of the option before
+            out.append(MASK if pending == "mask" else token)
+            pending = None
+            continue
+        if positional_only or token == "--" or not token.startswith("-"):
+            positional_only = positional_only or token == "--"
+            if not positional_only and not in_subcommand and token in subcommands:
+                in_subcommand, actions = True, subcommands[token]._option_string_actions
+            out.append(token)
+            continue
+        key, eq, _ = token.partition("=")
+        action = actions.get(key)
+        secret = action is not None and is_secret_dest(action.dest)
+        out.append(key + eq + MASK if secret and eq else token)
+        if action is not None and not eq and action.nargs != 0:
+            pending = "mask" if secret else "keep"
+    return " ".join(out)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,20 +218,20 @@ from .run_slides import register_slides  # noqa: E402
 _EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides, register_heatmap]
 
 
-def quiet_libraries() -> None:
-    """Keep library chatter (progress bars, fallback notices) out of the output; inherited by local Ray workers."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from . import schema
+
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    schema.set_command(masked_command(parser, argv))  # provenance records this, never sys.argv
     try:
         return args.func(args)
+    except EnvironmentFailure as exc:  # not the user's options: the environment failed; the rerun resumes
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -167,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {type(exc).__name__}: {first} (set FEATURIZE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        schema.set_command(None)
 
 
 if __name__ == "__main__":

@@ -54,22 +54,49 @@ def provenance(model_identity: dict, prompt_hash: str, run_id: str, extra: dict 
         "prompt_set_hash": prompt_hash,
         "run_id": run_id,
         "versions": package_versions(),
-        "command": " ".join(_safe_argv()),
+        "command": _COMMAND if _COMMAND is not None else " ".join(_safe_argv()),
         **(extra or {}),
     }
 
 
+MASK = "****"
+_SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "key", "keys", "credential",
+                           "credentials"})
+_COMMAND: str | None = None
+
+
+def is_secret_dest(dest: str) -> bool:
+    """True for an option whose value may carry credentials: storage_options, and any destination with
+    token/secret/password/key/credentials as a whole word (hf_token, api_key, aws_secret)."""
+    name = dest.lower().replace("-", "_").strip("_")
+    return name == "storage_options" or bool(set(name.split("_")) & _SECRET_WORDS)
+
+
+def set_command(command: str | None) -> None:
+    """The command line as provenance records it, already masked (the CLI sets it from its parser, which knows
+    each option's destination); None falls back to masking sys.argv by spelling (library use)."""
+    global _COMMAND
+    _COMMAND = command
+
+
 def _safe_argv() -> list[str]:
-    """argv with the values of options that may carry credentials masked."""
+    """sys.argv with the values of options that may carry credentials masked.
+
+    Only a fallback for library use, where no parser says what an option is: an option is taken as secret when
+    its name reads as a secret destination (see is_secret_dest) or is any prefix of --storage-options (another
+    program's parser may accept abbreviations)."""
     out, mask_next = [], False
     for arg in sys.argv:
         if mask_next:
-            out.append("****")
+            out.append(MASK)
             mask_next = False
             continue
         key = arg.split("=", 1)[0]
-        if key in ("--storage-options", "--token", "--hf-token"):
-            out.append(key + ("=****" if "=" in arg else ""))
+        name = key.lstrip("-")
+        if key.startswith("-") and name and (is_secret_dest(name) or
+                                             (key.startswith("--") and "storage-options".startswith(
+                                                 name.replace("_", "-")))):
+            out.append(key + ("=" + MASK if "=" in arg else ""))
             mask_next = "=" not in arg
             continue
         out.append(arg)
