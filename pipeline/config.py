@@ -47,6 +47,10 @@ class JobConfig(BaseModel):
     fail_on_error: bool = Field(False, description="Exit with status 1 when any input became an error row.")
     torch_compile: bool = Field(False, description="torch.compile the image encoder (GPU; the first batches are slow "
                                                     "while it compiles).")
+    verbose: bool = Field(False, description="Show Ray's own logs and progress bars and the workers' output "
+                                             "(quiet by default).")
+    progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines when the output is "
+                                                               "not a terminal (job logs).")
 
     @field_validator("storage_options", mode="before")
     @classmethod
@@ -63,6 +67,8 @@ class RunConfig(JobConfig):
     """Options of `featurize images` (and the job entry points that run the same thing)."""
 
     max_image_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb limit, in pixels.")
+    retry_errors: bool = Field(False, description="Also reprocess inputs whose newest committed row is an error "
+                                                  "row.")
     fast_decode: bool = Field(False, description="Approximate but faster: JPEGs decode at a reduced scale (at least "
                                                   "twice the model input); features drift slightly from the "
                                                   "processor's (see BENCHMARKS.md).")

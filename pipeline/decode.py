@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .errors import UserError
+from .errors import ENVIRONMENT_ERROR_CLASSES, InputError, UserError, first_line, read_error_class
 from .storage import read_bytes
 
 # Keep truncated files as errors (PIL's default); never let PIL decide bomb limits on its own.
@@ -148,18 +148,18 @@ def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
     no longer exactly what the processor sees). `img.info["original_size"]` keeps the full size either way.
     """
     if not data:
-        raise ValueError("empty file")
+        raise InputError("empty file", "empty")
     Image.MAX_IMAGE_PIXELS = None  # our own limit applies, checked from the header before decoding
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"decompression bomb: {exc}") from None
+        raise InputError(f"decompression bomb: {exc}", "too_large") from None
     except Exception as exc:  # PIL raises many types for unknown formats
-        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})", "unsupported") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ValueError(f"image is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
-                         f"{max_pixels} (raise max_image_pixels if it is genuine)")
+        raise InputError(f"image is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
+                         f"{max_pixels} (raise max_image_pixels if it is genuine)", "too_large")
     try:
         img.seek(0)  # first frame of animations
         if draft_px and img.format == "JPEG":
@@ -174,7 +174,7 @@ def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
         img.info["original_size"] = (w, h)
         return img
     except Exception as exc:
-        raise ValueError(f"cannot decode {img.format or 'image'} ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot decode {img.format or 'image'} ({type(exc).__name__}: {exc})", "corrupt") from None
 
 
 def draft_px(spec: PreprocessSpec) -> int:
@@ -189,32 +189,58 @@ def decode_one(data: bytes, spec: PreprocessSpec, max_pixels: int, fast: bool = 
     try:
         return resize_for_model(img, spec), width, height
     except Exception as exc:
-        raise ValueError(f"cannot resize ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot resize ({type(exc).__name__}: {exc})", "corrupt") from None
+
+
+# Environment faults (permission denied, storage errors that outlasted the storage layer's own retries) are read
+# again after these pauses before the row is given up; the driver then stops the run rather than commit it.
+ENVIRONMENT_RETRY_DELAYS_S = (0.5, 2.0)
+
+
+def read_input(uri: str, storage_options: dict | None = None) -> bytes:
+    """An input's bytes; environment faults are retried here (a vanished file is not: it is the input's fault)."""
+    for delay in (*ENVIRONMENT_RETRY_DELAYS_S, None):
+        try:
+            return read_bytes(uri, storage_options)
+        except Exception as exc:  # storage clients raise their own types too (botocore's connection errors)
+            if delay is None or read_error_class(exc) not in ENVIRONMENT_ERROR_CLASSES:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int,
                  storage_options: dict | None = None, fast: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data batch function: rows with `uri` -> the same rows plus pixels, status, error, width, height."""
+    """Ray Data batch function: rows with `uri` -> the same rows plus pixels, status, error, error_class, width,
+    height."""
     t = time.perf_counter()
     uris = batch["uri"]
     n = len(uris)
     pixels = np.zeros((n, *spec.out_shape), dtype=np.uint8)
     status = np.full(n, "ok", dtype=object)
     error = np.full(n, None, dtype=object)
+    error_class = np.full(n, None, dtype=object)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     read_s = 0.0
+    fault = None  # after an environment fault that outlasted the retries, the rest of the batch is not tried
     for i, uri in enumerate(uris):
+        if fault is not None:
+            status[i], error[i], error_class[i] = "error", f"not read after an earlier fault in its batch: {fault[0]}", \
+                fault[1]
+            continue
         try:
             t_read = time.perf_counter()
-            data = read_bytes(str(uri), storage_options)
+            data = read_input(str(uri), storage_options)
             read_s += time.perf_counter() - t_read
             pixels[i], width[i], height[i] = decode_one(data, spec, max_pixels, fast)
-        except (ValueError, OSError) as exc:
-            status[i], error[i] = "error", _reason(exc)
+        except Exception as exc:  # one input's failure (or the storage's, classed so) must not sink its batch
+            status[i], error[i], error_class[i] = "error", _reason(exc), read_error_class(exc)
+            if error_class[i] in ENVIRONMENT_ERROR_CLASSES:
+                fault = (error[i], error_class[i])
     out = dict(batch)
     per_row = max(n, 1)
-    out.update(pixels=pixels, status=status, error=error, width=width, height=height,
+    out.update(pixels=pixels, status=status, error=error, error_class=error_class, width=width, height=height,
                read_s=np.full(n, read_s / per_row),
                decode_s=np.full(n, (time.perf_counter() - t - read_s) / per_row))
     return out
@@ -223,5 +249,5 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "file not found (removed after listing?)"
-    text = str(exc) or type(exc).__name__
+    text = first_line(exc, 1000) or type(exc).__name__
     return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from .decode import PreprocessSpec
-from .models import Encoder, ModelSpec, micro_batch_for_memory
+from .errors import first_line, is_device_error
+from .models import Encoder, ModelSpec, micro_batch_for_memory, quiet_libraries
 from .prompts import PromptSet
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class EncodeBatch:
     def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet,
                  torch_threads: int = 0, prompt_store=None, micro_batch: int = 0, concept_maps: bool = False,
                  compile: bool = False):
+        quiet_libraries()  # actors on other nodes do not inherit the driver's environment
         import torch
 
         if torch_threads:
@@ -64,6 +66,8 @@ class EncodeBatch:
         pixels = batch.pop("pixels")
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()
+        error_class = np.asarray(batch.get("error_class", np.full(len(status), None, dtype=object)),
+                                 dtype=object).copy()
         n, dim, k = len(status), self.text_embeddings.shape[1], self.text_embeddings.shape[0]
         features = np.zeros((n, dim), dtype=np.float16)
         logits = np.zeros((n, k), dtype=np.float32)
@@ -74,23 +78,25 @@ class EncodeBatch:
             maps[ok], encoded = encoded[:, dim:], encoded[:, :dim]
             features[ok] = encoded.astype(np.float16)
             logits[ok] = self.encoder.logits(encoded, self.text_embeddings)
-            for j, reason in failed.items():
-                status[ok[j]], error[ok[j]] = "error", reason
+            for j, (reason, cls) in failed.items():
+                status[ok[j]], error[ok[j]], error_class[ok[j]] = "error", reason, cls
                 features[ok[j]], logits[ok[j]], maps[ok[j]] = 0, 0, 0
         if self.concept_embeddings is not None:
             batch["concept_maps"] = maps
-        batch.update(status=status, error=error, image_features=features, concept_logits=logits,
+        batch.update(status=status, error=error, error_class=error_class, image_features=features, concept_logits=logits,
                      model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
         return batch
 
-    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-        """Encode in micro-batches; on OOM halve and retry; per-image fallback for other model errors."""
+    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+        """Encode in micro-batches; on OOM halve and retry; per-image fallback for other model errors.
+        Returns the encoded rows and, per failed row, (reason, error class); a device fault fails the whole
+        chunk as class "device" (the driver stops the run: it is not the images' fault)."""
         import torch
 
         n = len(pixels)
         step = self.micro_batch or n
         out = np.zeros((n, self.width), dtype=np.float32)
-        failed: dict[int, str] = {}
+        failed: dict[int, tuple[str, str]] = {}
         start = 0
         while start < n:
             chunk = pixels[start:start + step]
@@ -99,7 +105,7 @@ class EncodeBatch:
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if step == 1:
-                    failed[start] = "model ran out of device memory on a single image"
+                    failed[start] = ("model ran out of device memory on a single image", "model")
                     start += 1
                     continue
                 step = max(1, step // 2)
@@ -107,11 +113,17 @@ class EncodeBatch:
                 log.warning("out of device memory: micro-batch halved to %d", step)
                 continue
             except Exception as exc:  # one bad input must not sink its neighbours
+                if is_device_error(exc):
+                    reason = f"device fault in the model actor ({type(exc).__name__}: {first_line(exc)})"
+                    failed.update({start + j: (reason, "device") for j in range(len(chunk))})
+                    start += len(chunk)
+                    continue
                 for j in range(len(chunk)):
                     try:
                         out[start + j] = self._encode_chunk(chunk[j:j + 1])[0]
                     except Exception as one:
-                        failed[start + j] = f"model failed on this image ({type(one).__name__}: {one})"[:500]
+                        cls = "device" if is_device_error(one) else "model"
+                        failed[start + j] = (f"model failed on this image ({type(one).__name__}: {one})"[:500], cls)
                 if not failed:
                     log.warning("batch failed (%s) but every image passed alone", exc)
             start += len(chunk)

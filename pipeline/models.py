@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .decode import PreprocessSpec, spec_from_image_processor
-from .errors import UserError
+from .errors import UserError, first_line
 from .prompts import PromptSet, ensemble
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,19 @@ class Secret:
 
     def __reduce__(self):
         return (Secret, (self._value,))
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, fallback notices) out of the output. The CLI calls it, and so does
+    every model actor: actors on other nodes do not inherit the driver's environment."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules:  # imported before the variables were set: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def hf_token() -> Secret:
@@ -146,7 +160,7 @@ def load_processor(spec: ModelSpec):
                                              trust_remote_code=spec.kind == "remote")
     except Exception as exc:
         raise UserError(f"model {spec.model}: cannot load its processor ({type(exc).__name__}: "
-                        f"{_first_line(exc)})") from None
+                        f"{first_line(exc)})") from None
 
 
 def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
@@ -178,10 +192,6 @@ def _complete(config: dict) -> bool:
     return "do_center_crop" in config or str(config.get("image_processor_type", "")).startswith(
         NEVER_CROPPING_PROCESSORS)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def pick_device(device: str) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .write import OutputDir
+from .write import OutputDir, newest_per_uri
 
 
 def read_features(output: str, storage_options: dict | None = None, exclude_removed: bool = False,
@@ -29,13 +28,7 @@ def read_features(output: str, storage_options: dict | None = None, exclude_remo
     finally:
         for f in with_fs:
             f.close()
-    table = table.filter(pc.equal(table.column("dataset_version"), int(dataset.get("version", 1))))
-    # Newest run first, then keep the first row of each uri.
-    table = table.take(pc.sort_indices(table, [("uri", "ascending"), ("run_id", "descending")]))
-    uris = table.column("uri").to_numpy(zero_copy_only=False)
-    keep = np.ones(len(uris), dtype=bool)
-    keep[1:] = uris[1:] != uris[:-1]
-    table = table.filter(pa.array(keep))
+    table = newest_per_uri(table.filter(pc.equal(table.column("dataset_version"), int(dataset.get("version", 1)))))
     if exclude_removed:
         listing = out.read_table("_listing.parquet")
         if listing is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np
@@ -19,12 +21,16 @@ import pyarrow.compute as pc
 from .config import JobConfig, RunConfig
 from .decode import decode_batch
 from .encode import EncodeBatch, PromptStore
-from .errors import UserError
+from .lease import Lease
+from .errors import ENVIRONMENT_ERROR_CLASSES, EnvironmentFailure, UserError, first_line
 from .models import ModelSpec, preprocess_spec, resolve_model
+from .console import Progress, hide_native_log_lines, stderr_is_terminal
 from .prompts import load_prompts
 from .schema import package_versions, prompts_table, provenance
 from .sources import check_local_input, list_inputs
-from .write import OutputDir, ShardWriter, check_identity, image_table_builder, make_plan, unit_counts
+from .storage import exists, is_remote
+from .write import (OutputDir, ShardWriter, check_identity, image_table_builder, make_plan, newest_per_uri,
+                    unit_counts)
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +49,41 @@ def _iso(t: float) -> str:
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------------
-def init_ray() -> bool:
-    """Connect to RAY_ADDRESS / the job's cluster, else start a local one. Returns True if we started it."""
+def init_ray(verbose: bool = False) -> bool:
+    """Attach to the cluster RAY_ADDRESS names (`ray job submit` sets it for the job's driver); without it, start a
+    private local Ray, never one that Ray's address file names (it may be dead, or someone else's). Quiet unless
+    verbose: no worker output, no Ray log lines, no token notice. Returns True if we started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
+    import ray.data  # configures its own loggers when imported: our levels go after it
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=False)
+    if not verbose:
+        # Ray's C++ core logs an ERROR line for every Ray Data actor pool (constructor arguments in the object
+        # store, ray #53727) that is no failure of the run; failures that matter reach us as exceptions.
+        hide_native_log_lines()
+    address = os.environ.get("RAY_ADDRESS") or None
+    level = logging.WARNING if verbose else logging.ERROR
+    for name in ("ray", "ray.data"):  # before init: a new local Ray announces its token authentication at WARNING
+        logging.getLogger(name).setLevel(level)
+    ray.init(address=address or "local", include_dashboard=False, logging_level=level, log_to_driver=verbose,
+             configure_logging=False)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = verbose and stderr_is_terminal()
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return address is None
 
 
-def while_ray_starts(prepare):
+def while_ray_starts(prepare, verbose: bool = False):
     """Run prepare() (listing, loading the processor) on a thread while Ray starts on this one (ray.init wants
     the main thread). Returns (whether we started Ray, prepare's result); Ray is shut down again if prepare fails."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="featurize-prepare") as pool:
         future = pool.submit(prepare)
-        started_ray = init_ray()
+        started_ray = init_ray(verbose)
         try:
             return started_ray, future.result()
         except BaseException:
@@ -115,6 +131,105 @@ def placed_spec(spec: ModelSpec, layout: dict) -> ModelSpec:
                      spec.token)
 
 
+# -- where the work runs --------------------------------------------------------------------------------------------
+def refuse_process_local(cfg: JobConfig) -> None:
+    """Refuse locations that only this process would see: memory:// (Ray's workers see an empty filesystem), and
+    a relative local OUTPUT inside `ray job submit --working-dir` (it would land in Ray's temporary copy of the
+    working dir, deleted with the job)."""
+    for name in ("input", "output"):
+        if str(getattr(cfg, name)).startswith("memory://"):
+            raise UserError(f"{name.upper()} {getattr(cfg, name)} is in this process's memory, which Ray's workers "
+                            "cannot see: use a local folder or object storage")
+    if not is_remote(cfg.output) and not os.path.isabs(cfg.output.removeprefix("file://")) and _in_job_working_dir():
+        raise UserError(f"OUTPUT {cfg.output} is a relative path inside a Ray job, i.e. inside Ray's temporary copy "
+                        "of the job's working dir, which is deleted with the job: give an absolute path on shared "
+                        "storage, or an object store URL")
+
+
+def _in_job_working_dir() -> bool:
+    """Whether this process is a `ray job submit` driver running in an uploaded working dir."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
+def _readable(paths: list[str]) -> list[str]:
+    """(Runs on each node.) The paths this node cannot read."""
+    return [p for p in paths if not os.access(p, os.R_OK)]
+
+
+def probe_nodes(cfg: JobConfig, listing: pa.Table, echo=print, timeout_s: float = 120.0) -> None:
+    """Before streaming, one task per worker node checks it can read the local paths the run needs there (a sample
+    of the inputs, the model folder): on a multi-node cluster the driver's disk is not the workers' disk.
+    Skipped when the only node is the driver's own."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    here = ray.get_runtime_context().get_node_id()
+    if all(n["NodeID"] == here for n in nodes):
+        return
+    uris = listing.column("uri")
+    sample = {uris[i].as_py() for i in {0, listing.num_rows // 2, listing.num_rows - 1} if listing.num_rows}
+    needs = {uri[len("file://"):] if uri.startswith("file://") else uri: "INPUT" for uri in sample
+             if not is_remote(uri)}
+    if os.path.isdir(cfg.model):
+        needs[os.path.join(os.path.abspath(cfg.model), "config.json")] = "MODEL"
+    if not needs and is_remote(cfg.output):
+        return
+    task = ray.remote(num_cpus=0, max_retries=0)(_readable)
+    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        sorted(needs)): n for n in nodes}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in pending:
+        echo(f"featurize: warning: node {refs[ref]['NodeManagerAddress']} did not answer the path probe in "
+             f"{timeout_s:.0f} s; not checked")
+    for ref in ready:
+        node = refs[ref]["NodeManagerAddress"]
+        try:
+            missing = ray.get(ref)
+        except Exception as exc:  # the node died meanwhile: Ray Data will not schedule on it either
+            echo(f"featurize: warning: node {node} failed the path probe ({type(exc).__name__}); not checked")
+            continue
+        for path in missing:
+            if needs[path] == "INPUT":
+                raise EnvironmentFailure(f"INPUT {cfg.input} is a local path the worker nodes cannot read (node "
+                                         f"{node} cannot read {path}): put it on shared or object storage")
+            raise EnvironmentFailure(f"--model {cfg.model} is a local folder that node {node} cannot read: put "
+                                     "it at the same path on every node (shared storage), or use a hub id")
+    if not is_remote(cfg.output):
+        echo(f"featurize: note: OUTPUT {cfg.output} is a local path: shards are written on the driver's node "
+             "only")
+
+
+# What to do when a worker hit a fault that is not the input's.
+ENVIRONMENT_FIXES = {
+    "permission": "check the credentials (storage_options, the nodes' roles) and the input's permissions",
+    "storage": "the storage kept failing after retries; check it (throttling, outage, disk)",
+    "device": "the accelerator failed; check the node (nvidia-smi, dmesg) or leave it out",
+}
+
+
+def environment_failure(batch: dict, cfg: JobConfig) -> EnvironmentFailure | None:
+    """A result batch's first row that failed through no fault of its input, as the error that stops the run (its
+    unit is then never committed). A file a worker could not find but the driver can see means the workers do not
+    share the driver's disk."""
+    classes = batch.get("error_class")
+    if classes is None:
+        return None
+    for i, cls in enumerate(classes):
+        if cls in ENVIRONMENT_ERROR_CLASSES:
+            return EnvironmentFailure(f"{batch['uri'][i]}: {batch['error'][i]}; {ENVIRONMENT_FIXES[cls]}, then "
+                                      "rerun to resume")
+        if cls == "missing" and exists(str(batch["uri"][i]), cfg.storage_options):
+            return EnvironmentFailure(f"a worker could not find {batch['uri'][i]}, which the driver can read: INPUT "
+                                      f"{cfg.input} is a local path the worker nodes cannot read; put it on "
+                                      "shared or object storage")
+    return None
+
+
 # -- planning -------------------------------------------------------------------------------------------------------
 def _changed(listing: pa.Table, committed: pa.Table) -> np.ndarray:
     """Per listed input: True where it is new, or (by etag, else size and mtime) changed since it was committed."""
@@ -153,14 +268,19 @@ def next_unit(out: OutputDir, runs: list[dict]) -> int:
     return max(used, default=-1) + 1
 
 
-def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig) -> tuple[str, pa.Table, bool]:
-    """Resume the unfinished run on this OUTPUT, or plan a new one over the inputs not yet committed."""
+def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig,
+             run_id: str | None = None) -> tuple[str, pa.Table, bool]:
+    """Resume the unfinished run on this OUTPUT, or plan a new one (as run_id) over the inputs not yet committed
+    (with retry_errors, also those whose newest row is an error row)."""
     runs = out.runs()
     resumable = unfinished_run(out, runs, version, cfg)
     if resumable is not None:
         return (*resumable, True)
     committed = out.committed_index()
     committed = committed.filter(pc.equal(committed.column("dataset_version"), version))
+    if getattr(cfg, "retry_errors", False):
+        committed = newest_per_uri(committed)
+        committed = committed.filter(pc.equal(committed.column("status"), "ok"))
     if cfg.incremental:
         mask = _changed(listing, committed)
     else:
@@ -168,14 +288,16 @@ def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig) ->
             zero_copy_only=False), dtype=bool)
     pending = listing.filter(pa.array(mask))
     first_unit = next_unit(out, runs)
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     plan = make_plan(pending, first_unit, cfg.rows_per_shard)
     return run_id, plan, False
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
-def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_commit) -> None:
-    """Pull result batches on a thread; the main thread commits shards and fails the run if nothing progresses."""
+def _consume(ds, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, progress: Progress | None = None) -> None:
+    """Pull result batches on a thread; the main thread commits shards and fails the run if nothing progresses, or
+    when a row failed through no fault of its input (environment_failure)."""
+    stall_timeout_s = cfg.stall_timeout_s
     q: queue.Queue = queue.Queue(maxsize=8)
     done = object()
 
@@ -203,9 +325,15 @@ def _consume(ds, writer: ShardWriter, stall_timeout_s: float, stats: dict, on_co
         stats["read_s"] = stats.get("read_s", 0.0) + float(np.sum(item.pop("read_s", 0)))
         stats["decode_s"] += float(np.sum(item.pop("decode_s", 0)))
         stats["model_s"] += float(np.sum(item.pop("model_s", 0)))
+        failure = environment_failure(item, cfg)
+        if failure is not None:
+            raise failure
         t = time.perf_counter()
+        taken = writer.rows_taken
         committed = writer.add(item)
         stats["write_s"] += time.perf_counter() - t
+        if progress is not None:
+            progress.update(writer.rows_taken - taken)
         for unit in committed:
             on_commit(unit)
 
@@ -230,93 +358,136 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
     command_started: when the user's command began (for first_shard_s); defaults to now."""
     started = time.time()
     command_started = command_started or started
+    refuse_process_local(cfg)
     prompt_set = load_prompts(cfg.prompts)
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
     check_local_input(cfg.input)
+    run_id = new_run_id()
+    with hold_output(cfg, run_id, echo) as lease:
 
-    def prepare():
-        t = time.perf_counter()
-        listing = list_inputs(cfg.input, cfg.storage_options)
-        t_listed = time.perf_counter()
-        return preprocess_spec(spec), listing, t_listed - t, time.perf_counter() - t_listed
+        def prepare():
+            t = time.perf_counter()
+            listing = list_inputs(cfg.input, cfg.storage_options)
+            t_listed = time.perf_counter()
+            return preprocess_spec(spec), listing, t_listed - t, time.perf_counter() - t_listed
 
-    t_prepare = time.perf_counter()
-    started_ray, (preprocess, listing, listing_s, processor_s) = while_ray_starts(prepare)
-    ray_start_s = time.perf_counter() - t_prepare
+        t_prepare = time.perf_counter()
+        started_ray, (preprocess, listing, listing_s, processor_s) = while_ray_starts(prepare, cfg.verbose)
+        ray_start_s = time.perf_counter() - t_prepare
+        record: dict = {}
+        try:
+            layout = actor_layout(cfg, cluster_shape())
+            probe_nodes(cfg, listing, echo)
+            spec = placed_spec(spec, layout)
+            identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash}
+            out = OutputDir(cfg.output, cfg.storage_options)
+            version = check_identity(out, identity, cfg.new_version)
+            run_id, plan, resumed = plan_run(out, listing, version, cfg, run_id)
+            if resumed:
+                lease.update(run_id=run_id)
+            prov = provenance(spec.identity(), prompt_set.set_hash, run_id, {"dataset_version": version})
+            done_units = set(out.shard_units())
+            pending_units = set(int(u) for u in np.unique(plan.column("unit").to_numpy())) - done_units
+            record.update({
+                "run_id": run_id, "command": "images", "state": "running", "input": cfg.input,
+                "output": cfg.output, **identity, "dataset_version": version, "resumed": resumed,
+                "started_at": _iso(started), "versions": package_versions(),
+                "counts": {"listed": listing.num_rows, "skipped": listing.num_rows - plan.num_rows,
+                           "planned": plan.num_rows},
+                "last_unit": int(pc.max(plan.column("unit")).as_py()) if plan.num_rows else -1,
+                "layout": layout,
+            })
+            if plan.num_rows and not resumed:
+                out.write_table(plan, "_runs", f"{run_id}.plan.parquet")
+            out.write_json({"identity": identity, "version": version}, "_dataset.json")
+            out.write_table(listing.select(["uri"]), "_listing.parquet")  # lets readers drop removed inputs
+            out.write_json(record, "_runs", f"{run_id}.json")
+            echo(f"featurize: {listing.num_rows} inputs listed in {listing_s:.1f} s; "
+                 f"{'resuming run ' + run_id + ': ' if resumed else ''}{len(pending_units)} work unit(s) to "
+                 f"process on {layout['size']} {layout['device']} actor(s)")
+
+            stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+            processed = 0
+            writer = None
+            t_stream = time.perf_counter()
+            first_commit = [None]
+            if pending_units:
+                work = plan.filter(pc.is_in(plan.column("unit"),
+                                            value_set=pa.array(sorted(pending_units), pa.int32())))
+                processed = work.num_rows
+                writer = ShardWriter(out, unit_counts(plan, pending_units),
+                                     image_table_builder(plan, run_id, version), prov, before_commit=lease.check)
+                store = _prompt_store()
+                ds = build_dataset(
+                    work.select(["uri", "unit", "row"]), decode_batch,
+                    {"spec": preprocess, "max_pixels": cfg.max_image_pixels,
+                     "storage_options": cfg.storage_options, "fast": cfg.fast_decode},
+                    cfg.decode_batch_size,
+                    {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store},
+                    layout)
+
+                def on_commit(unit):
+                    if first_commit[0] is None:
+                        first_commit[0] = time.time() - command_started
+                        _write_prompts(out, store, prompt_set, prov)
+
+                progress = Progress(processed, "images", cfg.progress_interval_s)
+                try:
+                    _consume(ds, writer, cfg, stats, on_commit, progress)
+                finally:
+                    progress.close()
+            stream_s = time.perf_counter() - t_stream
+            ended = time.time()
+            record["counts"].update(processed=processed, **finished_counts(writer))
+            record.update(state="complete", ended_at=_iso(ended), wall_s=round(ended - started, 3),
+                          images_per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
+                          first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
+                          stages={"listing_s": round(listing_s, 3), "processor_s": round(processor_s, 3),
+                                  "ray_start_and_prepare_s": round(ray_start_s, 3),
+                                  "stream_s": round(stream_s, 3), **stage_summary(stats, t_stream)})
+            if layout["device"] == "cuda" and stream_s > 0:
+                record["stages"]["gpu_busy_fraction"] = round(
+                    min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
+            save_run_record(out, record)
+            return record
+        except BaseException as exc:
+            record_failure(cfg, record, exc, lease)
+            raise
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+
+@contextmanager
+def hold_output(cfg: JobConfig, run_id: str, echo=print):
+    """The OUTPUT's lease for the whole run (one writer per OUTPUT), released however the run ends."""
+    with Lease.acquire(cfg.output, cfg.storage_options, run_id) as lease:
+        if lease.swept:
+            echo(f"featurize: removed {lease.swept} temporary file(s) a stopped run left in {cfg.output}")
+        yield lease
+
+
+def finished_counts(writer: ShardWriter | None) -> dict:
+    """The run record's result counts: ok and error rows (errors by class), and the rows Ray delivered twice."""
+    if writer is None:
+        return {"ok": 0, "error": 0, "error_classes": {}, "duplicates_dropped": 0}
+    return {**writer.counts, "error_classes": dict(sorted(writer.error_classes.items()))}
+
+
+def record_failure(cfg: JobConfig, record: dict, exc: BaseException, lease) -> None:
+    """Mark the run record failed with the reason (a rerun still resumes it); never masks the original error, and
+    writes nothing once another run holds OUTPUT."""
+    if not record or getattr(lease, "lost", None):
+        return
+    record.update(state="failed", ended_at=_iso(time.time()),
+                  failure=f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, UserError)
+                  else first_line(exc, 1000))
     try:
-        layout = actor_layout(cfg, cluster_shape())
-        spec = placed_spec(spec, layout)
-        identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash}
-        out = OutputDir(cfg.output, cfg.storage_options)
-        version = check_identity(out, identity, cfg.new_version)
-        run_id, plan, resumed = plan_run(out, listing, version, cfg)
-        prov = provenance(spec.identity(), prompt_set.set_hash, run_id, {"dataset_version": version})
-        done_units = set(out.shard_units())
-        pending_units = set(int(u) for u in np.unique(plan.column("unit").to_numpy())) - done_units
-        record = {
-            "run_id": run_id, "state": "running", "input": cfg.input, "output": cfg.output,
-            **identity, "dataset_version": version, "resumed": resumed,
-            "started_at": _iso(started), "versions": package_versions(),
-            "counts": {"listed": listing.num_rows, "skipped": listing.num_rows - plan.num_rows,
-                       "planned": plan.num_rows},
-            "last_unit": int(pc.max(plan.column("unit")).as_py()) if plan.num_rows else -1,
-            "layout": layout,
-        }
-        if plan.num_rows and not resumed:
-            out.write_table(plan, "_runs", f"{run_id}.plan.parquet")
-        out.write_json({"identity": identity, "version": version}, "_dataset.json")
-        out.write_table(listing.select(["uri"]), "_listing.parquet")  # lets readers drop removed inputs
-        out.write_json(record, "_runs", f"{run_id}.json")
-        echo(f"featurize: {listing.num_rows} inputs listed in {listing_s:.1f} s; "
-             f"{'resuming run ' + run_id + ': ' if resumed else ''}{len(pending_units)} work unit(s) to process "
-             f"on {layout['size']} {layout['device']} actor(s)")
-
-        stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-        processed = 0
-        writer = None
-        t_stream = time.perf_counter()
-        first_commit = [None]
-        if pending_units:
-            work = plan.filter(pc.is_in(plan.column("unit"), value_set=pa.array(sorted(pending_units), pa.int32())))
-            processed = work.num_rows
-            writer = ShardWriter(out, unit_counts(plan, pending_units), image_table_builder(plan, run_id, version),
-                                 prov)
-            store = _prompt_store()
-            ds = build_dataset(
-                work.select(["uri", "unit", "row"]), decode_batch,
-                {"spec": preprocess, "max_pixels": cfg.max_image_pixels, "storage_options": cfg.storage_options,
-                 "fast": cfg.fast_decode},
-                cfg.decode_batch_size,
-                {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store},
-                layout)
-
-            def on_commit(unit):
-                if first_commit[0] is None:
-                    first_commit[0] = time.time() - command_started
-                    _write_prompts(out, store, prompt_set, prov)
-
-            _consume(ds, writer, cfg.stall_timeout_s, stats, on_commit)
-        stream_s = time.perf_counter() - t_stream
-        ended = time.time()
-        counts = record["counts"]
-        counts.update(processed=processed, ok=writer.counts["ok"] if writer else 0,
-                      error=writer.counts["error"] if writer else 0,
-                      duplicates_dropped=writer.counts["duplicates_dropped"] if writer else 0)
-        record.update(state="complete", ended_at=_iso(ended), wall_s=round(ended - started, 3),
-                      images_per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
-                      first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
-                      stages={"listing_s": round(listing_s, 3), "processor_s": round(processor_s, 3),
-                              "ray_start_and_prepare_s": round(ray_start_s, 3), "stream_s": round(stream_s, 3),
-                              **stage_summary(stats, t_stream)})
-        if layout["device"] == "cuda" and stream_s > 0:
-            record["stages"]["gpu_busy_fraction"] = round(min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
-        save_run_record(out, record)
-        return record
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        save_run_record(OutputDir(cfg.output, cfg.storage_options), record)
+    except Exception:
+        log.warning("could not write the failed run's record", exc_info=True)
 
 
 def _prompt_store():

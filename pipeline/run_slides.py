@@ -26,9 +26,10 @@ from .config import SlidesConfig
 from .errors import UserError
 from .models import preprocess_spec, resolve_model
 from .prompts import load_prompts
+from .console import Progress
 from .run import (_changed, _consume, _iso, _prompt_store, _write_prompts, actor_layout, build_dataset, cluster_shape,
-                  init_ray, new_run_id, next_unit, placed_spec, save_run_record, stage_summary,
-                  unfinished_run)
+                  finished_counts, hold_output, init_ray, new_run_id, next_unit, placed_spec, probe_nodes,
+                  record_failure, refuse_process_local, save_run_record, stage_summary, unfinished_run)
 from .schema import RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list, metadata_bytes, package_versions, provenance
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .sources import list_inputs
@@ -231,6 +232,7 @@ def merge_slides(previous: pa.Table | None, current: pa.Table) -> pa.Table:
 def run_slides(cfg: SlidesConfig, echo=print) -> dict:
     """`featurize slides`: returns the run record (also written to OUTPUT/_run.json)."""
     started = time.time()
+    refuse_process_local(cfg)
     prompt_set = load_prompts(cfg.prompts)
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
     if cfg.concept_maps and spec.kind != "remote":
@@ -243,9 +245,19 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
     listing_s = time.perf_counter() - t
     ids = dict(zip(listing.column("uri").to_pylist(), slide_ids(listing.column("uri").to_pylist())))
 
-    started_ray = init_ray()
+    run_id = new_run_id()
+    with hold_output(cfg, run_id, echo) as lease:
+        return _run_slides(cfg, echo, started, prompt_set, spec, preprocess, tiling, listing, listing_s, ids, run_id,
+                           lease)
+
+
+def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, tiling, listing, listing_s, ids,
+                run_id, lease) -> dict:
+    started_ray = init_ray(cfg.verbose)
+    record: dict = {}
     try:
         layout = actor_layout(cfg, cluster_shape())
+        probe_nodes(cfg, listing, echo)
         spec = placed_spec(spec, layout)
         identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash,
                     "tiling": {"mpp": tiling.mpp, "tile_px": tiling.tile_px, "overlap": tiling.overlap,
@@ -258,6 +270,7 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
         t = time.perf_counter()
         if resumable is not None:
             run_id, plan = resumable
+            lease.update(run_id=run_id)
             slides = out.read_table("_runs", f"{run_id}.slides.parquet")
             if slides is None:
                 raise UserError(f"run {run_id} in {out.url} has a plan but no slide table; "
@@ -268,7 +281,6 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
             pending = listing.filter(pc.invert(pc.is_in(listing.column("uri"),
                                                         value_set=pa.array(sorted(done), pa.string()))))
             skipped = listing.num_rows - pending.num_rows
-            run_id = new_run_id()
             echo(f"featurize: {listing.num_rows} slides listed; planning {pending.num_rows} in Ray tasks "
                  f"({skipped} already done)")
             slides, plan = plan_slides(pending, ids, tiling, cfg, run_id, version, next_unit(out, runs))
@@ -278,7 +290,7 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
         done_units = set(out.shard_units())
         pending_units = set(int(u) for u in np.unique(plan.column("unit").to_numpy())) - done_units
         slide_errors = int(pc.sum(pc.equal(slides.column("status"), "error")).as_py() or 0)
-        record = {
+        record.update({
             "run_id": run_id, "command": "slides", "state": "running", "input": cfg.input, "output": cfg.output,
             **identity, "dataset_version": version, "resumed": resumable is not None,
             "started_at": _iso(started), "versions": package_versions(),
@@ -286,7 +298,7 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
                        "slide_errors_at_planning": slide_errors, "tiles": plan.num_rows},
             "last_unit": int(pc.max(plan.column("unit")).as_py()) if plan.num_rows else -1,
             "layout": layout,
-        }
+        })
         if resumable is None:
             out.write_table(slides, "_runs", f"{run_id}.slides.parquet")
             if plan.num_rows:
@@ -305,7 +317,8 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
             work = plan.filter(pc.is_in(plan.column("unit"), value_set=pa.array(sorted(pending_units), pa.int32())))
             processed = work.num_rows
             writer = ShardWriter(out, unit_counts(plan, pending_units),
-                                 tile_table_builder(plan, tiling.tile_px, run_id, version, cfg.concept_maps), prov)
+                                 tile_table_builder(plan, tiling.tile_px, run_id, version, cfg.concept_maps), prov,
+                                 before_commit=lease.check)
             store = _prompt_store()
             encode_kwargs = {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set,
                              "prompt_store": store}
@@ -322,7 +335,11 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
                     _write_prompts(out, store, prompt_set, prov)
                     prompts_written.append(unit)
 
-            _consume(ds, writer, cfg.stall_timeout_s, stats, on_commit)
+            progress = Progress(processed, "tiles", cfg.progress_interval_s)
+            try:
+                _consume(ds, writer, cfg, stats, on_commit, progress)
+            finally:
+                progress.close()
         stream_s = time.perf_counter() - t_stream
 
         slides = summarise(out, slides, plan, cfg.top_k)
@@ -331,16 +348,17 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
                         "_slides.parquet")
         ended = time.time()
         statuses = slides.column("status").to_pylist()
-        record["counts"].update(
-            slides_ok=statuses.count("ok"), slides_error=statuses.count("error"), processed=processed,
-            ok=writer.counts["ok"] if writer else 0, error=writer.counts["error"] if writer else 0,
-            duplicates_dropped=writer.counts["duplicates_dropped"] if writer else 0)
+        record["counts"].update(slides_ok=statuses.count("ok"), slides_error=statuses.count("error"),
+                                processed=processed, **finished_counts(writer))
         record.update(state="complete", ended_at=_iso(ended), wall_s=round(ended - started, 3),
                       tiles_per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
                       stages={"listing_s": round(listing_s, 3), "planning_s": round(plan_s, 3),
                               "stream_s": round(stream_s, 3), **stage_summary(stats, t_stream)})
         save_run_record(out, record)
         return record
+    except BaseException as exc:
+        record_failure(cfg, record, exc, lease)
+        raise
     finally:
         if started_ray:
             import ray

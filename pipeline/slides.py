@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from .decode import PreprocessSpec, resize_for_model, to_rgb
-from .storage import _options_key, is_remote
+from .errors import InputError, first_line, read_error_class
+from .storage import _options_key, is_remote, is_transient
 
 # Suffixes the readers handle: tiffslide reads the TIFF family (local or fsspec URLs); openslide (local) adds MRXS.
 TIFF_SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
@@ -153,15 +154,10 @@ def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = No
                 raise ValueError("openslide is not installed (pip install openslide-python openslide-bin)")
             return _open_tiffslide(uri, storage_options) if name == "tiffslide" else _open_openslide(uri)
         except FileNotFoundError:
-            raise ValueError("file not found") from None
+            raise InputError("file not found", "missing") from None
         except Exception as exc:  # every library raises its own types for unreadable files
-            reasons.append(f"{name}: {_first_line(exc)}")
+            reasons.append(f"{name}: {first_line(exc)}")
     raise ValueError("unsupported or unreadable slide (" + "; ".join(reasons) + ")")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # -- microns per pixel ----------------------------------------------------------------------------------------------
@@ -373,7 +369,7 @@ def plan_slide(uri: str, tiling: Tiling, reader: str = "auto", slide_mpp: float 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ValueError):
         return str(exc)[:1000]
-    return _first_line(exc)
+    return first_line(exc)
 
 
 # -- slide ids ------------------------------------------------------------------------------------------------------
@@ -438,6 +434,7 @@ def read_tiles(batch: dict[str, np.ndarray], spec: PreprocessSpec, tile_px: int,
     pixels = np.zeros((n, *spec.out_shape), dtype=np.uint8)
     status = np.full(n, "ok", dtype=object)
     error = np.full(n, None, dtype=object)
+    error_class = np.full(n, None, dtype=object)
     for i in range(n):
         try:
             slide = cached_slide(str(batch["uri"][i]), str(batch["reader"][i]), storage_options)
@@ -445,7 +442,15 @@ def read_tiles(batch: dict[str, np.ndarray], spec: PreprocessSpec, tile_px: int,
             region = slide.read(int(batch["x"][i]), int(batch["y"][i]), int(batch["level"][i]), size, size)
             pixels[i] = tile_pixels(region, tile_px, spec)
         except Exception as exc:  # a bad tile must not sink its batch
-            status[i], error[i] = "error", f"cannot read tile: {_reason(exc)}"
+            status[i], error[i], error_class[i] = "error", f"cannot read tile: {_reason(exc)}", _tile_error_class(exc)
     out = dict(batch)
-    out.update(pixels=pixels, status=status, error=error, decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+    out.update(pixels=pixels, status=status, error=error, error_class=error_class,
+               decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
     return out
+
+
+def _tile_error_class(exc: BaseException) -> str:
+    """Readers raise OSError for damaged files too, so only unambiguous environment faults leave the input class."""
+    if isinstance(exc, (InputError, FileNotFoundError, PermissionError)) or is_transient(exc):
+        return read_error_class(exc)
+    return "corrupt"

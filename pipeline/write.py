@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
@@ -70,7 +71,8 @@ class OutputDir:
         write_bytes_atomic(self.child(*names), parquet_bytes(table), self.storage_options)
 
     def shard_units(self) -> dict[int, str]:
-        """Committed shards: unit -> path."""
+        """Committed shards: unit -> path (listed afresh: a long-lived process must see shards written since)."""
+        self.fs.invalidate_cache(self.path)
         try:
             names = with_retries(lambda: self.fs.ls(self.path, detail=False))
         except FileNotFoundError:
@@ -82,7 +84,8 @@ class OutputDir:
                 units[int(m.group(1))] = name
         return units
 
-    def committed_index(self, columns=("uri", "size", "mtime", "etag", "run_id", "dataset_version")) -> pa.Table:
+    def committed_index(self, columns=("uri", "status", "size", "mtime", "etag", "run_id",
+                                       "dataset_version")) -> pa.Table:
         """Selected columns of every committed shard (one column read, not the features)."""
         paths = sorted(self.shard_units().values())
         if not paths:
@@ -94,6 +97,7 @@ class OutputDir:
         return pads.dataset(paths, format="parquet", filesystem=arrow_fs).to_table(columns=list(columns))
 
     def runs(self) -> list[dict]:
+        self.fs.invalidate_cache(self._child_path("_runs"))
         try:
             names = with_retries(lambda: self.fs.ls(self._child_path("_runs"), detail=False))
         except FileNotFoundError:
@@ -116,6 +120,17 @@ class OutputDir:
 
     def read_plan(self, run_id: str) -> pa.Table | None:
         return self.read_table("_runs", f"{run_id}.plan.parquet")
+
+
+def newest_per_uri(table: pa.Table) -> pa.Table:
+    """Each uri's newest row (by run id, which sorts by time), sorted by uri."""
+    if table.num_rows == 0:
+        return table
+    table = table.take(pc.sort_indices(table, [("uri", "ascending"), ("run_id", "descending")]))
+    uris = table.column("uri").to_numpy(zero_copy_only=False)
+    keep = np.ones(len(uris), dtype=bool)
+    keep[1:] = uris[1:] != uris[:-1]
+    return table.filter(pa.array(keep))
 
 
 def work_units(n: int, first_unit: int, rows_per_shard: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,15 +160,19 @@ class ShardWriter:
     """Collects result rows per work unit (dropping rows Ray delivered twice) and commits each complete unit.
 
     `build_table(cols)` turns one unit's rows (numpy columns sorted by `row`) into the shard's Arrow table.
+    `before_commit()` runs before each shard is written (the lease check: a run that lost OUTPUT writes nothing).
     """
 
-    def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict):
+    def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict, before_commit=None):
         self.out = out
         self.build_table = build_table
+        self.before_commit = before_commit
         self.metadata = metadata_bytes(prov)
         self.units = {int(u): _Unit(int(c)) for u, c in unit_counts.items()}
         self.committed: list[int] = []
         self.counts = {"ok": 0, "error": 0, "duplicates_dropped": 0}
+        self.error_classes: dict[str, int] = {}
+        self.rows_taken = 0  # rows accepted (each once), committed or waiting for the rest of their unit
 
     def add(self, batch: dict[str, np.ndarray]) -> list[int]:
         """Take one result batch; returns the units it completed (already committed)."""
@@ -170,6 +189,7 @@ class ShardWriter:
             if not fresh:
                 continue
             state.seen.update(int(rows[i]) for i in fresh)
+            self.rows_taken += len(fresh)
             take = np.asarray(fresh)
             state.parts.append({k: np.asarray(v)[take] for k, v in batch.items()})
             if len(state.seen) == state.expected:
@@ -182,10 +202,16 @@ class ShardWriter:
         order = np.argsort(cols["row"], kind="stable")
         cols = {k: v[order] for k, v in cols.items()}
         table = self.build_table(cols).replace_schema_metadata(self.metadata)
+        if self.before_commit is not None:
+            self.before_commit()
         self.out.write_table(table, shard_name(unit))
-        ok = int((cols["status"] == "ok").sum())
-        self.counts["ok"] += ok
-        self.counts["error"] += len(cols["row"]) - ok
+        failed = cols["status"] != "ok"
+        self.counts["ok"] += int((~failed).sum())
+        self.counts["error"] += int(failed.sum())
+        classes = cols.get("error_class")
+        for cls in (classes[failed] if classes is not None else np.full(int(failed.sum()), None)):
+            key = str(cls or "other")
+            self.error_classes[key] = self.error_classes.get(key, 0) + 1
         self.committed.append(unit)
         del self.units[unit]
 

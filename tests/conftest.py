@@ -25,8 +25,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING", configure_logging=False,
-                 object_store_memory=512 * 1024**2)
+        # address="local": a private Ray, never a cluster that another process's address file names.
+        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING",
+                 configure_logging=False, object_store_memory=512 * 1024**2)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -51,6 +51,7 @@ class _Stalled:
 
 class _Writer:
     pending = 3
+    rows_taken = 0
 
     def __init__(self):
         self.batches = []
@@ -65,6 +66,6 @@ def test_watchdog_fails_a_stalled_run_with_a_clear_message():
     stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     t = time.perf_counter()
     with pytest.raises(UserError, match="no progress for 1 s.*Rerun the same command to resume"):
-        _consume(_Stalled(), writer, 1.0, stats, on_commit=lambda unit: None)
+        _consume(_Stalled(), writer, RunConfig(**CFG, stall_timeout_s=1.0), stats, on_commit=lambda unit: None)
     assert time.perf_counter() - t < 10
     assert len(writer.batches) == 1
