@@ -157,6 +157,10 @@ class _LocalBackend:
         self.dir = directory
         self.path = os.path.join(directory, LEASE_NAME)
 
+    def _refuse_a_file(self) -> None:
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise UserError(f"output {self.dir} is a file, not a folder: choose another OUTPUT")
+
     def read(self) -> _Current | None:
         try:
             with open(self.path, "rb") as f:
@@ -164,12 +168,14 @@ class _LocalBackend:
                 mtime = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
+        except NotADirectoryError:
+            self._refuse_a_file()
+            raise
         return _Current(_parse(data), data, mtime)
 
     def create(self, data: bytes) -> Any:
         """Exclusive create: the new lease's token, or None when a lease exists."""
-        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
-            raise UserError(f"output {self.dir} is a file, not a folder: choose another OUTPUT")
+        self._refuse_a_file()
         os.makedirs(self.dir, exist_ok=True)
         for _ in range(10):
             tmp = os.path.join(self.dir, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{LEASE_NAME}")

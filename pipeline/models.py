@@ -116,8 +116,11 @@ def _load_config_json(model: str, revision: str | None, token: Secret, filename:
 
 def resolve_model(model: str, revision: str | None = None, trust_remote_code: bool = False,
                   dtype: str = "auto", device: str = "auto") -> ModelSpec:
-    """Check the checkpoint exists, recognise its family, and refuse remote code unless allowed."""
+    """Check the checkpoint exists, recognise its family, and refuse remote code unless allowed. A local folder is
+    named by its absolute path: `./m` and `/abs/m` are one model, and actors on other nodes get a usable path."""
     token = hf_token()
+    if Path(model).expanduser().is_dir():
+        model = str(Path(model).expanduser().resolve())
     config = _load_config_json(model, revision, token)
     model_type = config.get("model_type")
     if model_type == "clip":

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 DECODE_TASK_MEMORY = 512 * 1024**2
 
 
+# How long a failed run waits for its pull thread to let go of the stream (a stalled stream never answers).
+STREAM_SHUTDOWN_S = 5.0
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -296,46 +300,70 @@ def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig,
 # -- the run --------------------------------------------------------------------------------------------------------
 def _consume(ds, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, progress: Progress | None = None) -> None:
     """Pull result batches on a thread; the main thread commits shards and fails the run if nothing progresses, or
-    when a row failed through no fault of its input (environment_failure)."""
+    when a row failed through no fault of its input (environment_failure). However it ends, the stream is shut
+    down (its actors released) and the pull thread stops within a bounded wait."""
     stall_timeout_s = cfg.stall_timeout_s
     q: queue.Queue = queue.Queue(maxsize=8)
     done = object()
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        """Hand an item to the main thread unless it stopped listening."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def pull():
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                q.put(batch)
-            q.put(done)
+            for batch in batches:
+                if not offer(batch):
+                    return
+            offer(done)
         except BaseException as exc:  # surfaced on the main thread
-            q.put(exc)
+            offer(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # a generator's close ends Ray Data's streaming executor and frees its actors
 
-    threading.Thread(target=pull, name="featurize-pull", daemon=True).start()
-    while True:
-        try:
-            item = q.get(timeout=stall_timeout_s)
-        except queue.Empty:
-            raise UserError(f"no progress for {stall_timeout_s:.0f} s ({writer.pending} work units unfinished); "
-                            "the cluster may have lost its actors. Rerun the same command to resume "
-                            "(raise stall_timeout_s if batches are legitimately this slow)") from None
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        stats.setdefault("first_batch_at", time.perf_counter())
-        stats["read_s"] = stats.get("read_s", 0.0) + float(np.sum(item.pop("read_s", 0)))
-        stats["decode_s"] += float(np.sum(item.pop("decode_s", 0)))
-        stats["model_s"] += float(np.sum(item.pop("model_s", 0)))
-        failure = environment_failure(item, cfg)
-        if failure is not None:
-            raise failure
-        t = time.perf_counter()
-        taken = writer.rows_taken
-        committed = writer.add(item)
-        stats["write_s"] += time.perf_counter() - t
-        if progress is not None:
-            progress.update(writer.rows_taken - taken)
-        for unit in committed:
-            on_commit(unit)
+    puller = threading.Thread(target=pull, name="featurize-pull", daemon=True)
+    puller.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=stall_timeout_s)
+            except queue.Empty:
+                raise EnvironmentFailure(
+                    f"no progress for {stall_timeout_s:.0f} s ({writer.pending} work units unfinished); the cluster "
+                    "may have lost its actors or nodes. Rerun the same command to resume (raise stall_timeout_s if "
+                    "batches are legitimately this slow)") from None
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            stats.setdefault("first_batch_at", time.perf_counter())
+            stats["read_s"] = stats.get("read_s", 0.0) + float(np.sum(item.pop("read_s", 0)))
+            stats["decode_s"] += float(np.sum(item.pop("decode_s", 0)))
+            stats["model_s"] += float(np.sum(item.pop("model_s", 0)))
+            failure = environment_failure(item, cfg)
+            if failure is not None:
+                raise failure
+            t = time.perf_counter()
+            taken = writer.rows_taken
+            committed = writer.add(item)
+            stats["write_s"] += time.perf_counter() - t
+            if progress is not None:
+                progress.update(writer.rows_taken - taken)
+            for unit in committed:
+                on_commit(unit)
+    finally:
+        stop.set()
+        puller.join(timeout=STREAM_SHUTDOWN_S)
 
 
 def save_run_record(out: OutputDir, record: dict) -> None:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import SlidesConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import preprocess_spec, resolve_model
 from .prompts import load_prompts
 from .console import Progress
@@ -121,12 +121,10 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
     task = ray.remote(num_cpus=1, max_retries=1)(plan_slide)
     uris = pending.column("uri").to_pylist()
     refs = [task.remote(uri, tiling, cfg.reader, cfg.slide_mpp, cfg.storage_options) for uri in uris]
+    planned = _gather(refs, cfg.stall_timeout_s)
     rows, tile_parts = [], []
-    for i, (uri, ref) in enumerate(zip(uris, refs)):
-        try:
-            row, tiles = ray.get(ref)
-        except Exception as exc:  # the task's worker died (a reader crashing on this file, say)
-            row, tiles = _crashed_row(uri, exc), None
+    for i, uri in enumerate(uris):
+        row, tiles = planned[i] if isinstance(planned[i], tuple) else (_crashed_row(uri, planned[i]), None)
         source = {c: pending.column(c)[i].as_py() for c in ("size", "mtime", "etag")}
         row.update(slide_id=ids[uri], tile_px=tiling.tile_px, top_k=cfg.top_k, n_tile_errors=0, run_id=run_id,
                    dataset_version=version, **source)
@@ -146,10 +144,35 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
     return slides, plan
 
 
+def _gather(refs: list, stall_timeout_s: float) -> list:
+    """Each task's result, or the exception that ended it. When none finishes for stall_timeout_s (a remote read that
+    hangs, a node gone), the rest are cancelled and given a timeout error: planning never waits for ever."""
+    import ray
+
+    out: list = [None] * len(refs)
+    waiting = {ref: i for i, ref in enumerate(refs)}
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=stall_timeout_s)
+        if not ready:
+            for ref, i in waiting.items():
+                ray.cancel(ref, force=True)
+                out[i] = TimeoutError(f"planning made no progress for {stall_timeout_s:.0f} s (a read that hangs?); "
+                                      "rerun to retry this slide")
+            break
+        ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        for ref in ready:
+            i = waiting.pop(ref)
+            try:
+                out[i] = ray.get(ref)
+            except Exception as exc:  # the task's worker died (a reader crashing on this file, say)
+                out[i] = exc
+    return out
+
+
 def _crashed_row(uri: str, exc: BaseException) -> dict:
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return {"uri": uri, "status": "error", "n_tiles": 0, "plan_s": 0.0,
-            "error": f"planning this slide crashed its worker ({type(exc).__name__}: {first})"}
+    reason = first_line(exc) if isinstance(exc, TimeoutError) else \
+        f"planning this slide crashed its worker ({type(exc).__name__}: {first_line(exc)})"
+    return {"uri": uri, "status": "error", "n_tiles": 0, "plan_s": 0.0, "error": reason}
 
 
 # -- shards ---------------------------------------------------------------------------------------------------------

@@ -170,6 +170,19 @@ def test_memory_urls_are_refused_before_anything_starts(conceptclip_model, promp
                              prompts=str(prompts_file), trust_remote_code=True), **QUIET)
 
 
+def test_output_that_is_a_file_is_one_line_before_anything_starts(conceptclip_model, prompts_file, photo_dir,
+                                                                   tmp_path, capsys):
+    from pipeline.cli import main
+
+    taken = tmp_path / "results.parquet"
+    taken.write_bytes(b"not a folder")
+    code = main(["images", str(photo_dir), str(taken), "--model", str(conceptclip_model), "--prompts",
+                 str(prompts_file), "--trust-remote-code"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{taken} is a file, not a folder" in err[0], err
+    assert taken.read_bytes() == b"not a folder"
+
+
 def test_relative_output_inside_a_ray_job_is_refused(monkeypatch, conceptclip_model, prompts_file, photo_dir):
     """Inside `ray job submit --working-dir .` a relative OUTPUT would be written into Ray's temporary copy."""
     common = dict(input=str(photo_dir), model=str(conceptclip_model), prompts=str(prompts_file),

@@ -130,3 +130,13 @@ def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(tm
     assert "not a commit hash" not in caplog.text
     with pytest.raises(UserError, match="not in the local cache"):
         resolve_model("acme/missing-model", trust_remote_code=True)
+
+
+def test_a_local_model_folder_is_one_model_however_it_is_named(conceptclip_model, monkeypatch):
+    from pipeline.models import resolve_model
+
+    monkeypatch.chdir(conceptclip_model.parent)
+    relative = resolve_model(f"./{conceptclip_model.name}", trust_remote_code=True)
+    absolute = resolve_model(str(conceptclip_model), trust_remote_code=True)
+    assert relative.identity() == absolute.identity()
+    assert relative.model == str(conceptclip_model.resolve())

@@ -69,3 +69,33 @@ def test_watchdog_fails_a_stalled_run_with_a_clear_message():
         _consume(_Stalled(), writer, RunConfig(**CFG, stall_timeout_s=1.0), stats, on_commit=lambda unit: None)
     assert time.perf_counter() - t < 10
     assert len(writer.batches) == 1
+
+
+class _Endless:
+    """A stream that would go on for ever; records whether it was shut down (Ray Data's iterator is a generator:
+    closing it stops the streaming executor and frees its actors)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+        self.closed = threading.Event()
+
+    def iter_batches(self, **_):
+        try:
+            while True:
+                yield dict(self.batch)
+        finally:
+            self.closed.set()
+
+
+def test_a_failed_run_shuts_its_stream_down_and_leaves_no_thread_behind():
+    from pipeline.errors import EnvironmentFailure
+
+    batch = {"unit": np.array([0]), "row": np.array([0]), "uri": np.array(["s3://b/x.jpg"], dtype=object),
+             "error": np.array(["device fault"], dtype=object), "error_class": np.array(["device"], dtype=object)}
+    stream = _Endless(batch)
+    stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    before = set(threading.enumerate())  # (the stalled stream above keeps its thread: it never answers)
+    with pytest.raises(EnvironmentFailure, match="s3://b/x.jpg: device fault; the accelerator failed"):
+        _consume(stream, _Writer(), RunConfig(**CFG, stall_timeout_s=60), stats, on_commit=lambda unit: None)
+    assert stream.closed.wait(10), "the stream was left running"
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "featurize-pull"]
