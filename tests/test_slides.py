@@ -480,3 +480,48 @@ def test_slide_handles_are_cached_per_process_and_never_pickled(slide_files):
     assert slides_module.cached_slide(uri, "openslide", None) is not first
     with pytest.raises(TypeError, match="belongs to the process"):
         pickle.dumps(first)
+
+
+@pytest.fixture
+def silent_server():
+    """An HTTP endpoint on loopback that accepts connections and never answers (a remote read that hangs)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])  # held open, never read from or answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_a_slide_whose_read_hangs_does_not_hold_the_run(ray_session, slide_dir, silent_server, conceptclip_model,
+                                                        prompts_file, tmp_path):
+    """Planning waits at most --stall-timeout-s for a slide: the hanging one becomes an error row (retried by the
+    next run), the others are scored."""
+    folder, _ = slide_dir
+    listing = tmp_path / "slides.txt"
+    listing.write_text(f"{folder / 'b.svs'}\n{silent_server}/hangs.svs\n")
+    output = tmp_path / "out"
+    assert featurize("slides", listing, output, *model_args(conceptclip_model, prompts_file),
+                     "--stall-timeout-s", 30) == 0
+    slides = {Path(r["uri"]).name: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
+    assert slides["b.svs"]["status"] == "ok" and slides["b.svs"]["n_tiles"] > 0
+    hung = slides["hangs.svs"]
+    assert hung["status"] == "error" and "no progress for 30 s" in hung["error"] and hung["n_tiles"] == 0
