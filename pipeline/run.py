@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -403,7 +402,7 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
         started_ray, (preprocess, listing, listing_s, processor_s) = while_ray_starts(prepare, cfg.verbose)
         ray_start_s = time.perf_counter() - t_prepare
         record: dict = {}
-        try:
+        with finishing(cfg, record, lease, started_ray):
             layout = actor_layout(cfg, cluster_shape())
             probe_nodes(cfg, listing, echo)
             spec = placed_spec(spec, layout)
@@ -478,14 +477,6 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
                     min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
             save_run_record(out, record)
             return record
-        except BaseException as exc:
-            record_failure(cfg, record, exc, lease)
-            raise
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
 
 
 @contextmanager
@@ -502,6 +493,21 @@ def finished_counts(writer: ShardWriter | None) -> dict:
     if writer is None:
         return {"ok": 0, "error": 0, "error_classes": {}, "duplicates_dropped": 0}
     return {**writer.counts, "error_classes": dict(sorted(writer.error_classes.items()))}
+
+
+@contextmanager
+def finishing(cfg: JobConfig, record: dict, lease, started_ray: bool):
+    """However the run ends: a failure is written to its record (a rerun resumes it), and a Ray we started stops."""
+    try:
+        yield
+    except BaseException as exc:
+        record_failure(cfg, record, exc, lease)
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def record_failure(cfg: JobConfig, record: dict, exc: BaseException, lease) -> None:

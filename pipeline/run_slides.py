@@ -28,8 +28,8 @@ from .models import preprocess_spec, resolve_model
 from .prompts import load_prompts
 from .console import Progress
 from .run import (_changed, _consume, _iso, _prompt_store, _write_prompts, actor_layout, build_dataset, cluster_shape,
-                  finished_counts, hold_output, init_ray, new_run_id, next_unit, placed_spec, probe_nodes,
-                  record_failure, refuse_process_local, save_run_record, stage_summary, unfinished_run)
+                  finished_counts, finishing, hold_output, init_ray, new_run_id, next_unit, placed_spec, probe_nodes,
+                  refuse_process_local, save_run_record, stage_summary, unfinished_run)
 from .schema import RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list, metadata_bytes, package_versions, provenance
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .sources import list_inputs
@@ -278,7 +278,7 @@ def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, 
                 run_id, lease) -> dict:
     started_ray = init_ray(cfg.verbose)
     record: dict = {}
-    try:
+    with finishing(cfg, record, lease, started_ray):
         layout = actor_layout(cfg, cluster_shape())
         probe_nodes(cfg, listing, echo)
         spec = placed_spec(spec, layout)
@@ -379,14 +379,6 @@ def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, 
                               "stream_s": round(stream_s, 3), **stage_summary(stats, t_stream)})
         save_run_record(out, record)
         return record
-    except BaseException as exc:
-        record_failure(cfg, record, exc, lease)
-        raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
