@@ -29,7 +29,13 @@ class JobConfig(BaseModel):
                                    "or a manifest; local path or fsspec URL.")
     output: str = Field(description="Output folder (local path or fsspec URL).")
     model: str = Field(description="Hugging Face hub id or local folder of the checkpoint.")
-    prompts: str = Field(description="Prompt set: YAML with `concepts` and `templates`, or a text file, one prompt a line.")
+    prompts: str | None = Field(None, description="Prompt set: YAML with `concepts` and `templates`, or a text file, "
+                                                  "one prompt a line; without it, a features-only run (no "
+                                                  "concept_logits).")
+    features: str = Field("embedding", description="What image_features holds: `embedding` (projected, "
+                                                   "L2-normalised) or `hidden:LAYER:POOL`, the image tower's "
+                                                   "hidden_states[LAYER] pooled as cls, mean, patch or cls_patch "
+                                                   "(float16, not normalised; no prompts).")
     revision: str | None = Field(None, description="Hub revision; pin a commit hash for unattended runs.")
     trust_remote_code: bool = Field(False, description="Allow the checkpoint's own Python code (ConceptCLIP needs it).")
     dtype: DType = Field("auto", description="Model dtype; auto = float32 on CPU, bfloat16 on GPU.")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .decode import PreprocessSpec
 from .errors import first_line, is_device_error
-from .models import Encoder, ModelSpec, micro_batch_for_memory, quiet_libraries
+from .models import Encoder, FeatureSpec, ModelSpec, micro_batch_for_memory, quiet_libraries
 from .prompts import PromptSet
 
 log = logging.getLogger(__name__)
@@ -36,25 +36,29 @@ class PromptStore:
 
 
 class EncodeBatch:
-    """Ray Data callable class: decoded rows -> rows with `image_features` and `concept_logits`."""
+    """Ray Data callable class: decoded rows -> rows with `image_features` (and `concept_logits` when there is a
+    prompt set)."""
 
-    def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet,
+    def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet | None,
                  torch_threads: int = 0, prompt_store=None, micro_batch: int = 0, concept_maps: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, features: FeatureSpec = FeatureSpec()):
         quiet_libraries()  # actors on other nodes do not inherit the driver's environment
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        self.features = features
         self.encoder = Encoder(model_spec, preprocess, compile=compile)
-        self.text_embeddings = self.encoder.encode_prompts(prompt_set)
+        # Without a prompt set (features-only runs) there are no text embeddings and no concept logits.
+        self.text_embeddings = self.encoder.encode_prompts(prompt_set) if prompt_set is not None else None
         self.micro_batch = micro_batch or micro_batch_for_memory(self.encoder, limit=1024)
         # With concept_maps, each encoded row is [features | flattened K x P x P local concept scores].
         self.concept_embeddings = self.encoder.concept_embeddings(prompt_set) if concept_maps else None
-        self.width = self.text_embeddings.shape[1]
+        self.concept_maps = concept_maps
+        self.width = self.dim = self._encode_chunk(np.zeros((1, *preprocess.out_shape), np.uint8)).shape[1]
         if concept_maps:
-            self.width = self._encode_chunk(np.zeros((1, *preprocess.out_shape), np.uint8)).shape[1]
-        if prompt_store is not None:
+            self.dim = self.text_embeddings.shape[1]
+        if prompt_store is not None and self.text_embeddings is not None:
             prompt_store.put.remote({
                 "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
                 "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
@@ -68,22 +72,25 @@ class EncodeBatch:
         error = np.asarray(batch["error"], dtype=object).copy()
         error_class = np.asarray(batch.get("error_class", np.full(len(status), None, dtype=object)),
                                  dtype=object).copy()
-        n, dim, k = len(status), self.text_embeddings.shape[1], self.text_embeddings.shape[0]
+        n, dim = len(status), self.dim
         features = np.zeros((n, dim), dtype=np.float16)
-        logits = np.zeros((n, k), dtype=np.float32)
+        encoded_ok = np.zeros((n, dim), dtype=np.float32)
         ok = np.flatnonzero(status == "ok")
         maps = np.zeros((n, self.width - dim), dtype=np.float16)
         if len(ok):
             encoded, failed = self._encode(pixels[ok])
-            maps[ok], encoded = encoded[:, dim:], encoded[:, :dim]
-            features[ok] = encoded.astype(np.float16)
-            logits[ok] = self.encoder.logits(encoded, self.text_embeddings)
+            maps[ok], encoded_ok[ok] = encoded[:, dim:], encoded[:, :dim]
             for j, (reason, cls) in failed.items():
                 status[ok[j]], error[ok[j]], error_class[ok[j]] = "error", reason, cls
-                features[ok[j]], logits[ok[j]], maps[ok[j]] = 0, 0, 0
-        if self.concept_embeddings is not None:
+                encoded_ok[ok[j]], maps[ok[j]] = 0, 0
+            features[:] = encoded_ok.astype(np.float16)
+        if self.text_embeddings is not None:
+            logits = self.encoder.logits(encoded_ok, self.text_embeddings)
+            logits[status != "ok"] = 0
+            batch["concept_logits"] = logits
+        if self.concept_maps:
             batch["concept_maps"] = maps
-        batch.update(status=status, error=error, error_class=error_class, image_features=features, concept_logits=logits,
+        batch.update(status=status, error=error, error_class=error_class, image_features=features,
                      model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
         return batch
 
@@ -130,6 +137,8 @@ class EncodeBatch:
         return out, failed
 
     def _encode_chunk(self, pixels: np.ndarray) -> np.ndarray:
+        if self.features.kind == "hidden":
+            return self.encoder.encode_hidden(pixels, self.features)
         if self.concept_embeddings is None:
             return self.encoder.encode_images(pixels)
         features, maps = self.encoder.encode_images_with_maps(pixels, self.concept_embeddings)

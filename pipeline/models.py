@@ -84,6 +84,39 @@ class ModelSpec:
         return {"model": self.model, "kind": self.kind, "revision": self.revision, "dtype": self.dtype}
 
 
+HIDDEN_POOLS = ("cls", "mean", "patch", "cls_patch")
+VISION_ONLY_KINDS = ("clip_vision", "siglip_vision")  # image towers without a text tower: features-only runs
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What `image_features` holds: the model's embedding (projected, L2-normalised), or a layer of the image
+    tower's hidden states (`hidden_states[layer]`, as the model returns them) pooled as `pool`:
+    cls (the class token), mean (of the patch tokens), patch (the patch tokens), cls_patch (the whole sequence)."""
+
+    kind: str = "embedding"
+    layer: int = -1
+    pool: str = ""
+
+    @property
+    def name(self) -> str:
+        return "embedding" if self.kind == "embedding" else f"hidden:{self.layer}:{self.pool}"
+
+
+def parse_features(text: str) -> FeatureSpec:
+    """`embedding` or `hidden:LAYER:POOL` (e.g. hidden:-2:patch); a bad value is a one-line error."""
+    if text == "embedding":
+        return FeatureSpec()
+    parts = text.split(":")
+    if len(parts) == 3 and parts[0] == "hidden" and parts[2] in HIDDEN_POOLS:
+        try:
+            return FeatureSpec("hidden", int(parts[1]), parts[2])
+        except ValueError:
+            pass
+    raise UserError(f"--features {text!r}: use 'embedding' or 'hidden:LAYER:POOL' with LAYER an index into the "
+                    f"image tower's hidden states (e.g. -2) and POOL one of {', '.join(HIDDEN_POOLS)}")
+
+
 def _load_config_json(model: str, revision: str | None, token: Secret, filename: str = "config.json") -> dict:
     path = Path(model)
     if path.is_dir():
@@ -127,6 +160,8 @@ def resolve_model(model: str, revision: str | None = None, trust_remote_code: bo
         kind = "clip"
     elif model_type == "siglip":
         kind = "siglip"
+    elif model_type in ("clip_vision_model", "siglip_vision_model"):
+        kind = model_type.removesuffix("_model")
     elif config.get("auto_map"):
         kind = "remote"
         if not trust_remote_code:
@@ -137,7 +172,8 @@ def resolve_model(model: str, revision: str | None = None, trust_remote_code: bo
                         "to a commit for unattended runs", model, revision or "main")
     else:
         raise UserError(f"model {model} has model_type {model_type!r}; supported: CLIPModel, SiglipModel, "
-                        "and remote-code models with ConceptCLIP's interface")
+                        "CLIPVisionModel, SiglipVisionModel (features only) and remote-code models with "
+                        "ConceptCLIP's interface")
     return ModelSpec(model, kind, _resolved_revision(model, revision, token), trust_remote_code, dtype, device,
                      token)
 
@@ -153,6 +189,39 @@ def _resolved_revision(model: str, revision: str | None, token: Secret) -> str |
         return HfApi().model_info(model, revision=revision, token=token.get()).sha or revision
     except Exception:
         return revision
+
+
+def _vision_layout(vision_config) -> tuple[int, int, int, bool]:
+    """(patch tokens, width, layers, whether a class token leads the sequence) of an image tower's config."""
+    try:
+        patches = (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2
+        return patches, int(vision_config.hidden_size), int(vision_config.num_hidden_layers), \
+            "siglip" not in str(getattr(vision_config, "model_type", ""))
+    except (AttributeError, TypeError, ValueError):
+        raise UserError("cannot tell this model's image-tower layout (image_size, patch_size, hidden_size, "
+                        "num_hidden_layers); --features hidden:... needs a transformers vision tower") from None
+
+
+def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
+    """The shape of one row's hidden-state features (before flattening), from the checkpoint's configuration;
+    refuses a layer out of range and `cls` for towers without a class token (SigLIP, ConceptCLIP)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.model, revision=spec.revision, token=spec.token.get(),
+                                        trust_remote_code=spec.kind == "remote")
+    vision = config if spec.kind in VISION_ONLY_KINDS else getattr(config, "vision_config", None)
+    if vision is None:
+        raise UserError(f"model {spec.model} exposes no transformers image tower (vision_config): --features "
+                        "hidden:... is not available for it; use --features embedding")
+    patches, width, layers, has_cls = _vision_layout(vision)
+    if not -(layers + 1) <= features.layer <= layers:
+        raise UserError(f"--features {features.name}: model {spec.model} has {layers + 1} hidden states "
+                        f"(embeddings and {layers} layers): LAYER must be in {-(layers + 1)}..{layers}")
+    if features.pool == "cls" and not has_cls:
+        raise UserError(f"--features {features.name}: model {spec.model}'s image tower has no class token; "
+                        "use mean, patch or cls_patch")
+    tokens = patches + has_cls
+    return {"cls": (width,), "mean": (width,), "patch": (patches, width), "cls_patch": (tokens, width)}[features.pool]
 
 
 def load_processor(spec: ModelSpec):
@@ -228,14 +297,20 @@ class Encoder:
         self.mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.logit_scale, self.logit_bias = 1.0, 0.0
-        image_fn = self.model.encode_image if spec.kind == "remote" else self.model.get_image_features
+        if spec.kind == "remote":
+            image_fn = self.model.encode_image
+        elif spec.kind in VISION_ONLY_KINDS:
+            image_fn = self.model  # its pooled output is the embedding (there is no projection)
+        else:
+            image_fn = self.model.get_image_features
         self._image_fn = torch.compile(image_fn, dynamic=True) if compile else image_fn
 
     def _load_model(self):
         import torch
-        from transformers import AutoModel, CLIPModel, SiglipModel
+        from transformers import AutoModel, CLIPModel, CLIPVisionModel, SiglipModel, SiglipVisionModel
 
-        cls = {"clip": CLIPModel, "siglip": SiglipModel, "remote": AutoModel}[self.spec.kind]
+        cls = {"clip": CLIPModel, "siglip": SiglipModel, "remote": AutoModel, "clip_vision": CLIPVisionModel,
+               "siglip_vision": SiglipVisionModel}[self.spec.kind]
         try:
             model = cls.from_pretrained(self.spec.model, revision=self.spec.revision, token=self.spec.token.get(),
                                         trust_remote_code=self.spec.kind == "remote", dtype=self.dtype)
@@ -274,6 +349,23 @@ class Encoder:
                 features = _pooled(self._image_fn(pixel_values=x))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy()
+
+    def encode_hidden(self, pixels, features: FeatureSpec) -> np.ndarray:
+        """uint8 [B,H,W,3] -> the image tower's `hidden_states[layer]`, pooled, flattened [B, F] float32, as the
+        model returns them (not normalised)."""
+        import torch
+
+        tower = self.model if self.spec.kind in VISION_ONLY_KINDS else getattr(self.model, "vision_model", None)
+        if tower is None:
+            raise UserError(f"model {self.spec.model} exposes no image tower (vision_model) for --features hidden")
+        has_cls = _vision_layout(tower.config)[3]
+        with torch.inference_mode():
+            states = tower(pixel_values=self.pixel_values(pixels), output_hidden_states=True).hidden_states
+            h = states[features.layer].float()
+            patches = h[:, 1:] if has_cls else h
+            pooled = {"cls": lambda: h[:, 0], "mean": lambda: patches.mean(dim=1), "patch": lambda: patches,
+                      "cls_patch": lambda: h}[features.pool]()
+        return pooled.reshape(len(h), -1).cpu().numpy()
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompts(self, prompt_set: PromptSet) -> np.ndarray:

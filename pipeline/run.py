@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -22,9 +23,10 @@ from .decode import decode_batch
 from .encode import EncodeBatch, PromptStore
 from .lease import Lease
 from .errors import ENVIRONMENT_ERROR_CLASSES, EnvironmentFailure, UserError, first_line
-from .models import ModelSpec, preprocess_spec, resolve_model
+from .models import (VISION_ONLY_KINDS, FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec,
+                     resolve_model)
 from .console import Progress, hide_native_log_lines, stderr_is_terminal
-from .prompts import load_prompts
+from .prompts import PromptSet, load_prompts
 from .schema import package_versions, prompts_table, provenance
 from .sources import check_local_input, list_inputs
 from .storage import exists, is_remote
@@ -125,6 +127,45 @@ def actor_layout(cfg: JobConfig, shape: dict) -> dict:
     threads = cfg.torch_threads or max(1, cpus // size)
     return {"device": "cpu", "size": size, "num_gpus": 0, "num_cpus": 1, "torch_threads": threads,
             "batch_size": cfg.batch_size or 32, "compile": cfg.torch_compile}
+
+
+@dataclass
+class ModelJob:
+    """The model side of a run: the checkpoint, the prompt set (None: features only) and what the features are."""
+
+    spec: ModelSpec
+    prompt_set: PromptSet | None
+    features: FeatureSpec
+    feature_shape: tuple[int, ...] | None  # hidden-state features: one row's shape before flattening
+
+    def identity(self) -> dict:
+        """What the numbers depend on (features only when not the default, so older OUTPUTs keep theirs)."""
+        identity = {**self.spec.identity(), "prompt_set_hash": self.prompt_set.set_hash if self.prompt_set else None}
+        if self.features.kind != "embedding":
+            identity["features"] = self.features.name
+        return identity
+
+    def described(self) -> dict:
+        """For provenance and the run record."""
+        out = {"features": self.features.name}
+        if self.feature_shape is not None:
+            out["feature_shape"] = list(self.feature_shape)
+        return out
+
+
+def resolve_job(cfg: JobConfig) -> ModelJob:
+    """Load and check what the run's numbers come from, before anything starts."""
+    features = parse_features(cfg.features)
+    prompt_set = load_prompts(cfg.prompts) if cfg.prompts else None
+    spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
+    if prompt_set is not None and spec.kind in VISION_ONLY_KINDS:
+        raise UserError(f"model {cfg.model} is an image tower without a text tower: it cannot score prompts; drop "
+                        "--prompts for a features-only run")
+    if prompt_set is not None and features.kind != "embedding":
+        raise UserError(f"--prompts scores concepts against the model's embedding, so it cannot go with --features "
+                        f"{features.name}: drop one of them")
+    shape = hidden_shape(spec, features) if features.kind == "hidden" else None
+    return ModelJob(spec, prompt_set, features, shape)
 
 
 def placed_spec(spec: ModelSpec, layout: dict) -> ModelSpec:
@@ -386,8 +427,8 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
     started = time.time()
     command_started = command_started or started
     refuse_process_local(cfg)
-    prompt_set = load_prompts(cfg.prompts)
-    spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
+    job = resolve_job(cfg)
+    spec, prompt_set = job.spec, job.prompt_set
     check_local_input(cfg.input)
     run_id = new_run_id()
     with hold_output(cfg, run_id, echo) as lease:
@@ -405,20 +446,21 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
         with finishing(cfg, record, lease, started_ray):
             layout = actor_layout(cfg, cluster_shape())
             probe_nodes(cfg, listing, echo)
-            spec = placed_spec(spec, layout)
-            identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash}
+            spec = job.spec = placed_spec(spec, layout)
+            identity = job.identity()
             out = OutputDir(cfg.output, cfg.storage_options)
             version = check_identity(out, identity, cfg.new_version)
             run_id, plan, resumed = plan_run(out, listing, version, cfg, run_id)
             if resumed:
                 lease.update(run_id=run_id)
-            prov = provenance(spec.identity(), prompt_set.set_hash, run_id, {"dataset_version": version})
+            prov = provenance(spec.identity(), identity["prompt_set_hash"], run_id,
+                              {"dataset_version": version, **job.described()})
             done_units = set(out.shard_units())
             pending_units = set(int(u) for u in np.unique(plan.column("unit").to_numpy())) - done_units
             record.update({
                 "run_id": run_id, "command": "images", "state": "running", "input": cfg.input,
                 "output": cfg.output, **identity, "dataset_version": version, "resumed": resumed,
-                "started_at": _iso(started), "versions": package_versions(),
+                "started_at": _iso(started), "versions": package_versions(), **job.described(),
                 "counts": {"listed": listing.num_rows, "skipped": listing.num_rows - plan.num_rows,
                            "planned": plan.num_rows},
                 "last_unit": int(pc.max(plan.column("unit")).as_py()) if plan.num_rows else -1,
@@ -450,7 +492,8 @@ def run_images(cfg: RunConfig, echo=print, command_started: float | None = None)
                     {"spec": preprocess, "max_pixels": cfg.max_image_pixels,
                      "storage_options": cfg.storage_options, "fast": cfg.fast_decode},
                     cfg.decode_batch_size,
-                    {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store},
+                    {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store,
+                     "features": job.features},
                     layout)
 
                 def on_commit(unit):
@@ -533,6 +576,8 @@ def _prompt_store():
 def _write_prompts(out: OutputDir, store, prompt_set, prov: dict) -> None:
     import ray
 
+    if prompt_set is None:  # features only
+        return
     value = ray.get(store.get.remote(), timeout=60)
     if value is None:
         return

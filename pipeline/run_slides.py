@@ -24,13 +24,13 @@ import pyarrow.parquet as pq
 
 from .config import SlidesConfig
 from .errors import UserError, first_line
-from .models import preprocess_spec, resolve_model
-from .prompts import load_prompts
+from .models import preprocess_spec
 from .console import Progress
 from .run import (_changed, _consume, _iso, _prompt_store, _write_prompts, actor_layout, build_dataset, cluster_shape,
                   finished_counts, finishing, hold_output, init_ray, new_run_id, next_unit, placed_spec, probe_nodes,
-                  refuse_process_local, save_run_record, stage_summary, unfinished_run)
-from .schema import RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list, metadata_bytes, package_versions, provenance
+                  refuse_process_local, resolve_job, save_run_record, stage_summary, unfinished_run)
+from .schema import (RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list, logits_column, metadata_bytes, package_versions,
+                     provenance, without_absent_logits)
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .sources import list_inputs
 from .write import OutputDir, ShardWriter, check_identity, unit_counts, work_units
@@ -193,14 +193,14 @@ def tile_table_builder(plan: pa.Table, tile_px: int, run_id: str, dataset_versio
             pa.array([str(s) for s in cols["status"]], pa.string()),
             pa.array([None if e is None else str(e) for e in cols["error"]], pa.string()),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
-            fixed_list(np.asarray(cols["concept_logits"], np.float32), pa.float32(), ok),
+            logits_column(cols, ok),
             known["size"], known["mtime"], known["etag"],
             pa.array([run_id] * n, pa.string()), pa.array([dataset_version] * n, pa.int32()),
         ]
         if concept_maps:
             maps = np.asarray(cols["concept_maps"], np.float16)
             arrays.append(fixed_list(maps.reshape(n, -1), pa.float16(), ok))
-        return pa.Table.from_arrays(arrays, schema=schema)
+        return without_absent_logits(cols, pa.Table.from_arrays(arrays, schema=schema))
 
     return build
 
@@ -215,16 +215,18 @@ def slide_scores(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray
     return top[0].astype(np.float32), top.mean(axis=0).astype(np.float32)
 
 
-def summarise(out: OutputDir, slides: pa.Table, plan: pa.Table, top_k: int) -> pa.Table:
-    """Fill each slide's tile error count, status and concept scores from the run's committed shards."""
+def summarise(out: OutputDir, slides: pa.Table, plan: pa.Table, top_k: int, logits: bool = True) -> pa.Table:
+    """Fill each slide's tile error count, status and concept scores (with logits: not in features-only runs) from
+    the run's committed shards."""
     shards = out.shard_units()
     units = sorted(set(plan.column("unit").to_pylist()))
-    parts = [pq.read_table(shards[u], columns=["uri", "status", "error", "concept_logits"], filesystem=out.fs)
-             for u in units if u in shards]
+    columns = ["uri", "status", "error"] + (["concept_logits"] if logits else [])
+    parts = [pq.read_table(shards[u], columns=columns, filesystem=out.fs) for u in units if u in shards]
     by_uri: dict[str, list] = {}
     for part in parts:
-        for uri, status, error, logits in zip(*(part.column(c).to_pylist() for c in part.column_names)):
-            by_uri.setdefault(uri, []).append((status, error, logits))
+        values = [part.column(c).to_pylist() for c in columns] + ([] if logits else [[None] * part.num_rows])
+        for uri, status, error, tile_logits in zip(*values):
+            by_uri.setdefault(uri, []).append((status, error, tile_logits))
     rows = slides.to_pylist()
     for row in rows:
         tiles = by_uri.get(row["uri"], [])
@@ -232,7 +234,7 @@ def summarise(out: OutputDir, slides: pa.Table, plan: pa.Table, top_k: int) -> p
             continue
         good = [t[2] for t in tiles if t[0] == "ok"]
         errors = [t[1] for t in tiles if t[0] != "ok"]
-        if good:
+        if good and logits:
             maxima, topk = slide_scores(np.asarray(good, np.float32), top_k)
             row.update(concept_max=maxima.tolist(), concept_topk_mean=topk.tolist())
         row["n_tile_errors"] = len(errors)
@@ -256,8 +258,10 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
     """`featurize slides`: returns the run record (also written to OUTPUT/_run.json)."""
     started = time.time()
     refuse_process_local(cfg)
-    prompt_set = load_prompts(cfg.prompts)
-    spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
+    job = resolve_job(cfg)
+    spec = job.spec
+    if cfg.concept_maps and job.prompt_set is None:
+        raise UserError("--concept-maps scores concepts: it needs --prompts")
     if cfg.concept_maps and spec.kind != "remote":
         raise UserError(f"--concept-maps needs a model with ConceptCLIP's concept head; {cfg.model} is a "
                         f"{spec.kind} model")
@@ -270,19 +274,19 @@ def run_slides(cfg: SlidesConfig, echo=print) -> dict:
 
     run_id = new_run_id()
     with hold_output(cfg, run_id, echo) as lease:
-        return _run_slides(cfg, echo, started, prompt_set, spec, preprocess, tiling, listing, listing_s, ids, run_id,
-                           lease)
+        return _run_slides(cfg, echo, started, job, preprocess, tiling, listing, listing_s, ids, run_id, lease)
 
 
-def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, tiling, listing, listing_s, ids,
-                run_id, lease) -> dict:
+def _run_slides(cfg: SlidesConfig, echo, started, job, preprocess, tiling, listing, listing_s, ids, run_id,
+                lease) -> dict:
+    prompt_set = job.prompt_set
     started_ray = init_ray(cfg.verbose)
     record: dict = {}
     with finishing(cfg, record, lease, started_ray):
         layout = actor_layout(cfg, cluster_shape())
         probe_nodes(cfg, listing, echo)
-        spec = placed_spec(spec, layout)
-        identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash,
+        spec = job.spec = placed_spec(job.spec, layout)
+        identity = {**job.identity(),
                     "tiling": {"mpp": tiling.mpp, "tile_px": tiling.tile_px, "overlap": tiling.overlap,
                                "min_tissue": tiling.min_tissue, "slide_mpp": cfg.slide_mpp, "reader": cfg.reader},
                     "concept_maps": cfg.concept_maps}
@@ -308,15 +312,15 @@ def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, 
                  f"({skipped} already done)")
             slides, plan = plan_slides(pending, ids, tiling, cfg, run_id, version, next_unit(out, runs))
         plan_s = time.perf_counter() - t
-        prov = provenance(spec.identity(), prompt_set.set_hash, run_id,
-                          {"dataset_version": version, "tiling": identity["tiling"]})
+        prov = provenance(spec.identity(), identity["prompt_set_hash"], run_id,
+                          {"dataset_version": version, "tiling": identity["tiling"], **job.described()})
         done_units = set(out.shard_units())
         pending_units = set(int(u) for u in np.unique(plan.column("unit").to_numpy())) - done_units
         slide_errors = int(pc.sum(pc.equal(slides.column("status"), "error")).as_py() or 0)
         record.update({
             "run_id": run_id, "command": "slides", "state": "running", "input": cfg.input, "output": cfg.output,
             **identity, "dataset_version": version, "resumed": resumable is not None,
-            "started_at": _iso(started), "versions": package_versions(),
+            "started_at": _iso(started), "versions": package_versions(), **job.described(),
             "counts": {"listed": listing.num_rows, "skipped": skipped, "planned": slides.num_rows,
                        "slide_errors_at_planning": slide_errors, "tiles": plan.num_rows},
             "last_unit": int(pc.max(plan.column("unit")).as_py()) if plan.num_rows else -1,
@@ -344,7 +348,7 @@ def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, 
                                  before_commit=lease.check)
             store = _prompt_store()
             encode_kwargs = {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set,
-                             "prompt_store": store}
+                             "prompt_store": store, "features": job.features}
             if cfg.concept_maps:
                 encode_kwargs["concept_maps"] = True
             ds = build_dataset(work.select(["uri", "reader", "x", "y", "level", "read_px", "unit", "row"]),
@@ -365,9 +369,9 @@ def _run_slides(cfg: SlidesConfig, echo, started, prompt_set, spec, preprocess, 
                 progress.close()
         stream_s = time.perf_counter() - t_stream
 
-        slides = summarise(out, slides, plan, cfg.top_k)
+        slides = summarise(out, slides, plan, cfg.top_k, logits=prompt_set is not None)
         merged = merge_slides(out.read_table("_slides.parquet"), slides)
-        out.write_table(merged.replace_schema_metadata(metadata_bytes({**prov, "concepts": prompt_set.names})),
+        out.write_table(merged.replace_schema_metadata(metadata_bytes({**prov, "concepts": prompt_set.names if prompt_set else []})),
                         "_slides.parquet")
         ended = time.time()
         statuses = slides.column("status").to_pylist()

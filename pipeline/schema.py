@@ -116,6 +116,19 @@ def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
 
 
+def logits_column(cols: dict, ok: np.ndarray) -> pa.Array:
+    """The `concept_logits` column of a shard; all nulls in features-only runs (then dropped by
+    without_absent_logits)."""
+    if "concept_logits" not in cols:
+        return pa.nulls(len(ok), pa.list_(pa.float32()))
+    return fixed_list(np.asarray(cols["concept_logits"], np.float32), pa.float32(), ok)
+
+
+def without_absent_logits(cols: dict, table: pa.Table) -> pa.Table:
+    """Features-only runs (no prompt set) have no `concept_logits` column at all."""
+    return table if "concept_logits" in cols else table.drop_columns(["concept_logits"])
+
+
 def prompts_table(prompt_set: PromptSet, text_embeddings: np.ndarray, prov: dict) -> pa.Table:
     table = pa.table({
         "concept": pa.array(prompt_set.names, pa.string()),

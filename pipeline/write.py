@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .schema import IMAGE_SCHEMA, fixed_list, metadata_bytes
+from .schema import IMAGE_SCHEMA, fixed_list, logits_column, metadata_bytes, without_absent_logits
 from .sources import image_id
 from .storage import filesystem, is_remote, join, with_retries, write_bytes_atomic, write_json_atomic
 
@@ -229,7 +229,7 @@ def image_table_builder(plan: pa.Table, run_id: str, dataset_version: int):
         uris = [str(u) for u in cols["uri"]]
         rows = pa.array(cols["row"])
         n = len(uris)
-        return pa.Table.from_arrays([
+        return without_absent_logits(cols, pa.Table.from_arrays([
             pa.array([image_id(u) for u in uris], pa.string()),
             pa.array(uris, pa.string()),
             pa.array([str(s) for s in cols["status"]], pa.string()),
@@ -237,11 +237,11 @@ def image_table_builder(plan: pa.Table, run_id: str, dataset_version: int):
             pa.array(cols["width"], pa.int32()),
             pa.array(cols["height"], pa.int32()),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
-            fixed_list(np.asarray(cols["concept_logits"], np.float32), pa.float32(), ok),
+            logits_column(cols, ok),
             *(source[c].take(rows).combine_chunks() for c in ("size", "mtime", "etag")),
             pa.array([run_id] * n, pa.string()),
             pa.array([dataset_version] * n, pa.int32()),
-        ], schema=IMAGE_SCHEMA)
+        ], schema=IMAGE_SCHEMA))
 
     return build
 
