@@ -213,9 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later subcommands (manifest, slides, heatmap) register themselves here.
 from .heatmap import register_heatmap  # noqa: E402  (these import this module's helpers when called)
+from .labels import register_labels  # noqa: E402
+from .probe import register_probe  # noqa: E402
+from .report import register_report  # noqa: E402
+from .rescore import register_rescore  # noqa: E402
 from .run_slides import register_slides  # noqa: E402
 
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides, register_heatmap]
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides, register_heatmap, register_rescore, register_labels,
+                                                register_probe, register_report]
 
 
 def main(argv: list[str] | None = None) -> int:

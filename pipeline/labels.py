@@ -1,0 +1,129 @@
+"""`featurize labels`: zero-shot labels, the top K concepts of each ok row by its stored concept logits.
+
+Probabilities follow the model family's recipe: a softmax over all concepts for CLIP (its zero-shot
+classification), a sigmoid per concept for SigLIP and ConceptCLIP (trained with a sigmoid loss); `softmax=True`
+forces the softmax. Rank 1 is the argmax of the logits (the first concept among equal logits).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import UserError
+from .rescore import TILE_KEYS, ScoredOutput, logits_matrix, parse_storage_options
+from .storage import write_bytes_atomic
+
+SOFTMAX_KINDS = ("clip",)
+SIGMOID_KINDS = ("siglip", "remote")
+OUTPUT_SUFFIXES = (".parquet", ".csv")
+
+
+def probabilities(logits: np.ndarray, kind: str, softmax: bool = False) -> np.ndarray:
+    """[N, K] logits -> [N, K] probabilities (float64): softmax over concepts for CLIP or when asked, else
+    sigmoid per concept."""
+    logits = np.asarray(logits, np.float64)
+    if softmax or kind in SOFTMAX_KINDS:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+    if kind in SIGMOID_KINDS:
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid, without overflow for large |logit|
+    raise UserError(f"model kind {kind!r} has no concept logits to label (expected one of "
+                    f"{', '.join(SOFTMAX_KINDS + SIGMOID_KINDS)})")
+
+
+def top_k(table: pa.Table, k: int, concepts: list[str], *, kind: str, softmax: bool = False) -> pa.Table:
+    """The top k concepts of each ok row of `table` (a table with concept_logits, e.g. from read_features):
+    the row's key columns (uri; slide_id, x, y, level for tiles), rank (1..k), concept, logit, probability.
+    Rows with status error or null logits are left out."""
+    if k < 1:
+        raise UserError(f"--top-k must be at least 1, not {k}")
+    if "concept_logits" not in table.column_names:
+        raise UserError("the table has no concept_logits column")
+    keep = pc.is_valid(table.column("concept_logits"))
+    if "status" in table.column_names:
+        keep = pc.and_(keep, pc.fill_null(pc.equal(table.column("status"), "ok"), False))
+    table = table.filter(keep)
+    keys = [c for c in (TILE_KEYS if "slide_id" in table.column_names else ["uri"]) if c in table.column_names]
+    logits = logits_matrix(table.column("concept_logits"))
+    n = table.num_rows
+    if n and logits.shape[1] != len(concepts):
+        raise UserError(f"the rows have {logits.shape[1]} concept logits but {len(concepts)} concepts are named")
+    k = min(k, len(concepts))
+    probs = probabilities(logits.reshape(n, len(concepts)), kind, softmax)
+    order = np.argsort(-logits.reshape(n, len(concepts)), axis=1, kind="stable")[:, :k]  # ties: the first concept
+    rows = np.repeat(np.arange(n), k)
+    top = order.reshape(-1)
+    columns = {c: table.column(c).take(pa.array(rows)) for c in keys}
+    columns.update(
+        rank=pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n), pa.int32()),
+        concept=pa.array(np.asarray(concepts, dtype=object)[top] if n else [], pa.string()),
+        logit=pa.array(logits.reshape(n, len(concepts))[rows, top], pa.float32()),
+        probability=pa.array(probs[rows, top].astype(np.float32), pa.float32()),
+    )
+    return pa.table(columns)
+
+
+def table_bytes(table: pa.Table, path: str) -> bytes:
+    """The table as .parquet or .csv bytes, by the path's suffix."""
+    check_suffix(path)
+    sink = io.BytesIO()
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, sink, compression="zstd")
+    else:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sink)
+    return sink.getvalue()
+
+
+def check_suffix(path: str, option: str = "--out") -> None:
+    if not path.lower().endswith(OUTPUT_SUFFIXES):
+        raise UserError(f"{option} {path}: write a .parquet or .csv file")
+
+
+def label_output(output: str, k: int, storage_options: dict | None = None, softmax: bool = False) -> pa.Table:
+    """`top_k` over every current ok row of an OUTPUT (images, slides or a rescore)."""
+    source = ScoredOutput(output, storage_options)
+    if not source.has_logits:
+        raise UserError(f"{output} has no concept logits (a features-only run); score it with `featurize rescore "
+                        f"{output} --prompts P.yaml --out OUT2`, then label OUT2")
+    kind = source.identity.get("kind", "")
+    keys = [c for c in source.keys if c in source.columns] if source.is_slides else ["uri"]
+    parts = [top_k(chunk, k, source.concepts, kind=kind, softmax=softmax)
+             for chunk in source.chunks([*keys, "status", "concept_logits"])]
+    if parts:
+        return pa.concat_tables(parts)
+    return top_k(pa.table({**{c: pa.array([], pa.string()) for c in keys}, "status": pa.array([], pa.string()),
+                           "concept_logits": pa.array([], pa.list_(pa.float32()))}),
+                 k, source.concepts, kind=kind, softmax=softmax)
+
+
+# -- command line -----------------------------------------------------------------------------------------------------
+def register_labels(sub) -> None:
+    """Add `featurize labels` to the CLI's subcommands."""
+    p = sub.add_parser("labels", help="zero-shot labels: the top K concepts of each ok row, with probabilities")
+    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
+    p.add_argument("--top-k", type=int, default=5, help="concepts per row [default: 5]")
+    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
+    p.add_argument("--softmax", action="store_true",
+                   help="softmax over concepts for every family [default: softmax for CLIP, sigmoid otherwise]")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
+    p.set_defaults(func=_cmd_labels)
+
+
+def _cmd_labels(args) -> int:
+    from .cli import _echo
+
+    check_suffix(args.out)
+    options = parse_storage_options(args.storage_options)
+    table = label_output(args.output, args.top_k, options, args.softmax)
+    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _echo(f"featurize: wrote {table.num_rows} labels ({int(pc.sum(pc.equal(table.column('rank'), 1)).as_py() or 0)} "
+          f"rows x top {args.top_k}) -> {args.out}")
+    return 0
