@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .lease import Lease
 from .models import VISION_ONLY_KINDS, ModelSpec
 from .prompts import Concept, PromptSet
 from .schema import fixed_list
@@ -343,51 +344,52 @@ def rescore(output: str, prompts: str, out2: str, storage_options: dict | None =
         "identity": identity, "prompt_set_hash": prompt_set.set_hash, "concepts": prompt_set.names,
         "logit_scale": scale, "logit_bias": bias, "run_id": run_id, "started_at": _iso(started), "output": out2,
     }
-    target = OutputDir(out2, storage_options)
-    old_shards = _prepare_out2(target, record)
-    prov = provenance(spec.identity(), prompt_set.set_hash, run_id,
-                      {"rescore_of": output, "source_dataset_version": source.version, "logit_scale": scale,
-                       "logit_bias": bias})
-    sink = _ShardSink(target, rows_per_shard, metadata_bytes(prov))
-    slides = source.current_slides()
-    tops = _SlideTopK(dict(zip(slides.column("uri").to_pylist(), slides.column("top_k").to_pylist()))) \
-        if slides is not None else None
-    counts = {"rows": 0, "ok": 0, "error": 0}
-    t = time.perf_counter()
-    for chunk in source.chunks([*source.keys, "status", "image_features", "run_id"]):
-        for start in range(0, chunk.num_rows, batch_rows):
-            part = chunk.slice(start, batch_rows).combine_chunks()
-            ok = pc.fill_null(pc.and_(pc.equal(part.column("status"), "ok"),
-                                      pc.is_valid(part.column("image_features"))), False)
-            ok_np = ok.to_numpy(zero_copy_only=False)
-            logits = np.zeros((part.num_rows, len(text)), np.float32)
-            if ok_np.any():
-                features = logits_matrix(part.column("image_features").filter(ok)).astype(np.float16)
-                logits[ok_np] = encoder.logits(features, text)
-                if tops is not None:
-                    tops.add(np.asarray(part.column("uri").filter(ok).to_pylist(), dtype=object), logits[ok_np])
-            sink.add(pa.table({
-                **{k: part.column(k) for k in source.keys},
-                "status": pa.array(np.where(ok_np, "ok", "error").tolist(), pa.string()),
-                "concept_logits": fixed_list(logits, pa.float32(), ok_np),
-                "run_id": part.column("run_id"),  # the source row that was rescored
-            }))
-            counts["rows"] += part.num_rows
-            counts["ok"] += int(ok_np.sum())
-            counts["error"] += int((~ok_np).sum())
-    sink.close()
-    for path in old_shards:  # an earlier rescore's shards beyond this one's
-        if path.rsplit("/", 1)[-1] not in sink.written:
-            with_retries(lambda: target.fs.rm(path))
-    target.write_table(prompts_table(prompt_set, text, {**prov, "logit_scale": scale, "logit_bias": bias}),
-                       "_prompts.parquet")
-    if slides is not None:
-        target.write_table(_rescored_slides(slides, tops).replace_schema_metadata(
-            metadata_bytes({**prov, "concepts": prompt_set.names})), "_slides.parquet")
-    record.update(state="complete", counts=counts, shards=len(sink.written), ended_at=_iso(time.time()),
-                  score_s=round(time.perf_counter() - t, 3), versions=package_versions())
-    target.write_json(record, "_rescore.json")  # last: OUT2 is complete
-    return record
+    with Lease.acquire(out2, storage_options, run_id):  # one writer per OUT2, as for every OUTPUT
+        target = OutputDir(out2, storage_options)
+        old_shards = _prepare_out2(target, record)
+        prov = provenance(spec.identity(), prompt_set.set_hash, run_id,
+                          {"rescore_of": output, "source_dataset_version": source.version, "logit_scale": scale,
+                           "logit_bias": bias})
+        sink = _ShardSink(target, rows_per_shard, metadata_bytes(prov))
+        slides = source.current_slides()
+        tops = _SlideTopK(dict(zip(slides.column("uri").to_pylist(), slides.column("top_k").to_pylist()))) \
+            if slides is not None else None
+        counts = {"rows": 0, "ok": 0, "error": 0}
+        t = time.perf_counter()
+        for chunk in source.chunks([*source.keys, "status", "image_features", "run_id"]):
+            for start in range(0, chunk.num_rows, batch_rows):
+                part = chunk.slice(start, batch_rows).combine_chunks()
+                ok = pc.fill_null(pc.and_(pc.equal(part.column("status"), "ok"),
+                                          pc.is_valid(part.column("image_features"))), False)
+                ok_np = ok.to_numpy(zero_copy_only=False)
+                logits = np.zeros((part.num_rows, len(text)), np.float32)
+                if ok_np.any():
+                    features = logits_matrix(part.column("image_features").filter(ok)).astype(np.float16)
+                    logits[ok_np] = encoder.logits(features, text)
+                    if tops is not None:
+                        tops.add(np.asarray(part.column("uri").filter(ok).to_pylist(), dtype=object), logits[ok_np])
+                sink.add(pa.table({
+                    **{k: part.column(k) for k in source.keys},
+                    "status": pa.array(np.where(ok_np, "ok", "error").tolist(), pa.string()),
+                    "concept_logits": fixed_list(logits, pa.float32(), ok_np),
+                    "run_id": part.column("run_id"),  # the source row that was rescored
+                }))
+                counts["rows"] += part.num_rows
+                counts["ok"] += int(ok_np.sum())
+                counts["error"] += int((~ok_np).sum())
+        sink.close()
+        for path in old_shards:  # an earlier rescore's shards beyond this one's
+            if path.rsplit("/", 1)[-1] not in sink.written:
+                with_retries(lambda: target.fs.rm(path))
+        target.write_table(prompts_table(prompt_set, text, {**prov, "logit_scale": scale, "logit_bias": bias}),
+                           "_prompts.parquet")
+        if slides is not None:
+            target.write_table(_rescored_slides(slides, tops).replace_schema_metadata(
+                metadata_bytes({**prov, "concepts": prompt_set.names})), "_slides.parquet")
+        record.update(state="complete", counts=counts, shards=len(sink.written), ended_at=_iso(time.time()),
+                      score_s=round(time.perf_counter() - t, 3), versions=package_versions())
+        target.write_json(record, "_rescore.json")  # last: OUT2 is complete
+        return record
 
 
 # -- command line -----------------------------------------------------------------------------------------------------

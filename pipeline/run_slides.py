@@ -29,7 +29,7 @@ from .console import Progress
 from .run import (_changed, _consume, _iso, _prompt_store, _write_prompts, actor_layout, build_dataset, cluster_shape,
                   finished_counts, finishing, hold_output, init_ray, new_run_id, next_unit, placed_spec, probe_nodes,
                   refuse_process_local, resolve_job, save_run_record, stage_summary, unfinished_run)
-from .schema import (RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list, logits_column, metadata_bytes, package_versions,
+from .schema import (RESULT_COLUMNS, SOURCE_COLUMNS, error_column, fixed_list, logits_column, metadata_bytes, package_versions,
                      provenance, without_absent_logits)
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .sources import list_inputs
@@ -191,7 +191,7 @@ def tile_table_builder(plan: pa.Table, tile_px: int, run_id: str, dataset_versio
             known["slide_id"], known["uri"], known["x"], known["y"], known["level"],
             pa.array(np.full(n, tile_px), pa.int32()), known["tile_mpp"], known["tissue_fraction"],
             pa.array([str(s) for s in cols["status"]], pa.string()),
-            pa.array([None if e is None else str(e) for e in cols["error"]], pa.string()),
+            error_column(cols["error"]),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
             logits_column(cols, ok),
             known["size"], known["mtime"], known["etag"],

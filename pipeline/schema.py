@@ -116,6 +116,13 @@ def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
 
 
+def error_column(errors) -> pa.Array:
+    """The `error` column: the reason, or null. Ray Data hands an all-None object column back as float NaN, which
+    must become null, never the string "nan"."""
+    return pa.array([None if e is None or (isinstance(e, (float, np.floating)) and e != e) else str(e) for e in errors],
+                    pa.string())
+
+
 def logits_column(cols: dict, ok: np.ndarray) -> pa.Array:
     """The `concept_logits` column of a shard; all nulls in features-only runs (then dropped by
     without_absent_logits)."""

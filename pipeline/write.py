@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .schema import IMAGE_SCHEMA, fixed_list, logits_column, metadata_bytes, without_absent_logits
+from .schema import IMAGE_SCHEMA, error_column, fixed_list, logits_column, metadata_bytes, without_absent_logits
 from .sources import image_id
 from .storage import filesystem, is_remote, join, with_retries, write_bytes_atomic, write_json_atomic
 
@@ -233,7 +233,7 @@ def image_table_builder(plan: pa.Table, run_id: str, dataset_version: int):
             pa.array([image_id(u) for u in uris], pa.string()),
             pa.array(uris, pa.string()),
             pa.array([str(s) for s in cols["status"]], pa.string()),
-            pa.array([None if e is None else str(e) for e in cols["error"]], pa.string()),
+            error_column(cols["error"]),
             pa.array(cols["width"], pa.int32()),
             pa.array(cols["height"], pa.int32()),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),

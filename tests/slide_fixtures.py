@@ -111,3 +111,19 @@ def truncate(src, dst, fraction: float = 0.6) -> Path:
 def true_fraction(truth: np.ndarray, x: int, y: int, footprint: int) -> float:
     """The tissue fraction of the level-0 square at (x, y) according to the drawing."""
     return float(truth[y:y + footprint, x:x + footprint].mean())
+
+
+def grid_plan(slide_id: str, uri: str, width: int, height: int, footprint_px: int = 128, every: int = 1):
+    """A slide's tile plan (the columns tile_table_builder reads) on a plain grid of footprint_px level-0 pixels,
+    every `every`-th tile, read from level 1 at 0.5 um/px, all tissue: for shard tests that need no planning."""
+    import pyarrow as pa
+
+    xs, ys = np.meshgrid(np.arange(0, width - footprint_px + 1, footprint_px),
+                         np.arange(0, height - footprint_px + 1, footprint_px))
+    xs, ys = xs.reshape(-1)[::every], ys.reshape(-1)[::every]
+    n = len(xs)
+    return pa.table({
+        "slide_id": [slide_id] * n, "uri": [uri] * n, "x": pa.array(xs, pa.int64()), "y": pa.array(ys, pa.int64()),
+        "level": pa.array(np.ones(n), pa.int32()), "tile_mpp": pa.array(np.full(n, 0.5)),
+        "tissue_fraction": pa.array(np.ones(n), pa.float32()), "size": pa.array([1] * n, pa.int64()),
+        "mtime": pa.array([0.0] * n), "etag": pa.array([None] * n, pa.string())})

@@ -14,7 +14,7 @@ from pipeline.run_slides import SLIDE_SCHEMA, tile_table_builder
 from pipeline.schema import prompts_table
 from pipeline.prompts import Concept, PromptSet
 from pipeline.write import OutputDir
-from slide_fixtures import draw_slide, write_slide
+from slide_fixtures import draw_slide, grid_plan, write_slide
 
 CONCEPTS = ["tumor", "stroma", "necrotic tissue"]
 MAP_SIDE = 4
@@ -27,15 +27,8 @@ def _fake_output(root, slides: dict, concept_maps: bool = False):
     plan_parts, rows = [], []
     for slide_id, (path, width, height) in slides.items():
         fp = 128
-        xs, ys = np.meshgrid(np.arange(0, width - fp + 1, fp), np.arange(0, height - fp + 1, fp))
-        xs, ys = xs.reshape(-1)[::2], ys.reshape(-1)[::2]  # every other tile: gaps stay transparent
-        n = len(xs)
-        plan_parts.append(pa.table({
-            "slide_id": [slide_id] * n, "uri": [str(path)] * n, "x": pa.array(xs, pa.int64()),
-            "y": pa.array(ys, pa.int64()), "level": pa.array(np.ones(n), pa.int32()),
-            "tile_mpp": pa.array(np.full(n, 0.5)), "tissue_fraction": pa.array(np.ones(n), pa.float32()),
-            "size": pa.array([1] * n, pa.int64()), "mtime": pa.array([0.0] * n),
-            "etag": pa.array([None] * n, pa.string())}))
+        plan_parts.append(grid_plan(slide_id, str(path), width, height, fp, every=2))  # gaps stay transparent
+        n = plan_parts[-1].num_rows
         rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide", "mpp": 0.25,
                      "mpp_source": "tiff.XResolution", "width": width, "height": height, "n_tiles": n,
                      "footprint_px": fp, "step_px": fp, "tile_px": 64, "run_id": run_id, "dataset_version": 1})

@@ -77,7 +77,7 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
     """Once per session: a slides OUTPUT (two real slides, one with a failed tile, one unreadable slide) with
     random unit features of the tiny model's width, made by the driver's table builders."""
     if "slides" not in _CACHE:
-        from slide_fixtures import draw_slide, write_slide
+        from slide_fixtures import draw_slide, grid_plan, write_slide
 
         from pipeline.prompts import load_prompts
         from pipeline.run_slides import SLIDE_SCHEMA, tile_table_builder
@@ -95,15 +95,8 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
                                draw_slide(width, height, shapes=[("rect", 64, 64, width - 64, height - 64)]), 0.25,
                                levels=2)
             fp = 128
-            xs, ys = np.meshgrid(np.arange(0, width - fp + 1, fp), np.arange(0, height - fp + 1, fp))
-            xs, ys = xs.reshape(-1), ys.reshape(-1)
-            n = len(xs)
-            plan_parts.append(pa.table({
-                "slide_id": [slide_id] * n, "uri": [str(path)] * n, "x": pa.array(xs, pa.int64()),
-                "y": pa.array(ys, pa.int64()), "level": pa.array(np.ones(n), pa.int32()),
-                "tile_mpp": pa.array(np.full(n, 0.5)), "tissue_fraction": pa.array(np.ones(n), pa.float32()),
-                "size": pa.array([1] * n, pa.int64()), "mtime": pa.array([0.0] * n),
-                "etag": pa.array([None] * n, pa.string())}))
+            plan_parts.append(grid_plan(slide_id, str(path), width, height, fp))
+            n = plan_parts[-1].num_rows
             rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide", "mpp": 0.25,
                          "mpp_source": "tiff.XResolution", "width": width, "height": height, "n_tiles": n,
                          "n_tile_errors": 0, "footprint_px": fp, "step_px": fp, "tile_px": 64, "top_k": 4,

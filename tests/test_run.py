@@ -99,3 +99,11 @@ def test_a_failed_run_shuts_its_stream_down_and_leaves_no_thread_behind():
         _consume(stream, _Writer(), RunConfig(**CFG, stall_timeout_s=60), stats, on_commit=lambda unit: None)
     assert stream.closed.wait(10), "the stream was left running"
     assert not [t for t in set(threading.enumerate()) - before if t.name == "featurize-pull"]
+
+
+def test_error_column_is_null_for_ok_rows_even_as_nan():
+    """Ray Data returns an all-None object column as float NaN: the shard stores null, not "nan"."""
+    from pipeline.schema import error_column
+
+    assert error_column(np.array([np.nan, np.nan], dtype=np.float32)).to_pylist() == [None, None]
+    assert error_column(np.array([None, "bad file"], dtype=object)).to_pylist() == [None, "bad file"]
