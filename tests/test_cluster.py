@@ -161,6 +161,24 @@ def test_hidden_dir_is_seen_by_the_head_only(ray_cluster):
         probe.unlink()
 
 
+def test_local_input_a_worker_node_cannot_read_is_refused_by_the_probe(ray_cluster, conceptclip_model,
+                                                                        prompts_file, tmp_path):
+    """INPUT under the directory the hidden worker cannot see: the driver lists it, the probe task on that node
+    cannot read it, and the job fails with one line naming INPUT and the fix, before any model starts."""
+    if not ray_cluster.hide_works:
+        pytest.skip("unshare --mount does not work here")
+    images = ray_cluster.hidden_dir / f"images-{uuid.uuid4().hex[:6]}"
+    make_images(images, 3, seed=2, sizes=SMALL)
+    output = tmp_path / "out"
+    config = _config(tmp_path / "job.yaml", images, output, conceptclip_model, prompts_file)
+    done = ray_cluster.submit(_job("featurize.py", config), _sid("probe"), timeout=JOB_TIMEOUT_S)
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert f"featurize: error: INPUT {images} is a local path the worker nodes cannot read" in done.stdout, \
+        done.stdout[-3000:]
+    assert "put it on shared or object storage" in done.stdout
+    assert not list(output.glob("part-*.parquet"))
+
+
 def test_job_submit_featurizes_every_image_once_and_leaks_no_secret(ray_cluster, images, conceptclip_model,
                                                                     prompts_file, tmp_path):
     output = tmp_path / "out"
