@@ -3,7 +3,7 @@
     from ray_cluster import ray_cluster_fixture  # noqa: F401   (the fixture is named `ray_cluster`; tests/ is on
                                                  # sys.path, as pytest puts the rootdir conftest.py's folder there)
 
-The session fixture `ray_cluster` starts, one at a time (three nodes booting together time out on 2 cores):
+The module fixture `ray_cluster` starts (and stops when the module is done, so idle nodes do not slow later tests), one at a time (three nodes booting together time out on 2 cores):
 
 - a head: `ray start --head --num-cpus 0 ... --block` (the dashboard, hence job submission, on 127.0.0.1), where
   job drivers run;
@@ -499,7 +499,7 @@ def _address_file_state() -> bytes | None:
         return None
 
 
-@pytest.fixture(scope="session", name="ray_cluster")
+@pytest.fixture(scope="module", name="ray_cluster")
 def ray_cluster_fixture():
     """A head (no CPUs, the dashboard, job drivers) and two 2-CPU worker nodes, the second with `hidden_dir`
     hidden from it. Tests that kill nodes must leave two live workers (one hidden) behind them."""
