@@ -3,7 +3,8 @@
     from ray_cluster import ray_cluster_fixture  # noqa: F401   (the fixture is named `ray_cluster`; tests/ is on
                                                  # sys.path, as pytest puts the rootdir conftest.py's folder there)
 
-The module fixture `ray_cluster` starts (and stops when the module is done, so idle nodes do not slow later tests), one at a time (three nodes booting together time out on 2 cores):
+The module fixture `ray_cluster` (stopped when its module is done, so idle nodes do not slow later tests) starts,
+one at a time (three nodes booting together time out on 2 cores):
 
 - a head: `ray start --head --num-cpus 0 ... --block` (the dashboard, hence job submission, on 127.0.0.1), where
   job drivers run;
