@@ -3,11 +3,18 @@
 __version__ = "0.1.0"
 
 
-def read_features(output, storage_options=None, exclude_removed=False, columns=None):
+def read_features(output, storage_options=None, exclude_removed=False, columns=None, version=None):
     """One current row per input of a featurised OUTPUT, as a pyarrow Table (see pipeline.read)."""
     from .read import read_features as _read
 
-    return _read(output, storage_options, exclude_removed, columns)
+    return _read(output, storage_options, exclude_removed, columns, version)
+
+
+def open_features(output, storage_options=None, version=None, exclude_removed=False):
+    """The current rows as a lazy DuckDB relation, which DuckDB queries and Polars reads (see pipeline.read)."""
+    from .read import open_features as _open
+
+    return _open(output, storage_options, version, exclude_removed)
 
 
 def top_k(table, k, concepts, *, kind, softmax=False):

@@ -62,6 +62,8 @@ def _cmd_images(args: argparse.Namespace) -> int:
 
     cfg = make_config(RunConfig, options_from_args(args, RunConfig))
     record = run_images(cfg, echo=_echo, command_started=COMMAND_STARTED)
+    if cfg.dry_run:
+        return 0
     _print_summary(record)
     return 1 if cfg.fail_on_error and record["counts"].get("error", 0) else 0
 

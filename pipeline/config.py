@@ -16,10 +16,6 @@ from .errors import UserError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-# About 100 MB shards: ~2.3 KB of fp16 features for a 1152-d model plus logits, uri and id per row.
-DEFAULT_ROWS_PER_SHARD = 40_000
-
-
 class JobConfig(BaseModel):
     """Options every featurisation job shares (images and slides)."""
 
@@ -43,13 +39,16 @@ class JobConfig(BaseModel):
     batch_size: int = Field(0, ge=0, description="Images per model batch; 0 = chosen from the device.")
     num_actors: int = Field(0, ge=0, description="Model actors; 0 = one per GPU, else sized from the CPUs.")
     decode_batch_size: int = Field(32, ge=1, description="Images per decode task batch.")
-    rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="Rows per Parquet shard (one work unit).")
+    rows_per_shard: int = Field(0, ge=0, description="Rows per Parquet shard (one work unit); 0 = about 128 MB of "
+                                                     "row data a shard, from the row's width.")
     torch_threads: int = Field(0, ge=0, description="Torch CPU threads per actor; 0 = the CPUs of its node / actors.")
     storage_options: dict[str, Any] = Field(default_factory=dict,
                                             description="fsspec storage options for input and output.")
     stall_timeout_s: float = Field(900.0, gt=0, description="Fail the run when nothing progresses this long, seconds.")
     incremental: bool = Field(False, description="Process only new or changed inputs into an existing OUTPUT.")
     new_version: bool = Field(False, description="Allow a changed model/revision/dtype/prompt set in an existing OUTPUT.")
+    dry_run: bool = Field(False, description="List and plan only: print what a run would do (last line JSON); "
+                                             "start no model, write nothing to OUTPUT.")
     fail_on_error: bool = Field(False, description="Exit with status 1 when any input became an error row.")
     torch_compile: bool = Field(False, description="torch.compile the image encoder (GPU; the first batches are slow "
                                                     "while it compiles).")

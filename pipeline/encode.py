@@ -59,11 +59,14 @@ class EncodeBatch:
         if concept_maps:
             self.dim = self.text_embeddings.shape[1]
         if prompt_store is not None and self.text_embeddings is not None:
-            prompt_store.put.remote({
+            import ray
+
+            # Waited for: the driver writes _prompts.parquet before the first shard, and finds it here by then.
+            ray.get(prompt_store.put.remote({
                 "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
                 "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
                 "dtype": str(self.encoder.dtype).replace("torch.", ""), "pid": os.getpid(),
-            })
+            }))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t = time.perf_counter()

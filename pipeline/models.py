@@ -224,6 +224,26 @@ def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
     return {"cls": (width,), "mean": (width,), "patch": (patches, width), "cls_patch": (tokens, width)}[features.pool]
 
 
+def row_widths(spec: ModelSpec, features: FeatureSpec, feature_shape: tuple[int, ...] | None, concepts: int,
+               concept_maps: bool = False) -> dict[str, tuple[int, int]]:
+    """Per list column of a result row, (values, bytes a value), read from the checkpoint's config.json without
+    loading the model: what sizes shards by bytes. The embedding's width is projection_dim / embed_dim, else the
+    image tower's hidden_size (SigLIP)."""
+    config = _load_config_json(spec.model, spec.revision, spec.token)
+    vision = config if spec.kind in VISION_ONLY_KINDS else (config.get("vision_config") or {})
+    if feature_shape is not None:
+        width = int(np.prod(feature_shape))
+    else:
+        width = int(config.get("projection_dim") or config.get("embed_dim") or vision.get("hidden_size") or 1152)
+    widths = {"image_features": (width, 2)}
+    if concepts:
+        widths["concept_logits"] = (concepts, 4)
+    if concept_maps:
+        patches = (int(vision.get("image_size", 384)) // int(vision.get("patch_size", 14))) ** 2
+        widths["concept_maps"] = (concepts * patches, 2)
+    return widths
+
+
 def load_processor(spec: ModelSpec):
     from transformers import AutoProcessor
 

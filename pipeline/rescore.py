@@ -290,7 +290,7 @@ class _SlideTopK:
 
 
 def _rescored_slides(slides: pa.Table, tops: _SlideTopK) -> pa.Table:
-    from .run_slides import slide_scores
+    from .summary import slide_scores
 
     rows = slides.to_pylist()
     for row in rows:

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -21,17 +21,20 @@ import pyarrow.compute as pc
 from .config import JobConfig, RunConfig
 from .decode import decode_batch
 from .encode import EncodeBatch, PromptStore
-from .lease import Lease
+from .lease import LEASE_NAME, Lease
 from .errors import ENVIRONMENT_ERROR_CLASSES, EnvironmentFailure, UserError, first_line
 from .models import (VISION_ONLY_KINDS, FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec,
                      resolve_model)
 from .console import Progress, hide_native_log_lines, stderr_is_terminal
 from .prompts import PromptSet, load_prompts
 from .schema import package_versions, prompts_table, provenance
-from .sources import check_local_input, list_inputs
-from .storage import exists, is_remote
-from .write import (OutputDir, ShardWriter, check_identity, image_table_builder, make_plan, newest_per_uri,
-                    unit_counts)
+from .models import row_widths
+from .plan import (PLAN_ROW_GROUP, Listing, Workspace, classify, committed_view, contiguous_units, next_unit,
+                   open_listing, plan_unit_counts, planned_kinds, shard_rows, unfinished_run, upload_plan,
+                   write_listing_uris, write_plan)
+from .sources import IMAGE_SUFFIXES, check_local_input, write_listing
+from .storage import exists, is_remote, local_path
+from .write import OutputDir, ShardWriter, check_identity, image_table_builder
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +140,21 @@ class ModelJob:
     prompt_set: PromptSet | None
     features: FeatureSpec
     feature_shape: tuple[int, ...] | None  # hidden-state features: one row's shape before flattening
+    fast_decode: bool = False  # approximate JPEG decoding changes the numbers a little
+
 
     def identity(self) -> dict:
         """What the numbers depend on (features only when not the default, so older OUTPUTs keep theirs)."""
         identity = {**self.spec.identity(), "prompt_set_hash": self.prompt_set.set_hash if self.prompt_set else None}
         if self.features.kind != "embedding":
             identity["features"] = self.features.name
+        if self.fast_decode:
+            identity["fast_decode"] = True
         return identity
 
     def described(self) -> dict:
         """For provenance and the run record."""
-        out = {"features": self.features.name}
+        out = {"features": self.features.name, "fast_decode": self.fast_decode}
         if self.feature_shape is not None:
             out["feature_shape"] = list(self.feature_shape)
         return out
@@ -165,7 +172,7 @@ def resolve_job(cfg: JobConfig) -> ModelJob:
         raise UserError(f"--prompts scores concepts against the model's embedding, so it cannot go with --features "
                         f"{features.name}: drop one of them")
     shape = hidden_shape(spec, features) if features.kind == "hidden" else None
-    return ModelJob(spec, prompt_set, features, shape)
+    return ModelJob(spec, prompt_set, features, shape, bool(getattr(cfg, "fast_decode", False)))
 
 
 def placed_spec(spec: ModelSpec, layout: dict) -> ModelSpec:
@@ -184,7 +191,7 @@ def refuse_process_local(cfg: JobConfig) -> None:
         if str(getattr(cfg, name)).startswith("memory://"):
             raise UserError(f"{name.upper()} {getattr(cfg, name)} is in this process's memory, which Ray's workers "
                             "cannot see: use a local folder or object storage")
-    if not is_remote(cfg.output) and not os.path.isabs(cfg.output.removeprefix("file://")) and _in_job_working_dir():
+    if not is_remote(cfg.output) and not os.path.isabs(local_path(cfg.output)) and _in_job_working_dir():
         raise UserError(f"OUTPUT {cfg.output} is a relative path inside a Ray job, i.e. inside Ray's temporary copy "
                         "of the job's working dir, which is deleted with the job: give an absolute path on shared "
                         "storage, or an object store URL")
@@ -204,29 +211,30 @@ def _readable(paths: list[str]) -> list[str]:
     return [p for p in paths if not os.access(p, os.R_OK)]
 
 
-def probe_nodes(cfg: JobConfig, listing: pa.Table, echo=print, timeout_s: float = 120.0) -> None:
+def probe_nodes(cfg: JobConfig, sample: list[str], echo=print, timeout_s: float = 120.0) -> bool:
     """Before streaming, one task per worker node checks it can read the local paths the run needs there (a sample
     of the inputs, the model folder): on a multi-node cluster the driver's disk is not the workers' disk.
-    Skipped when the only node is the driver's own."""
+    Skipped when the only node is the driver's own. Returns whether every node reads OUTPUT (then Ray Data reads
+    the plan file itself)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
     here = ray.get_runtime_context().get_node_id()
     if all(n["NodeID"] == here for n in nodes):
-        return
-    uris = listing.column("uri")
-    sample = {uris[i].as_py() for i in {0, listing.num_rows // 2, listing.num_rows - 1} if listing.num_rows}
-    needs = {uri[len("file://"):] if uri.startswith("file://") else uri: "INPUT" for uri in sample
-             if not is_remote(uri)}
+        return True
+    needs = {local_path(uri): "INPUT" for uri in sample if not is_remote(uri)}
     if os.path.isdir(cfg.model):
         needs[os.path.join(os.path.abspath(cfg.model), "config.json")] = "MODEL"
-    if not needs and is_remote(cfg.output):
-        return
+    if not is_remote(cfg.output):
+        needs[os.path.join(os.path.abspath(local_path(cfg.output)), LEASE_NAME)] = "OUTPUT"
+    if not needs:
+        return True
     task = ray.remote(num_cpus=0, max_retries=0)(_readable)
     refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
         sorted(needs)): n for n in nodes}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    everywhere = not pending
     for ref in pending:
         echo(f"featurize: warning: node {refs[ref]['NodeManagerAddress']} did not answer the path probe in "
              f"{timeout_s:.0f} s; not checked")
@@ -236,8 +244,12 @@ def probe_nodes(cfg: JobConfig, listing: pa.Table, echo=print, timeout_s: float 
             missing = ray.get(ref)
         except Exception as exc:  # the node died meanwhile: Ray Data will not schedule on it either
             echo(f"featurize: warning: node {node} failed the path probe ({type(exc).__name__}); not checked")
+            everywhere = False
             continue
         for path in missing:
+            if needs[path] == "OUTPUT":
+                everywhere = False
+                continue
             if needs[path] == "INPUT":
                 raise EnvironmentFailure(f"INPUT {cfg.input} is a local path the worker nodes cannot read (node "
                                          f"{node} cannot read {path}): put it on shared or object storage")
@@ -246,6 +258,7 @@ def probe_nodes(cfg: JobConfig, listing: pa.Table, echo=print, timeout_s: float 
     if not is_remote(cfg.output):
         echo(f"featurize: note: OUTPUT {cfg.output} is a local path: shards are written on the driver's node "
              "only")
+    return everywhere
 
 
 # What to do when a worker hit a fault that is not the input's.
@@ -272,69 +285,6 @@ def environment_failure(batch: dict, cfg: JobConfig) -> EnvironmentFailure | Non
                                       f"{cfg.input} is a local path the worker nodes cannot read; put it on "
                                       "shared or object storage")
     return None
-
-
-# -- planning -------------------------------------------------------------------------------------------------------
-def _changed(listing: pa.Table, committed: pa.Table) -> np.ndarray:
-    """Per listed input: True where it is new, or (by etag, else size and mtime) changed since it was committed."""
-    latest = {}
-    for uri, size, mtime, etag, run_id in zip(*(committed.column(c).to_pylist()
-                                                for c in ("uri", "size", "mtime", "etag", "run_id"))):
-        if uri not in latest or run_id > latest[uri][3]:
-            latest[uri] = (size, mtime, etag, run_id)
-    out = np.ones(listing.num_rows, dtype=bool)
-    for i, (uri, size, mtime, etag) in enumerate(zip(*(listing.column(c).to_pylist()
-                                                       for c in ("uri", "size", "mtime", "etag")))):
-        seen = latest.get(uri)
-        if seen is None:
-            continue
-        if etag is not None and seen[2] is not None:
-            out[i] = etag != seen[2]
-        else:
-            out[i] = size != seen[0] or (mtime is not None and seen[1] is not None and abs(mtime - seen[1]) > 1e-6)
-    return out
-
-
-def unfinished_run(out: OutputDir, runs: list[dict], version: int, cfg: JobConfig) -> tuple[str, pa.Table] | None:
-    """The newest run on this OUTPUT over the same input and dataset version that did not complete, and its plan."""
-    for record in reversed(runs):
-        if record.get("state") != "complete" and record.get("dataset_version") == version \
-                and record.get("input") == cfg.input:
-            plan = out.read_plan(record["run_id"])
-            if plan is not None:
-                return record["run_id"], plan
-    return None
-
-
-def next_unit(out: OutputDir, runs: list[dict]) -> int:
-    """The first work unit number no committed shard or earlier run has used."""
-    used = list(out.shard_units()) + [int(r.get("last_unit", -1)) for r in runs]
-    return max(used, default=-1) + 1
-
-
-def plan_run(out: OutputDir, listing: pa.Table, version: int, cfg: JobConfig,
-             run_id: str | None = None) -> tuple[str, pa.Table, bool]:
-    """Resume the unfinished run on this OUTPUT, or plan a new one (as run_id) over the inputs not yet committed
-    (with retry_errors, also those whose newest row is an error row)."""
-    runs = out.runs()
-    resumable = unfinished_run(out, runs, version, cfg)
-    if resumable is not None:
-        return (*resumable, True)
-    committed = out.committed_index()
-    committed = committed.filter(pc.equal(committed.column("dataset_version"), version))
-    if getattr(cfg, "retry_errors", False):
-        committed = newest_per_uri(committed)
-        committed = committed.filter(pc.equal(committed.column("status"), "ok"))
-    if cfg.incremental:
-        mask = _changed(listing, committed)
-    else:
-        mask = ~np.asarray(pc.is_in(listing.column("uri"), value_set=committed.column("uri")).to_numpy(
-            zero_copy_only=False), dtype=bool)
-    pending = listing.filter(pa.array(mask))
-    first_unit = next_unit(out, runs)
-    run_id = run_id or new_run_id()
-    plan = make_plan(pending, first_unit, cfg.rows_per_shard)
-    return run_id, plan, False
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -420,106 +370,254 @@ def stage_summary(stats: dict, stream_started: float) -> dict:
     return out
 
 
-def run_images(cfg: RunConfig, echo=print, command_started: float | None = None) -> dict:
-    """`featurize images`: returns the run record (also written to OUTPUT/_run.json).
+@dataclass
+class Planned:
+    """A run's plan: the work units (unit -> rows) and counts; the driver holds nothing per input."""
 
-    command_started: when the user's command began (for first_shard_s); defaults to now."""
+    run_id: str
+    resumed: bool
+    counts: dict
+    units: dict[int, int]
+    plan_path: str | None = None  # the plan file in OUTPUT's filesystem (a resumed run's, or once uploaded)
+    local_plan: str | None = None  # a new plan, in the workspace until the run uploads it
+    extra: dict = field(default_factory=dict)  # what the job kind needs later (slides: the slide table)
+
+
+class ImagesJob:
+    """`featurize images` for the job skeleton (run_job): each job kind supplies its listing and plan, its CPU stage,
+    its table builder and its finish step."""
+
+    command = "images"
+    noun = "images"
+    suffixes = IMAGE_SUFFIXES
+    plan_needs_ray = False
+    stage_columns = ["uri", "size", "mtime", "etag", "unit", "row"]
+
+    def __init__(self, cfg: RunConfig, model: ModelJob):
+        self.cfg, self.model = cfg, model
+        self.preprocess = None
+
+    def prepare(self, ws: Workspace) -> Listing:
+        """On a thread while Ray starts: the processor's preprocessing, and the listing into the workspace."""
+        self.preprocess = preprocess_spec(self.model.spec)
+        files, rows = write_listing(self.cfg.input, ws.path("listing"), self.cfg.storage_options, self.suffixes)
+        return open_listing(ws, files, rows)
+
+    def identity(self) -> dict:
+        return self.model.identity()
+
+    def provenance_extra(self) -> dict:
+        return {}
+
+    def rows_per_shard(self) -> int:
+        prompts = self.model.prompt_set
+        return shard_rows(self.cfg.rows_per_shard, row_widths(self.model.spec, self.model.features,
+                                                              self.model.feature_shape,
+                                                              len(prompts.names) if prompts else 0))
+
+    def plan(self, ws: Workspace, out: OutputDir, listing: Listing, version: int, run_id: str,
+             runs: list[dict]) -> Planned:
+        """Resume the unfinished run over this input, or plan the inputs not yet committed (with incremental, also
+        the changed ones; with retry_errors, those whose newest row is an error row)."""
+        resumable = unfinished_run(out, runs, version, self.cfg.input)
+        if resumable is not None:
+            run_id, path = resumable
+            units = plan_unit_counts(ws, out, path)
+            return Planned(run_id, True, {"planned": sum(units.values())}, units, plan_path=path)
+        committed_view(ws, out, version)
+        counts = classify(ws)
+        first_unit, rows_per_shard = next_unit(out, runs), self.rows_per_shard()
+        local, rows = write_plan(ws, planned_kinds(self.cfg.incremental, self.cfg.retry_errors), first_unit,
+                                 rows_per_shard)
+        return Planned(run_id, False, {**counts, "planned": rows, "rows_per_shard": rows_per_shard},
+                       contiguous_units(rows, first_unit, rows_per_shard), local_plan=local)
+
+    def stage(self):
+        """The CPU stage: Ray Data batch function and its keyword arguments."""
+        cfg = self.cfg
+        return decode_batch, {"spec": self.preprocess, "max_pixels": cfg.max_image_pixels,
+                              "storage_options": cfg.storage_options, "fast": cfg.fast_decode}
+
+    def encode_kwargs(self) -> dict:
+        return {}
+
+    def table_builder(self, run_id: str, version: int):
+        return image_table_builder(run_id, version)
+
+    def finish(self, ws: Workspace, out: OutputDir, planned: Planned, prov: dict, record: dict) -> None:
+        pass
+
+    def summary(self, listing: Listing, planned: Planned) -> str:
+        c = planned.counts
+        if planned.resumed:
+            return f"resuming run {planned.run_id}"
+        return (f"{c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('error', 0)} error rows, "
+                f"{c.get('unchanged', 0)} unchanged")
+
+
+def run_images(cfg: RunConfig, echo=print, command_started: float | None = None) -> dict:
+    """`featurize images`: returns the run record (also written to OUTPUT/_run.json), or with dry_run the plan's
+    counts. command_started: when the user's command began (for first_shard_s); defaults to now."""
+    refuse_process_local(cfg)
+    model = resolve_job(cfg)
+    return run_job(cfg, ImagesJob(cfg, model), echo, command_started)
+
+
+def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = None) -> dict:
+    """The driver's one skeleton: list and plan, stream the plan's work units through the CPU stage and the model
+    actors, commit each unit's shard, finish, record the run."""
     started = time.time()
     command_started = command_started or started
-    refuse_process_local(cfg)
-    job = resolve_job(cfg)
-    spec, prompt_set = job.spec, job.prompt_set
     check_local_input(cfg.input)
+    if cfg.dry_run:
+        return dry_run(cfg, kind, echo)
     run_id = new_run_id()
-    with hold_output(cfg, run_id, echo) as lease:
+    with hold_output(cfg, run_id, echo) as lease, Workspace() as ws:
 
         def prepare():
             t = time.perf_counter()
-            listing = list_inputs(cfg.input, cfg.storage_options)
-            t_listed = time.perf_counter()
-            return preprocess_spec(spec), listing, t_listed - t, time.perf_counter() - t_listed
+            listing = kind.prepare(ws)
+            return listing, time.perf_counter() - t
 
         t_prepare = time.perf_counter()
-        started_ray, (preprocess, listing, listing_s, processor_s) = while_ray_starts(prepare, cfg.verbose)
+        started_ray, (listing, listing_s) = while_ray_starts(prepare, cfg.verbose)
         ray_start_s = time.perf_counter() - t_prepare
         record: dict = {}
         with finishing(cfg, record, lease, started_ray):
             layout = actor_layout(cfg, cluster_shape())
-            probe_nodes(cfg, listing, echo)
-            spec = job.spec = placed_spec(spec, layout)
-            identity = job.identity()
+            everywhere = probe_nodes(cfg, listing.sample, echo)
+            model = kind.model
+            model.spec = placed_spec(model.spec, layout)
+            identity = kind.identity()
             out = OutputDir(cfg.output, cfg.storage_options)
             version = check_identity(out, identity, cfg.new_version)
-            run_id, plan, resumed = plan_run(out, listing, version, cfg, run_id)
-            if resumed:
-                lease.update(run_id=run_id)
-            prov = provenance(spec.identity(), identity["prompt_set_hash"], run_id,
-                              {"dataset_version": version, **job.described()})
+            runs = out.runs()
+            t_plan = time.perf_counter()
+            planned = kind.plan(ws, out, listing, version, run_id, runs)
+            plan_s = time.perf_counter() - t_plan
+            if planned.resumed:
+                lease.update(run_id=planned.run_id)
+            run_id = planned.run_id
+            prov = provenance(model.spec.identity(), identity["prompt_set_hash"], run_id,
+                              {"dataset_version": version, **kind.provenance_extra(), **model.described()})
             done_units = set(out.shard_units())
-            pending_units = set(int(u) for u in np.unique(plan.column("unit").to_numpy())) - done_units
+            pending = {u: n for u, n in planned.units.items() if u not in done_units}
             record.update({
-                "run_id": run_id, "command": "images", "state": "running", "input": cfg.input,
-                "output": cfg.output, **identity, "dataset_version": version, "resumed": resumed,
-                "started_at": _iso(started), "versions": package_versions(), **job.described(),
-                "counts": {"listed": listing.num_rows, "skipped": listing.num_rows - plan.num_rows,
-                           "planned": plan.num_rows},
-                "last_unit": int(pc.max(plan.column("unit")).as_py()) if plan.num_rows else -1,
-                "layout": layout,
+                "run_id": run_id, "command": kind.command, "state": "running", "input": cfg.input,
+                "output": cfg.output, "command_line": prov["command"], **identity, "dataset_version": version,
+                "resumed": planned.resumed, "started_at": _iso(started), "versions": package_versions(),
+                **model.described(),
+                "counts": {"listed": listing.rows, "duplicates": listing.duplicates, **planned.counts,
+                           "skipped": listing.unique - planned.counts["planned"]},
+                "last_unit": max(planned.units, default=-1), "layout": layout,
             })
-            if plan.num_rows and not resumed:
-                out.write_table(plan, "_runs", f"{run_id}.plan.parquet")
-            out.write_json({"identity": identity, "version": version}, "_dataset.json")
-            out.write_table(listing.select(["uri"]), "_listing.parquet")  # lets readers drop removed inputs
+            if planned.local_plan is not None and planned.units:
+                planned.plan_path = upload_plan(planned.local_plan, out, run_id)
+            current = out.read_json("_dataset.json") or {}
+            readable = current.get("readable_version", current.get("version"))
+            out.write_json({"identity": identity, "version": version,
+                            **({"readable_version": readable} if readable else {})}, "_dataset.json")
+            write_listing_uris(ws, out)
             out.write_json(record, "_runs", f"{run_id}.json")
-            echo(f"featurize: {listing.num_rows} inputs listed in {listing_s:.1f} s; "
-                 f"{'resuming run ' + run_id + ': ' if resumed else ''}{len(pending_units)} work unit(s) to "
-                 f"process on {layout['size']} {layout['device']} actor(s)")
+            if listing.duplicates:
+                echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
+            echo(f"featurize: {listing.rows} {kind.noun} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
+                 f"{len(pending)} work unit(s) to process on {layout['size']} {layout['device']} actor(s)")
 
             stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-            processed = 0
+            processed = sum(pending.values())
             writer = None
             t_stream = time.perf_counter()
             first_commit = [None]
-            if pending_units:
-                work = plan.filter(pc.is_in(plan.column("unit"),
-                                            value_set=pa.array(sorted(pending_units), pa.int32())))
-                processed = work.num_rows
-                writer = ShardWriter(out, unit_counts(plan, pending_units),
-                                     image_table_builder(plan, run_id, version), prov, before_commit=lease.check)
+            if pending:
                 store = _prompt_store()
-                ds = build_dataset(
-                    work.select(["uri", "unit", "row"]), decode_batch,
-                    {"spec": preprocess, "max_pixels": cfg.max_image_pixels,
-                     "storage_options": cfg.storage_options, "fast": cfg.fast_decode},
-                    cfg.decode_batch_size,
-                    {"model_spec": spec, "preprocess": preprocess, "prompt_set": prompt_set, "prompt_store": store,
-                     "features": job.features},
-                    layout)
 
-                def on_commit(unit):
-                    if first_commit[0] is None:
+                def before_commit():
+                    lease.check()
+                    if first_commit[0] is None:  # the prompt table goes first: no shard without it
+                        _write_prompts(out, store, model.prompt_set, prov)
                         first_commit[0] = time.time() - command_started
-                        _write_prompts(out, store, prompt_set, prov)
 
-                progress = Progress(processed, "images", cfg.progress_interval_s)
+                writer = ShardWriter(out, pending, kind.table_builder(run_id, version), prov,
+                                     before_commit=before_commit)
+                stage_fn, stage_kwargs = kind.stage()
+                source = plan_source(out, planned.plan_path, kind.stage_columns,
+                                     None if len(pending) == len(planned.units) else sorted(pending),
+                                     processed, cfg.decode_batch_size, everywhere)
+                ds = build_dataset(source, stage_fn, stage_kwargs, cfg.decode_batch_size,
+                                   {"model_spec": model.spec, "preprocess": kind.preprocess,
+                                    "prompt_set": model.prompt_set, "prompt_store": store,
+                                    "features": model.features, **kind.encode_kwargs()}, layout)
+                progress = Progress(processed, kind.noun, cfg.progress_interval_s)
                 try:
-                    _consume(ds, writer, cfg, stats, on_commit, progress)
+                    _consume(ds, writer, cfg, stats, lambda unit: None, progress)
                 finally:
                     progress.close()
             stream_s = time.perf_counter() - t_stream
-            ended = time.time()
             record["counts"].update(processed=processed, **finished_counts(writer))
+            kind.finish(ws, out, planned, prov, record)
+            ended = time.time()
             record.update(state="complete", ended_at=_iso(ended), wall_s=round(ended - started, 3),
-                          images_per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
+                          per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
                           first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
-                          stages={"listing_s": round(listing_s, 3), "processor_s": round(processor_s, 3),
-                                  "ray_start_and_prepare_s": round(ray_start_s, 3),
-                                  "stream_s": round(stream_s, 3), **stage_summary(stats, t_stream)})
+                          stages={"listing_s": round(listing_s, 3), "ray_start_and_prepare_s": round(ray_start_s, 3),
+                                  "planning_s": round(plan_s, 3), "stream_s": round(stream_s, 3),
+                                  **stage_summary(stats, t_stream)})
+            record[f"{kind.noun}_per_s"] = record.pop("per_s")
             if layout["device"] == "cuda" and stream_s > 0:
                 record["stages"]["gpu_busy_fraction"] = round(
                     min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
+            out.write_json({"identity": identity, "version": version, "readable_version": version}, "_dataset.json")
             save_run_record(out, record)
             return record
+
+
+def dry_run(cfg: JobConfig, kind, echo=print) -> dict:
+    """List and plan as the run would, against OUTPUT as it is; start no model and write nothing to OUTPUT. Prints
+    a summary, then the counts as one JSON line (the last line of stdout)."""
+    t = time.perf_counter()
+    out = OutputDir(cfg.output, cfg.storage_options)
+    with Workspace() as ws:
+        listing = kind.prepare(ws)
+        listing_s = time.perf_counter() - t
+        current = out.read_json("_dataset.json")
+        version = int(current.get("version", 1)) if current else 1
+        if current is not None and _identity_changed(current.get("identity", {}), kind.identity()):
+            if not cfg.new_version:
+                check_identity(out, kind.identity(), False)  # raises, naming what changed
+            version += 1
+        started_ray = init_ray(cfg.verbose) if kind.plan_needs_ray else False
+        try:
+            planned = kind.plan(ws, out, listing, version, "dry-run", out.runs())
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    done = set(out.shard_units())
+    counts = {"listed": listing.rows, "duplicates": listing.duplicates, "unique": listing.unique,
+              **{k: 0 for k in ("new", "changed", "error", "unchanged")}, **planned.counts,
+              "work_units": sum(1 for u in planned.units if u not in done), "resumes_run": planned.resumed and
+              planned.run_id or None, "dataset_version": version, "listing_s": round(listing_s, 3),
+              "seconds": round(time.perf_counter() - t, 3)}
+    if not cfg.incremental and counts["changed"]:
+        echo(f"featurize: {counts['changed']} committed input(s) changed since; only --incremental reprocesses them")
+    if counts["error"] and not getattr(cfg, "retry_errors", False):
+        echo(f"featurize: {counts['error']} input(s) have an error row; --retry-errors reprocesses them")
+    echo(f"featurize: dry run: {listing.rows} {kind.noun} listed ({listing.duplicates} duplicate(s)); "
+         f"{kind.summary(listing, planned)}; {counts['planned']} to process in {counts['work_units']} work unit(s); "
+         "nothing written")
+    print(json.dumps(counts, sort_keys=True), flush=True)
+    return counts
+
+
+def _identity_changed(old: dict, new: dict) -> bool:
+    """Whether a dry run's identity differs from OUTPUT's; the dtype is settled only when the model is placed, so an
+    `auto` dtype matches whatever OUTPUT recorded."""
+    keys = set(old) | set(new)
+    if new.get("dtype") == "auto":
+        keys.discard("dtype")
+    return any(old.get(k) != new.get(k) for k in keys)
 
 
 @contextmanager
@@ -579,29 +677,61 @@ def _write_prompts(out: OutputDir, store, prompt_set, prov: dict) -> None:
     if prompt_set is None:  # features only
         return
     value = ray.get(store.get.remote(), timeout=60)
-    if value is None:
-        return
+    if value is None:  # the actor hands them over before its first batch: this is a broken actor, not a race
+        raise EnvironmentFailure("the model actor returned results without handing over the prompt embeddings; "
+                                 "rerun to resume")
     table = prompts_table(prompt_set, value["text_embeddings"], {**prov, "logit_scale": value["logit_scale"],
                                                                  "logit_bias": value["logit_bias"]})
     out.write_table(table, "_prompts.parquet")
 
 
-def build_dataset(work: pa.Table, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict,
-                  layout: dict):
-    """work rows -> decode tasks (CPU) -> model actors; nothing is pulled until the driver iterates.
+def plan_source(out: OutputDir, plan_path: str, columns: list[str], units: list[int] | None, rows: int,
+                decode_batch_size: int, everywhere: bool):
+    """The plan's rows (only `units`, when given) as a Ray Data dataset in blocks sized for the CPU stage. Ray Data
+    reads the plan file itself when every node can read OUTPUT (object storage, one node, shared disk); otherwise the
+    driver hands it over one row group at a time, never whole."""
+    import ray
+    import pyarrow.parquet as pq
+
+    cpus = max(1, cluster_shape()["cpus"])
+    block_rows = int(min(1024, max(decode_batch_size, math.ceil(rows / (4 * cpus)))))
+    if everywhere:
+        from ray.data.expressions import col
+
+        arrow_fs = None
+        if is_remote(out.url):
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+            arrow_fs = PyFileSystem(FSSpecHandler(out.fs))
+        ds = ray.data.read_parquet(plan_path, filesystem=arrow_fs, num_cpus=0).select_columns(columns)
+        if units is not None:
+            ds = ds.filter(expr=col("unit").is_in(units))
+    else:
+        wanted = pa.array(units, pa.int32()) if units is not None else None
+
+        def row_groups():
+            with out.fs.open(plan_path, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=PLAN_ROW_GROUP, columns=columns):
+                    table = pa.Table.from_batches([batch])
+                    if wanted is not None:
+                        table = table.filter(pc.is_in(table.column("unit"), value_set=wanted))
+                    if table.num_rows:
+                        yield ray.put(table)
+
+        ds = ray.data.from_arrow_refs(list(row_groups()))
+    return ds.repartition(target_num_rows_per_block=block_rows)
+
+
+def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict, layout: dict):
+    """plan rows -> CPU stage tasks -> model actors; nothing is pulled until the driver iterates.
 
     decode_fn(batch, **decode_kwargs) must add `pixels` (uint8 [N,H,W,3]), `status` and `error` to each batch;
     encode_kwargs are EncodeBatch's constructor arguments (model_spec, preprocess, prompt_set, prompt_store...).
     """
     import ray
 
-    n = work.num_rows
-    cpus = max(1, cluster_shape()["cpus"])
-    block_rows = int(min(1024, max(decode_batch_size, math.ceil(n / (4 * cpus)))))
-    blocks = [work.slice(i, block_rows) for i in range(0, n, block_rows)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(decode_fn, fn_kwargs=decode_kwargs, batch_size=decode_batch_size, batch_format="numpy",
-                        num_cpus=1, memory=DECODE_TASK_MEMORY)
+    ds = source.map_batches(decode_fn, fn_kwargs=decode_kwargs, batch_size=decode_batch_size, batch_format="numpy",
+                            num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"torch_threads": layout["torch_threads"], "compile": layout["compile"], **encode_kwargs},

@@ -33,6 +33,54 @@ SOURCE_COLUMNS = [  # what the listing knew of the input, so incremental runs ca
 ]
 IMAGE_SCHEMA = pa.schema(IMAGE_COLUMNS + RESULT_COLUMNS + SOURCE_COLUMNS)
 
+# -- whole-slide images: tile shards, the per-slide table, the tile plan ------------------------------------------
+TILE_COLUMNS = [
+    ("slide_id", pa.string()),
+    ("uri", pa.string()),
+    ("x", pa.int64()),  # level-0 pixels, top-left corner
+    ("y", pa.int64()),
+    ("level", pa.int32()),  # the pyramid level the tile was read from
+    ("tile_px", pa.int32()),
+    ("mpp", pa.float64()),  # the tile's microns per pixel at tile_px
+    ("tissue_fraction", pa.float32()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+]
+TILE_SCHEMA = pa.schema(TILE_COLUMNS + RESULT_COLUMNS + SOURCE_COLUMNS)
+CONCEPT_MAPS_FIELD = pa.field("concept_maps", pa.list_(pa.float16()))  # [K, P, P] per tile, flattened
+
+SLIDE_SCHEMA = pa.schema([
+    ("slide_id", pa.string()),
+    ("uri", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("reader", pa.string()),
+    ("mpp", pa.float64()),  # level-0 microns per pixel
+    ("mpp_source", pa.string()),  # slide_mpp | aperio.MPP | tiff.XResolution | <reader>.mpp-x
+    ("width", pa.int64()),  # level-0 pixels
+    ("height", pa.int64()),
+    ("level_count", pa.int32()),
+    ("n_tiles", pa.int64()),
+    ("n_tile_errors", pa.int64()),
+    ("level", pa.int32()),
+    ("read_px", pa.int32()),
+    ("footprint_px", pa.int32()),  # a tile's side in level-0 pixels
+    ("step_px", pa.int32()),  # level-0 pixels between neighbouring tiles
+    ("tile_px", pa.int32()),
+    ("tile_mpp", pa.float64()),
+    ("top_k", pa.int32()),
+    ("concept_max", pa.list_(pa.float32())),  # per concept (the order of _prompts.parquet): the highest tile logit
+    ("concept_topk_mean", pa.list_(pa.float32())),  # and the mean of the top_k highest
+    ("plan_s", pa.float64()),
+] + SOURCE_COLUMNS)
+
+# The run's tiles in work-unit order (plus `unit` and `row`): what read_tiles needs and the shards repeat.
+PLAN_TILE_SCHEMA = pa.schema([
+    ("slide_id", pa.string()), ("uri", pa.string()), ("reader", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
+    ("level", pa.int32()), ("read_px", pa.int32()), ("tile_mpp", pa.float64()), ("tissue_fraction", pa.float32()),
+    ("size", pa.int64()), ("mtime", pa.float64()), ("etag", pa.string()),
+])
+
 _PACKAGES = ("pipeline-featurize", "torch", "transformers", "ray", "pyarrow", "pillow", "numpy", "fsspec")
 
 
@@ -110,6 +158,9 @@ def metadata_bytes(prov: dict) -> dict[bytes, bytes]:
 def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -> pa.Array:
     """[N,D] numpy -> list<value_type> with nulls where not valid (error rows)."""
     n, d = values.shape
+    if n * d > 2**31 - 1:  # int32 offsets would wrap: shards are sized to stay below (plan.shard_rows)
+        raise ValueError(f"a list column of {n} rows x {d} values passes Arrow's 2^31 list offsets; use fewer "
+                         "rows per shard")
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
     offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
     mask = pa.array(~np.asarray(valid, dtype=bool))
@@ -121,6 +172,24 @@ def error_column(errors) -> pa.Array:
     must become null, never the string "nan"."""
     return pa.array([None if e is None or (isinstance(e, (float, np.floating)) and e != e) else str(e) for e in errors],
                     pa.string())
+
+
+def nullable(values, type_: pa.DataType) -> pa.Array:
+    """A column that came through Ray Data's numpy batches: None, and the NaN Ray Data makes of nulls, become null."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        missing = np.isnan(values)
+        return pa.array(np.where(missing, 0, values).astype(type_.to_pandas_dtype()), type_, mask=missing)
+    if values.dtype.kind in "iu":
+        return pa.array(values, type_)
+    return pa.array([None if v is None or (isinstance(v, (float, np.floating)) and v != v) else
+                     (str(v) if pa.types.is_string(type_) else v) for v in values], type_)
+
+
+def source_columns(cols: dict) -> list[pa.Array]:
+    """size, mtime and etag of each row, as the listing knew them."""
+    return [nullable(cols["size"], pa.int64()), nullable(cols["mtime"], pa.float64()),
+            nullable(cols["etag"], pa.string())]
 
 
 def logits_column(cols: dict, ok: np.ndarray) -> pa.Array:

@@ -69,7 +69,9 @@ def openslide_available() -> bool:
 
 
 class SlideReader:
-    """One open slide behind openslide's API (dimensions, levels, properties, regions), whichever library reads."""
+    """One open slide behind openslide's API (dimensions, levels, properties, `read_region`), whichever library
+    reads; `read` gives a region as an RGB array. A context manager: `with open_slide(uri) as slide:` closes it.
+    (Handles from `cached_slide` belong to the cache, which closes them: do not close those yourself.)"""
 
     def __init__(self, handle, name: str):
         self.handle = handle
@@ -85,21 +87,54 @@ class SlideReader:
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """The region whose top-left corner is level-0 pixel (x, y), `width` x `height` pixels at `level`,
-        as HxWx3 uint8 RGB (transparent pixels on white)."""
+        as HxWx3 uint8 RGB (openslide: transparent pixels on white; tiffslide: pixels outside the slide black)."""
         if self.name == "tiffslide":
             arr = np.asarray(self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)),
                                                      as_array=True))
             if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
                 return arr
             return np.asarray(to_rgb(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)))
-        region = self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
-        return np.asarray(to_rgb(region))
+        return np.asarray(to_rgb(self.read_region((x, y), level, (width, height))))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """openslide's `read_region`: an RGBA PIL image of `size` (width, height) pixels at `level`, whose top-left
+        corner is level-0 pixel `location` (x, y). Pixels outside the slide, and every pixel of a level the slide
+        does not have, are transparent (0, 0, 0, 0); a negative size is an error. With tiffslide the pixels come
+        from `read` (a source with alpha is composited on white) and the part inside the level is opaque."""
+        x, y = (int(v) for v in location)
+        width, height = (int(v) for v in size)
+        level = int(level)
+        if self.name != "tiffslide":
+            return self.handle.read_region((x, y), level, (width, height))  # openslide's own (not premultiplied)
+        if width < 0 or height < 0:
+            raise ValueError(f"negative width ({width}) or negative height ({height}) not allowed")
+        rgba = np.zeros((height, width, 4), dtype=np.uint8)
+        if not (width and height and 0 <= level < self.level_count):
+            return Image.fromarray(rgba, "RGBA")
+        # tiffslide places the region at its own level coordinates and pads what lies outside the level with
+        # zeros: the part inside the level is opaque, the rest stays (0, 0, 0, 0).
+        transform = getattr(self.handle, "_read_region_loc_transform", None)
+        ds = self.level_downsamples[level]
+        x0, y0 = transform((x, y), level) if transform is not None else (int(x / ds), int(y / ds))
+        lw, lh = self.level_dimensions[level]
+        rows = slice(min(max(-y0, 0), height), min(max(lh - y0, 0), height))
+        cols = slice(min(max(-x0, 0), width), min(max(lw - x0, 0), width))
+        if rows.start < rows.stop and cols.start < cols.stop:  # nothing to read for a region wholly outside
+            rgba[rows, cols, :3] = self.read(x, y, level, width, height)[rows, cols]
+            rgba[rows, cols, 3] = 255
+        return Image.fromarray(rgba, "RGBA")
 
     def close(self) -> None:
         try:
             self.handle.close()
         except Exception:
             pass
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def __reduce__(self):
         raise TypeError("a slide handle belongs to the process that opened it; pass the uri and open it there "

@@ -67,10 +67,14 @@ def with_retries(fn: Callable[[], T], attempts: int = _RETRY_ATTEMPTS, base_dela
     raise AssertionError("unreachable")
 
 
+def local_path(uri: str) -> str:
+    """A local uri as a path (file:// dropped)."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     if not is_remote(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        with open(path, "rb") as f:
+        with open(local_path(uri), "rb") as f:
             return f.read()
     fs, path = filesystem(uri, storage_options)
     return with_retries(lambda: fs.cat_file(path))
@@ -100,6 +104,29 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
             raise
         return
     with_retries(lambda: fs.pipe_file(path, data))
+
+
+def put_file_atomic(local: str, url: str, storage_options: dict | None = None) -> None:
+    """Copy a local file to URL so that readers see the whole file or nothing, streaming (never whole in memory):
+    temp name + rename locally; one upload on object stores (a multipart upload appears only once completed)."""
+    fs, path = filesystem(url, storage_options)
+    if not is_remote(url):
+        import shutil
+
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return
+    with_retries(lambda: fs.put_file(local, path))
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:

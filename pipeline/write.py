@@ -6,6 +6,7 @@ Layout of OUTPUT:
   _dataset.json            what the numbers depend on (model, revision, dtype, prompt set) and the dataset version
   _run.json                the newest run's summary
   _runs/<run-id>.json      every run's counts and timings; <run-id>.plan.parquet its work units (for resume)
+  _listing.parquet         the uris the newest run listed
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .schema import IMAGE_SCHEMA, error_column, fixed_list, logits_column, metadata_bytes, without_absent_logits
+from .schema import IMAGE_SCHEMA, error_column, source_columns, fixed_list, logits_column, metadata_bytes, without_absent_logits
 from .sources import image_id
 from .storage import filesystem, is_remote, join, with_retries, write_bytes_atomic, write_json_atomic
 
 SHARD_RE = re.compile(r"part-(\d+)\.parquet$")
-PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                         ("etag", pa.string()), ("unit", pa.int32()), ("row", pa.int64())])
-
 
 def shard_name(unit: int) -> str:
     return f"part-{unit:05d}.parquet"
@@ -133,22 +131,6 @@ def newest_per_uri(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def work_units(n: int, first_unit: int, rows_per_shard: int) -> tuple[np.ndarray, np.ndarray]:
-    """(unit, row) for n rows in plan order: runs of rows_per_shard rows per unit, numbered from first_unit."""
-    rows = np.arange(n, dtype=np.int64)
-    return (first_unit + rows // rows_per_shard).astype(np.int32), rows
-
-
-def make_plan(pending: pa.Table, first_unit: int, rows_per_shard: int) -> pa.Table:
-    """Deterministic work units: inputs sorted by uri, cut into runs of rows_per_shard."""
-    pending = pending.sort_by("uri")
-    units, rows = work_units(pending.num_rows, first_unit, rows_per_shard)
-    return pa.table({
-        "uri": pending.column("uri"), "size": pending.column("size"), "mtime": pending.column("mtime"),
-        "etag": pending.column("etag"), "unit": pa.array(units), "row": pa.array(rows),
-    }, schema=PLAN_SCHEMA)
-
-
 @dataclass
 class _Unit:
     expected: int
@@ -220,14 +202,13 @@ class ShardWriter:
         return len(self.units)
 
 
-def image_table_builder(plan: pa.Table, run_id: str, dataset_version: int):
-    """build_table for image shards: result columns plus what the listing knew of each input."""
-    source = {c: plan.column(c) for c in ("size", "mtime", "etag")}
+def image_table_builder(run_id: str, dataset_version: int):
+    """build_table for image shards: result columns plus what the listing knew of each input (size, mtime and etag
+    travel with the rows through the stages: the driver keeps no per-input state)."""
 
     def build(cols: dict[str, np.ndarray]) -> pa.Table:
         ok = cols["status"] == "ok"
         uris = [str(u) for u in cols["uri"]]
-        rows = pa.array(cols["row"])
         n = len(uris)
         return without_absent_logits(cols, pa.Table.from_arrays([
             pa.array([image_id(u) for u in uris], pa.string()),
@@ -238,17 +219,12 @@ def image_table_builder(plan: pa.Table, run_id: str, dataset_version: int):
             pa.array(cols["height"], pa.int32()),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
             logits_column(cols, ok),
-            *(source[c].take(rows).combine_chunks() for c in ("size", "mtime", "etag")),
+            *source_columns(cols),
             pa.array([run_id] * n, pa.string()),
             pa.array([dataset_version] * n, pa.int32()),
         ], schema=IMAGE_SCHEMA))
 
     return build
-
-
-def unit_counts(plan: pa.Table, units: set[int]) -> dict[int, int]:
-    ids, counts = np.unique(plan.column("unit").to_numpy(), return_counts=True)
-    return {int(u): int(c) for u, c in zip(ids, counts) if int(u) in units}
 
 
 def check_identity(out: OutputDir, identity: dict, new_version: bool) -> int:

@@ -127,3 +127,10 @@ def grid_plan(slide_id: str, uri: str, width: int, height: int, footprint_px: in
         "level": pa.array(np.ones(n), pa.int32()), "tile_mpp": pa.array(np.full(n, 0.5)),
         "tissue_fraction": pa.array(np.ones(n), pa.float32()), "size": pa.array([1] * n, pa.int64()),
         "mtime": pa.array([0.0] * n), "etag": pa.array([None] * n, pa.string())})
+
+
+def with_plan(cols: dict, plan) -> dict:
+    """Result columns plus the plan's columns, as they reach tile_table_builder through the stages (by `row`)."""
+    rows = np.asarray(cols["row"])
+    return {**{name: np.asarray(plan.column(name).to_numpy(zero_copy_only=False))[rows] for name in plan.column_names},
+            **cols}

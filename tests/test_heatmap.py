@@ -10,11 +10,12 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.heatmap import SlideOutput, tile_grid_values, write_all, write_heatmap
-from pipeline.run_slides import SLIDE_SCHEMA, tile_table_builder
+from pipeline.run_slides import tile_table_builder
+from pipeline.schema import SLIDE_SCHEMA
 from pipeline.schema import prompts_table
 from pipeline.prompts import Concept, PromptSet
 from pipeline.write import OutputDir
-from slide_fixtures import draw_slide, grid_plan, write_slide
+from slide_fixtures import draw_slide, grid_plan, with_plan, write_slide
 
 CONCEPTS = ["tumor", "stroma", "necrotic tissue"]
 MAP_SIDE = 4
@@ -43,7 +44,7 @@ def _fake_output(root, slides: dict, concept_maps: bool = False):
         maps = np.zeros((n, len(CONCEPTS), MAP_SIDE, MAP_SIDE), np.float16)
         maps[:, 0] = np.arange(MAP_SIDE, dtype=np.float16)[None, None, :]
         cols["concept_maps"] = maps.reshape(n, -1)
-    table = tile_table_builder(plan, 64, run_id, 1, concept_maps)(cols)
+    table = tile_table_builder(64, run_id, 1, concept_maps)(with_plan(cols, plan))
     out.write_table(table, "part-00000.parquet")
     out.write_table(pa.Table.from_pylist(rows, schema=SLIDE_SCHEMA), "_slides.parquet")
     prompt_set = PromptSet(tuple(Concept(c, (c,)) for c in CONCEPTS))

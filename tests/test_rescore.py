@@ -77,10 +77,11 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
     """Once per session: a slides OUTPUT (two real slides, one with a failed tile, one unreadable slide) with
     random unit features of the tiny model's width, made by the driver's table builders."""
     if "slides" not in _CACHE:
-        from slide_fixtures import draw_slide, grid_plan, write_slide
+        from slide_fixtures import draw_slide, grid_plan, with_plan, write_slide
 
         from pipeline.prompts import load_prompts
-        from pipeline.run_slides import SLIDE_SCHEMA, tile_table_builder
+        from pipeline.run_slides import tile_table_builder
+        from pipeline.schema import SLIDE_SCHEMA
         from pipeline.schema import prompts_table
         from pipeline.write import OutputDir
 
@@ -115,14 +116,14 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         cols = {"row": np.arange(n), "status": status, "error": error,
                 "image_features": features.astype(np.float16),
                 "concept_logits": rng.normal(size=(n, 4)).astype(np.float32)}
-        from pipeline.run_slides import slide_scores
+        from pipeline.summary import slide_scores
 
         uris = np.array(plan.column("uri").to_pylist())
         for row in rows[:2]:
             mine = cols["concept_logits"][(uris == row["uri"]) & (status == "ok")]
             maxima, topk = slide_scores(mine, row["top_k"])
             row.update(concept_max=maxima.tolist(), concept_topk_mean=topk.tolist())
-        out.write_table(tile_table_builder(plan, 64, run_id, 1, False)(cols), "part-00000.parquet")
+        out.write_table(tile_table_builder(64, run_id, 1, False)(with_plan(cols, plan)), "part-00000.parquet")
         out.write_table(pa.Table.from_pylist(rows, schema=SLIDE_SCHEMA), "_slides.parquet")
         prompt_set = load_prompts(str(prompts_file))
         from pipeline.models import Encoder, preprocess_spec, resolve_model
@@ -239,7 +240,7 @@ def test_rescoring_again_replaces_out2(colours, tmp_path):
 def test_slides_output_gets_slide_scores_from_the_new_logits(ray_session, tmp_path_factory, conceptclip_model,
                                                             prompts_file, tmp_path):
     from pipeline.heatmap import SlideOutput
-    from pipeline.run_slides import slide_scores
+    from pipeline.summary import slide_scores
 
     slides = slides_output(tmp_path_factory, conceptclip_model, prompts_file)
     new_prompts = tmp_path / "new.yaml"

@@ -6,13 +6,11 @@ import threading
 import time
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.run import _consume, actor_layout
-from pipeline.write import make_plan
 
 CFG = dict(input="in", output="out", model="m", prompts="p.yaml")
 
@@ -29,16 +27,6 @@ def test_one_actor_per_gpu_in_bfloat16_batches():
     assert layout["size"] == 4 and layout["num_gpus"] == 1 and layout["device"] == "cuda"
     with pytest.raises(UserError, match="no GPUs"):
         actor_layout(RunConfig(**CFG, device="cuda"), {"cpus": 8, "gpus": 0})
-
-
-def test_work_units_are_deterministic_and_sized():
-    listing = pa.table({"uri": [f"u{i:03d}" for i in range(10)][::-1], "size": [1] * 10, "mtime": [0.0] * 10,
-                        "etag": pa.array([None] * 10, pa.string())})
-    a = make_plan(listing, 7, 4)
-    b = make_plan(listing.take(np.random.default_rng(0).permutation(10)), 7, 4)
-    assert a.equals(b)
-    assert a.column("uri").to_pylist() == sorted(listing.column("uri").to_pylist())
-    assert a.column("unit").to_pylist() == [7] * 4 + [8] * 4 + [9] * 2
 
 
 class _Stalled:

@@ -105,7 +105,14 @@ def test_txt_list(tmp_path, tree, monkeypatch):
     table = list_inputs(str(lists / "inputs.txt"))
     assert table.schema == LISTING_SCHEMA
     assert table.column("uri").to_pylist() == expected
-    assert table.column("size").null_count == table.num_rows  # a plain list says nothing about the files
+    # Each listed file is looked up (so --incremental sees a changed file); what cannot be found stays null.
+    sizes = dict(zip(table.column("uri").to_pylist(), table.column("size").to_pylist()))
+    mtimes = dict(zip(table.column("uri").to_pylist(), table.column("mtime").to_pylist()))
+    for uri in expected:
+        path = Path(uri)
+        assert sizes[uri] == (path.stat().st_size if path.exists() else None)
+        assert mtimes[uri] == (path.stat().st_mtime if path.exists() else None)
+    assert sizes["s3://bucket/key/img.png"] is None
     # A relative list path resolves against the list file's folder, not the working directory.
     monkeypatch.chdir(tree)
     rel = os.path.relpath(lists / "inputs.txt", tree)

@@ -1,0 +1,242 @@
+"""Planning at scale: the listing streams into Parquet chunks, DuckDB joins it against the committed index out of
+core and writes the plan file (inputs in work units) that Ray Data reads. The driver keeps counts per work unit,
+never a row per input.
+
+Why DuckDB rather than Ray Data's joins: planning is one join of two Parquet sets on one key, then a sort. DuckDB
+does that in one process, spilling to local disk past its memory limit, in seconds for tens of millions of rows; a
+Ray Data join would shuffle both sides through the object store and needs the cluster up before planning can start
+(a dry run needs no cluster at all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from .storage import is_remote, local_path, put_file_atomic
+from .write import OutputDir
+
+# DuckDB's share of the driver's memory; past it, joins and sorts spill to the workspace.
+DUCKDB_MEMORY = os.environ.get("FEATURIZE_PLAN_MEMORY", "1GB")
+PLAN_ROW_GROUP = 65_536
+
+
+def sql_list(values) -> str:
+    """A SQL list literal of strings (read_parquet's file list)."""
+    return "[" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + "]"
+
+
+class Workspace:
+    """A local scratch folder for one command (listing chunks, DuckDB's database and spill files, the plan before it
+    is uploaded), removed when the command ends."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="featurize-")
+        self._con = None
+
+    def path(self, *names: str) -> str:
+        return os.path.join(self.dir, *names)
+
+    @property
+    def con(self):
+        """The DuckDB connection: a database file in the workspace, memory bounded, spilling to the workspace."""
+        if self._con is None:
+            import duckdb
+
+            self._con = duckdb.connect(self.path("plan.duckdb"))
+            self._con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+            self._con.execute(f"SET temp_directory = '{self.path('spill')}'")
+            self._con.execute(f"SET threads = {max(1, os.cpu_count() or 1)}")
+        return self._con
+
+    def use(self, out: OutputDir) -> None:
+        """Let DuckDB read OUTPUT's files through its fsspec filesystem (object stores)."""
+        if is_remote(out.url) and not self.con.filesystem_is_registered(_protocol(out.fs)):
+            self.con.register_filesystem(out.fs)
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fetch_table(con, sql: str) -> pa.Table:
+    """A query's result as a pyarrow Table (DuckDB 2 names it to_arrow_table, 1.x fetch_arrow_table)."""
+    result = con.execute(sql)
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    return fetch()
+
+
+def _protocol(fs) -> str:
+    protocol = fs.protocol
+    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+
+def duckdb_path(out: OutputDir, path: str) -> str:
+    """A path of OUTPUT as DuckDB names it: local as is, remote with the registered protocol."""
+    return f"{_protocol(out.fs)}://{path}" if is_remote(out.url) else path
+
+
+# -- the listing ----------------------------------------------------------------------------------------------------
+@dataclass
+class Listing:
+    """A listing as Parquet chunks in the workspace; `listed` is a DuckDB view of it, one row per uri."""
+
+    files: list[str]
+    rows: int  # as listed, duplicates included
+    unique: int = 0
+    sample: list[str] = field(default_factory=list)  # a few uris (first, middle, last): the nodes' path probe
+
+    @property
+    def duplicates(self) -> int:
+        return self.rows - self.unique
+
+
+def open_listing(ws: Workspace, files: list[str], rows: int) -> Listing:
+    """The `listed` view: one row per uri (a uri listed twice is one input)."""
+    ws.con.execute(f"""CREATE OR REPLACE TABLE listed AS
+        SELECT uri, max(size) AS size, max(mtime) AS mtime, max(etag) AS etag
+        FROM read_parquet({sql_list(files)}) GROUP BY uri""")
+    unique = ws.con.execute("SELECT count(*) FROM listed").fetchone()[0]
+    sample = [r[0] for r in ws.con.execute(
+        "SELECT min(uri) FROM listed UNION ALL SELECT max(uri) FROM listed").fetchall() if r[0] is not None]
+    return Listing(files, rows, int(unique), sample)
+
+
+def write_listing_uris(ws: Workspace, out: OutputDir) -> None:
+    """OUTPUT/_listing.parquet: the uris the newest run listed (readers drop removed inputs with it)."""
+    local = ws.path("_listing.parquet")
+    ws.con.execute(f"COPY (SELECT uri FROM listed ORDER BY uri) TO '{local}' (FORMAT parquet, COMPRESSION zstd)")
+    put_file_atomic(local, out.child("_listing.parquet"), out.storage_options)
+
+
+# -- new, changed, unchanged ----------------------------------------------------------------------------------------
+# A committed input changed when its etag differs (both known), else its size or (both known) its mtime.
+CHANGED_SQL = """CASE WHEN l.etag IS NOT NULL AND c.etag IS NOT NULL THEN l.etag <> c.etag
+    ELSE l.size IS DISTINCT FROM c.size OR (l.mtime IS NOT NULL AND c.mtime IS NOT NULL AND abs(l.mtime - c.mtime) > 1e-6)
+    END"""
+
+
+def committed_view(ws: Workspace, out: OutputDir, version: int, name: str = "committed",
+                   key: str = "uri", shards: list[str] | None = None) -> None:
+    """A view of each input's newest committed row (by run id) of this dataset version: key, status, size, mtime,
+    etag, run_id. Reads only those columns of the shards."""
+    shards = sorted(out.shard_units().values()) if shards is None else shards
+    if not shards:
+        ws.con.execute(f"""CREATE OR REPLACE VIEW {name} AS SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS status,
+            NULL::BIGINT AS size, NULL::DOUBLE AS mtime, NULL::VARCHAR AS etag, NULL::VARCHAR AS run_id WHERE false""")
+        return
+    ws.use(out)
+    files = sql_list(duckdb_path(out, p) for p in shards)
+    ws.con.execute(f"""CREATE OR REPLACE TABLE {name} AS
+        SELECT {key} AS uri, newest.status AS status, newest.size AS size, newest.mtime AS mtime, newest.etag AS etag,
+               newest.run_id AS run_id
+        FROM (SELECT {key}, arg_max({{'status': status, 'size': size, 'mtime': mtime, 'etag': etag, 'run_id': run_id}},
+                                    run_id) AS newest
+              FROM read_parquet({files}, union_by_name = true) WHERE dataset_version = {int(version)} GROUP BY {key})""")
+
+
+def classify(ws: Workspace) -> dict[str, int]:
+    """Every listed input as new, changed (since its newest committed row), error (its newest row is an error
+    row) or unchanged: the `classified` table, and its counts."""
+    ws.con.execute(f"""CREATE OR REPLACE TABLE classified AS
+        SELECT l.uri, l.size, l.mtime, l.etag,
+               CASE WHEN c.uri IS NULL THEN 'new' WHEN {CHANGED_SQL} THEN 'changed'
+                    WHEN c.status <> 'ok' THEN 'error' ELSE 'unchanged' END AS kind
+        FROM listed l LEFT JOIN committed c ON l.uri = c.uri""")
+    counts = {"new": 0, "changed": 0, "error": 0, "unchanged": 0}
+    counts.update({k: int(n) for k, n in ws.con.execute("SELECT kind, count(*) FROM classified GROUP BY kind").fetchall()})
+    return counts
+
+
+def planned_kinds(incremental: bool, retry_errors: bool) -> list[str]:
+    return ["new"] + (["changed"] if incremental else []) + (["error"] if retry_errors else [])
+
+
+def write_plan(ws: Workspace, kinds: list[str], first_unit: int, rows_per_shard: int) -> tuple[str, int]:
+    """The plan file (uri, size, mtime, etag, unit, row; inputs sorted by uri, cut into runs of rows_per_shard) in
+    the workspace: (its path, rows)."""
+    path = ws.path("plan.parquet")
+    ws.con.execute(f"""COPY (
+        SELECT uri, size, mtime, etag,
+               CAST({int(first_unit)} + (n - 1) // {int(rows_per_shard)} AS INTEGER) AS unit, CAST(n - 1 AS BIGINT) AS "row"
+        FROM (SELECT uri, size, mtime, etag, row_number() OVER (ORDER BY uri) AS n
+              FROM classified WHERE kind IN ({', '.join(repr(k) for k in kinds)}))
+        ORDER BY n) TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
+    rows = ws.con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+    return path, int(rows)
+
+
+def contiguous_units(rows: int, first_unit: int, rows_per_shard: int) -> dict[int, int]:
+    """unit -> rows of a plan cut into runs of rows_per_shard rows from first_unit."""
+    full, rest = divmod(rows, rows_per_shard)
+    units = {first_unit + i: rows_per_shard for i in range(full)}
+    if rest:
+        units[first_unit + full] = rest
+    return units
+
+
+def plan_unit_counts(ws: Workspace, out: OutputDir, plan_path: str) -> dict[int, int]:
+    """unit -> rows of a plan file (a resumed run's), read by DuckDB: only the unit column."""
+    ws.use(out)
+    rows = ws.con.execute(f"SELECT unit, count(*) FROM read_parquet('{duckdb_path(out, plan_path)}') GROUP BY unit")
+    return {int(u): int(n) for u, n in rows.fetchall()}
+
+
+# -- resume ---------------------------------------------------------------------------------------------------------
+def normalised_input(source: str) -> str:
+    """An input as runs are matched by: `data`, `data/`, `./data` and `file:///abs/data` are one input."""
+    if is_remote(source):
+        return source.rstrip("/")
+    return os.path.abspath(local_path(source)).rstrip("/") or "/"
+
+
+def unfinished_run(out: OutputDir, runs: list[dict], version: int, source: str) -> tuple[str, str] | None:
+    """The newest run on this OUTPUT over the same input and dataset version that did not complete, and the path of
+    its plan file (in OUTPUT's filesystem)."""
+    key = normalised_input(source)
+    for record in reversed(runs):
+        if record.get("state") != "complete" and record.get("dataset_version") == version \
+                and normalised_input(str(record.get("input"))) == key:
+            path = out._child_path("_runs", f"{record['run_id']}.plan.parquet")
+            if out.fs.exists(path):
+                return record["run_id"], path
+    return None
+
+
+def next_unit(out: OutputDir, runs: list[dict]) -> int:
+    """The first work unit number no committed shard or earlier run has used."""
+    used = list(out.shard_units()) + [int(r.get("last_unit", -1)) for r in runs]
+    return max(used, default=-1) + 1
+
+
+# -- shard size -----------------------------------------------------------------------------------------------------
+SHARD_BYTES = 128 * 1024**2
+MAX_LIST_VALUES = 2**31 - 1  # Arrow list offsets are int32: a shard's list column holds fewer values than this
+ROW_OVERHEAD_BYTES = 200  # ids, uri, status, source columns
+
+
+def shard_rows(rows_per_shard: int, values_per_row: dict[str, tuple[int, int]]) -> int:
+    """Rows per shard: the user's number, or (0) about SHARD_BYTES of row data. values_per_row names each list
+    column's (values per row, bytes per value). Either way, capped so no list column's offsets pass 2^31."""
+    width = ROW_OVERHEAD_BYTES + sum(n * size for n, size in values_per_row.values())
+    rows = rows_per_shard or max(1, SHARD_BYTES // width)
+    widest = max((n for n, _ in values_per_row.values()), default=1)
+    return max(1, min(rows, MAX_LIST_VALUES // max(1, widest)))
+
+
+def upload_plan(local: str, out: OutputDir, run_id: str) -> str:
+    """Put the plan into OUTPUT/_runs (for resume); returns its path in OUTPUT's filesystem."""
+    put_file_atomic(local, out.child("_runs", f"{run_id}.plan.parquet"), out.storage_options)
+    return out._child_path("_runs", f"{run_id}.plan.parquet")
