@@ -1,4 +1,9 @@
-"""`featurize`: the command line. Options are generated from the config models, so CLI and job files agree."""
+"""`featurize`: the command line, every command of it. Options are generated from the config models, so CLI and job
+files agree.
+
+Every parser and command function lives here and imports run one way: the library modules never import this one, and
+the command functions import them when they run, so `featurize --help` loads none of the analysis or driver code.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ import re
 import sys
 import time
 import typing
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
 COMMAND_STARTED = time.time()
 
-from .config import RunConfig, load_config_file, make_config
+from .config import (RESCORE_BATCH_ROWS, RESCORE_ROWS_PER_SHARD, RunConfig, SlidesConfig, load_config_file,
+                     make_config)
 from .errors import EnvironmentFailure, UserError
 from .models import quiet_libraries
 
@@ -76,21 +82,115 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    import json
-    import time
-
     from .sources import write_manifest
 
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
+    options = _json_options(args.storage_options)
     t = time.perf_counter()
     table = write_manifest(args.input, args.manifest, options)
     seconds = time.perf_counter() - t
     _echo(f"featurize: listed {table.num_rows} inputs in {seconds:.1f} s "
           f"({table.num_rows / max(seconds, 1e-9):.0f} files/s) -> {args.manifest}")
     return 0
+
+
+def _cmd_slides(args: argparse.Namespace) -> int:
+    from .run_slides import run_slides
+
+    cfg = make_config(SlidesConfig, options_from_args(args, SlidesConfig))
+    record = run_slides(cfg, echo=_echo, command_started=COMMAND_STARTED)
+    if cfg.dry_run:
+        return 0
+    c = record["counts"]
+    _echo(f"featurize: run {record['run_id']} {record['state']}: {c['listed']} slides listed, {c['skipped']} "
+          f"skipped (already done), {c['slides_ok']} ok, {c['slides_error']} error; {c['processed']} tiles scored "
+          f"({c['ok']} ok, {c['error']} error) at {record['tiles_per_s']} tiles/s; output {record['output']}")
+    failed = c["slides_error"] or c["error"]
+    return 1 if failed and cfg.fail_on_error else 0
+
+
+def _cmd_heatmap(args: argparse.Namespace) -> int:
+    from .heatmap import SlideOutput, short_list, write_all, write_heatmap
+
+    options = _json_options(args.storage_options)
+    result = SlideOutput(args.output, options)
+    if args.all:
+        if args.slide or args.concept:
+            raise UserError("--all draws every slide and concept; leave out --slide and --concept")
+        written = write_all(result, args.out, options, args.reader, args.tile_logits)
+        _echo(f"featurize: wrote {len(written)} heatmap(s) to {args.out}")
+        return 0
+    if not args.slide or not args.concept:
+        raise UserError("pass --slide ID and --concept NAME (or --all); slides: "
+                        f"{short_list(result.slide_ids)}; concepts: {short_list(result.concepts)}")
+    path = write_heatmap(result, args.slide, args.concept, args.out, options, args.reader, args.tile_logits)
+    _echo(f"featurize: wrote {path}")
+    return 0
+
+
+def _cmd_rescore(args: argparse.Namespace) -> int:
+    from .rescore import rescore
+
+    record = rescore(args.output, args.prompts, args.out, parse_storage_options(args.storage_options),
+                     args.batch_size, args.rows_per_shard, args.trust_remote_code, args.device, echo=_echo)
+    c = record["counts"]
+    _echo(f"featurize: rescored {c['ok']} ok rows ({c['error']} error rows kept) with {len(record['concepts'])} "
+          f"concepts in {record['score_s']} s -> {args.out} ({record['shards']} shard(s))")
+    return 0
+
+
+def _cmd_labels(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from .labels import check_suffix, label_output, table_bytes
+    from .storage import write_bytes_atomic
+
+    check_suffix(args.out)
+    options = parse_storage_options(args.storage_options)
+    table = label_output(args.output, args.top_k, options, args.softmax)
+    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _echo(f"featurize: wrote {table.num_rows} labels ({int(pc.sum(pc.equal(table.column('rank'), 1)).as_py() or 0)} "
+          f"rows x top {args.top_k}) -> {args.out}")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import metrics_table, run_probe
+
+    metrics = run_probe(args.output, args.labels, args.seed, args.out, args.predict,
+                        parse_storage_options(args.storage_options), echo=_echo)
+    print(metrics_table(metrics), flush=True)
+    for what, path in (("probe", args.out), ("predictions", args.predict)):
+        if path:
+            _echo(f"featurize: wrote {what} -> {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if not args.out.lower().endswith((".html", ".htm")):
+        raise UserError(f"--out {args.out}: write a .html file")
+    write_report(args.output, args.out, parse_storage_options(args.storage_options), args.concept, args.max_slides)
+    _echo(f"featurize: wrote {args.out}")
+    return 0
+
+
+def _json_options(text: str | None) -> Any:
+    """--storage-options as `manifest` and `heatmap` take it: any JSON."""
+    import json
+
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
+
+
+def parse_storage_options(text: str | None) -> dict:
+    """--storage-options as `rescore`, `labels`, `probe` and `report` take it: a JSON object."""
+    options = _json_options(text)
+    if not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object")
+    return options
 
 
 def _echo(message: str) -> None:
@@ -208,21 +308,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=64, help="how many images to generate [default: 64]")
     p.set_defaults(func=_cmd_demo)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("slides", help="score every tissue tile of every whole-slide image under INPUT into OUTPUT")
+    p.add_argument("--config", help="YAML file with the same options (command-line options win)")
+    add_model_options(p, SlidesConfig, positional=("input", "output"))
+    p.set_defaults(func=_cmd_slides)
+
+    p = sub.add_parser("heatmap", help="draw where a concept lights up on a slide, from the OUTPUT of `slides`")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of `featurize slides` (local or fsspec URL)")
+    p.add_argument("--slide", help="slide id (as in _slides.parquet)")
+    p.add_argument("--concept", help="concept name (as in _prompts.parquet)")
+    p.add_argument("--out", required=True, help="PNG file to write; with --all, a folder")
+    p.add_argument("--all", action="store_true", help="one PNG per slide and concept into the --out folder")
+    p.add_argument("--tile-logits", action="store_true", help="draw tile logits even when concept maps were stored")
+    p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default=None,
+                   help="slide reader for the thumbnail [default: the one that read the slide]")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and slides")
+    p.set_defaults(func=_cmd_heatmap)
+
+    p = sub.add_parser("rescore", help="new concept logits from OUTPUT's stored image features (text tower only)")
+    p.add_argument("output", metavar="OUTPUT",
+                   help="the OUTPUT of `featurize images` or `slides` (local or fsspec URL)")
+    p.add_argument("--prompts", required=True, help="the new prompt set (YAML or text, as for `images`)")
+    p.add_argument("--out", required=True, help="OUT2: the folder for the rescored logits (not OUTPUT)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own Python code (needed when OUTPUT was made with ConceptCLIP)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device for the text tower")
+    p.add_argument("--batch-size", type=int, default=RESCORE_BATCH_ROWS,
+                   help=f"rows scored per matrix product [default: {RESCORE_BATCH_ROWS}]")
+    p.add_argument("--rows-per-shard", type=int, default=RESCORE_ROWS_PER_SHARD,
+                   help=f"rows per OUT2 shard [default: {RESCORE_ROWS_PER_SHARD}]")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and OUT2")
+    p.set_defaults(func=_cmd_rescore)
+
+    p = sub.add_parser("labels", help="zero-shot labels: the top K concepts of each ok row, with probabilities")
+    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
+    p.add_argument("--top-k", type=int, default=5, help="concepts per row [default: 5]")
+    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
+    p.add_argument("--softmax", action="store_true",
+                   help="softmax over concepts for every family [default: softmax for CLIP, sigmoid otherwise]")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
+    p.set_defaults(func=_cmd_labels)
+
+    p = sub.add_parser("probe", help="train and test a linear probe (logistic regression) on OUTPUT's features")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` (local or fsspec URL)")
+    p.add_argument("--labels", required=True, help="CSV with columns uri,label (uris as OUTPUT lists them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split [default: 0]")
+    p.add_argument("--out", default=None, help="MODEL_DIR for probe.joblib, probe.json and metrics.json")
+    p.add_argument("--predict", default=None,
+                   help="FILE.parquet or .csv: uri, predicted label and p_<class> for every ok row")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("report", help="one static HTML page about OUTPUT: counts, errors, stages, concepts, slides")
+    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
+    p.add_argument("--out", required=True, help="the .html file to write (local path or fsspec URL)")
+    p.add_argument("--concept", default=None, help="slides: the concept of the heatmap thumbnails [default: the first]")
+    p.add_argument("--max-slides", type=int, default=100, help="slides: heatmaps for at most this many [default: 100]")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
+    p.set_defaults(func=_cmd_report)
     return parser
-
-
-# Later subcommands (manifest, slides, heatmap) register themselves here.
-from .heatmap import register_heatmap  # noqa: E402  (these import this module's helpers when called)
-from .labels import register_labels  # noqa: E402
-from .probe import register_probe  # noqa: E402
-from .report import register_report  # noqa: E402
-from .rescore import register_rescore  # noqa: E402
-from .run_slides import register_slides  # noqa: E402
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_slides, register_heatmap, register_rescore, register_labels,
-                                                register_probe, register_report]
 
 
 def main(argv: list[str] | None = None) -> int:

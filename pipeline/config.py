@@ -12,9 +12,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+# `featurize rescore`'s defaults: here, so that the command line shows them without importing the rescorer
+RESCORE_ROWS_PER_SHARD = 40000
+RESCORE_BATCH_ROWS = 8192
+
 
 class JobConfig(BaseModel):
     """Options every featurisation job shares (images and slides)."""
@@ -117,7 +122,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -54,12 +54,12 @@ class SlideOutput:
     def slide(self, slide_id: str) -> dict:
         rows = self.slides.filter(pc.equal(self.slides.column("slide_id"), slide_id)).to_pylist()
         if not rows:
-            raise UserError(f"no slide {slide_id!r} in {self.out.url}; available: {_listing(self.slide_ids)}")
+            raise UserError(f"no slide {slide_id!r} in {self.out.url}; available: {short_list(self.slide_ids)}")
         return rows[-1]
 
     def concept_index(self, concept: str) -> int:
         if concept not in self.concepts:
-            raise UserError(f"no concept {concept!r} in {self.out.url}; available: {_listing(self.concepts)}")
+            raise UserError(f"no concept {concept!r} in {self.out.url}; available: {short_list(self.concepts)}")
         return self.concepts.index(concept)
 
     def tiles(self, slide: dict) -> pa.Table:
@@ -78,7 +78,7 @@ class SlideOutput:
         return dataset.to_table(columns=columns, filter=where)
 
 
-def _listing(names: list[str], limit: int = 20) -> str:
+def short_list(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return (shown + f", ... ({len(names)} in all)") if len(names) > limit else (shown or "none")
 
@@ -219,41 +219,3 @@ def write_all(result: SlideOutput, folder: str | Path, storage_options: dict | N
                 log.warning("%s", exc)
                 break
     return written
-
-
-# -- command line ---------------------------------------------------------------------------------------------------
-def register_heatmap(sub) -> None:
-    """Add `featurize heatmap` to the CLI's subcommands."""
-    p = sub.add_parser("heatmap", help="draw where a concept lights up on a slide, from the OUTPUT of `slides`")
-    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of `featurize slides` (local or fsspec URL)")
-    p.add_argument("--slide", help="slide id (as in _slides.parquet)")
-    p.add_argument("--concept", help="concept name (as in _prompts.parquet)")
-    p.add_argument("--out", required=True, help="PNG file to write; with --all, a folder")
-    p.add_argument("--all", action="store_true", help="one PNG per slide and concept into the --out folder")
-    p.add_argument("--tile-logits", action="store_true", help="draw tile logits even when concept maps were stored")
-    p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default=None,
-                   help="slide reader for the thumbnail [default: the one that read the slide]")
-    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and slides")
-    p.set_defaults(func=_cmd_heatmap)
-
-
-def _cmd_heatmap(args) -> int:
-    from .cli import _echo
-
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
-    result = SlideOutput(args.output, options)
-    if args.all:
-        if args.slide or args.concept:
-            raise UserError("--all draws every slide and concept; leave out --slide and --concept")
-        written = write_all(result, args.out, options, args.reader, args.tile_logits)
-        _echo(f"featurize: wrote {len(written)} heatmap(s) to {args.out}")
-        return 0
-    if not args.slide or not args.concept:
-        raise UserError("pass --slide ID and --concept NAME (or --all); slides: "
-                        f"{_listing(result.slide_ids)}; concepts: {_listing(result.concepts)}")
-    path = write_heatmap(result, args.slide, args.concept, args.out, options, args.reader, args.tile_logits)
-    _echo(f"featurize: wrote {path}")
-    return 0

@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import UserError
-from .rescore import TILE_KEYS, ScoredOutput, logits_matrix, parse_storage_options
-from .storage import write_bytes_atomic
+from .rescore import TILE_KEYS, ScoredOutput, logits_matrix
 
 SOFTMAX_KINDS = ("clip",)
 SIGMOID_KINDS = ("siglip", "remote")
@@ -102,28 +101,3 @@ def label_output(output: str, k: int, storage_options: dict | None = None, softm
     return top_k(pa.table({**{c: pa.array([], pa.string()) for c in keys}, "status": pa.array([], pa.string()),
                            "concept_logits": pa.array([], pa.list_(pa.float32()))}),
                  k, source.concepts, kind=kind, softmax=softmax)
-
-
-# -- command line -----------------------------------------------------------------------------------------------------
-def register_labels(sub) -> None:
-    """Add `featurize labels` to the CLI's subcommands."""
-    p = sub.add_parser("labels", help="zero-shot labels: the top K concepts of each ok row, with probabilities")
-    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
-    p.add_argument("--top-k", type=int, default=5, help="concepts per row [default: 5]")
-    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
-    p.add_argument("--softmax", action="store_true",
-                   help="softmax over concepts for every family [default: softmax for CLIP, sigmoid otherwise]")
-    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
-    p.set_defaults(func=_cmd_labels)
-
-
-def _cmd_labels(args) -> int:
-    from .cli import _echo
-
-    check_suffix(args.out)
-    options = parse_storage_options(args.storage_options)
-    table = label_output(args.output, args.top_k, options, args.softmax)
-    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
-    _echo(f"featurize: wrote {table.num_rows} labels ({int(pc.sum(pc.equal(table.column('rank'), 1)).as_py() or 0)} "
-          f"rows x top {args.top_k}) -> {args.out}")
-    return 0

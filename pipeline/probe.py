@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .labels import check_suffix, table_bytes
-from .rescore import ScoredOutput, logits_matrix, parse_storage_options
+from .rescore import ScoredOutput, logits_matrix
 from .storage import read_bytes, write_bytes_atomic
 
 SPLIT = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -48,7 +48,7 @@ def read_labels(path: str, storage_options: dict | None = None) -> dict[str, str
             table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
                 column_types={"uri": pa.string(), "label": pa.string()}))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"--labels {path} cannot be read ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"--labels {path} cannot be read ({first_line(exc, 200)})") from None
     missing = [c for c in ("uri", "label") if c not in table.column_names]
     if missing:
         raise UserError(f"--labels {path} has no {' or '.join(missing)} column (it needs uri,label)")
@@ -264,29 +264,3 @@ def run_probe(output: str, labels_path: str, seed: int = 0, model_dir: str | Non
         table = predictions(model, source)
         write_bytes_atomic(predict, table_bytes(table, predict), storage_options)
     return metrics
-
-
-# -- command line -----------------------------------------------------------------------------------------------------
-def register_probe(sub) -> None:
-    """Add `featurize probe` to the CLI's subcommands."""
-    p = sub.add_parser("probe", help="train and test a linear probe (logistic regression) on OUTPUT's features")
-    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` (local or fsspec URL)")
-    p.add_argument("--labels", required=True, help="CSV with columns uri,label (uris as OUTPUT lists them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split [default: 0]")
-    p.add_argument("--out", default=None, help="MODEL_DIR for probe.joblib, probe.json and metrics.json")
-    p.add_argument("--predict", default=None,
-                   help="FILE.parquet or .csv: uri, predicted label and p_<class> for every ok row")
-    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
-    p.set_defaults(func=_cmd_probe)
-
-
-def _cmd_probe(args) -> int:
-    from .cli import _echo
-
-    metrics = run_probe(args.output, args.labels, args.seed, args.out, args.predict,
-                        parse_storage_options(args.storage_options), echo=_echo)
-    print(metrics_table(metrics), flush=True)
-    for what, path in (("probe", args.out), ("predictions", args.predict)):
-        if path:
-            _echo(f"featurize: wrote {what} -> {path}")
-    return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def load_prompts(path: str) -> PromptSet:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise UserError(f"prompt file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"prompt file {path} is not valid YAML: {first_line(exc)}") from None
         return parse_prompt_yaml(data, path)
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .errors import UserError
-from .rescore import ScoredOutput, logits_matrix, parse_storage_options
+from .rescore import ScoredOutput, logits_matrix
 from .storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -371,25 +371,3 @@ def write_report(output: str, path: str, storage_options: dict | None = None, co
     page = render(source, concept, storage_options, max_slides)
     write_bytes_atomic(path, page.encode("utf-8"), storage_options)
     return path
-
-
-# -- command line -----------------------------------------------------------------------------------------------------
-def register_report(sub) -> None:
-    """Add `featurize report` to the CLI's subcommands."""
-    p = sub.add_parser("report", help="one static HTML page about OUTPUT: counts, errors, stages, concepts, slides")
-    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
-    p.add_argument("--out", required=True, help="the .html file to write (local path or fsspec URL)")
-    p.add_argument("--concept", default=None, help="slides: the concept of the heatmap thumbnails [default: the first]")
-    p.add_argument("--max-slides", type=int, default=100, help="slides: heatmaps for at most this many [default: 100]")
-    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
-    p.set_defaults(func=_cmd_report)
-
-
-def _cmd_report(args) -> int:
-    from .cli import _echo
-
-    if not args.out.lower().endswith((".html", ".htm")):
-        raise UserError(f"--out {args.out}: write a .html file")
-    write_report(args.output, args.out, parse_storage_options(args.storage_options), args.concept, args.max_slides)
-    _echo(f"featurize: wrote {args.out}")
-    return 0

@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .config import RESCORE_BATCH_ROWS as BATCH_ROWS
+from .config import RESCORE_ROWS_PER_SHARD as ROWS_PER_SHARD
 from .errors import UserError
 from .lease import Lease
 from .models import VISION_ONLY_KINDS, ModelSpec
@@ -40,8 +42,6 @@ from .write import OutputDir, newest_per_uri, shard_name
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_SHARD = 40000
-BATCH_ROWS = 8192
 IMAGE_KEYS = ["uri", "image_id"]
 TILE_KEYS = ["slide_id", "uri", "x", "y", "level"]
 
@@ -162,16 +162,6 @@ def logits_matrix(column) -> np.ndarray:
     if len(column) == 0:
         return np.zeros((0, 0), np.float32)
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(column), -1)
-
-
-def parse_storage_options(text: str | None) -> dict:
-    try:
-        options = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
-    if not isinstance(options, dict):
-        raise UserError("--storage-options must be a JSON object")
-    return options
 
 
 def same_location(a: str, b: str, storage_options: dict | None = None) -> bool:
@@ -390,33 +380,3 @@ def rescore(output: str, prompts: str, out2: str, storage_options: dict | None =
                       score_s=round(time.perf_counter() - t, 3), versions=package_versions())
         target.write_json(record, "_rescore.json")  # last: OUT2 is complete
         return record
-
-
-# -- command line -----------------------------------------------------------------------------------------------------
-def register_rescore(sub) -> None:
-    """Add `featurize rescore` to the CLI's subcommands."""
-    p = sub.add_parser("rescore", help="new concept logits from OUTPUT's stored image features (text tower only)")
-    p.add_argument("output", metavar="OUTPUT",
-                   help="the OUTPUT of `featurize images` or `slides` (local or fsspec URL)")
-    p.add_argument("--prompts", required=True, help="the new prompt set (YAML or text, as for `images`)")
-    p.add_argument("--out", required=True, help="OUT2: the folder for the rescored logits (not OUTPUT)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own Python code (needed when OUTPUT was made with ConceptCLIP)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device for the text tower")
-    p.add_argument("--batch-size", type=int, default=BATCH_ROWS,
-                   help=f"rows scored per matrix product [default: {BATCH_ROWS}]")
-    p.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD,
-                   help=f"rows per OUT2 shard [default: {ROWS_PER_SHARD}]")
-    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and OUT2")
-    p.set_defaults(func=_cmd_rescore)
-
-
-def _cmd_rescore(args) -> int:
-    from .cli import _echo
-
-    record = rescore(args.output, args.prompts, args.out, parse_storage_options(args.storage_options),
-                     args.batch_size, args.rows_per_shard, args.trust_remote_code, args.device, echo=_echo)
-    c = record["counts"]
-    _echo(f"featurize: rescored {c['ok']} ok rows ({c['error']} error rows kept) with {len(record['concepts'])} "
-          f"concepts in {record['score_s']} s -> {args.out} ({record['shards']} shard(s))")
-    return 0

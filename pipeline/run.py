@@ -103,15 +103,48 @@ def while_ray_starts(prepare, verbose: bool = False):
 
 
 def cluster_shape() -> dict:
+    """CPUs and GPUs of the cluster, and the CPUs of its smallest CPU node (an actor must fit there beside a decode
+    task, or a run that lost its bigger nodes would hang)."""
     import ray
 
     res = ray.cluster_resources()
-    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0))}
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0)]
+    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)),
+            "node_cpus": int(min(nodes)) if nodes else int(res.get("CPU", 0))}
 
 
-def actor_layout(cfg: JobConfig, shape: dict) -> dict:
-    """Actor count and resources: one per GPU; on CPUs, leave room for the decode tasks (a pool that takes every
-    CPU starves them and the run hangs)."""
+# On CPUs, a decode task reserves half a CPU: with the model actor's share, the cores stay busy while either side
+# waits (a decode task blocks on reads, the actor between batches), and decoding can never be starved.
+DECODE_CPUS = 0.5
+# The model's share of a CPU run's work when OUTPUT has no earlier run to measure it from.
+DEFAULT_MODEL_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how the model actors run."""
+
+    device: str
+    size: int  # model actors
+    num_gpus: float
+    num_cpus: float  # each actor's CPU reservation (fractional on CPU runs)
+    torch_threads: int
+    batch_size: int
+    compile: bool
+    decode_cpus: float = 1.0  # each CPU-stage task's reservation
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) -> Layout:
+    """Actor count and resources: one per GPU. On CPUs the actors and the decode tasks share the cores by measured
+    demand: the actors reserve the model's share of the work (model_share, measured by an earlier run into OUTPUT:
+    model seconds / (model + decode seconds)), their torch threads match that reservation, and decode tasks take
+    half a CPU each in the rest, so at least one always fits (a pool that takes every CPU starves them and the run
+    hangs)."""
     device = cfg.device
     gpus = shape["gpus"]
     if device == "auto":
@@ -121,15 +154,27 @@ def actor_layout(cfg: JobConfig, shape: dict) -> dict:
             raise UserError("device cuda was asked for, but the Ray cluster has no GPUs up; on an autoscaling "
                             "cluster pass --num-actors N so the autoscaler starts GPU workers for them")
         size = cfg.num_actors or gpus  # pending actors make an autoscaler add GPU nodes
-        return {"device": "cuda", "size": size, "num_gpus": 1, "num_cpus": 1, "torch_threads": cfg.torch_threads,
-                "batch_size": cfg.batch_size or 256, "compile": cfg.torch_compile}
+        return Layout("cuda", size, 1, 1, cfg.torch_threads, cfg.batch_size or 256, cfg.torch_compile)
     cpus = max(1, shape["cpus"])
     size = cfg.num_actors or max(1, cpus // 8)
     if size >= cpus and cpus > 1:
         raise UserError(f"num_actors={size} would take all {cpus} CPUs and starve decoding; use at most {cpus - 1}")
-    threads = cfg.torch_threads or max(1, cpus // size)
-    return {"device": "cpu", "size": size, "num_gpus": 0, "num_cpus": 1, "torch_threads": threads,
-            "batch_size": cfg.batch_size or 32, "compile": cfg.torch_compile}
+    share = DEFAULT_MODEL_SHARE if model_share is None else min(0.9, max(0.1, model_share))
+    node_cpus = max(1, shape.get("node_cpus", cpus))
+    per_actor = max(0.25, min(cpus * share / size, node_cpus - DECODE_CPUS, (cpus - DECODE_CPUS) / size))
+    per_actor = round(per_actor * 4) / 4  # quarters: readable in the record, and whole when the share is
+    threads = cfg.torch_threads or max(1, round(per_actor))
+    return Layout("cpu", size, 0, per_actor, threads, cfg.batch_size or 32, cfg.torch_compile, DECODE_CPUS)
+
+
+def model_share(out: OutputDir) -> float | None:
+    """The model's share of the work in OUTPUT's newest CPU run (its model and decode seconds), if there is one."""
+    record = out.read_json("_run.json") or {}
+    stages = record.get("stages") or {}
+    model, decode = stages.get("model_s"), stages.get("decode_s")
+    if (record.get("layout") or {}).get("device") != "cpu" or not model or not decode:
+        return None
+    return model / (model + decode)
 
 
 @dataclass
@@ -175,10 +220,10 @@ def resolve_job(cfg: JobConfig) -> ModelJob:
     return ModelJob(spec, prompt_set, features, shape, bool(getattr(cfg, "fast_decode", False)))
 
 
-def placed_spec(spec: ModelSpec, layout: dict) -> ModelSpec:
+def placed_spec(spec: ModelSpec, layout: Layout) -> ModelSpec:
     """The model spec with the layout's device and a concrete dtype (auto: bfloat16 on GPUs, float32 on CPUs)."""
-    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if layout["device"] == "cuda" else "float32")
-    return ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout["device"],
+    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if layout.device == "cuda" else "float32")
+    return ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout.device,
                      spec.token)
 
 
@@ -484,12 +529,12 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
         ray_start_s = time.perf_counter() - t_prepare
         record: dict = {}
         with finishing(cfg, record, lease, started_ray):
-            layout = actor_layout(cfg, cluster_shape())
+            out = OutputDir(cfg.output, cfg.storage_options)
+            layout = actor_layout(cfg, cluster_shape(), model_share(out))
             everywhere = probe_nodes(cfg, listing.sample, echo)
             model = kind.model
             model.spec = placed_spec(model.spec, layout)
             identity = kind.identity()
-            out = OutputDir(cfg.output, cfg.storage_options)
             version = check_identity(out, identity, cfg.new_version)
             runs = out.runs()
             t_plan = time.perf_counter()
@@ -509,7 +554,7 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                 **model.described(),
                 "counts": {"listed": listing.rows, "duplicates": listing.duplicates, **planned.counts,
                            "skipped": listing.unique - planned.counts["planned"]},
-                "last_unit": max(planned.units, default=-1), "layout": layout,
+                "last_unit": max(planned.units, default=-1), "layout": layout.as_dict(),
             })
             if planned.local_plan is not None and planned.units:
                 planned.plan_path = upload_plan(planned.local_plan, out, run_id)
@@ -522,7 +567,7 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             if listing.duplicates:
                 echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
             echo(f"featurize: {listing.rows} {kind.noun} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
-                 f"{len(pending)} work unit(s) to process on {layout['size']} {layout['device']} actor(s)")
+                 f"{len(pending)} work unit(s) to process on {layout.size} {layout.device} actor(s)")
 
             stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
             processed = sum(pending.values())
@@ -564,9 +609,9 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                                   "planning_s": round(plan_s, 3), "stream_s": round(stream_s, 3),
                                   **stage_summary(stats, t_stream)})
             record[f"{kind.noun}_per_s"] = record.pop("per_s")
-            if layout["device"] == "cuda" and stream_s > 0:
+            if layout.device == "cuda" and stream_s > 0:
                 record["stages"]["gpu_busy_fraction"] = round(
-                    min(1.0, stats["model_s"] / (stream_s * layout["size"])), 4)
+                    min(1.0, stats["model_s"] / (stream_s * layout.size)), 4)
             out.write_json({"identity": identity, "version": version, "readable_version": version}, "_dataset.json")
             save_run_record(out, record)
             return record
@@ -722,7 +767,8 @@ def plan_source(out: OutputDir, plan_path: str, columns: list[str], units: list[
     return ds.repartition(target_num_rows_per_block=block_rows)
 
 
-def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict, layout: dict):
+def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict,
+                  layout: Layout):
     """plan rows -> CPU stage tasks -> model actors; nothing is pulled until the driver iterates.
 
     decode_fn(batch, **decode_kwargs) must add `pixels` (uint8 [N,H,W,3]), `status` and `error` to each batch;
@@ -731,11 +777,11 @@ def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int
     import ray
 
     ds = source.map_batches(decode_fn, fn_kwargs=decode_kwargs, batch_size=decode_batch_size, batch_format="numpy",
-                            num_cpus=1, memory=DECODE_TASK_MEMORY)
+                            num_cpus=layout.decode_cpus, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"torch_threads": layout["torch_threads"], "compile": layout["compile"], **encode_kwargs},
-        compute=ray.data.ActorPoolStrategy(size=layout["size"]),
-        num_gpus=layout["num_gpus"], num_cpus=layout["num_cpus"],
-        batch_size=layout["batch_size"], batch_format="numpy",
+        fn_constructor_kwargs={"torch_threads": layout.torch_threads, "compile": layout.compile, **encode_kwargs},
+        compute=ray.data.ActorPoolStrategy(size=layout.size),
+        num_gpus=layout.num_gpus, num_cpus=layout.num_cpus,
+        batch_size=layout.batch_size, batch_format="numpy",
     )

@@ -281,30 +281,3 @@ def run_slides(cfg: SlidesConfig, echo=print, command_started: float | None = No
         raise UserError(f"--concept-maps needs a model with ConceptCLIP's concept head; {cfg.model} is a "
                         f"{model.spec.kind} model")
     return run_job(cfg, SlidesJob(cfg, model), echo, command_started)
-
-
-# -- command line ---------------------------------------------------------------------------------------------------
-def register_slides(sub) -> None:
-    """Add `featurize slides` to the CLI's subcommands."""
-    from .cli import add_model_options
-
-    p = sub.add_parser("slides", help="score every tissue tile of every whole-slide image under INPUT into OUTPUT")
-    p.add_argument("--config", help="YAML file with the same options (command-line options win)")
-    add_model_options(p, SlidesConfig, positional=("input", "output"))
-    p.set_defaults(func=_cmd_slides)
-
-
-def _cmd_slides(args) -> int:
-    from .cli import _echo, options_from_args
-    from .config import make_config
-
-    cfg = make_config(SlidesConfig, options_from_args(args, SlidesConfig))
-    record = run_slides(cfg, echo=_echo)
-    if cfg.dry_run:
-        return 0
-    c = record["counts"]
-    _echo(f"featurize: run {record['run_id']} {record['state']}: {c['listed']} slides listed, {c['skipped']} "
-          f"skipped (already done), {c['slides_ok']} ok, {c['slides_error']} error; {c['processed']} tiles scored "
-          f"({c['ok']} ok, {c['error']} error) at {record['tiles_per_s']} tiles/s; output {record['output']}")
-    failed = c["slides_error"] or c["error"]
-    return 1 if failed and cfg.fail_on_error else 0

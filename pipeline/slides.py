@@ -24,7 +24,7 @@ from PIL import Image
 
 from .decode import PreprocessSpec, resize_for_model, to_rgb
 from .errors import InputError, first_line, read_error_class
-from .storage import _options_key, is_remote, is_transient
+from .storage import _options_key, is_remote, is_transient, local_path
 
 # Suffixes the readers handle: tiffslide reads the TIFF family (local or fsspec URLs); openslide (local) adds MRXS.
 TIFF_SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
@@ -56,10 +56,6 @@ class Tiling:
 
 
 # -- readers --------------------------------------------------------------------------------------------------------
-def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
 def openslide_available() -> bool:
     try:
         import openslide  # noqa: F401
@@ -147,7 +143,7 @@ def _open_tiffslide(uri: str, storage_options: dict | None) -> SlideReader:
     if is_remote(uri):
         handle = TiffSlide(uri, storage_options=storage_options or {})
     else:
-        handle = TiffSlide(_local_path(uri))
+        handle = TiffSlide(local_path(uri))
     reader = SlideReader(handle, "tiffslide")
     _check_not_truncated(handle)
     return reader
@@ -168,7 +164,7 @@ def _open_openslide(uri: str) -> SlideReader:
         raise ValueError("openslide reads local files only; use reader tiffslide for object storage")
     import openslide
 
-    return SlideReader(openslide.OpenSlide(_local_path(uri)), "openslide")
+    return SlideReader(openslide.OpenSlide(local_path(uri)), "openslide")
 
 
 def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = None) -> SlideReader:
@@ -180,7 +176,7 @@ def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = No
     attempts = [reader] if reader != "auto" else (
         ["openslide"] if suffix in OPENSLIDE_ONLY_SUFFIXES else
         ["tiffslide"] + (["openslide"] if not is_remote(uri) and openslide_available() else []))
-    if not is_remote(uri) and not os.path.exists(_local_path(uri)):
+    if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise ValueError("file not found")
     reasons = []
     for name in attempts:

@@ -17,14 +17,41 @@ CFG = dict(input="in", output="out", model="m", prompts="p.yaml")
 
 def test_cpu_pool_leaves_room_for_decoding():
     layout = actor_layout(RunConfig(**CFG), {"cpus": 2, "gpus": 0})
-    assert layout["size"] == 1 and layout["device"] == "cpu" and layout["num_gpus"] == 0
+    assert (layout.size, layout.device, layout.num_gpus) == (1, "cpu", 0)
+    # the model's default half of two cores, one torch thread to match; decode tasks fit twice in the rest
+    assert (layout.num_cpus, layout.torch_threads, layout.decode_cpus) == (1.0, 1, 0.5)
     with pytest.raises(UserError, match="starve decoding"):
         actor_layout(RunConfig(**CFG, num_actors=2), {"cpus": 2, "gpus": 0})
 
 
+@pytest.mark.parametrize("share,cpus,node_cpus,expected", [
+    (0.9, 2, 2, (1.5, 2)),  # a model-bound run: most of the cores, never the last half CPU
+    (0.2, 2, 2, (0.5, 1)),  # a decode-bound run: the decode tasks get the rest
+    (0.5, 16, 16, (4.0, 4)),  # two actors (one per 8 CPUs), half the cores between them
+    (0.8, 8, 2, (1.5, 2)),  # four 2-CPU nodes: an actor must fit on one beside a decode task
+    (None, 3, 3, (1.5, 2)),
+])
+def test_cpu_share_follows_the_measured_demand(share, cpus, node_cpus, expected):
+    layout = actor_layout(RunConfig(**CFG), {"cpus": cpus, "gpus": 0, "node_cpus": node_cpus}, share)
+    assert (layout.num_cpus, layout.torch_threads) == expected
+    assert layout.num_cpus * layout.size + layout.decode_cpus <= cpus
+
+
+def test_the_model_share_is_measured_by_the_outputs_newest_cpu_run(tmp_path):
+    from pipeline.run import model_share
+    from pipeline.write import OutputDir
+
+    out = OutputDir(str(tmp_path))
+    assert model_share(out) is None
+    out.write_json({"layout": {"device": "cpu"}, "stages": {"model_s": 30.0, "decode_s": 10.0}}, "_run.json")
+    assert model_share(out) == 0.75
+    out.write_json({"layout": {"device": "cuda"}, "stages": {"model_s": 30.0, "decode_s": 10.0}}, "_run.json")
+    assert model_share(out) is None  # a GPU run says nothing about CPU demand
+
+
 def test_one_actor_per_gpu_in_bfloat16_batches():
     layout = actor_layout(RunConfig(**CFG), {"cpus": 64, "gpus": 4})
-    assert layout["size"] == 4 and layout["num_gpus"] == 1 and layout["device"] == "cuda"
+    assert (layout.size, layout.num_gpus, layout.device) == (4, 1, "cuda")
     with pytest.raises(UserError, match="no GPUs"):
         actor_layout(RunConfig(**CFG, device="cuda"), {"cpus": 8, "gpus": 0})
 

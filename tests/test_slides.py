@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.plan import shard_rows
 
 from pipeline.decode import PreprocessSpec, resize_for_model
 from pipeline.slides import (
@@ -246,6 +247,23 @@ def local_run(ray_session, conceptclip_model, prompts_file, slide_dir, tmp_path_
     return output, args
 
 
+def test_dry_run_plans_the_tiles_and_writes_nothing(local_run, slide_dir, conceptclip_model, prompts_file, tmp_path,
+                                                    capsys):
+    folder, _ = slide_dir
+    capsys.readouterr()
+    assert featurize("slides", folder, tmp_path / "new", "--dry-run", *model_args(conceptclip_model, prompts_file)) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["listed"], counts["new"], counts["slides"], counts["slide_errors_at_planning"]) == (4, 4, 4, 2)
+    assert counts["tiles"] > 0 and counts["work_units"] == -(-counts["tiles"] // 60)
+    assert not (tmp_path / "new").exists()
+    output, _ = local_run  # finished: the two readable slides are done, the two unreadable ones are tried again
+    before = sorted(p.name for p in output.rglob("*"))
+    assert featurize("slides", folder, output, "--dry-run", *model_args(conceptclip_model, prompts_file)) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["unchanged"], counts["new"], counts["tiles"]) == (2, 2, 0)
+    assert sorted(p.name for p in output.rglob("*")) == before
+
+
 def test_slides_end_to_end(local_run, slide_dir):
     output, _ = local_run
     folder, drawings = slide_dir
@@ -445,20 +463,27 @@ def test_concept_maps_follow_the_documented_recipe(conceptclip_model, prompts_fi
     np.testing.assert_allclose(got[ok], expected[ok], atol=2e-2, rtol=1e-2)  # float16 storage
 
 
-def test_concept_maps_end_to_end_and_drawn_by_the_heatmap(ray_session, slide_dir, conceptclip_model, prompts_file,
-                                                         tmp_path):
+def test_concept_maps_end_to_end_and_drawn_by_the_heatmap(ray_session, slide_dir, conceptclip_model, tmp_path):
+    """80 concepts (x 4 x 4 patches): the shard size follows the row's width, and the maps read back whole."""
     folder, _ = slide_dir
     listing = tmp_path / "one.txt"
     listing.write_text(f"{folder / 'a.tif'}\n")
+    prompts = tmp_path / "eighty.yaml"
+    prompts.write_text("concepts: [" + ", ".join(f"concept {i}" for i in range(80)) + "]\n"
+                       "templates: ['a histopathology image of {}']\n")
     output = tmp_path / "maps"
-    assert featurize("slides", listing, output, "--concept-maps", "--min-tissue", 0.9,
-                     *model_args(conceptclip_model, prompts_file)) == 0
+    args = model_args(conceptclip_model, prompts)
+    args[args.index("--rows-per-shard"):args.index("--rows-per-shard") + 2] = []  # sized by bytes
+    assert featurize("slides", listing, output, "--concept-maps", "--min-tissue", 0.9, *args) == 0
     tiles = read_tiles_output(output)
     assert tiles.schema.field("concept_maps").type == pa.list_(pa.float16())
     maps = np.array(tiles.column("concept_maps").to_pylist(), np.float32)
-    assert maps.shape == (tiles.num_rows, 4 * 4 * 4) and np.isfinite(maps).all() and maps.std() > 0
+    assert maps.shape == (tiles.num_rows, 80 * 4 * 4) and np.isfinite(maps).all() and maps.std() > 0
+    record = json.loads((output / "_run.json").read_text())
+    assert record["counts"]["rows_per_shard"] == shard_rows(0, {"image_features": (32, 2), "concept_logits": (80, 4),
+                                                                  "concept_maps": (80 * 16, 2)})
     png = tmp_path / "a.png"
-    assert featurize("heatmap", output, "--slide", "a", "--concept", "necrosis", "--out", png) == 0
+    assert featurize("heatmap", output, "--slide", "a", "--concept", "concept 7", "--out", png) == 0
     assert Image.open(png).size == (1200, 900)
 
 
