@@ -21,7 +21,7 @@ from .storage import is_remote, local_path, put_file_atomic
 from .write import OutputDir
 
 # DuckDB's share of the driver's memory; past it, joins and sorts spill to the workspace.
-DUCKDB_MEMORY = os.environ.get("FEATURIZE_PLAN_MEMORY", "1GB")
+DUCKDB_MEMORY = os.environ.get("FEATURIZE_PLAN_MEMORY", "512MB")
 PLAN_ROW_GROUP = 65_536
 
 
@@ -72,10 +72,8 @@ class Workspace:
 
 
 def fetch_table(con, sql: str) -> pa.Table:
-    """A query's result as a pyarrow Table (DuckDB 2 names it to_arrow_table, 1.x fetch_arrow_table)."""
-    result = con.execute(sql)
-    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-    return fetch()
+    """A query's result as a pyarrow Table."""
+    return con.sql(sql).to_arrow_table()
 
 
 def _protocol(fs) -> str:

@@ -34,7 +34,7 @@ from .plan import (PLAN_ROW_GROUP, Listing, Workspace, classify, committed_view,
                    write_listing_uris, write_plan)
 from .sources import IMAGE_SUFFIXES, check_local_input, write_listing
 from .storage import exists, is_remote, local_path
-from .write import OutputDir, ShardWriter, check_identity, image_table_builder
+from .write import OutputDir, ShardWriter, check_identity, image_table_builder, unit_first_rows
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,8 @@ class ImagesJob:
     its table builder and its finish step."""
 
     command = "images"
-    noun = "images"
+    noun = "images"  # what the stream processes
+    inputs = "images"  # what is listed
     suffixes = IMAGE_SUFFIXES
     plan_needs_ray = False
     stage_columns = ["uri", "size", "mtime", "etag", "unit", "row"]
@@ -461,9 +462,10 @@ class ImagesJob:
                                                               len(prompts.names) if prompts else 0))
 
     def plan(self, ws: Workspace, out: OutputDir, listing: Listing, version: int, run_id: str,
-             runs: list[dict]) -> Planned:
+             runs: list[dict], dry: bool = False) -> Planned:
         """Resume the unfinished run over this input, or plan the inputs not yet committed (with incremental, also
-        the changed ones; with retry_errors, those whose newest row is an error row)."""
+        the changed ones; with retry_errors, those whose newest row is an error row). A dry run counts, and writes
+        no plan file."""
         resumable = unfinished_run(out, runs, version, self.cfg.input)
         if resumable is not None:
             run_id, path = resumable
@@ -472,8 +474,11 @@ class ImagesJob:
         committed_view(ws, out, version)
         counts = classify(ws)
         first_unit, rows_per_shard = next_unit(out, runs), self.rows_per_shard()
-        local, rows = write_plan(ws, planned_kinds(self.cfg.incremental, self.cfg.retry_errors), first_unit,
-                                 rows_per_shard)
+        kinds = planned_kinds(self.cfg.incremental, self.cfg.retry_errors)
+        if dry:
+            local, rows = None, sum(counts[k] for k in kinds)
+        else:
+            local, rows = write_plan(ws, kinds, first_unit, rows_per_shard)
         return Planned(run_id, False, {**counts, "planned": rows, "rows_per_shard": rows_per_shard},
                        contiguous_units(rows, first_unit, rows_per_shard), local_plan=local)
 
@@ -491,6 +496,9 @@ class ImagesJob:
 
     def finish(self, ws: Workspace, out: OutputDir, planned: Planned, prov: dict, record: dict) -> None:
         pass
+
+    def planned_text(self, planned: Planned) -> str:
+        return f"{planned.counts['planned']} to process"
 
     def summary(self, listing: Listing, planned: Planned) -> str:
         c = planned.counts
@@ -566,7 +574,7 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             out.write_json(record, "_runs", f"{run_id}.json")
             if listing.duplicates:
                 echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
-            echo(f"featurize: {listing.rows} {kind.noun} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
+            echo(f"featurize: {listing.rows} {kind.inputs} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
                  f"{len(pending)} work unit(s) to process on {layout.size} {layout.device} actor(s)")
 
             stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
@@ -583,8 +591,10 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                         _write_prompts(out, store, model.prompt_set, prov)
                         first_commit[0] = time.time() - command_started
 
+                os.makedirs(ws.path("units"), exist_ok=True)
                 writer = ShardWriter(out, pending, kind.table_builder(run_id, version), prov,
-                                     before_commit=before_commit)
+                                     before_commit=before_commit, spill_dir=ws.path("units"),
+                                     first_rows=unit_first_rows(planned.units))
                 stage_fn, stage_kwargs = kind.stage()
                 source = plan_source(out, planned.plan_path, kind.stage_columns,
                                      None if len(pending) == len(planned.units) else sorted(pending),
@@ -633,7 +643,7 @@ def dry_run(cfg: JobConfig, kind, echo=print) -> dict:
             version += 1
         started_ray = init_ray(cfg.verbose) if kind.plan_needs_ray else False
         try:
-            planned = kind.plan(ws, out, listing, version, "dry-run", out.runs())
+            planned = kind.plan(ws, out, listing, version, "dry-run", out.runs(), dry=True)
         finally:
             if started_ray:
                 import ray
@@ -649,8 +659,8 @@ def dry_run(cfg: JobConfig, kind, echo=print) -> dict:
         echo(f"featurize: {counts['changed']} committed input(s) changed since; only --incremental reprocesses them")
     if counts["error"] and not getattr(cfg, "retry_errors", False):
         echo(f"featurize: {counts['error']} input(s) have an error row; --retry-errors reprocesses them")
-    echo(f"featurize: dry run: {listing.rows} {kind.noun} listed ({listing.duplicates} duplicate(s)); "
-         f"{kind.summary(listing, planned)}; {counts['planned']} to process in {counts['work_units']} work unit(s); "
+    echo(f"featurize: dry run: {listing.rows} {kind.inputs} listed ({listing.duplicates} duplicate(s)); "
+         f"{kind.summary(listing, planned)}; {kind.planned_text(planned)} in {counts['work_units']} work unit(s); "
          "nothing written")
     print(json.dumps(counts, sort_keys=True), flush=True)
     return counts

@@ -178,6 +178,7 @@ class SlidesJob(ImagesJob):
 
     command = "slides"
     noun = "tiles"
+    inputs = "slides"
     suffixes = SLIDE_SUFFIXES
     plan_needs_ray = True
     stage_columns = ["slide_id", "uri", "reader", "x", "y", "level", "read_px", "tile_mpp", "tissue_fraction",
@@ -206,7 +207,9 @@ class SlidesJob(ImagesJob):
                                                               self.cfg.concept_maps))
 
     def plan(self, ws: Workspace, out: OutputDir, listing: Listing, version: int, run_id: str,
-             runs: list[dict]) -> Planned:
+             runs: list[dict], dry: bool = False) -> Planned:
+        """Resume the unfinished run, or plan the slides not done yet into tiles (a dry run too: the tiles are what
+        it counts)."""
         cfg = self.cfg
         resumable = unfinished_run(out, runs, version, cfg.input)
         if resumable is not None:
@@ -261,6 +264,9 @@ class SlidesJob(ImagesJob):
             {**prov, "concepts": prompt_set.names if prompt_set else []})), "_slides.parquet")
         statuses = slides.column("status").to_pylist()
         record["counts"].update(slides_ok=statuses.count("ok"), slides_error=statuses.count("error"))
+
+    def planned_text(self, planned: Planned) -> str:
+        return f"{planned.counts['tiles']} tiles to score"
 
     def summary(self, listing: Listing, planned: Planned) -> str:
         c = planned.counts

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from .errors import UserError
 from .schema import IMAGE_SCHEMA, error_column, source_columns, fixed_list, logits_column, metadata_bytes, without_absent_logits
 from .sources import image_id
-from .storage import filesystem, is_remote, join, with_retries, write_bytes_atomic, write_json_atomic
+from .storage import filesystem, is_remote, join, put_file_atomic, with_retries, write_bytes_atomic, write_json_atomic
 
 SHARD_RE = re.compile(r"part-(\d+)\.parquet$")
 
@@ -131,75 +131,189 @@ def newest_per_uri(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-@dataclass
+# A spilled unit becomes its shard in row groups of about this many rows: the commit never holds the whole unit.
+SHARD_ROW_GROUP = 65_536
+
+
 class _Unit:
-    expected: int
-    seen: set = field(default_factory=set)
-    parts: list = field(default_factory=list)
+    """One work unit in flight: which of its rows arrived (a bitmap over its contiguous row numbers, or a set when
+    they are not known), and its rows so far as Arrow tables, in memory or spilled to a local file."""
+
+    def __init__(self, expected: int, first_row: int | None, spill: str | None):
+        self.expected, self.first_row, self.spill = expected, first_row, spill
+        self.seen = np.zeros(expected, bool) if first_row is not None else set()
+        self.taken = 0
+        self.parts: list[pa.Table] = []
+        self.writer = None
+        self.counts = {"ok": 0, "error": 0}
+        self.error_classes: dict[str, int] = {}
+
+    def fresh(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of rows not seen before (each once, also within this batch); marks them seen."""
+        if isinstance(self.seen, set):
+            keep = []
+            for i, r in enumerate(rows.tolist()):
+                if r not in self.seen:
+                    self.seen.add(r)
+                    keep.append(i)
+            return np.asarray(keep, dtype=np.int64)
+        offsets = rows.astype(np.int64) - self.first_row
+        inside = (offsets >= 0) & (offsets < self.expected)
+        _, first = np.unique(offsets, return_index=True)
+        once = np.zeros(len(rows), bool)
+        once[first] = True
+        keep = np.flatnonzero(inside & once & ~self.seen[np.clip(offsets, 0, self.expected - 1)])
+        self.seen[offsets[keep]] = True
+        return keep
+
+    def append(self, table: pa.Table) -> None:
+        if self.spill is None:
+            self.parts.append(table)
+            return
+        if self.writer is None:
+            self.writer = pa.ipc.new_stream(self.spill, table.schema)
+        self.writer.write_table(table)
+
+    def batches(self):
+        """The unit's rows, in the order they arrived."""
+        if self.spill is None:
+            for part in self.parts:
+                yield from part.to_batches()
+            return
+        self.writer.close()
+        with pa.ipc.open_stream(self.spill) as reader:
+            yield from reader
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.spill is not None and os.path.exists(self.spill):
+            os.unlink(self.spill)
 
 
 class ShardWriter:
     """Collects result rows per work unit (dropping rows Ray delivered twice) and commits each complete unit.
 
-    `build_table(cols)` turns one unit's rows (numpy columns sorted by `row`) into the shard's Arrow table.
-    `before_commit()` runs before each shard is written (the lease check: a run that lost OUTPUT writes nothing).
+    `build_table(cols)` turns result rows (numpy columns) into shard rows (an Arrow table; every call the same
+    schema). `before_commit()` runs before each shard is written (the lease check: a run that lost OUTPUT writes
+    nothing). With `spill_dir`, a unit's rows wait in a local file, not in memory, and its shard is written from it
+    in row groups: the driver's memory does not grow with the unit's size. `first_rows` (unit -> its first row
+    number; a unit's rows are contiguous) lets a bitmap, not a set, record which rows arrived. A shard holds its
+    rows in the order they arrived.
     """
 
-    def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict, before_commit=None):
+    def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict, before_commit=None,
+                 spill_dir: str | None = None, first_rows: dict[int, int] | None = None):
         self.out = out
         self.build_table = build_table
         self.before_commit = before_commit
         self.metadata = metadata_bytes(prov)
-        self.units = {int(u): _Unit(int(c)) for u, c in unit_counts.items()}
+        self.spill_dir = spill_dir
+        self.first_rows = first_rows or {}
+        self.expected = {int(u): int(c) for u, c in unit_counts.items()}
+        self.units: dict[int, _Unit] = {}
         self.committed: list[int] = []
         self.counts = {"ok": 0, "error": 0, "duplicates_dropped": 0}
         self.error_classes: dict[str, int] = {}
         self.rows_taken = 0  # rows accepted (each once), committed or waiting for the rest of their unit
 
+    def _unit(self, unit: int) -> _Unit | None:
+        if unit not in self.units:
+            if unit not in self.expected:
+                return None
+            spill = os.path.join(self.spill_dir, f"unit-{unit}.arrows") if self.spill_dir else None
+            self.units[unit] = _Unit(self.expected[unit], self.first_rows.get(unit), spill)
+        return self.units[unit]
+
     def add(self, batch: dict[str, np.ndarray]) -> list[int]:
         """Take one result batch; returns the units it completed (already committed)."""
         done = []
-        units, rows = batch["unit"], batch["row"]
+        units, rows = np.asarray(batch["unit"]), np.asarray(batch["row"])
         for unit in np.unique(units):
-            state = self.units.get(int(unit))
-            if state is None:
-                self.counts["duplicates_dropped"] += int((units == unit).sum())
-                continue
             idx = np.flatnonzero(units == unit)
-            fresh = [i for i in idx if int(rows[i]) not in state.seen]
-            self.counts["duplicates_dropped"] += len(idx) - len(fresh)
-            if not fresh:
+            state = self._unit(int(unit))
+            if state is None:  # committed already (a batch Ray delivered again), or not this run's
+                self.counts["duplicates_dropped"] += len(idx)
                 continue
-            state.seen.update(int(rows[i]) for i in fresh)
-            self.rows_taken += len(fresh)
-            take = np.asarray(fresh)
-            state.parts.append({k: np.asarray(v)[take] for k, v in batch.items()})
-            if len(state.seen) == state.expected:
+            take = idx[state.fresh(rows[idx])]
+            self.counts["duplicates_dropped"] += len(idx) - len(take)
+            if not len(take):
+                continue
+            cols = {k: np.asarray(v)[take] for k, v in batch.items()}
+            state.append(self.build_table(cols))
+            state.taken += len(take)
+            self.rows_taken += len(take)
+            failed = cols["status"] != "ok"
+            state.counts["ok"] += int((~failed).sum())
+            state.counts["error"] += int(failed.sum())
+            classes = cols.get("error_class")
+            for cls in (classes[failed] if classes is not None else np.full(int(failed.sum()), None)):
+                key = str(cls or "other")
+                state.error_classes[key] = state.error_classes.get(key, 0) + 1
+            if state.taken == state.expected:
                 self._commit(int(unit), state)
                 done.append(int(unit))
         return done
 
     def _commit(self, unit: int, state: _Unit) -> None:
-        cols = {k: np.concatenate([p[k] for p in state.parts]) for k in state.parts[0]}
-        order = np.argsort(cols["row"], kind="stable")
-        cols = {k: v[order] for k, v in cols.items()}
-        table = self.build_table(cols).replace_schema_metadata(self.metadata)
         if self.before_commit is not None:
             self.before_commit()
-        self.out.write_table(table, shard_name(unit))
-        failed = cols["status"] != "ok"
-        self.counts["ok"] += int((~failed).sum())
-        self.counts["error"] += int(failed.sum())
-        classes = cols.get("error_class")
-        for cls in (classes[failed] if classes is not None else np.full(int(failed.sum()), None)):
-            key = str(cls or "other")
-            self.error_classes[key] = self.error_classes.get(key, 0) + 1
+        if state.spill is None:
+            table = pa.concat_tables(state.parts).replace_schema_metadata(self.metadata)
+            self.out.write_table(table, shard_name(unit))
+        else:
+            local = state.spill + ".parquet"
+            try:
+                write_row_groups(state.batches(), local, self.metadata)
+                put_file_atomic(local, self.out.child(shard_name(unit)), self.out.storage_options)
+            finally:
+                if os.path.exists(local):
+                    os.unlink(local)
+        state.discard()
+        for key, n in state.counts.items():
+            self.counts[key] += n
+        for key, n in state.error_classes.items():
+            self.error_classes[key] = self.error_classes.get(key, 0) + n
         self.committed.append(unit)
         del self.units[unit]
+        del self.expected[unit]
+
+    def close(self) -> None:
+        """Drop the spill files of units that never completed (a failed run redoes them)."""
+        for state in self.units.values():
+            state.discard()
 
     @property
     def pending(self) -> int:
-        return len(self.units)
+        return len(self.expected)
+
+
+def write_row_groups(batches, path: str, metadata: dict) -> None:
+    """Record batches into a local Parquet file, gathered into row groups of SHARD_ROW_GROUP rows."""
+    writer, held, rows = None, [], 0
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = pq.ParquetWriter(path, batch.schema.with_metadata(metadata), compression="zstd")
+            held.append(batch)
+            rows += batch.num_rows
+            if rows >= SHARD_ROW_GROUP:
+                writer.write_table(pa.Table.from_batches(held).replace_schema_metadata(metadata))
+                held, rows = [], 0
+        if held:
+            writer.write_table(pa.Table.from_batches(held).replace_schema_metadata(metadata))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def unit_first_rows(units: dict[int, int]) -> dict[int, int]:
+    """unit -> its first row number, for a plan whose rows are numbered from 0 in unit order (every plan here)."""
+    first, out = 0, {}
+    for unit in sorted(units):
+        out[unit] = first
+        first += units[unit]
+    return out
 
 
 def image_table_builder(run_id: str, dataset_version: int):

@@ -164,7 +164,7 @@ def result_batch(unit, rows, status=None) -> dict[str, np.ndarray]:
 
 
 def shards(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".parquet"))
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".parquet")) if folder.exists() else []
 
 
 def test_a_batch_delivered_twice_is_committed_once(tmp_path):
@@ -201,21 +201,25 @@ def test_a_batch_for_an_unknown_unit_is_dropped_and_counted(tmp_path):
     assert writer.rows_taken == 2 and 7 not in writer.committed
 
 
-def test_a_unit_delivered_out_of_order_across_batches_is_committed_once_sorted_by_row(tmp_path):
-    out = CountingOutput(str(tmp_path))
-    writer = ShardWriter(out, {3: 5, 4: 1}, build_table, {"run_id": "abc"})
+@pytest.mark.parametrize("spilled", [False, True])
+def test_a_unit_delivered_out_of_order_across_batches_is_committed_once(tmp_path, spilled):
+    """In memory, or spilled to a local file (the run's way: the driver's memory does not grow with the unit)."""
+    out = CountingOutput(str(tmp_path / "out"))
+    spill = dict(spill_dir=str(tmp_path), first_rows={3: 0, 4: 0}) if spilled else {}
+    writer = ShardWriter(out, {3: 5, 4: 1}, build_table, {"run_id": "abc"}, **spill)
     assert writer.add(result_batch(3, [4, 1])) == []
-    assert writer.add(result_batch(3, [3])) == []
-    assert shards(tmp_path) == []  # nothing until the unit is complete
+    assert writer.add(result_batch(3, [3, 4, 3])) == []  # 4 again, and 3 twice in one batch
+    assert shards(tmp_path / "out") == []  # nothing until the unit is complete
     both = {k: np.concatenate([a, b]) for (k, a), b in
             zip(result_batch(3, [2, 0]).items(), result_batch(4, [0]).values())}
     assert sorted(writer.add(both)) == [3, 4]
-    assert sorted(out.writes) == [shard_name(3), shard_name(4)]
-    table = pq.read_table(tmp_path / shard_name(3))
-    assert table.column("row").to_pylist() == [0, 1, 2, 3, 4]
-    assert table.column("value").to_pylist() == [3, 13, 23, 33, 43]  # each row kept its own values
+    assert shards(tmp_path / "out") == [shard_name(3), shard_name(4)]
+    table = pq.read_table(tmp_path / "out" / shard_name(3))
+    assert table.column("row").to_pylist() == [4, 1, 3, 2, 0]  # as they arrived, each once
+    assert table.column("value").to_pylist() == [43, 13, 33, 23, 3]  # each row kept its own values
     assert json.loads(table.schema.metadata[b"pipeline.provenance"]) == {"run_id": "abc"}
-    assert writer.counts["duplicates_dropped"] == 0 and writer.counts["ok"] == 6 and writer.pending == 0
+    assert writer.counts["duplicates_dropped"] == 2 and writer.counts["ok"] == 6 and writer.pending == 0
+    assert not list(tmp_path.glob("unit-*"))  # spill files are gone once committed
 
 
 def test_before_commit_raising_writes_no_shard(tmp_path):
