@@ -146,20 +146,30 @@ def committed_view(ws: Workspace, out: OutputDir, version: int, name: str = "com
 
 
 def classify(ws: Workspace) -> dict[str, int]:
-    """Every listed input as new, changed (since its newest committed row), error (its newest row is an error
-    row) or unchanged: the `classified` table, and its counts."""
+    """Every listed input as new, changed (since its newest committed row, an ok row), error or error_changed (its
+    newest row is an error row; its file unchanged or changed since) or unchanged: the `classified` table, and its
+    counts (error rows counted once, as `error`, whether or not their file changed)."""
     ws.con.execute(f"""CREATE OR REPLACE TABLE classified AS
         SELECT l.uri, l.size, l.mtime, l.etag,
-               CASE WHEN c.uri IS NULL THEN 'new' WHEN {CHANGED_SQL} THEN 'changed'
-                    WHEN c.status <> 'ok' THEN 'error' ELSE 'unchanged' END AS kind
+               CASE WHEN c.uri IS NULL THEN 'new'
+                    WHEN c.status <> 'ok' THEN CASE WHEN {CHANGED_SQL} THEN 'error_changed' ELSE 'error' END
+                    WHEN {CHANGED_SQL} THEN 'changed' ELSE 'unchanged' END AS kind
         FROM listed l LEFT JOIN committed c ON l.uri = c.uri""")
     counts = {"new": 0, "changed": 0, "error": 0, "unchanged": 0}
-    counts.update({k: int(n) for k, n in ws.con.execute("SELECT kind, count(*) FROM classified GROUP BY kind").fetchall()})
+    for kind, n in ws.con.execute("SELECT kind, count(*) FROM classified GROUP BY kind").fetchall():
+        counts["error" if kind == "error_changed" else kind] += int(n)
     return counts
 
 
 def planned_kinds(incremental: bool, retry_errors: bool) -> list[str]:
-    return ["new"] + (["changed"] if incremental else []) + (["error"] if retry_errors else [])
+    """What a run processes: new inputs; with incremental the changed ones (error rows too); with retry_errors every
+    input whose newest row is an error row."""
+    kinds = ["new"]
+    if incremental:
+        kinds += ["changed", "error_changed"]
+    if retry_errors:
+        kinds += ["error"] + ([] if incremental else ["error_changed"])
+    return kinds
 
 
 def write_plan(ws: Workspace, kinds: list[str], first_unit: int, rows_per_shard: int) -> tuple[str, int]:

@@ -476,7 +476,9 @@ class ImagesJob:
         first_unit, rows_per_shard = next_unit(out, runs), self.rows_per_shard()
         kinds = planned_kinds(self.cfg.incremental, self.cfg.retry_errors)
         if dry:
-            local, rows = None, sum(counts[k] for k in kinds)
+            local = None
+            rows = int(ws.con.execute("SELECT count(*) FROM classified WHERE kind IN ("
+                                      + ", ".join(repr(k) for k in kinds) + ")").fetchone()[0])
         else:
             local, rows = write_plan(ws, kinds, first_unit, rows_per_shard)
         return Planned(run_id, False, {**counts, "planned": rows, "rows_per_shard": rows_per_shard},

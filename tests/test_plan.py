@@ -52,34 +52,39 @@ def test_new_changed_error_and_unchanged_are_told_apart_against_each_inputs_newe
                              {"uri": "/d/touched", "size": 5, "mtime": 1.0},
                              {"uri": "/d/etag", "size": 5, "mtime": 1.0, "etag": "a"},
                              {"uri": "/d/broken", "size": 5, "mtime": 1.0, "status": "error"},
-                             {"uri": "/d/fixed", "size": 5, "mtime": 1.0, "status": "error"}], "20260101T000000Z-a")
+                             {"uri": "/d/fixed", "size": 5, "mtime": 1.0, "status": "error"},
+                             {"uri": "/d/repaired", "size": 5, "mtime": 1.0, "status": "error"}], "20260101T000000Z-a")
     # a newer run redid /d/fixed (ok now) and /d/grown at its new size: the newest row is what counts
     committed_shard(out, 1, [{"uri": "/d/fixed", "size": 5, "mtime": 1.0},
                              {"uri": "/d/grown", "size": 9, "mtime": 1.0}], "20260102T000000Z-b")
     committed_shard(out, 2, [{"uri": "/d/new", "size": 1, "mtime": 1.0}], "20260102T000000Z-b", version=2)
     listed = [("/d/same", 5, 1.0, None), ("/d/grown", 9, 1.0, None), ("/d/touched", 5, 2.0, None),
               ("/d/etag", 5, 1.0, "b"), ("/d/broken", 5, 1.0, None), ("/d/fixed", 5, 1.0, None),
-              ("/d/new", 1, 1.0, None), ("/d/same", 5, 1.0, None)]  # /d/same listed twice
+              ("/d/new", 1, 1.0, None), ("/d/repaired", 6, 1.0, None),
+              ("/d/same", 5, 1.0, None)]  # /d/same listed twice
     with Workspace() as ws:
         listing = open_listing(ws, listing_chunks(ws, listed), len(listed))
-        assert (listing.rows, listing.unique, listing.duplicates) == (8, 7, 1)
+        assert (listing.rows, listing.unique, listing.duplicates) == (9, 8, 1)
         committed_view(ws, out, version=1)
         counts = classify(ws)
         kinds = dict(ws.con.execute("SELECT uri, kind FROM classified").fetchall())
     assert kinds == {"/d/same": "unchanged", "/d/grown": "unchanged", "/d/touched": "changed", "/d/etag": "changed",
-                     "/d/broken": "error", "/d/fixed": "unchanged", "/d/new": "new"}  # /d/new is only in version 2
-    assert counts == {"new": 1, "changed": 2, "error": 1, "unchanged": 3}
+                     "/d/broken": "error", "/d/fixed": "unchanged", "/d/new": "new",  # /d/new is only in version 2
+                     "/d/repaired": "error_changed"}
+    assert counts == {"new": 1, "changed": 2, "error": 2, "unchanged": 3}
 
 
 @pytest.mark.parametrize("incremental,retry,expected", [
-    (False, False, ["/d/c"]), (True, False, ["/d/a", "/d/c"]), (True, True, ["/d/a", "/d/b", "/d/c"])])
+    (False, False, ["/d/c"]), (True, False, ["/d/a", "/d/c", "/d/d"]), (False, True, ["/d/b", "/d/c", "/d/d"]),
+    (True, True, ["/d/a", "/d/b", "/d/c", "/d/d"])])
 def test_the_plan_is_sorted_cut_into_units_and_holds_only_what_the_options_ask_for(tmp_path, incremental, retry,
                                                                                    expected):
     out = OutputDir(str(tmp_path / "out"))
-    committed_shard(out, 0, [{"uri": "/d/a", "size": 1}, {"uri": "/d/b", "size": 1, "status": "error"}], "r1")
-    with Workspace() as ws:
+    committed_shard(out, 0, [{"uri": "/d/a", "size": 1}, {"uri": "/d/b", "size": 1, "status": "error"},
+                             {"uri": "/d/d", "size": 1, "status": "error"}], "r1")
+    with Workspace() as ws:  # a changed, b an error row, c new, d an error row whose file changed (repaired)
         open_listing(ws, listing_chunks(ws, [("/d/c", 1, None, None), ("/d/b", 1, None, None),
-                                             ("/d/a", 2, None, None)]), 3)
+                                             ("/d/a", 2, None, None), ("/d/d", 2, None, None)]), 4)
         committed_view(ws, out, 1)
         classify(ws)
         path, rows = write_plan(ws, planned_kinds(incremental, retry), first_unit=7, rows_per_shard=2)
