@@ -350,12 +350,26 @@ class Encoder:
         x = torch.as_tensor(pixels)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).to(torch.float32)
-        if self.preprocess.do_rescale:
-            x = x * self.preprocess.rescale_factor
-        if self.preprocess.do_normalize:
-            x = (x - self.mean) / self.std
-        return x.to(self.dtype)
+        # One fused multiply-add per value while the pixels are still channel-last (contiguous), then one permute:
+        # (x * rescale - mean) / std = x * (rescale / std) - mean / std. About 3x cheaper on CPU than three passes.
+        x = x.to(torch.float32)
+        scale, shift = self.pixel_affine
+        x = torch.addcmul(shift, x, scale) if shift is not None else x.mul_(scale)
+        return x.permute(0, 3, 1, 2).to(self.dtype)
+
+    @property
+    def pixel_affine(self):
+        """(scale, shift) per channel, channel-last, folding rescale and normalisation together."""
+        import torch
+
+        if getattr(self, "_affine", None) is None:
+            rescale = self.preprocess.rescale_factor if self.preprocess.do_rescale else 1.0
+            mean = self.mean.view(3) if self.preprocess.do_normalize else torch.zeros(3, device=self.device)
+            std = self.std.view(3) if self.preprocess.do_normalize else torch.ones(3, device=self.device)
+            scale = (rescale / std).to(torch.float32)
+            shift = (-mean / std).to(torch.float32) if self.preprocess.do_normalize else None
+            self._affine = (scale, shift)
+        return self._affine
 
     def encode_images(self, pixels) -> np.ndarray:
         """uint8 [B,H,W,3] -> L2-normalised image features [B,D] float32."""

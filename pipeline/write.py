@@ -131,8 +131,9 @@ def newest_per_uri(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-# A spilled unit becomes its shard in row groups of about this many rows: the commit never holds the whole unit.
+# A spilled unit becomes its shard in row groups of this many rows: the commit never holds the whole unit.
 SHARD_ROW_GROUP = 65_536
+ROW_KEY = "__row"  # the plan row number, kept beside a waiting unit's rows to sort its shard
 
 
 class _Unit:
@@ -143,6 +144,7 @@ class _Unit:
         self.expected, self.first_row, self.spill = expected, first_row, spill
         self.seen = np.zeros(expected, bool) if first_row is not None else set()
         self.taken = 0
+        self.low, self.high = 2**62, -1  # the row numbers seen
         self.parts: list[pa.Table] = []
         self.writer = None
         self.counts = {"ok": 0, "error": 0}
@@ -166,7 +168,11 @@ class _Unit:
         self.seen[offsets[keep]] = True
         return keep
 
-    def append(self, table: pa.Table) -> None:
+    def append(self, table: pa.Table, rows: np.ndarray) -> None:
+        """Keep shard rows (with their plan row numbers, for the order of the shard)."""
+        table = table.append_column(ROW_KEY, pa.array(rows.astype(np.int64)))
+        self.low = min(self.low, int(rows.min()))
+        self.high = max(self.high, int(rows.max()))
         if self.spill is None:
             self.parts.append(table)
             return
@@ -174,15 +180,22 @@ class _Unit:
             self.writer = pa.ipc.new_stream(self.spill, table.schema)
         self.writer.write_table(table)
 
-    def batches(self):
-        """The unit's rows, in the order they arrived."""
+    def sorted_tables(self):
+        """The unit's rows sorted by row number, SHARD_ROW_GROUP rows at a time: a spilled unit is read once per
+        window of row numbers (rows of a unit are contiguous), so memory holds one window, never the unit."""
         if self.spill is None:
-            for part in self.parts:
-                yield from part.to_batches()
+            table = pa.concat_tables(self.parts)
+            yield table.take(pc.sort_indices(table, [(ROW_KEY, "ascending")])).drop_columns([ROW_KEY])
             return
         self.writer.close()
-        with pa.ipc.open_stream(self.spill) as reader:
-            yield from reader
+        for lo in range(self.low, self.high + 1, SHARD_ROW_GROUP):
+            hi = lo + SHARD_ROW_GROUP
+            with pa.ipc.open_stream(self.spill) as reader:
+                window = [batch.filter(pc.and_(pc.greater_equal(batch.column(ROW_KEY), lo),
+                                               pc.less(batch.column(ROW_KEY), hi))) for batch in reader]
+            table = pa.Table.from_batches(window, schema=window[0].schema if window else None) if window else None
+            if table is not None and table.num_rows:
+                yield table.take(pc.sort_indices(table, [(ROW_KEY, "ascending")])).drop_columns([ROW_KEY])
 
     def discard(self) -> None:
         if self.writer is not None:
@@ -198,8 +211,8 @@ class ShardWriter:
     schema). `before_commit()` runs before each shard is written (the lease check: a run that lost OUTPUT writes
     nothing). With `spill_dir`, a unit's rows wait in a local file, not in memory, and its shard is written from it
     in row groups: the driver's memory does not grow with the unit's size. `first_rows` (unit -> its first row
-    number; a unit's rows are contiguous) lets a bitmap, not a set, record which rows arrived. A shard holds its
-    rows in the order they arrived.
+    number; a unit's rows are contiguous) lets a bitmap, not a set, record which rows arrived. A shard's rows are
+    sorted by plan row (uri order for images), however they arrived.
     """
 
     def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict, before_commit=None,
@@ -240,7 +253,7 @@ class ShardWriter:
             if not len(take):
                 continue
             cols = {k: np.asarray(v)[take] for k, v in batch.items()}
-            state.append(self.build_table(cols))
+            state.append(self.build_table(cols), rows[take])
             state.taken += len(take)
             self.rows_taken += len(take)
             failed = cols["status"] != "ok"
@@ -259,12 +272,12 @@ class ShardWriter:
         if self.before_commit is not None:
             self.before_commit()
         if state.spill is None:
-            table = pa.concat_tables(state.parts).replace_schema_metadata(self.metadata)
+            table = next(state.sorted_tables()).replace_schema_metadata(self.metadata)
             self.out.write_table(table, shard_name(unit))
         else:
             local = state.spill + ".parquet"
             try:
-                write_row_groups(state.batches(), local, self.metadata)
+                write_row_groups(state.sorted_tables(), local, self.metadata)
                 put_file_atomic(local, self.out.child(shard_name(unit)), self.out.storage_options)
             finally:
                 if os.path.exists(local):
@@ -288,20 +301,14 @@ class ShardWriter:
         return len(self.expected)
 
 
-def write_row_groups(batches, path: str, metadata: dict) -> None:
-    """Record batches into a local Parquet file, gathered into row groups of SHARD_ROW_GROUP rows."""
-    writer, held, rows = None, [], 0
+def write_row_groups(tables, path: str, metadata: dict) -> None:
+    """Tables (one schema) into a local Parquet file, each its own row group."""
+    writer = None
     try:
-        for batch in batches:
+        for table in tables:
             if writer is None:
-                writer = pq.ParquetWriter(path, batch.schema.with_metadata(metadata), compression="zstd")
-            held.append(batch)
-            rows += batch.num_rows
-            if rows >= SHARD_ROW_GROUP:
-                writer.write_table(pa.Table.from_batches(held).replace_schema_metadata(metadata))
-                held, rows = [], 0
-        if held:
-            writer.write_table(pa.Table.from_batches(held).replace_schema_metadata(metadata))
+                writer = pq.ParquetWriter(path, table.schema.with_metadata(metadata), compression="zstd")
+            writer.write_table(table.replace_schema_metadata(metadata))
     finally:
         if writer is not None:
             writer.close()

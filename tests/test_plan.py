@@ -161,11 +161,12 @@ def test_dry_run_counts_against_the_output_and_writes_nothing(tmp_path, capsys, 
     pq.write_table(pa.table({"uri": uris + uris[:2], "size": [1] * 10 + [1] * 2, "mtime": [0.0] * 12}), manifest)
     model = ["--model", conceptclip_model, "--prompts", prompts_file, "--trust-remote-code", "--rows-per-shard", 4]
 
+    ray_was_up = ray.is_initialized()  # (another test of this session may have started it)
     counts, text = dry_run(capsys, "images", manifest, tmp_path / "empty", "--dry-run", *model)
     assert {k: counts[k] for k in ("listed", "duplicates", "new", "changed", "unchanged", "planned", "work_units")} \
         == {"listed": 12, "duplicates": 2, "new": 10, "changed": 0, "unchanged": 0, "planned": 10, "work_units": 3}
     assert "nothing written" in text and not (tmp_path / "empty").exists()
-    assert not ray.is_initialized()  # an image dry run starts no Ray
+    assert ray.is_initialized() == ray_was_up  # an image dry run starts no Ray
 
     out = OutputDir(str(tmp_path / "out"))
     cfg = RunConfig(input=str(manifest), output=out.url, model=str(conceptclip_model), prompts=str(prompts_file),

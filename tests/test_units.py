@@ -202,7 +202,7 @@ def test_a_batch_for_an_unknown_unit_is_dropped_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("spilled", [False, True])
-def test_a_unit_delivered_out_of_order_across_batches_is_committed_once(tmp_path, spilled):
+def test_a_unit_delivered_out_of_order_across_batches_is_committed_once_sorted_by_row(tmp_path, spilled):
     """In memory, or spilled to a local file (the run's way: the driver's memory does not grow with the unit)."""
     out = CountingOutput(str(tmp_path / "out"))
     spill = dict(spill_dir=str(tmp_path), first_rows={3: 0, 4: 0}) if spilled else {}
@@ -215,11 +215,26 @@ def test_a_unit_delivered_out_of_order_across_batches_is_committed_once(tmp_path
     assert sorted(writer.add(both)) == [3, 4]
     assert shards(tmp_path / "out") == [shard_name(3), shard_name(4)]
     table = pq.read_table(tmp_path / "out" / shard_name(3))
-    assert table.column("row").to_pylist() == [4, 1, 3, 2, 0]  # as they arrived, each once
-    assert table.column("value").to_pylist() == [43, 13, 33, 23, 3]  # each row kept its own values
+    assert table.column("row").to_pylist() == [0, 1, 2, 3, 4]  # sorted by row however they arrived, each once
+    assert table.column("value").to_pylist() == [3, 13, 23, 33, 43]  # each row kept its own values
+    assert "__row" not in table.column_names
     assert json.loads(table.schema.metadata[b"pipeline.provenance"]) == {"run_id": "abc"}
     assert writer.counts["duplicates_dropped"] == 2 and writer.counts["ok"] == 6 and writer.pending == 0
     assert not list(tmp_path.glob("unit-*"))  # spill files are gone once committed
+
+
+def test_a_spilled_unit_larger_than_a_row_group_is_sorted_window_by_window(tmp_path, monkeypatch):
+    import pipeline.write as write
+
+    monkeypatch.setattr(write, "SHARD_ROW_GROUP", 7)
+    out = OutputDir(str(tmp_path / "out"))
+    writer = ShardWriter(out, {0: 30}, build_table, {}, spill_dir=str(tmp_path), first_rows={0: 100})
+    order = np.random.default_rng(0).permutation(30) + 100
+    for part in np.array_split(order, 6):
+        writer.add(result_batch(0, part))
+    shard = pq.ParquetFile(tmp_path / "out" / shard_name(0))
+    assert shard.read().column("row").to_pylist() == list(range(100, 130))
+    assert shard.metadata.num_row_groups == 5  # 30 rows in windows of 7
 
 
 def test_before_commit_raising_writes_no_shard(tmp_path):
