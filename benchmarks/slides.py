@@ -97,7 +97,7 @@ def slide_corpus(work: Path, width: int, height: int, count: int) -> Path:
 def run_pipeline(inp: Path, out: Path, model_dir: Path, prompts: Path, extra: list[str], timeout: float) -> dict:
     common.fresh_dir(out)
     cmd = common.featurize_cmd() + ["slides", str(inp), str(out), "--model", str(model_dir), "--prompts",
-                                    str(prompts), "--trust-remote-code", "--mpp", str(SLIDE_MPP), *extra]
+                                    str(prompts), "--trust-remote-code", "--target-mpp", str(SLIDE_MPP), *extra]
     res = common.run_subprocess(cmd, out.parent / (out.name + ".log"), timeout=timeout)
     record = json.loads((out / "_run.json").read_text())
     c = record["counts"]

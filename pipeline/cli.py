@@ -51,6 +51,20 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
             help_text += f" [default: {field.default}]"
         parser.add_argument(_flag(name), dest=name, default=None, type=kind, choices=choices, help=help_text,
                             required=False)
+    for old, new in getattr(model, "renamed", {}).items():  # hidden: only there to name the new spelling
+        parser.add_argument(_flag(old), action=_RenamedOption, new=_flag(new))
+
+
+class _RenamedOption(argparse.Action):
+    """An option that was renamed: a usage error naming the new spelling (`--mpp is now --target-mpp`), whatever
+    value follows it (never shown)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
 
 
 def options_from_args(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:

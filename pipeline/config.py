@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,6 +25,7 @@ class JobConfig(BaseModel):
     """Options every featurisation job shares (images and slides)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}  # old option name -> new: refused, naming the new one (see SlidesConfig)
 
     input: str = Field(description="Folder (recursive), glob, list file (.txt/.csv/.parquet with a `uri` column), "
                                    "or a manifest; local path or fsspec URL.")
@@ -87,9 +88,14 @@ class RunConfig(JobConfig):
 class SlidesConfig(JobConfig):
     """Options of `featurize slides`: whole-slide images cut into tissue tiles (see pipeline/slides.py)."""
 
-    mpp: float = Field(0.5, gt=0, description="Target microns per pixel of the tiles (0.5 um/px is about 20x).")
-    tile_px: int = Field(0, ge=0, description="Tile side in pixels at --mpp; 0 = the model's input size.")
-    overlap: int = Field(0, ge=0, description="Pixels (at --mpp) each tile shares with its neighbours.")
+    # Options renamed so that their unit is in the name (old -> new): the old spelling, on the command line or in a
+    # config file, is refused with one line that names the new one (cli.add_model_options, make_config).
+    renamed: ClassVar[dict[str, str]] = {"mpp": "target_mpp", "overlap": "overlap_px"}
+
+    target_mpp: float = Field(0.5, gt=0, description="Target microns per pixel of the tiles (0.5 um/px is about "
+                                                     "20x).")
+    tile_px: int = Field(0, ge=0, description="Tile side in pixels at --target-mpp; 0 = the model's input size.")
+    overlap_px: int = Field(0, ge=0, description="Pixels (at --target-mpp) each tile shares with its neighbours.")
     min_tissue: float = Field(0.25, ge=0, le=1, description="Minimum tissue fraction of a tile for it to be scored.")
     slide_mpp: float | None = Field(None, gt=0, description="Level-0 microns per pixel of every slide, overriding "
                                                             "their metadata.")
@@ -131,7 +137,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def make_config(cls: type[BaseModel], options: dict[str, Any]) -> Any:
-    """Build a config model, turning validation errors into a one-line UserError."""
+    """Build a config model, turning validation errors into a one-line UserError (a renamed option: its new name)."""
+    renamed = getattr(cls, "renamed", {})
+    old = [name for name in options if name in renamed]
+    if old:
+        raise UserError("; ".join(f"option {name} is now {renamed[name]} (--{renamed[name].replace('_', '-')})"
+                                  for name in old))
     try:
         return cls(**options)
     except ValidationError as exc:

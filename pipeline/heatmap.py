@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import UserError
+from .schema import current_names
 from .storage import is_remote
 from .write import OutputDir
 
@@ -34,7 +35,7 @@ class SlideOutput:
 
     def __init__(self, output: str, storage_options: dict | None = None):
         self.out = OutputDir(output, storage_options)
-        slides = self.out.read_table("_slides.parquet")
+        slides = current_names(self.out.read_table("_slides.parquet"), "slides")  # an older OUTPUT's too
         if slides is None:
             raise UserError(f"{output} has no _slides.parquet; is it the OUTPUT of `featurize slides`?")
         self.slides = slides

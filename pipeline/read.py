@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from .errors import UserError
 from .storage import exists, is_remote, join
 from .plan import duckdb_path
+from .schema import RENAMED_COLUMNS, current_names, current_names_sql
 from .write import OutputDir
 
 
@@ -90,7 +91,12 @@ def open_features(output: str, storage_options: dict | None = None, version: int
     DuckDB reads float16 features as FLOAT. A snapshot: shards committed after it was opened are not in it."""
     snap = snapshot(output, storage_options, version, exclude_removed)
     con = _connect(snap)
-    con.read_parquet([duckdb_path(snap.out, p) for p in snap.shards]).create_view("shards")
+    paths = [duckdb_path(snap.out, p) for p in snap.shards]
+    if snap.layout is SLIDES and _renamed(snap, _schema(snap.out, snap.shards[0])):  # shards from before a rename
+        shards = con.read_parquet(paths, union_by_name=True)
+        shards.select(current_names_sql(shards.columns, "tiles")).create_view("shards")
+    else:
+        con.read_parquet(paths).create_view("shards")
     return con.sql(_current_sql(snap, "shards"))
 
 
@@ -194,20 +200,35 @@ def _quiet(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
 def _candidates(snap: Snapshot, columns: list[str] | None) -> pa.Table:
     """Pass 2: the wanted and key columns of the shards holding current rows, of this version; superseded rows are
     dropped from each batch as it arrives, so they are never held whole."""
-    schema = _schema(snap.out, snap.shards[0])  # every such shard is of this version: one schema
-    missing = [c for c in columns or [] if c not in schema.names]
+    schema = _schema(snap.out, snap.shards[0])  # every such shard is of this version: one schema ...
+    renamed = _renamed(snap, schema)
+    for old, new in renamed.items():  # ... but for columns renamed since: the old shards first, then the new
+        if new not in schema.names:
+            schema = schema.insert(schema.get_field_index(old) + 1, pa.field(new, schema.field(old).type))
+    names = current_names(schema.empty_table(), "tiles").column_names if renamed else schema.names
+    missing = [c for c in columns or [] if c not in names]
     if missing:
         raise UserError(f"{snap.out.url} has no column {', '.join(missing)} in dataset version {snap.version}; "
-                        f"columns: {', '.join(schema.names)}")
-    wanted = list(dict.fromkeys([*(columns or schema.names), *snap.layout.key_columns(snap.listing is not None)]))
+                        f"columns: {', '.join(names)}")
+    wanted = list(dict.fromkeys([*(columns or names), *snap.layout.key_columns(snap.listing is not None)]))
     scanner = _dataset(snap.out, snap.shards, schema).scanner(
-        columns=wanted, filter=pads.field("dataset_version") == snap.version)
+        columns=wanted + [old for old, new in renamed.items() if new in wanted],
+        filter=pads.field("dataset_version") == snap.version)
     batches = scanner.to_batches()
     if snap.superseded.num_rows:
         superseded = _pairs(snap.superseded, snap.layout.group)
         batches = (batch.filter(pc.invert(pc.is_in(_pairs(batch, snap.layout.group), value_set=superseded)))
                    for batch in batches)
-    return pa.Table.from_batches(batches, schema=scanner.projected_schema)
+    table = pa.Table.from_batches(batches, schema=scanner.projected_schema)
+    return current_names(table, "tiles") if renamed else table
+
+
+def _renamed(snap: Snapshot, schema: pa.Schema) -> dict[str, str]:
+    """The renamed tile columns (old -> new) that the oldest current shard still has under their old name; shards
+    are in unit order, so when it has none, none has."""
+    if snap.layout is not SLIDES:
+        return {}
+    return {old: new for old, new in RENAMED_COLUMNS["tiles"].items() if old in schema.names}
 
 
 def _pairs(rows, group: str) -> pa.Array:

@@ -316,7 +316,7 @@ def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_sl
     for s in slides:
         best = s.get("concept_max")
         rows.append([s["slide_id"], s["status"], _number(s.get("n_tiles") or 0), _number(s.get("n_tile_errors") or 0),
-                     _number(s.get("mpp")) if s.get("mpp") is not None else "",
+                     _number(s.get("slide_mpp")) if s.get("slide_mpp") is not None else "",
                      _number(float(best[k])) if best is not None and k is not None and best[k] is not None else "",
                      _img(thumbnails[s["slide_id"]], f"heatmap {s['slide_id']}", "slide")
                      if s["slide_id"] in thumbnails else '<span class="muted">no scored tiles</span>'])
@@ -324,8 +324,8 @@ def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_sl
     note = f" Heatmaps for the first {max_slides} slides with tiles (--max-slides)." if cut else ""
     return (f"<h2>Slides</h2><p>{len(slides)} slides; heatmaps of <b>{_e(concept)}</b> (tile logits over the "
             f"slide's thumbnail in grey).{_e(note)}</p>" +
-            _table(["slide", "status", "tiles", "tile errors", "mpp", f"max logit: {concept}", "heatmap"], rows,
-                   numeric={2, 3, 4, 5}, raw={6}))
+            _table(["slide", "status", "tiles", "tile errors", "slide_mpp (µm/px)", f"max logit: {concept}",
+                    "heatmap"], rows, numeric={2, 3, 4, 5}, raw={6}))
 
 
 def render(source: ScoredOutput, concept: str | None = None, storage_options: dict | None = None,

@@ -36,7 +36,7 @@ from .errors import UserError
 from .lease import Lease
 from .models import VISION_ONLY_KINDS, ModelSpec
 from .prompts import Concept, PromptSet
-from .schema import fixed_list
+from .schema import current_names, fixed_list
 from .storage import filesystem, with_retries
 from .write import OutputDir, newest_per_uri, shard_name
 
@@ -73,7 +73,7 @@ class ScoredOutput:
             raise UserError(f"{output} holds no featurised output (no _dataset.json); is it the OUTPUT of "
                             "`featurize images`, `slides` or `rescore`?")
         self.shards = [p for _, p in sorted(self.out.shard_units().items())]
-        self.slides = self.out.read_table("_slides.parquet")
+        self.slides = current_names(self.out.read_table("_slides.parquet"), "slides")  # an older OUTPUT's too
         self.prompts = self.out.read_table("_prompts.parquet")
         self.columns = self._columns()
 

@@ -4,7 +4,7 @@
 
 OUTPUT, beside the files every run writes (see write.py):
   part-NNNNN.parquet            tile rows (TILE_SCHEMA), one shard per work unit of `rows_per_shard` tiles
-  _slides.parquet               one row per slide (SLIDE_SCHEMA): status, mpp and its source, tiles, concept scores
+  _slides.parquet               one row per slide (SLIDE_SCHEMA): status, slide_mpp and its source, tiles, scores
   _runs/<run-id>.plan.parquet   the run's tiles and their work units; <run-id>.slides.parquet its slides (resume)
 
 Resume: rerunning the same command finishes an interrupted run's uncommitted units; a new run skips slides whose
@@ -26,8 +26,8 @@ from .plan import (CHANGED_SQL, Listing, Workspace, contiguous_units, duckdb_pat
                    plan_unit_counts, shard_rows, sql_list, unfinished_run)
 from .models import row_widths
 from .run import ImagesJob, Planned, refuse_process_local, resolve_job, run_job
-from .schema import (CONCEPT_MAPS_FIELD, PLAN_TILE_SCHEMA, SLIDE_SCHEMA, TILE_SCHEMA, error_column, fixed_list,
-                     logits_column, metadata_bytes, nullable, source_columns, without_absent_logits)
+from .schema import (CONCEPT_MAPS_FIELD, PLAN_TILE_SCHEMA, SLIDE_SCHEMA, TILE_SCHEMA, current_names, error_column,
+                     fixed_list, logits_column, metadata_bytes, nullable, source_columns, without_absent_logits)
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .summary import summarise_slides
 from .write import OutputDir
@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 def make_tiling(cfg: SlidesConfig, model_input_px: int) -> Tiling:
     tile_px = cfg.tile_px or model_input_px
-    if cfg.overlap >= tile_px:
-        raise UserError(f"overlap {cfg.overlap} must be smaller than the tile size {tile_px} px")
-    return Tiling(mpp=cfg.mpp, tile_px=tile_px, overlap=cfg.overlap, min_tissue=cfg.min_tissue)
+    if cfg.overlap_px >= tile_px:
+        raise UserError(f"overlap_px {cfg.overlap_px} must be smaller than the tile size {tile_px} px")
+    return Tiling(target_mpp=cfg.target_mpp, tile_px=tile_px, overlap_px=cfg.overlap_px, min_tissue=cfg.min_tissue)
 
 
 # -- planning -------------------------------------------------------------------------------------------------------
@@ -91,9 +91,9 @@ def _as_completed(refs: list, stall_timeout_s: float):
 
 def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: SlidesConfig, run_id: str,
                 version: int, first_unit: int, rows_per_shard: int, plan_path: str) -> tuple[pa.Table, int]:
-    """One Ray task per slide (open, mpp, tissue, grid). Each slide's tiles are appended to the plan file at
-    plan_path as its task finishes, numbered into work units as they come: the driver holds one slide's tiles at a
-    time. Returns (the slides table, tiles planned)."""
+    """One Ray task per slide (open, microns per pixel, tissue, grid). Each slide's tiles are appended to the plan
+    file at plan_path as its task finishes, numbered into work units as they come: the driver holds one slide's tiles
+    at a time. Returns (the slides table, tiles planned)."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=1)(plan_slide)
@@ -163,10 +163,11 @@ def tile_table_builder(tile_px: int, run_id: str, dataset_version: int, concept_
 
 
 def merge_slides(previous: pa.Table | None, current: pa.Table) -> pa.Table:
-    """This run's slide rows replace earlier rows of the same slide; the rest are kept. Sorted by uri."""
+    """This run's slide rows replace earlier rows of the same slide; the rest are kept (under today's column names,
+    whenever they were written). Sorted by uri."""
     if previous is None or previous.num_rows == 0:
         return current.sort_by("uri")
-    previous = previous.select(SLIDE_SCHEMA.names).cast(SLIDE_SCHEMA)
+    previous = current_names(previous, "slides").select(SLIDE_SCHEMA.names).cast(SLIDE_SCHEMA)
     keep = pc.invert(pc.is_in(previous.column("uri"), value_set=current.column("uri")))
     return pa.concat_tables([previous.filter(keep), current]).sort_by("uri")
 
@@ -191,8 +192,11 @@ class SlidesJob(ImagesJob):
 
     def identity(self) -> dict:
         cfg, tiling = self.cfg, self.tiling
+        # The keys keep their first names (`mpp` is target_mpp, `overlap` is overlap_px) although the options were
+        # renamed: the identity is compared with the one an existing OUTPUT recorded, and new keys would refuse
+        # every OUTPUT written before the rename as changed (needing --new-version for the same tiling).
         return {**self.model.identity(),
-                "tiling": {"mpp": tiling.mpp, "tile_px": tiling.tile_px, "overlap": tiling.overlap,
+                "tiling": {"mpp": tiling.target_mpp, "tile_px": tiling.tile_px, "overlap": tiling.overlap_px,
                            "min_tissue": tiling.min_tissue, "slide_mpp": cfg.slide_mpp, "reader": cfg.reader},
                 "concept_maps": cfg.concept_maps}
 
@@ -214,7 +218,7 @@ class SlidesJob(ImagesJob):
         resumable = unfinished_run(out, runs, version, cfg.input)
         if resumable is not None:
             run_id, path = resumable
-            slides = out.read_table("_runs", f"{run_id}.slides.parquet")
+            slides = current_names(out.read_table("_runs", f"{run_id}.slides.parquet"), "slides")
             if slides is None:
                 raise UserError(f"run {run_id} in {out.url} has a plan but no slide table; "
                                 "remove its files under _runs to start afresh")

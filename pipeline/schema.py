@@ -9,6 +9,7 @@ from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .prompts import PromptSet
 
@@ -41,7 +42,7 @@ TILE_COLUMNS = [
     ("y", pa.int64()),
     ("level", pa.int32()),  # the pyramid level the tile was read from
     ("tile_px", pa.int32()),
-    ("mpp", pa.float64()),  # the tile's microns per pixel at tile_px
+    ("tile_mpp", pa.float64()),  # the tile's microns per pixel at tile_px
     ("tissue_fraction", pa.float32()),
     ("status", pa.string()),
     ("error", pa.string()),
@@ -55,7 +56,7 @@ SLIDE_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error", pa.string()),
     ("reader", pa.string()),
-    ("mpp", pa.float64()),  # level-0 microns per pixel
+    ("slide_mpp", pa.float64()),  # level-0 microns per pixel
     ("mpp_source", pa.string()),  # slide_mpp | aperio.MPP | tiff.XResolution | <reader>.mpp-x
     ("width", pa.int64()),  # level-0 pixels
     ("height", pa.int64()),
@@ -67,7 +68,7 @@ SLIDE_SCHEMA = pa.schema([
     ("footprint_px", pa.int32()),  # a tile's side in level-0 pixels
     ("step_px", pa.int32()),  # level-0 pixels between neighbouring tiles
     ("tile_px", pa.int32()),
-    ("tile_mpp", pa.float64()),
+    ("tile_mpp", pa.float64()),  # a tile's microns per pixel at tile_px
     ("top_k", pa.int32()),
     ("concept_max", pa.list_(pa.float32())),  # per concept (the order of _prompts.parquet): the highest tile logit
     ("concept_topk_mean", pa.list_(pa.float32())),  # and the mean of the top_k highest
@@ -80,6 +81,45 @@ PLAN_TILE_SCHEMA = pa.schema([
     ("level", pa.int32()), ("read_px", pa.int32()), ("tile_mpp", pa.float64()), ("tissue_fraction", pa.float32()),
     ("size", pa.int64()), ("mtime", pa.float64()), ("etag", pa.string()),
 ])
+
+# Columns renamed since OUTPUTs were first written, per table: old name -> today's. The files of an OUTPUT are never
+# rewritten, so every reader passes what it read through `current_names` (or DuckDB SQL through `current_names_sql`)
+# and an OUTPUT written before a rename reads as a new one.
+RENAMED_COLUMNS = {
+    "tiles": {"mpp": "tile_mpp"},  # tile shards (TILE_SCHEMA)
+    "slides": {"mpp": "slide_mpp"},  # _slides.parquet and _runs/<run-id>.slides.parquet (SLIDE_SCHEMA)
+}
+
+
+def current_names(table: pa.Table | None, kind: str) -> pa.Table | None:
+    """`table` (rows of `kind`, "tiles" or "slides"; None stays None) with each renamed column under today's name.
+    When it holds both names (shards from before and after a rename scanned together, a column a shard lacks read as
+    nulls), the old column fills the new one's nulls and is dropped."""
+    if table is None:
+        return None
+    for old, new in RENAMED_COLUMNS[kind].items():
+        names = table.column_names
+        if old not in names:
+            continue
+        if new not in names:
+            table = table.rename_columns([new if name == old else name for name in names])
+        else:
+            table = table.set_column(names.index(new), new, pc.coalesce(table.column(new), table.column(old)))
+            table = table.drop_columns([old])
+    return table
+
+
+def current_names_sql(columns: list[str], kind: str) -> str:
+    """`current_names` for DuckDB: the select list that gives a relation with `columns` (shards read with
+    union_by_name) today's column names."""
+    select, renames = "*", []
+    for old, new in RENAMED_COLUMNS[kind].items():
+        if old in columns and new in columns:
+            select += f" EXCLUDE ({old}) REPLACE (coalesce({new}, {old}) AS {new})"
+        elif old in columns:
+            renames.append(f"{old} AS {new}")
+    return select + (f" RENAME ({', '.join(renames)})" if renames else "")
+
 
 _PACKAGES = ("pipeline-featurize", "torch", "transformers", "ray", "pyarrow", "pillow", "numpy", "fsspec")
 

@@ -1,13 +1,14 @@
 """Whole-slide images: readers, microns per pixel, tissue mask, tile grid, and the tile-reading CPU stage.
 
 Pure functions over numbers and arrays, plus two entry points the driver runs in Ray tasks:
-- `plan_slide(uri, ...)`: open a slide, resolve its mpp, find tissue on a low-resolution level and lay the tile
-  grid over it. Any failure becomes a slide row with status "error" and a reason, never an exception.
+- `plan_slide(uri, ...)`: open a slide, resolve its microns per pixel, find tissue on a low-resolution level and lay
+  the tile grid over it. Any failure becomes a slide row with status "error" and a reason, never an exception.
 - `read_tiles(batch, ...)`: a Ray Data batch function that reads each tile region from the best pyramid level and
   resizes it to the model input exactly as `decode.resize_for_model` would for an RGB image of that tile.
 
 Coordinates `x`, `y` are level-0 pixels of a tile's top-left corner. A tile covers `footprint_px` level-0 pixels
-on a side; it is read as `read_px` pixels at pyramid level `level` and resized to `tile_px` pixels at `mpp`.
+on a side; it is read as `read_px` pixels at pyramid level `level` and resized to `tile_px` pixels at `target_mpp`
+(the tile's own microns per pixel, `tile_mpp`, differs only by the footprint's rounding to whole pixels).
 Slide handles are opened once per worker process (a small cache keyed by uri and reader) and never pickled.
 """
 
@@ -35,24 +36,24 @@ READERS = ("auto", "tiffslide", "openslide")
 MIN_MASK_TILE_PX = 8  # the tissue mask level keeps at least this many mask pixels across a tile
 MAX_MASK_PIXELS = 1 << 26  # never read a mask level larger than this (64 Mpx, ~200 MB of RGB)
 MIN_TISSUE_SATURATION = 20  # an Otsu threshold below this is noise on a blank slide, not tissue
-MAX_UPSAMPLING = 1.1  # a slide may be at most this much coarser than the target mpp
+MAX_UPSAMPLING = 1.1  # a slide may be at most this much coarser than target_mpp
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """How tiles are cut: at `mpp` microns per pixel, `tile_px` pixels a side, `overlap` pixels shared with each
-    neighbour, kept when at least `min_tissue` of the tile is tissue."""
+    """How tiles are cut: at `target_mpp` microns per pixel, `tile_px` pixels a side, `overlap_px` pixels (at
+    target_mpp) shared with each neighbour, kept when at least `min_tissue` (a fraction) of the tile is tissue."""
 
-    mpp: float = 0.5
+    target_mpp: float = 0.5
     tile_px: int = 224
-    overlap: int = 0
+    overlap_px: int = 0
     min_tissue: float = 0.25
 
     def __post_init__(self):
-        if not self.mpp > 0 or self.tile_px < 1 or not 0 <= self.overlap < self.tile_px \
+        if not self.target_mpp > 0 or self.tile_px < 1 or not 0 <= self.overlap_px < self.tile_px \
                 or not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"invalid tiling {self}: need mpp > 0, tile_px >= 1, 0 <= overlap < tile_px, "
-                             "0 <= min_tissue <= 1")
+            raise ValueError(f"invalid tiling {self}: need target_mpp > 0, tile_px >= 1, "
+                             "0 <= overlap_px < tile_px, 0 <= min_tissue <= 1")
 
 
 # -- readers --------------------------------------------------------------------------------------------------------
@@ -306,34 +307,34 @@ def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], xs: np.ndarr
 @dataclass(frozen=True)
 class TileGeometry:
     """One slide's tiles: read `read_px` pixels at `level` (downsample `downsample`), covering `footprint_px`
-    level-0 pixels, every `step_px` level-0 pixels; `mpp` is the tile's actual microns per pixel at tile_px."""
+    level-0 pixels, every `step_px` level-0 pixels; `tile_mpp` is the tile's actual microns per pixel at tile_px."""
 
     level: int
     downsample: float
     read_px: int
     footprint_px: int
     step_px: int
-    mpp: float
+    tile_mpp: float
 
 
 def tile_geometry(slide_mpp: float, level_downsamples, tiling: Tiling) -> TileGeometry:
-    """Read from the coarsest level that is not coarser than the target mpp; round the footprint to whole pixels
+    """Read from the coarsest level that is not coarser than target_mpp; round the footprint to whole pixels
     of that level so every tile starts on a pixel of the level it is read from (both readers then agree)."""
-    target_ds = tiling.mpp / slide_mpp
+    target_ds = tiling.target_mpp / slide_mpp
     if target_ds < 1 / MAX_UPSAMPLING:
-        raise ValueError(f"level 0 is {slide_mpp:g} um/px, coarser than the target mpp {tiling.mpp:g}; "
-                         "pass a larger --mpp (tiles are never upsampled)")
+        raise ValueError(f"level 0 is {slide_mpp:g} um/px, coarser than target_mpp {tiling.target_mpp:g} um/px; "
+                         "pass a larger --target-mpp (tiles are never upsampled)")
     usable = [i for i, ds in enumerate(level_downsamples) if ds <= target_ds * (1 + 1e-3)] or [0]
     level = max(usable, key=lambda i: level_downsamples[i])
     ds = float(level_downsamples[level])
     whole = round(ds)
     ds_grid = float(whole) if whole >= 1 and abs(ds - whole) < 1e-2 else ds
     read_px = max(1, round(tiling.tile_px * target_ds / ds_grid))
-    overlap_read = round(tiling.overlap * read_px / tiling.tile_px)
+    overlap_read = round(tiling.overlap_px * read_px / tiling.tile_px)
     footprint = int(round(read_px * ds_grid))
     step = int(round((read_px - overlap_read) * ds_grid))
     if step < 1:
-        raise ValueError(f"overlap {tiling.overlap} leaves no step between tiles at {tiling.tile_px} px")
+        raise ValueError(f"overlap_px {tiling.overlap_px} leaves no step between tiles at {tiling.tile_px} px")
     return TileGeometry(level, ds, read_px, footprint, step, footprint * slide_mpp / tiling.tile_px)
 
 
@@ -360,12 +361,13 @@ def tile_grid(dimensions: tuple[int, int], level_dimensions, geometry: TileGeome
 # -- planning one slide (runs in a Ray task) ------------------------------------------------------------------------
 def plan_slide(uri: str, tiling: Tiling, reader: str = "auto", slide_mpp: float | None = None,
                storage_options: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Open one slide, resolve its mpp, find its tissue and lay the grid: (slide row, tile columns).
+    """Open one slide, resolve its level-0 microns per pixel, find its tissue and lay the grid: (slide row, tile
+    columns).
 
     Never raises for a bad slide: the row then has status "error" and a reason, and no tiles.
     """
     t = time.perf_counter()
-    row = {"uri": uri, "status": "ok", "error": None, "reader": None, "mpp": None, "mpp_source": None,
+    row = {"uri": uri, "status": "ok", "error": None, "reader": None, "slide_mpp": None, "mpp_source": None,
            "width": None, "height": None, "level_count": None, "n_tiles": 0, "level": None, "read_px": None,
            "footprint_px": None, "step_px": None, "tile_mpp": None, "plan_s": 0.0}
     empty = {"x": np.zeros(0, np.int64), "y": np.zeros(0, np.int64), "tissue_fraction": np.zeros(0, np.float32)}
@@ -374,14 +376,14 @@ def plan_slide(uri: str, tiling: Tiling, reader: str = "auto", slide_mpp: float 
         slide = open_slide(uri, reader, storage_options)
         row.update(reader=slide.name, width=slide.dimensions[0], height=slide.dimensions[1],
                    level_count=slide.level_count)
-        mpp, source = resolve_mpp(slide.properties, slide_mpp)
-        if mpp is None:
+        level0_mpp, source = resolve_mpp(slide.properties, slide_mpp)
+        if level0_mpp is None:
             raise ValueError("slide has no microns-per-pixel (mpp) metadata (no reader mpp property, Aperio MPP "
                              "or centimetre resolution tags); pass --slide-mpp with its level-0 um/px")
-        row.update(mpp=mpp, mpp_source=source)
-        geometry = tile_geometry(mpp, slide.level_downsamples, tiling)
+        row.update(slide_mpp=level0_mpp, mpp_source=source)
+        geometry = tile_geometry(level0_mpp, slide.level_downsamples, tiling)
         row.update(level=geometry.level, read_px=geometry.read_px, footprint_px=geometry.footprint_px,
-                   step_px=geometry.step_px, tile_mpp=geometry.mpp)
+                   step_px=geometry.step_px, tile_mpp=geometry.tile_mpp)
         level = mask_level(slide.level_dimensions, slide.level_downsamples, geometry.footprint_px)
         lw, lh = slide.level_dimensions[level]
         mask = tissue_mask(slide.read(0, 0, level, lw, lh))

@@ -63,10 +63,12 @@ def pyramid(rgb: np.ndarray, levels: int) -> list[np.ndarray]:
     return out
 
 
-def write_slide(path, slide: SyntheticSlide | np.ndarray, mpp: float | None = 0.25, *, compression: str = "jpeg",
-                aperio: bool = False, resolution_tags: bool = True, levels: int = 3, tile: int = 256) -> Path:
-    """Write a pyramidal slide. `aperio`: an Aperio-style description carries `MPP` (and no resolution tags);
-    otherwise resolution tags in CENTIMETER carry it (unless `resolution_tags` is False or mpp is None)."""
+def write_slide(path, slide: SyntheticSlide | np.ndarray, slide_mpp: float | None = 0.25, *,
+                compression: str = "jpeg", aperio: bool = False, resolution_tags: bool = True, levels: int = 3,
+                tile: int = 256) -> Path:
+    """Write a pyramidal slide of `slide_mpp` level-0 microns per pixel. `aperio`: an Aperio-style description
+    carries it as `MPP` (and no resolution tags); otherwise resolution tags in CENTIMETER carry it (unless
+    `resolution_tags` is False or slide_mpp is None)."""
     import tifffile
 
     path = Path(path)
@@ -85,7 +87,7 @@ def write_slide(path, slide: SyntheticSlide | np.ndarray, mpp: float | None = 0.
     with tifffile.TiffWriter(path) as tw:
         if aperio:
             head = f"Aperio Image Library v12.0.15\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q=90"
-            description = head + "|AppMag = 20" + (f"|MPP = {mpp}" if mpp is not None else "")
+            description = head + "|AppMag = 20" + (f"|MPP = {slide_mpp}" if slide_mpp is not None else "")
             tw.write(pages[0], tile=(tile, tile), description=description, **common)
             tw.write(pages[-1], description=head, **common)  # Aperio's page 1: a stripped thumbnail
             for a in pages[1:]:
@@ -93,8 +95,8 @@ def write_slide(path, slide: SyntheticSlide | np.ndarray, mpp: float | None = 0.
             return path
         for i, a in enumerate(pages):
             extra = {}
-            if resolution_tags and mpp is not None:
-                res = 1e4 / (mpp * 2**i)
+            if resolution_tags and slide_mpp is not None:
+                res = 1e4 / (slide_mpp * 2**i)
                 extra = dict(resolution=(res, res), resolutionunit="CENTIMETER")
             tw.write(a, tile=tiles_for(a), subfiletype=0 if i == 0 else 1, **extra, **common)
     return path
@@ -134,3 +136,18 @@ def with_plan(cols: dict, plan) -> dict:
     rows = np.asarray(cols["row"])
     return {**{name: np.asarray(plan.column(name).to_numpy(zero_copy_only=False))[rows] for name in plan.column_names},
             **cols}
+
+
+def with_old_column_names(src, dst) -> Path:
+    """A copy of a slides OUTPUT as it was written before the columns were renamed: `mpp` in the tile shards (today's
+    tile_mpp) and in _slides.parquet (today's slide_mpp), in the same place."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    for path, new in [*((p, "tile_mpp") for p in dst.glob("part-*.parquet")), (dst / "_slides.parquet", "slide_mpp")]:
+        table = pq.read_table(path)
+        pq.write_table(table.rename_columns(["mpp" if name == new else name for name in table.column_names]), path)
+    return dst

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser, options_from_args
-from pipeline.config import RunConfig, load_config_file, make_config
+from pipeline.cli import _subparsers, build_parser, main, options_from_args
+from pipeline.config import RunConfig, SlidesConfig, load_config_file, make_config
 from pipeline.errors import UserError
 
 REQUIRED = {"input": "/data/in", "output": "/data/out", "model": "/models/m", "prompts": "/p.yaml"}
@@ -110,6 +111,44 @@ def test_command_line_wins_over_config_file(tmp_path):
     args = build_parser().parse_args(["images", "/in", "/out", "--config", str(path)])
     cfg = make_config(RunConfig, options_from_args(args, RunConfig))
     assert (cfg.input, cfg.output, cfg.model) == ("/in", "/out", "/from-file")
+
+
+# ------------------------------------------------------------------------------- SlidesConfig: renamed options
+def test_slides_options_carry_their_units():
+    cfg = make_config(SlidesConfig, {**REQUIRED, "target_mpp": 0.25, "overlap_px": 16})
+    assert (cfg.target_mpp, cfg.overlap_px, cfg.slide_mpp) == (0.25, 16, None)
+    args = build_parser().parse_args(["slides", "/in", "/out", "--target-mpp", "1", "--overlap-px", "8"])
+    assert (args.target_mpp, args.overlap_px) == (1.0, 8)
+    assert not {"mpp", "overlap"} & set(vars(args))  # the old spellings only refuse; they set nothing
+    usage = _subparsers(build_parser())["slides"].format_help()
+    assert "--target-mpp" in usage and not re.search(r"--mpp\b|--overlap\b(?!-)", usage)  # nor are they shown
+
+
+@pytest.mark.parametrize("argv, old, new", [(["--mpp", "0.5"], "--mpp", "--target-mpp"),
+                                            (["--mpp=0.5"], "--mpp", "--target-mpp"),
+                                            (["--overlap", "16"], "--overlap", "--overlap-px")])
+def test_old_slides_option_is_refused_naming_the_new_one(argv, old, new, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["slides", "/in", "/out", "--model", "/m", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"featurize: error: {old} is now {new} (see 'featurize slides --help')"), err
+    assert "0.5" not in err and "16" not in err  # the value is never shown
+
+
+def test_old_slides_keys_in_a_config_file_are_refused_naming_the_new_ones(tmp_path, capsys):
+    path = tmp_path / "slides.yaml"
+    path.write_text("model: /m\nmpp: 0.5\noverlap: 16\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        make_config(SlidesConfig, {**load_config_file(path), "input": "/in", "output": "/out"})
+    assert str(info.value) == ("option mpp is now target_mpp (--target-mpp); "
+                               "option overlap is now overlap_px (--overlap-px)")
+    assert main(["slides", "/in", "/out", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "featurize: error: option mpp is now target_mpp (--target-mpp); option overlap is now " \
+                  "overlap_px (--overlap-px)\n"
+    with pytest.raises(UserError, match="unknown option"):  # `featurize images` never had them
+        make_config(RunConfig, {**REQUIRED, "mpp": 0.5})
 
 
 # ------------------------------------------------------------------------------------------ CLI, end to end

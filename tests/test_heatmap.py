@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline import open_features, read_features
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.heatmap import SlideOutput, tile_grid_values, write_all, write_heatmap
 from pipeline.run_slides import tile_table_builder
-from pipeline.schema import SLIDE_SCHEMA
+from pipeline.schema import SLIDE_SCHEMA, TILE_SCHEMA
 from pipeline.schema import prompts_table
 from pipeline.prompts import Concept, PromptSet
 from pipeline.write import OutputDir
-from slide_fixtures import draw_slide, grid_plan, with_plan, write_slide
+from slide_fixtures import draw_slide, grid_plan, with_old_column_names, with_plan, write_slide
 
 CONCEPTS = ["tumor", "stroma", "necrotic tissue"]
 MAP_SIDE = 4
@@ -30,7 +36,7 @@ def _fake_output(root, slides: dict, concept_maps: bool = False):
         fp = 128
         plan_parts.append(grid_plan(slide_id, str(path), width, height, fp, every=2))  # gaps stay transparent
         n = plan_parts[-1].num_rows
-        rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide", "mpp": 0.25,
+        rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide", "slide_mpp": 0.25,
                      "mpp_source": "tiff.XResolution", "width": width, "height": height, "n_tiles": n,
                      "footprint_px": fp, "step_px": fp, "tile_px": 64, "run_id": run_id, "dataset_version": 1})
     plan = pa.concat_tables(plan_parts)
@@ -122,3 +128,48 @@ def test_missing_slide_file_still_draws_on_a_blank_background(tmp_path, caplog):
     slide_path.unlink()
     written = write_all(SlideOutput(url), tmp_path / "all")
     assert len(written) == len(CONCEPTS) and "blank background" in caplog.text
+
+
+# -- OUTPUTs written before `mpp` was renamed -----------------------------------------------------------------------
+def with_dataset(src, dst) -> Path:
+    """A copy of the fake OUTPUT with the _dataset.json that read_features needs."""
+    shutil.copytree(src, dst)
+    (Path(dst) / "_dataset.json").write_text(json.dumps({"identity": {}, "version": 1}))
+    return Path(dst)
+
+
+def test_heatmap_reads_an_output_with_the_old_mpp_columns(output, tmp_path):
+    old = with_old_column_names(output, tmp_path / "old")
+    assert "mpp" in pq.read_schema(old / "_slides.parquet").names
+    assert "mpp" in pq.read_schema(old / "part-00000.parquet").names
+    result = SlideOutput(str(old))
+    slide = result.slide("wide")
+    assert slide["slide_mpp"] == 0.25 and "mpp" not in slide
+    drawn = [np.asarray(Image.open(write_heatmap(SlideOutput(source), "wide", "tumor", tmp_path / f"{name}.png")))
+             for name, source in (("new", output), ("old", str(old)))]
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    assert main(["heatmap", str(old), "--all", "--out", str(tmp_path / "maps")]) == 0
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2 * len(CONCEPTS)
+
+
+def test_read_features_gives_shards_with_the_old_mpp_column_todays_name(output, tmp_path):
+    """Old shards alone, and old shards followed by new ones (an incremental run after the rename)."""
+    old = with_old_column_names(with_dataset(output, tmp_path / "new"), tmp_path / "old")
+    expected = read_features(str(tmp_path / "new"))  # the same rows, written today
+    assert expected.column_names == TILE_SCHEMA.names
+    for mixed in (False, True):
+        if mixed:  # the second half of the tiles in a shard written after the rename
+            table = pq.read_table(old / "part-00000.parquet")
+            half = table.num_rows // 2
+            pq.write_table(table.slice(0, half), old / "part-00000.parquet")
+            pq.write_table(table.slice(half).rename_columns(TILE_SCHEMA.names), old / "part-00001.parquet")
+        tiles = read_features(str(old))
+        assert tiles.column_names == TILE_SCHEMA.names and tiles.equals(expected), mixed
+        assert read_features(str(old), columns=["x", "tile_mpp"]).equals(expected.select(["x", "tile_mpp"]))
+        with pytest.raises(UserError, match="no column mpp"):
+            read_features(str(old), columns=["mpp"])
+        rel = open_features(str(old))
+        assert "mpp" not in rel.columns
+        assert rel.query("f", "SELECT count(*), min(tile_mpp), max(tile_mpp) FROM f").fetchall() == \
+            [(expected.num_rows, 0.5, 0.5)]
+

@@ -98,10 +98,10 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
             fp = 128
             plan_parts.append(grid_plan(slide_id, str(path), width, height, fp))
             n = plan_parts[-1].num_rows
-            rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide", "mpp": 0.25,
-                         "mpp_source": "tiff.XResolution", "width": width, "height": height, "n_tiles": n,
-                         "n_tile_errors": 0, "footprint_px": fp, "step_px": fp, "tile_px": 64, "top_k": 4,
-                         "run_id": run_id, "dataset_version": 1})
+            rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide",
+                         "slide_mpp": 0.25, "mpp_source": "tiff.XResolution", "width": width, "height": height,
+                         "n_tiles": n, "n_tile_errors": 0, "footprint_px": fp, "step_px": fp, "tile_px": 64,
+                         "top_k": 4, "run_id": run_id, "dataset_version": 1})
         rows[0].update(status="error", n_tile_errors=1, error="1 of 32 tiles could not be scored (first: boom)")
         rows.append({"slide_id": "broken", "uri": str(root / "broken.svs"), "status": "error",
                      "error": "cannot open slide <b>broken</b>", "n_tiles": 0, "run_id": run_id,
@@ -270,6 +270,15 @@ def test_slides_output_gets_slide_scores_from_the_new_logits(ray_session, tmp_pa
     result = SlideOutput(str(out2))
     assert result.concepts == ["red things", "sky", "grass", "glass"]
     assert result.tiles(result.slide("tall")).num_rows == int(((uris == summary[1]["uri"]) & ok).sum())
+    # An OUTPUT written before `mpp` was renamed: OUT2's _slides.parquet has today's names and the same rows.
+    from slide_fixtures import with_old_column_names
+
+    old = with_old_column_names(slides["output"], tmp_path / "old")
+    assert main(["rescore", str(old), "--prompts", str(new_prompts), "--out", str(tmp_path / "old-out2"),
+                 "--trust-remote-code"]) == 0
+    again = pq.read_table(tmp_path / "old-out2" / "_slides.parquet")
+    assert "slide_mpp" in again.column_names and "mpp" not in again.column_names
+    assert again.to_pylist() == summary
 
 
 def _fake_output(folder: Path, identity: dict) -> str:

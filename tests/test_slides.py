@@ -29,10 +29,10 @@ from pipeline.slides import (
     tile_geometry,
     tissue_mask,
 )
-from slide_fixtures import draw_slide, true_fraction, truncate, write_slide
+from slide_fixtures import draw_slide, true_fraction, truncate, with_old_column_names, write_slide
 
 READERS = ["tiffslide", "openslide"]
-TILING = Tiling(mpp=0.5, tile_px=64, overlap=0, min_tissue=0.25)
+TILING = Tiling(target_mpp=0.5, tile_px=64, overlap_px=0, min_tissue=0.25)
 SPEC = PreprocessSpec("squash", 64, 64)
 
 
@@ -93,7 +93,7 @@ def test_slide_without_mpp_is_an_error_naming_mpp_unless_overridden(slide_files,
     assert row["status"] == "error" and "mpp" in row["error"] and "--slide-mpp" in row["error"]
     assert row["n_tiles"] == 0 and len(tiles["x"]) == 0
     row, tiles = plan_slide(str(slide_files["nompp"]), TILING, reader, slide_mpp=0.25)
-    assert row["status"] == "ok" and (row["mpp"], row["mpp_source"]) == (0.25, "slide_mpp")
+    assert row["status"] == "ok" and (row["slide_mpp"], row["mpp_source"]) == (0.25, "slide_mpp")
     assert row["n_tiles"] == len(tiles["x"]) > 0
 
 
@@ -155,19 +155,20 @@ def test_tiles_lie_on_tissue_cover_it_and_step_by_their_footprint(slide_files, d
 
 
 def test_min_tissue_and_overlap():
-    geometry = tile_geometry(0.25, [1.0, 2.0, 4.0, 8.0], Tiling(mpp=0.5, tile_px=64, overlap=16))
+    geometry = tile_geometry(0.25, [1.0, 2.0, 4.0, 8.0], Tiling(target_mpp=0.5, tile_px=64, overlap_px=16))
     assert (geometry.level, geometry.read_px, geometry.footprint_px, geometry.step_px) == (1, 64, 128, 96)
-    # A slide at 0.3 um/px reads level 0 and rounds the footprint to whole pixels; mpp records the real value.
-    geometry = tile_geometry(0.3, [1.0, 2.0], Tiling(mpp=0.5, tile_px=64))
-    assert (geometry.level, geometry.footprint_px) == (0, 107) and geometry.mpp == pytest.approx(107 * 0.3 / 64)
-    with pytest.raises(ValueError, match="coarser than the target mpp"):
-        tile_geometry(1.0, [1.0], Tiling(mpp=0.5, tile_px=64))
-    with pytest.raises(ValueError):
-        Tiling(tile_px=64, overlap=64)
+    # A slide at 0.3 um/px reads level 0 and rounds the footprint to whole pixels; tile_mpp records the real value.
+    geometry = tile_geometry(0.3, [1.0, 2.0], Tiling(target_mpp=0.5, tile_px=64))
+    assert (geometry.level, geometry.footprint_px) == (0, 107)
+    assert geometry.tile_mpp == pytest.approx(107 * 0.3 / 64)
+    with pytest.raises(ValueError, match="coarser than target_mpp 0.5 um/px; pass a larger --target-mpp"):
+        tile_geometry(1.0, [1.0], Tiling(target_mpp=0.5, tile_px=64))
+    with pytest.raises(ValueError, match="0 <= overlap_px < tile_px"):
+        Tiling(tile_px=64, overlap_px=64)
 
 
 def test_more_tissue_required_means_fewer_tiles(slide_files):
-    counts = [plan_slide(str(slide_files["tif25"]), Tiling(mpp=0.5, tile_px=64, min_tissue=m), "tiffslide")[0]
+    counts = [plan_slide(str(slide_files["tif25"]), Tiling(target_mpp=0.5, tile_px=64, min_tissue=m), "tiffslide")[0]
               ["n_tiles"] for m in (0.0, 0.5, 1.0)]
     assert counts[0] > counts[1] > counts[2] > 0
 
@@ -203,7 +204,7 @@ def test_read_tiles_resizes_like_the_processor_and_both_readers_agree(slide_file
 
 # -- end to end: `featurize slides` through real Ray ----------------------------------------------------------------
 
-TILE_COLUMNS = ["slide_id", "uri", "x", "y", "level", "tile_px", "mpp", "tissue_fraction", "status", "error",
+TILE_COLUMNS = ["slide_id", "uri", "x", "y", "level", "tile_px", "tile_mpp", "tissue_fraction", "status", "error",
                 "image_features", "concept_logits", "size", "mtime", "etag", "run_id", "dataset_version"]
 DRAWINGS = {"a": dict(seed=5), "b": dict(seed=6, shapes=[("rect", 1024, 128, 1792, 640), ("ellipse", 600, 1100,
                                                                                             400, 300)])}
@@ -270,9 +271,11 @@ def test_slides_end_to_end(local_run, slide_dir):
     slides = {r["slide_id"]: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
     assert sorted(slides) == ["a", "b", "nompp", "truncated"]
     a, b = slides["a"], slides["b"]
-    assert (a["status"], a["mpp"], a["mpp_source"], a["footprint_px"], a["level"]) == ("ok", 0.25, "tiff.XResolution",
-                                                                                         128, 1)
-    assert (b["status"], b["mpp"], b["mpp_source"], b["footprint_px"], b["level"]) == ("ok", 0.5, "aperio.MPP", 64, 0)
+    assert (a["status"], a["slide_mpp"], a["mpp_source"], a["footprint_px"], a["level"], a["tile_mpp"]) == \
+        ("ok", 0.25, "tiff.XResolution", 128, 1, 0.5)
+    assert (b["status"], b["slide_mpp"], b["mpp_source"], b["footprint_px"], b["level"], b["tile_mpp"]) == \
+        ("ok", 0.5, "aperio.MPP", 64, 0, 0.5)
+    assert "mpp" not in slides["a"]
     assert (a["width"], a["height"]) == (2048, 1536)
     # The slide without mpp and the truncated slide are error rows; the others finished.
     assert slides["nompp"]["status"] == "error" and "mpp" in slides["nompp"]["error"]
@@ -297,7 +300,7 @@ def test_slides_end_to_end(local_run, slide_dir):
         for x, y in zip(xs, ys):
             covered[y:y + fp, x:x + fp] = True
         assert (covered & truth).sum() / truth.sum() > 0.95  # and they cover it
-        assert set(rows.column("mpp").to_pylist()) == {0.5} and set(rows.column("tile_px").to_pylist()) == {64}
+        assert set(rows.column("tile_mpp").to_pylist()) == {0.5} and set(rows.column("tile_px").to_pylist()) == {64}
         logits = np.array(rows.column("concept_logits").to_pylist(), np.float32)
         assert logits.shape == (rows.num_rows, 4)
         np.testing.assert_allclose(slides[name]["concept_max"], logits.max(axis=0), rtol=1e-6)
@@ -340,6 +343,22 @@ def test_interrupted_run_resumes_and_finished_slides_are_skipped(local_run, tmp_
     assert "2 skipped (already done)" in capsys.readouterr().err
 
 
+def test_a_run_into_an_output_with_the_old_mpp_columns_continues_it(local_run, tmp_path):
+    """An OUTPUT written before `mpp` became tile_mpp and slide_mpp (and the options --target-mpp, --overlap-px): its
+    identity keeps the first key names, so the same command continues it, and its slide rows get today's names."""
+    output, args = local_run
+    old = with_old_column_names(output, tmp_path / "old")
+    tiling = json.loads((old / "_dataset.json").read_text())["identity"]["tiling"]
+    assert (tiling["mpp"], tiling["tile_px"], tiling["overlap"]) == (0.5, 64, 0)
+    assert featurize(*[a if a != output else old for a in args]) == 0
+    record = json.loads((old / "_run.json").read_text())
+    assert (record["counts"]["skipped"], record["counts"]["planned"]) == (2, 2)  # the two failed slides again
+    slides = pq.read_table(old / "_slides.parquet")
+    assert "mpp" not in slides.column_names
+    assert {r["slide_id"]: r["slide_mpp"] for r in slides.to_pylist()} == {"a": 0.25, "b": 0.5, "nompp": None,
+                                                                           "truncated": None}
+
+
 def test_openslide_reader_and_slide_mpp_override(local_run, slide_dir, conceptclip_model, prompts_file, tmp_path):
     folder, _ = slide_dir
     listing = tmp_path / "slides.txt"
@@ -349,7 +368,8 @@ def test_openslide_reader_and_slide_mpp_override(local_run, slide_dir, conceptcl
                      *model_args(conceptclip_model, prompts_file)) == 0
     slides = {r["slide_id"]: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
     assert {r["status"] for r in slides.values()} == {"ok"}
-    assert {(r["reader"], r["mpp"], r["mpp_source"]) for r in slides.values()} == {("openslide", 0.25, "slide_mpp")}
+    assert {(r["reader"], r["slide_mpp"], r["mpp_source"]) for r in slides.values()} == \
+        {("openslide", 0.25, "slide_mpp")}
     # Same pixels through either reader: a.tif scores as the tiffslide run scored it.
     ours, theirs = read_tiles_output(output), read_tiles_output(local_run[0])
     ours = ours.filter(pc.equal(ours.column("slide_id"), "a"))
@@ -370,10 +390,10 @@ def test_cli_errors_are_one_line(slide_dir, conceptclip_model, prompts_file, tmp
     assert featurize("slides", empty, tmp_path / "o", *model_args(conceptclip_model, prompts_file)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("featurize: error: input") and "\n" not in err and ".svs" in err
-    assert featurize("slides", folder, tmp_path / "o", "--tile-px", 64, "--overlap", 64,
+    assert featurize("slides", folder, tmp_path / "o", "--tile-px", 64, "--overlap-px", 64,
                      *model_args(conceptclip_model, prompts_file)) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "featurize: error: overlap 64 must be smaller than the tile size 64 px"
+    assert err == "featurize: error: overlap_px 64 must be smaller than the tile size 64 px"
     assert featurize("slides", folder, tmp_path / "o", "--min-tissue", 2,
                      *model_args(conceptclip_model, prompts_file)) == 2
     assert "min_tissue" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def slide_table() -> pa.Table:
     for uri, (status, n_tiles, _) in SLIDES.items():
         rows.append({"slide_id": uri.split("/")[-1], "uri": uri, "status": status, "n_tiles": n_tiles, "top_k": 4,
                      "error": "cannot open this slide" if status == "error" else None, "reader": "tiffslide",
-                     "mpp": 0.25, "plan_s": 0.1, "run_id": "r1", "dataset_version": 1,
+                     "slide_mpp": 0.25, "plan_s": 0.1, "run_id": "r1", "dataset_version": 1,
                      "concept_max": [9.0] * K if status == "error" else None})
     return pa.Table.from_pylist(rows, schema=SLIDE_SCHEMA)
 
@@ -86,7 +86,7 @@ def tile_rows(rng, shuffle: bool) -> list[dict]:
                 logits = np.round(logits, 1).astype(np.float32)  # ties
             bad = i in failed
             rows.append({"slide_id": uri.split("/")[-1], "uri": uri, "x": i * 64, "y": 0, "level": 0, "tile_px": 64,
-                         "mpp": 0.5, "tissue_fraction": 0.9, "status": "error" if bad else "ok",
+                         "tile_mpp": 0.5, "tissue_fraction": 0.9, "status": "error" if bad else "ok",
                          "error": failed.get(i, f"{uri} tile {i}") if bad else None,
                          "image_features": None if bad else [0.0] * 4,
                          "concept_logits": None if bad else logits.tolist(), "size": 1, "mtime": 1.0, "etag": None,
