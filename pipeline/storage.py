@@ -80,28 +80,34 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     return with_retries(lambda: fs.cat_file(path))
 
 
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write so that readers see the whole file or nothing: temp name + rename locally, one PUT on object stores.
+def _replace_locally(path: str, fill) -> None:
+    """fill(tmp) writes a temp file beside path, which then replaces path in one rename; a failed write, fsync or
+    rename (a full disk, say) removes the temp file before the error propagates."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # never created, already renamed, or swept: nothing to clean; the original error matters
+        raise
 
-    Locally, a failed write, fsync or rename (a full disk, say) removes the temp file before the error propagates.
-    """
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write so that readers see the whole file or nothing: temp name + rename locally, one PUT on object stores."""
     fs, path = filesystem(url, storage_options)
     if not is_remote(url):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
+        def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass  # never created, already renamed, or swept: nothing to clean; the original error matters
-            raise
+
+        _replace_locally(path, fill)
         return
     with_retries(lambda: fs.pipe_file(path, data))
 
@@ -113,18 +119,7 @@ def put_file_atomic(local: str, url: str, storage_options: dict | None = None) -
     if not is_remote(url):
         import shutil
 
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        _replace_locally(path, lambda tmp: shutil.copyfile(local, tmp))
         return
     with_retries(lambda: fs.put_file(local, path))
 
