@@ -27,6 +27,9 @@ DEFAULT_WORK = ROOT / "bench-out"
 PHOTO_CHUNK = 250
 PHOTO_SIZES = ((500, 375), (1024, 768))
 
+# The model sizes of `pipeline.tiny.build_conceptclip_sized` (random weights, built once per work folder).
+SIZES = ("tiny", "base", "cclip", "so400m")
+
 BENCH_PROMPTS = """\
 # Benchmark prompt set (the demo's): 6 concepts x 3 templates = 18 prompts.
 concepts: [tumor, stroma, lymphocytes, necrosis, adipose tissue, normal mucosa]
@@ -243,13 +246,23 @@ def photo_corpus(work: Path, n: int, seed: int = 0, workers: int | None = None) 
     if todo:
         t = time.perf_counter()
         log(f"generating {len(todo) * PHOTO_CHUNK} photo-sized JPEGs in {root} (once; reused later)")
-        workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+        workers = workers or max(1, min(len(todo), usable_cpus()))
+        step = max(1, len(todo) // 10)  # about ten progress lines however large the corpus
+
+        def progress(done: int) -> None:
+            if done % step == 0 or done == len(todo):
+                elapsed = time.perf_counter() - t
+                log(f"  {done * PHOTO_CHUNK} / {len(todo) * PHOTO_CHUNK} images ({elapsed:.0f} s, "
+                    f"~{elapsed / done * (len(todo) - done):.0f} s left)")
+
         if workers == 1:
-            for item in todo:
+            for done, item in enumerate(todo, 1):
                 _make_chunk(item)
+                progress(done)
         else:
-            with ProcessPoolExecutor(workers) as pool:
-                list(pool.map(_make_chunk, todo))
+            with ProcessPoolExecutor(workers) as pool:  # chunks are independent: any order, any interruption
+                for done, _ in enumerate(pool.map(_make_chunk, todo), 1):
+                    progress(done)
         log(f"corpus ready in {time.perf_counter() - t:.1f} s")
     paths = []
     for i in range(chunks):
@@ -309,17 +322,35 @@ def write_list(paths: list[str], path: Path) -> Path:
 
 
 def bench_model(work: Path, size: str) -> Path:
-    """A random-weight ConceptCLIP-interface model of a named size (tiny/base/so400m), built once (seed 0)."""
+    """A random-weight ConceptCLIP-interface model of a named size (see SIZES), built once (seed 0). Its `.done`
+    marker keeps the size's configuration: a folder built from another configuration of the same name is rebuilt
+    (an older marker holding only the name is trusted)."""
     folder = work / "models" / f"conceptclip-{size}"
-    if not (folder / ".done").is_file():
-        from pipeline.tiny import build_conceptclip_sized
+    marker = folder / ".done"
+    config = _size_config(size)
+    if marker.is_file():
+        text = marker.read_text()
+        if not text.startswith("{") or config is None or json.loads(text) == config:
+            return folder
+        log(f"the cached {size} model was built from another configuration: rebuilding it")
+        fresh_dir(folder)
+    from pipeline.tiny import build_conceptclip_sized
 
-        t = time.perf_counter()
-        log(f"building the {size} model in {folder} (once)")
-        build_conceptclip_sized(folder, size, seed=0)
-        (folder / ".done").write_text(size)
-        log(f"model built in {time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    log(f"building the {size} model in {folder} (once)")
+    build_conceptclip_sized(folder, size, seed=0)
+    marker.write_text(json.dumps(config, sort_keys=True) if config is not None else size)
+    log(f"model built in {time.perf_counter() - t:.1f} s")
     return folder
+
+
+def _size_config(size: str) -> dict | None:
+    try:
+        from pipeline.tiny import _SIZED
+
+        return dict(_SIZED[size])
+    except (ImportError, KeyError):
+        return None
 
 
 def bench_prompts(work: Path) -> Path:
@@ -385,14 +416,35 @@ def save_result(record: dict, name: str) -> Path:
 
 
 def append_row(table: str, header: str, row: str) -> Path:
-    """Append a Markdown row to benchmarks/results/<table>.md (with its header the first time)."""
+    """Append a Markdown row to benchmarks/results/<table>.md (with its header the first time). When the table's
+    columns changed since the file's last header, a new table with the new header starts below the old rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{table}.md"
     if not path.is_file():
         path.write_text(header, encoding="utf-8")
+    elif _last_header(path.read_text(encoding="utf-8")) != header.splitlines()[0].strip():
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n" + header)
     with open(path, "a", encoding="utf-8") as f:
         f.write(row + "\n")
     return path
+
+
+def _last_header(text: str) -> str | None:
+    """The header line of the last Markdown table in text (the line above its `| --- |` separator)."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        if lines[i].startswith("| ---"):
+            return lines[i - 1].strip()
+    return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def machine_short(info: dict) -> str:

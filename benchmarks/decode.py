@@ -55,7 +55,7 @@ def _time(fn, items, repeats: int) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="base", choices=["tiny", "base", "so400m"],
+    ap.add_argument("--size", default="base", choices=list(common.SIZES),
                     help="model whose processor/input size is used [base: 224]")
     ap.add_argument("--images", type=int, default=100, help="JPEGs from the photo corpus [100]")
     ap.add_argument("--repeats", type=int, default=3, help="timings per image; the best counts [3]")
