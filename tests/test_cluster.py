@@ -335,7 +335,10 @@ def test_no_cpu_node_left_fails_clearly_then_resubmission_resumes(ray_cluster, i
     for node in lost:  # the same shape as before: one plain worker, one with the hidden directory
         ray_cluster.add_worker(hide=node.hidden)
     _assert_two_workers(ray_cluster)
-    _ok(ray_cluster.submit(_job("featurize.py", config), _sid("no-node-rerun"), timeout=JOB_TIMEOUT_S),
+    # The same job again; only its stall limit is roomier, since fresh nodes start every worker process anew
+    # (slow on a loaded 2-core machine) and the failure detection above is what this test times.
+    rerun = _config(tmp_path / "rerun.yaml", images, output, paced_model, prompts_file, stall_timeout_s=180)
+    _ok(ray_cluster.submit(_job("featurize.py", rerun), _sid("no-node-rerun"), timeout=JOB_TIMEOUT_S),
         "the resubmitted job")
     _assert_exactly_once(output, _uris(images))
     record = _run_record(output)
