@@ -113,9 +113,8 @@ def cluster_shape() -> dict:
             "node_cpus": int(min(nodes)) if nodes else int(res.get("CPU", 0))}
 
 
-# On CPUs, a decode task reserves half a CPU: with the model actor's share, the cores stay busy while either side
-# waits (a decode task blocks on reads, the actor between batches), and decoding can never be starved.
-DECODE_CPUS = 0.5
+# On CPUs, a decode task reserves one CPU; an actor at most half its node, so decoding can never be starved there.
+DECODE_CPUS = 1.0
 # The model's share of a CPU run's work when OUTPUT has no earlier run to measure it from.
 DEFAULT_MODEL_SHARE = 0.5
 
@@ -142,9 +141,9 @@ class Layout:
 def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) -> Layout:
     """Actor count and resources: one per GPU. On CPUs the actors and the decode tasks share the cores by measured
     demand: the actors reserve the model's share of the work (model_share, measured by an earlier run into OUTPUT:
-    model seconds / (model + decode seconds)), their torch threads match that reservation, and decode tasks take
-    half a CPU each in the rest, so at least one always fits (a pool that takes every CPU starves them and the run
-    hangs)."""
+    model seconds / (model + decode seconds)), at most half of the smallest node, and their torch threads match that
+    reservation; decode tasks take a CPU each in the rest, so at least one always fits (a pool that takes every CPU
+    starves them and the run hangs)."""
     device = cfg.device
     gpus = shape["gpus"]
     if device == "auto":
@@ -161,7 +160,7 @@ def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) 
         raise UserError(f"num_actors={size} would take all {cpus} CPUs and starve decoding; use at most {cpus - 1}")
     share = DEFAULT_MODEL_SHARE if model_share is None else min(0.9, max(0.1, model_share))
     node_cpus = max(1, shape.get("node_cpus", cpus))
-    per_actor = max(0.25, min(cpus * share / size, node_cpus - DECODE_CPUS, (cpus - DECODE_CPUS) / size))
+    per_actor = max(0.25, min(cpus * share / size, node_cpus / 2, (cpus - DECODE_CPUS) / size))
     per_actor = round(per_actor * 4) / 4  # quarters: readable in the record, and whole when the share is
     threads = cfg.torch_threads or max(1, round(per_actor))
     return Layout("cpu", size, 0, per_actor, threads, cfg.batch_size or 32, cfg.torch_compile, DECODE_CPUS)
