@@ -18,6 +18,9 @@ Parts (each a `featurize` subprocess; the harness measures that process only, ne
   streaming    a real `featurize images LIST OUT` with the tiny model over N distinct 32x32 JPEGs (hard links to
                a pool of 512, made once): the driver's RSS read at the progress line that first reaches N/10 and
                at the end (`--progress-interval-s 1`). Target at 200k: peak RSS growth from 20k to 200k <= 50 MB.
+               Shards of --streaming-shard-rows rows (10,000: units commit all along, the first before N/10, as
+               in a long run; the tiny model's default shard, ~466k rows, would commit once, at the end, and the
+               growth would be that one commit's buffers, not a cost per input; 0 = the default).
   slides       `featurize slides SLIDES OUT --dry-run` (Ray starts for the planning tasks; no model runs) over
                all-tissue pyramidal TIFFs (one file, hard-linked --slides times) cut so the plan has >= --tiles
                tiles. Target at 1M tiles: driver peak RSS <= 1 GB.
@@ -413,7 +416,8 @@ def part_streaming(args, work: Path) -> dict:
     del paths
     out = common.fresh_dir(work / "scale" / f"out-streaming-{n}")
     cmd = common.featurize_cmd() + ["images", str(list_file), str(out), *model_args(work),
-                                    "--progress-interval-s", "1", *args.extra]
+                                    "--progress-interval-s", "1", "--rows-per-shard", str(args.streaming_shard_rows),
+                                    *args.extra]
     points: list[dict] = []
 
     def on_line(line: str, m: Measured) -> None:
@@ -540,6 +544,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streaming", type=int, default=200_000, help="streaming: images [200000]")
     ap.add_argument("--streaming-from", type=int, default=0,
                     help="streaming: the processed count the growth is measured from [streaming / 10]")
+    ap.add_argument("--streaming-shard-rows", type=int, default=10_000,
+                    help="streaming: --rows-per-shard (0 = by bytes, the pipeline's default) [10000]")
     ap.add_argument("--tiles", type=int, default=1_000_000, help="slides: tiles to plan at least [1000000]")
     ap.add_argument("--slide-px", type=int, default=16384, help="slides: level-0 side of each slide [16384]")
     ap.add_argument("--tile-px", type=int, default=64, help="slides: --tile-px (at 0.5 um/px) [64]")

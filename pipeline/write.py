@@ -131,22 +131,26 @@ def newest_per_uri(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-# A spilled unit becomes its shard in row groups of this many rows: the commit never holds the whole unit.
+# A spilled unit becomes its shard in row groups of about SHARD_ROW_GROUP_BYTES of Arrow data (at most
+# SHARD_ROW_GROUP rows): the commit holds one row group, never the unit, whatever the row's width.
 SHARD_ROW_GROUP = 65_536
+SHARD_ROW_GROUP_BYTES = 8 * 2**20
 ROW_KEY = "__row"  # the plan row number, kept beside a waiting unit's rows to sort its shard
 
 
 class _Unit:
     """One work unit in flight: which of its rows arrived (a bitmap over its contiguous row numbers, or a set when
-    they are not known), and its rows so far as Arrow tables, in memory or spilled to a local file."""
+    they are not known), and its rows so far as Arrow tables, in memory or spilled to a local Arrow IPC file whose
+    batches' row ranges are kept (so a commit reads only the batches of the window it writes)."""
 
     def __init__(self, expected: int, first_row: int | None, spill: str | None):
         self.expected, self.first_row, self.spill = expected, first_row, spill
         self.seen = np.zeros(expected, bool) if first_row is not None else set()
         self.taken = 0
-        self.low, self.high = 2**62, -1  # the row numbers seen
         self.parts: list[pa.Table] = []
         self.writer = None
+        self.ranges: list[tuple[int, int]] = []  # (lowest, highest) row number of each spilled batch
+        self.row_bytes = 0.0  # the widest Arrow row seen, for the size of a window
         self.counts = {"ok": 0, "error": 0}
         self.error_classes: dict[str, int] = {}
 
@@ -171,31 +175,52 @@ class _Unit:
     def append(self, table: pa.Table, rows: np.ndarray) -> None:
         """Keep shard rows (with their plan row numbers, for the order of the shard)."""
         table = table.append_column(ROW_KEY, pa.array(rows.astype(np.int64)))
-        self.low = min(self.low, int(rows.min()))
-        self.high = max(self.high, int(rows.max()))
         if self.spill is None:
             self.parts.append(table)
             return
+        self.row_bytes = max(self.row_bytes, table.nbytes / max(1, table.num_rows))
         if self.writer is None:
-            self.writer = pa.ipc.new_stream(self.spill, table.schema)
-        self.writer.write_table(table)
+            self.writer = pa.ipc.new_file(self.spill, table.schema)
+        for batch in table.to_batches():
+            if batch.num_rows:
+                keys = batch.column(ROW_KEY)
+                self.writer.write_batch(batch)
+                self.ranges.append((pc.min(keys).as_py(), pc.max(keys).as_py()))
+
+    def window_rows(self) -> int:
+        return int(min(SHARD_ROW_GROUP, max(64, SHARD_ROW_GROUP_BYTES // max(1.0, self.row_bytes))))
 
     def sorted_tables(self):
-        """The unit's rows sorted by row number, SHARD_ROW_GROUP rows at a time: a spilled unit is read once per
-        window of row numbers (rows of a unit are contiguous), so memory holds one window, never the unit."""
+        """The unit's rows sorted by row number, one window of row numbers at a time: a spilled unit's batches are
+        read only for the windows they overlap (not memory-mapped: mapped pages would stay resident), so memory
+        holds one window, never the unit."""
         if self.spill is None:
             table = pa.concat_tables(self.parts)
             yield table.take(pc.sort_indices(table, [(ROW_KEY, "ascending")])).drop_columns([ROW_KEY])
             return
         self.writer.close()
-        for lo in range(self.low, self.high + 1, SHARD_ROW_GROUP):
-            hi = lo + SHARD_ROW_GROUP
-            with pa.ipc.open_stream(self.spill) as reader:
-                window = [batch.filter(pc.and_(pc.greater_equal(batch.column(ROW_KEY), lo),
-                                               pc.less(batch.column(ROW_KEY), hi))) for batch in reader]
-            table = pa.Table.from_batches(window, schema=window[0].schema if window else None) if window else None
-            if table is not None and table.num_rows:
-                yield table.take(pc.sort_indices(table, [(ROW_KEY, "ascending")])).drop_columns([ROW_KEY])
+        if not self.ranges:
+            return
+        lows = np.array([r[0] for r in self.ranges], np.int64)
+        highs = np.array([r[1] for r in self.ranges], np.int64)
+        step = self.window_rows()
+        with pa.OSFile(self.spill) as source:
+            reader = pa.ipc.open_file(source)
+            for lo in range(int(lows.min()), int(highs.max()) + 1, step):
+                hi = lo + step
+                window = []
+                for i in np.flatnonzero((lows < hi) & (highs >= lo)):
+                    batch = reader.get_batch(int(i))
+                    keys = batch.column(ROW_KEY)
+                    if lows[i] < lo or highs[i] >= hi:
+                        batch = batch.filter(pc.and_(pc.greater_equal(keys, lo), pc.less(keys, hi)))
+                    window.append(batch)
+                table = pa.Table.from_batches(window, schema=reader.schema)
+                del window
+                if table.num_rows:
+                    table = table.take(pc.sort_indices(table, [(ROW_KEY, "ascending")])).drop_columns([ROW_KEY])
+                    yield table  # (the unsorted window is freed before the shard writer encodes this one)
+                del table
 
     def discard(self) -> None:
         if self.writer is not None:
@@ -283,6 +308,7 @@ class ShardWriter:
                 if os.path.exists(local):
                     os.unlink(local)
         state.discard()
+        pa.default_memory_pool().release_unused()  # the commit's buffers go back to the system, not kept
         for key, n in state.counts.items():
             self.counts[key] += n
         for key, n in state.error_classes.items():

@@ -237,6 +237,31 @@ def test_a_spilled_unit_larger_than_a_row_group_is_sorted_window_by_window(tmp_p
     assert shard.metadata.num_row_groups == 5  # 30 rows in windows of 7
 
 
+def test_a_spilled_unit_of_wide_rows_is_written_in_row_groups_sized_by_bytes(tmp_path, monkeypatch):
+    """Wide rows (features of a big model, concept maps) make smaller row groups: the commit holds about
+    SHARD_ROW_GROUP_BYTES of rows at a time, whatever the width; each window reads only the batches it overlaps."""
+    import pipeline.write as write
+
+    monkeypatch.setattr(write, "SHARD_ROW_GROUP_BYTES", 64 * 1024)
+
+    def wide(cols):  # ~1 KiB a row: 64 KiB windows hold 64 rows
+        return build_table(cols).append_column("features", pa.FixedSizeListArray.from_arrays(
+            pa.array(np.repeat(cols["value"], 128).astype(np.float64)), 128))
+
+    out = OutputDir(str(tmp_path / "out"))
+    writer = ShardWriter(out, {0: 300}, wide, {}, spill_dir=str(tmp_path), first_rows={0: 0})
+    order = np.random.default_rng(1).permutation(300)
+    added = [writer.add(result_batch(0, part)) for part in np.array_split(order, 30)]
+    assert added == [[]] * 29 + [[0]]  # committed with its last row
+    shard = pq.ParquetFile(tmp_path / "out" / shard_name(0))
+    assert shard.metadata.num_row_groups == 5  # 300 rows in windows of 64
+    assert max(shard.metadata.row_group(i).num_rows for i in range(5)) == 64
+    table = shard.read()
+    assert table.column("row").to_pylist() == list(range(300))
+    assert table.column("features").to_pylist()[7] == [70.0] * 128  # each row kept its own values
+    assert not list(tmp_path.glob("unit-*"))
+
+
 def test_before_commit_raising_writes_no_shard(tmp_path):
     out = CountingOutput(str(tmp_path))
     calls = []
