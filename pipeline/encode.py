@@ -21,18 +21,29 @@ from .prompts import PromptSet
 log = logging.getLogger(__name__)
 
 
-class PromptStore:
-    """Tiny Ray actor through which the first model actor hands its prompt embeddings to the driver."""
+class RunBoard:
+    """A run's mailbox, a tiny Ray actor (no CPU, threaded): the first model actor posts its prompt embeddings
+    ("prompts", which the driver writes before the first shard); the driver posts the plan ("plan") that the plan
+    readers of a stream started before planning wait for. The first value posted under a key stays."""
 
     def __init__(self):
-        self.value = None
+        import threading
 
-    def put(self, value) -> None:
-        if self.value is None:
-            self.value = value
+        self.values: dict = {}
+        self.posted = threading.Condition()
 
-    def get(self):
-        return self.value
+    def put(self, key: str, value) -> None:
+        with self.posted:
+            self.values.setdefault(key, value)
+            self.posted.notify_all()
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+    def wait(self, key: str):
+        with self.posted:
+            self.posted.wait_for(lambda: key in self.values)
+            return self.values[key]
 
 
 class EncodeBatch:
@@ -40,7 +51,7 @@ class EncodeBatch:
     prompt set)."""
 
     def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet | None,
-                 torch_threads: int = 0, prompt_store=None, micro_batch: int = 0, concept_maps: bool = False,
+                 torch_threads: int = 0, board=None, micro_batch: int = 0, concept_maps: bool = False,
                  compile: bool = False, features: FeatureSpec = FeatureSpec()):
         quiet_libraries()  # actors on other nodes do not inherit the driver's environment
         import torch
@@ -58,11 +69,11 @@ class EncodeBatch:
         self.width = self.dim = self._encode_chunk(np.zeros((1, *preprocess.out_shape), np.uint8)).shape[1]
         if concept_maps:
             self.dim = self.text_embeddings.shape[1]
-        if prompt_store is not None and self.text_embeddings is not None:
+        if board is not None and self.text_embeddings is not None:
             import ray
 
             # Waited for: the driver writes _prompts.parquet before the first shard, and finds it here by then.
-            ray.get(prompt_store.put.remote({
+            ray.get(board.put.remote("prompts", {
                 "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
                 "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
                 "dtype": str(self.encoder.dtype).replace("torch.", ""), "pid": os.getpid(),

@@ -248,3 +248,103 @@ def upload_plan(local: str, out: OutputDir, run_id: str) -> str:
     """Put the plan into OUTPUT/_runs (for resume); returns its path in OUTPUT's filesystem."""
     put_file_atomic(local, out.child("_runs", f"{run_id}.plan.parquet"), out.storage_options)
     return out._child_path("_runs", f"{run_id}.plan.parquet")
+
+
+# -- reading the plan in the stream -------------------------------------------------------------------------------
+# A plan reader task reads this many plan rows: one block of the stream's first stage (a few MB of uris).
+PLAN_RANGE_ROWS = PLAN_ROW_GROUP
+
+
+def plan_ranges(rows: int) -> int:
+    """How many reader tasks cover a plan file of (at most) `rows` rows."""
+    return max(1, -(-int(rows) // PLAN_RANGE_ROWS))
+
+
+def read_plan_range(batch, board, columns: list[str]):
+    """(Ray Data stage, no CPU; a generator.) The plan's rows numbered [i, i + 1) * PLAN_RANGE_ROWS, for the `id` i
+    of its one input row: waits on the run's board for the plan (the stream may open while the driver still plans),
+    then yields those of the units still to do, read from the plan file (its row groups that overlap the range) or,
+    when the workers cannot read OUTPUT, the driver's object for the range."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray
+
+    plan = ray.get(board.wait.remote("plan"))
+    if not plan or not plan.get("rows"):
+        return
+    wanted = pa.array(plan["units"], pa.int32()) if plan["units"] is not None else None
+    step = int(plan["range_rows"])
+    for i in np.asarray(batch["id"]).tolist():
+        if plan.get("refs") is not None:
+            ref = plan["refs"].get(i)
+            table = ray.get(ref) if ref is not None else None
+        else:
+            table = _plan_rows(plan["output"], plan["storage_options"], plan["path"], i * step, (i + 1) * step,
+                               columns)
+            if table is not None and wanted is not None:
+                table = table.filter(pc.is_in(table.column("unit"), value_set=wanted))
+        if table is not None and table.num_rows:
+            yield table
+
+
+def _plan_rows(output: str, storage_options: dict, path: str, lo: int, hi: int, columns: list[str]):
+    """The rows numbered [lo, hi) of a plan file (a plan's rows are numbered by their place in it), or None."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs = OutputDir(output, storage_options).fs
+    with fs.open(path, "rb") as f:
+        plan = pq.ParquetFile(f)
+        groups, start = [], 0
+        for g in range(plan.metadata.num_row_groups):
+            n = plan.metadata.row_group(g).num_rows
+            if start < hi and start + n > lo:
+                groups.append(g)
+            start += n
+        if not groups:
+            return None
+        table = plan.read_row_groups(groups, columns=columns)
+    row = table.column("row")
+    return table.filter(pc.and_(pc.greater_equal(row, lo), pc.less(row, hi)))
+
+
+def plan_range_refs(out: OutputDir, path: str, columns: list[str], units: list[int] | None) -> dict:
+    """The driver's hand-over when the workers cannot read OUTPUT: range number -> one object with that range's rows
+    of the units still to do; the plan is read, and each range put, one at a time."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+
+    wanted = pa.array(units, pa.int32()) if units is not None else None
+    refs: dict = {}
+    current, buffer = None, []
+    with out.fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PLAN_RANGE_ROWS, columns=columns):
+            table = pa.Table.from_batches([batch])
+            if wanted is not None:
+                table = table.filter(pc.is_in(table.column("unit"), value_set=wanted))
+            ranges = table.column("row").to_numpy() // PLAN_RANGE_ROWS
+            for i in np.unique(ranges).tolist():  # rows are in order: a range, once left, is complete
+                if current is not None and i != current:
+                    refs[current] = ray.put(pa.concat_tables(buffer))
+                    buffer = []
+                current = i
+                buffer.append(table.filter(pa.array(ranges == i)))
+    if buffer:
+        refs[current] = ray.put(pa.concat_tables(buffer))
+    return refs
+
+
+def post_plan(board, out: OutputDir, plan_path: str, columns: list[str], units: list[int] | None, rows: int,
+              everywhere: bool) -> list:
+    """Post the plan to the stream's readers: `rows` to process (0: nothing, the readers end), the units still to do
+    (None: all), and the plan file's path when every node can read OUTPUT (object storage, one node, shared disk),
+    else its ranges put into the object store by the driver one at a time (never whole in the driver's memory).
+    Returns the refs to hold until the stream ends."""
+    plan = {"rows": rows, "units": units, "output": out.url, "storage_options": out.storage_options,
+            "path": plan_path, "refs": None, "range_rows": PLAN_RANGE_ROWS}
+    if not everywhere:
+        plan.update(refs=plan_range_refs(out, plan_path, columns, units), units=None)
+    board.put.remote("plan", plan)
+    return list((plan["refs"] or {}).values())

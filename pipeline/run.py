@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .config import JobConfig, RunConfig
 from .decode import decode_batch
-from .encode import EncodeBatch, PromptStore
+from .encode import EncodeBatch, RunBoard
 from .lease import LEASE_NAME, Lease
 from .errors import ENVIRONMENT_ERROR_CLASSES, EnvironmentFailure, UserError, first_line
 from .models import (VISION_ONLY_KINDS, FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec,
@@ -29,9 +27,9 @@ from .console import Progress, hide_native_log_lines, stderr_is_terminal
 from .prompts import PromptSet, load_prompts
 from .schema import package_versions, prompts_table, provenance
 from .models import row_widths
-from .plan import (PLAN_ROW_GROUP, Listing, Workspace, classify, committed_view, contiguous_units, next_unit,
-                   open_listing, plan_unit_counts, planned_kinds, shard_rows, unfinished_run, upload_plan,
-                   write_listing_uris, write_plan)
+from .plan import (Listing, Workspace, classify, committed_view, contiguous_units, next_unit,
+                   open_listing, plan_ranges, plan_unit_counts, planned_kinds, post_plan, read_plan_range,
+                   shard_rows, unfinished_run, upload_plan, write_listing_uris, write_plan)
 from .sources import IMAGE_SUFFIXES, check_local_input, write_listing
 from .storage import exists, is_remote, local_path
 from .write import OutputDir, ShardWriter, check_identity, image_table_builder, unit_first_rows
@@ -43,6 +41,10 @@ log = logging.getLogger(__name__)
 # decoding into the model actors (differing remote args never fuse): decoding stays a parallel CPU stage.
 DECODE_TASK_MEMORY = 512 * 1024**2
 
+
+# A block of the CPU stage's output (the model's input pixels) holds at most this much: 151 rows at 384 px, 445 at
+# 224 px. Smaller blocks fill and drain the pipeline sooner (the model waits for a whole decoded block).
+DECODED_BLOCK_BYTES = 64 * 1024**2
 
 # How long a failed run waits for its pull thread to let go of the stream (a stalled stream never answers).
 STREAM_SHUTDOWN_S = 5.0
@@ -332,51 +334,65 @@ def environment_failure(batch: dict, cfg: JobConfig) -> EnvironmentFailure | Non
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
-def _consume(ds, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, progress: Progress | None = None) -> None:
-    """Pull result batches on a thread; the main thread commits shards and fails the run if nothing progresses, or
-    when a row failed through no fault of its input (environment_failure). However it ends, the stream is shut
-    down (its actors released) and the pull thread stops within a bounded wait."""
-    stall_timeout_s = cfg.stall_timeout_s
-    q: queue.Queue = queue.Queue(maxsize=8)
-    done = object()
-    stop = threading.Event()
+class Stream:
+    """Result batches pulled from a dataset on a thread from start() on (Ray Data starts its model actors when the
+    pull begins, so a stream may start before its plan exists: its plan readers wait on the run's board).
+    consume() commits them on the calling thread; close() shuts the stream down (its actors released) and stops
+    the pull thread within a bounded wait, however the run ends."""
 
-    def offer(item) -> bool:
-        """Hand an item to the main thread unless it stopped listening."""
-        while not stop.is_set():
+    def __init__(self, ds):
+        self.ds = ds
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.stop = threading.Event()
+        self.done = object()
+        self.thread: threading.Thread | None = None
+        self.started_at = time.perf_counter()
+        self.held: list = []  # object refs the stream's readers need (the plan's row groups), held until it ends
+
+    def _offer(self, item) -> bool:
+        """Hand an item to the consumer unless it stopped listening."""
+        while not self.stop.is_set():
             try:
-                q.put(item, timeout=0.2)
+                self.queue.put(item, timeout=0.2)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def pull():
-        batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    def _pull(self) -> None:
+        batches = self.ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         try:
             for batch in batches:
-                if not offer(batch):
+                if not self._offer(batch):
                     return
-            offer(done)
-        except BaseException as exc:  # surfaced on the main thread
-            offer(exc)
+            self._offer(self.done)
+        except BaseException as exc:  # surfaced on the consumer's thread
+            self._offer(exc)
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()  # a generator's close ends Ray Data's streaming executor and frees its actors
 
-    puller = threading.Thread(target=pull, name="featurize-pull", daemon=True)
-    puller.start()
-    try:
+    def start(self) -> "Stream":
+        self.started_at = time.perf_counter()
+        self.thread = threading.Thread(target=self._pull, name="featurize-pull", daemon=True)
+        self.thread.start()
+        return self
+
+    def consume(self, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit,
+                progress: Progress | None = None) -> None:
+        """Commit result batches until the stream ends; fail the run if nothing progresses for stall_timeout_s, or
+        when a row failed through no fault of its input (environment_failure)."""
+        stall_timeout_s = cfg.stall_timeout_s
         while True:
             try:
-                item = q.get(timeout=stall_timeout_s)
+                item = self.queue.get(timeout=stall_timeout_s)
             except queue.Empty:
                 raise EnvironmentFailure(
                     f"no progress for {stall_timeout_s:.0f} s ({writer.pending} work units unfinished); the cluster "
                     "may have lost its actors or nodes. Rerun the same command to resume (raise stall_timeout_s if "
                     "batches are legitimately this slow)") from None
-            if item is done:
+            if item is self.done:
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -395,9 +411,20 @@ def _consume(ds, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, pr
                 progress.update(writer.rows_taken - taken)
             for unit in committed:
                 on_commit(unit)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=STREAM_SHUTDOWN_S)
+
+
+def _consume(ds, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, progress: Progress | None = None) -> None:
+    """Start a stream over ds, commit everything it yields, and shut it down however that ends."""
+    stream = Stream(ds).start()
+    try:
+        stream.consume(writer, cfg, stats, on_commit, progress)
     finally:
-        stop.set()
-        puller.join(timeout=STREAM_SHUTDOWN_S)
+        stream.close()
 
 
 def save_run_record(out: OutputDir, record: dict) -> None:
@@ -436,6 +463,7 @@ class ImagesJob:
     inputs = "images"  # what is listed
     suffixes = IMAGE_SUFFIXES
     plan_needs_ray = False
+    start_before_plan = True  # a first run's model actors load while the driver plans
     stage_columns = ["uri", "size", "mtime", "etag", "unit", "row"]
 
     def __init__(self, cfg: RunConfig, model: ModelJob):
@@ -546,69 +574,78 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             identity = kind.identity()
             version = check_identity(out, identity, cfg.new_version)
             runs = out.runs()
-            t_plan = time.perf_counter()
-            planned = kind.plan(ws, out, listing, version, run_id, runs)
-            plan_s = time.perf_counter() - t_plan
-            if planned.resumed:
-                lease.update(run_id=planned.run_id)
-            run_id = planned.run_id
-            prov = provenance(model.spec.identity(), identity["prompt_set_hash"], run_id,
-                              {"dataset_version": version, **kind.provenance_extra(), **model.described()})
-            done_units = set(out.shard_units())
-            pending = {u: n for u, n in planned.units.items() if u not in done_units}
-            record.update({
-                "run_id": run_id, "command": kind.command, "state": "running", "input": cfg.input,
-                "output": cfg.output, "command_line": prov["command"], **identity, "dataset_version": version,
-                "resumed": planned.resumed, "started_at": _iso(started), "versions": package_versions(),
-                **model.described(),
-                "counts": {"listed": listing.rows, "duplicates": listing.duplicates, **planned.counts,
-                           "skipped": listing.unique - planned.counts["planned"]},
-                "last_unit": max(planned.units, default=-1), "layout": layout.as_dict(),
-            })
-            if planned.local_plan is not None and planned.units:
-                planned.plan_path = upload_plan(planned.local_plan, out, run_id)
-            current = out.read_json("_dataset.json") or {}
-            readable = current.get("readable_version", current.get("version"))
-            out.write_json({"identity": identity, "version": version,
-                            **({"readable_version": readable} if readable else {})}, "_dataset.json")
-            write_listing_uris(ws, out)
-            out.write_json(record, "_runs", f"{run_id}.json")
-            if listing.duplicates:
-                echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
-            echo(f"featurize: {listing.rows} {kind.inputs} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
-                 f"{len(pending)} work unit(s) to process on {layout.size} {layout.device} actor(s)")
+            board = stream = None
+            early = bool(kind.start_before_plan and not out.shard_units())
+            if early:
+                # A first run over OUTPUT: the model actors load while the driver plans (at most every unique
+                # input listed is planned). Other runs plan first, so a run with nothing new never loads the model.
+                board, stream = open_stream(kind, cfg, layout, listing.unique, listing.unique)
+            try:
+                t_plan = time.perf_counter()
+                planned = kind.plan(ws, out, listing, version, run_id, runs)
+                plan_s = time.perf_counter() - t_plan
+                if planned.resumed:
+                    lease.update(run_id=planned.run_id)
+                run_id = planned.run_id
+                prov = provenance(model.spec.identity(), identity["prompt_set_hash"], run_id,
+                                  {"dataset_version": version, **kind.provenance_extra(), **model.described()})
+                done_units = set(out.shard_units())
+                pending = {u: n for u, n in planned.units.items() if u not in done_units}
+                record.update({
+                    "run_id": run_id, "command": kind.command, "state": "running", "input": cfg.input,
+                    "output": cfg.output, "command_line": prov["command"], **identity, "dataset_version": version,
+                    "resumed": planned.resumed, "started_at": _iso(started), "versions": package_versions(),
+                    **model.described(),
+                    "counts": {"listed": listing.rows, "duplicates": listing.duplicates, **planned.counts,
+                               "skipped": listing.unique - planned.counts["planned"]},
+                    "last_unit": max(planned.units, default=-1), "layout": layout.as_dict(),
+                })
+                if planned.local_plan is not None and planned.units:
+                    planned.plan_path = upload_plan(planned.local_plan, out, run_id)
+                current = out.read_json("_dataset.json") or {}
+                readable = current.get("readable_version", current.get("version"))
+                out.write_json({"identity": identity, "version": version,
+                                **({"readable_version": readable} if readable else {})}, "_dataset.json")
+                write_listing_uris(ws, out)
+                out.write_json(record, "_runs", f"{run_id}.json")
+                if listing.duplicates:
+                    echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
+                echo(f"featurize: {listing.rows} {kind.inputs} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
+                     f"{len(pending)} work unit(s) to process on {layout.size} {layout.device} actor(s)")
 
-            stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-            processed = sum(pending.values())
-            writer = None
-            t_stream = time.perf_counter()
-            first_commit = [None]
-            if pending:
-                store = _prompt_store()
+                stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+                processed = sum(pending.values())
+                writer = None
+                first_commit = [None]
+                if pending:
+                    if stream is None:
+                        board, stream = open_stream(kind, cfg, layout, sum(planned.units.values()),
+                                                    processed)
+                    stream.held = post_plan(board, out, planned.plan_path, kind.stage_columns,
+                                            None if len(pending) == len(planned.units) else sorted(pending),
+                                            processed, everywhere)
 
-                def before_commit():
-                    lease.check()
-                    if first_commit[0] is None:  # the prompt table goes first: no shard without it
-                        _write_prompts(out, store, model.prompt_set, prov)
-                        first_commit[0] = time.time() - command_started
+                    def before_commit():
+                        lease.check()
+                        if first_commit[0] is None:  # the prompt table goes first: no shard without it
+                            _write_prompts(out, board, model.prompt_set, prov)
+                            first_commit[0] = time.time() - command_started
 
-                os.makedirs(ws.path("units"), exist_ok=True)
-                writer = ShardWriter(out, pending, kind.table_builder(run_id, version), prov,
-                                     before_commit=before_commit, spill_dir=ws.path("units"),
-                                     first_rows=unit_first_rows(planned.units))
-                stage_fn, stage_kwargs = kind.stage()
-                source = plan_source(out, planned.plan_path, kind.stage_columns,
-                                     None if len(pending) == len(planned.units) else sorted(pending),
-                                     processed, cfg.decode_batch_size, everywhere)
-                ds = build_dataset(source, stage_fn, stage_kwargs, cfg.decode_batch_size,
-                                   {"model_spec": model.spec, "preprocess": kind.preprocess,
-                                    "prompt_set": model.prompt_set, "prompt_store": store,
-                                    "features": model.features, **kind.encode_kwargs()}, layout)
-                progress = Progress(processed, kind.noun, cfg.progress_interval_s)
-                try:
-                    _consume(ds, writer, cfg, stats, lambda unit: None, progress)
-                finally:
-                    progress.close()
+                    os.makedirs(ws.path("units"), exist_ok=True)
+                    writer = ShardWriter(out, pending, kind.table_builder(run_id, version), prov,
+                                         before_commit=before_commit, spill_dir=ws.path("units"),
+                                         first_rows=unit_first_rows(planned.units))
+                    progress = Progress(processed, kind.noun, cfg.progress_interval_s)
+                    try:
+                        stream.consume(writer, cfg, stats, lambda unit: None, progress)
+                    finally:
+                        progress.close()
+            finally:
+                if stream is not None:
+                    board.put.remote("plan", None)  # (ignored once the plan is posted) frees waiting readers
+                    stream.close()
+                    stream.held = []
+            t_stream = stream.started_at if stream is not None else time.perf_counter()
             stream_s = time.perf_counter() - t_stream
             record["counts"].update(processed=processed, **finished_counts(writer))
             kind.finish(ws, out, planned, prov, record)
@@ -618,7 +655,7 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                           first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
                           stages={"listing_s": round(listing_s, 3), "ray_start_and_prepare_s": round(ray_start_s, 3),
                                   "planning_s": round(plan_s, 3), "stream_s": round(stream_s, 3),
-                                  **stage_summary(stats, t_stream)})
+                                  "actors_started_before_plan": early, **stage_summary(stats, t_stream)})
             record[f"{kind.noun}_per_s"] = record.pop("per_s")
             if layout.device == "cuda" and stream_s > 0:
                 record["stages"]["gpu_busy_fraction"] = round(
@@ -721,18 +758,52 @@ def record_failure(cfg: JobConfig, record: dict, exc: BaseException, lease) -> N
         log.warning("could not write the failed run's record", exc_info=True)
 
 
-def _prompt_store():
+def open_stream(kind, cfg: JobConfig, layout: Layout, plan_rows: int, rows: int):
+    """The run's board and its started stream: plan readers, one task per range of the plan file's `plan_rows` rows
+    (or at most that many), waiting for the plan on the board -> blocks sized for the CPU stage (`rows` to process,
+    or at most that many) -> the job's CPU stage -> the model actors, which Ray Data starts now."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the driver's node: a worker node lost mid-run must not take the plan and the prompts with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(num_cpus=0, max_concurrency=64)(RunBoard).options(scheduling_strategy=here).remote()
+    model = kind.model
+    ranges = plan_ranges(plan_rows)
+    block_rows = stage_block_rows(rows, cfg.decode_batch_size, kind.preprocess.out_shape, cluster_shape()["cpus"])
+    source = ray.data.from_items([{"id": i} for i in range(ranges)], override_num_blocks=ranges).map_batches(
+        read_plan_range, fn_kwargs={"board": board, "columns": kind.stage_columns}, batch_size=1,
+        batch_format="pyarrow", num_cpus=0, concurrency=min(ranges, plan_readers())).repartition(
+        target_num_rows_per_block=block_rows)
+    stage_fn, stage_kwargs = kind.stage()
+    ds = build_dataset(source, stage_fn, stage_kwargs, cfg.decode_batch_size,
+                       {"model_spec": model.spec, "preprocess": kind.preprocess, "prompt_set": model.prompt_set,
+                        "board": board, "features": model.features, **kind.encode_kwargs()}, layout)
+    return board, Stream(ds).start()
+
+
+def stage_block_rows(rows: int, decode_batch_size: int, pixel_shape, cpus: int) -> int:
+    """Rows per block into the CPU stage: a share of the run's rows for each CPU (four blocks each), at most 1,024
+    and at most DECODED_BLOCK_BYTES of decoded pixels, never less than one decode batch."""
+    cpus = max(1, int(cpus))
+    by_bytes = DECODED_BLOCK_BYTES // max(1, math.prod(pixel_shape))
+    return int(max(decode_batch_size, min(1024, by_bytes, math.ceil(rows / (4 * cpus)))))
+
+
+def plan_readers() -> int:
+    """How many plan reader tasks run at once: two per node."""
     import ray
 
-    return ray.remote(num_cpus=0)(PromptStore).remote()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    return max(2, min(16, 2 * len(nodes)))
 
 
-def _write_prompts(out: OutputDir, store, prompt_set, prov: dict) -> None:
+def _write_prompts(out: OutputDir, board, prompt_set, prov: dict) -> None:
     import ray
 
     if prompt_set is None:  # features only
         return
-    value = ray.get(store.get.remote(), timeout=60)
+    value = ray.get(board.get.remote("prompts"), timeout=60)
     if value is None:  # the actor hands them over before its first batch: this is a broken actor, not a race
         raise EnvironmentFailure("the model actor returned results without handing over the prompt embeddings; "
                                  "rerun to resume")
@@ -741,49 +812,12 @@ def _write_prompts(out: OutputDir, store, prompt_set, prov: dict) -> None:
     out.write_table(table, "_prompts.parquet")
 
 
-def plan_source(out: OutputDir, plan_path: str, columns: list[str], units: list[int] | None, rows: int,
-                decode_batch_size: int, everywhere: bool):
-    """The plan's rows (only `units`, when given) as a Ray Data dataset in blocks sized for the CPU stage. Ray Data
-    reads the plan file itself when every node can read OUTPUT (object storage, one node, shared disk); otherwise the
-    driver hands it over one row group at a time, never whole."""
-    import ray
-    import pyarrow.parquet as pq
-
-    cpus = max(1, cluster_shape()["cpus"])
-    block_rows = int(min(1024, max(decode_batch_size, math.ceil(rows / (4 * cpus)))))
-    if everywhere:
-        from ray.data.expressions import col
-
-        arrow_fs = None
-        if is_remote(out.url):
-            from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-            arrow_fs = PyFileSystem(FSSpecHandler(out.fs))
-        ds = ray.data.read_parquet(plan_path, filesystem=arrow_fs, num_cpus=0).select_columns(columns)
-        if units is not None:
-            ds = ds.filter(expr=col("unit").is_in(units))
-    else:
-        wanted = pa.array(units, pa.int32()) if units is not None else None
-
-        def row_groups():
-            with out.fs.open(plan_path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=PLAN_ROW_GROUP, columns=columns):
-                    table = pa.Table.from_batches([batch])
-                    if wanted is not None:
-                        table = table.filter(pc.is_in(table.column("unit"), value_set=wanted))
-                    if table.num_rows:
-                        yield ray.put(table)
-
-        ds = ray.data.from_arrow_refs(list(row_groups()))
-    return ds.repartition(target_num_rows_per_block=block_rows)
-
-
 def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict,
                   layout: Layout):
-    """plan rows -> CPU stage tasks -> model actors; nothing is pulled until the driver iterates.
+    """plan rows -> CPU stage tasks -> model actors; nothing runs until the driver iterates.
 
     decode_fn(batch, **decode_kwargs) must add `pixels` (uint8 [N,H,W,3]), `status` and `error` to each batch;
-    encode_kwargs are EncodeBatch's constructor arguments (model_spec, preprocess, prompt_set, prompt_store...).
+    encode_kwargs are EncodeBatch's constructor arguments (model_spec, preprocess, prompt_set, board...).
     """
     import ray
 

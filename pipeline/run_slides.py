@@ -182,6 +182,7 @@ class SlidesJob(ImagesJob):
     inputs = "slides"
     suffixes = SLIDE_SUFFIXES
     plan_needs_ray = True
+    start_before_plan = False  # the tiling tasks plan on the CPUs the model actors would take
     stage_columns = ["slide_id", "uri", "reader", "x", "y", "level", "read_px", "tile_mpp", "tissue_fraction",
                      "size", "mtime", "etag", "unit", "row"]
 

@@ -158,6 +158,7 @@ def test_incremental_processes_only_new_and_changed(ray_session, conceptclip_mod
                   prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=8, incremental=True)
     first = run_images(RunConfig(**common), **QUIET)
     assert first["counts"]["processed"] == 30
+    assert first["stages"]["actors_started_before_plan"]  # a first run loads the model while it plans
     old = features_by_name(read_features(str(tmp_path / "out")))
 
     extra = tmp_path / "extra"
@@ -184,8 +185,10 @@ def test_incremental_processes_only_new_and_changed(ray_session, conceptclip_mod
     unchanged = sorted(images.glob("img_*.jpg"))[2:]
     assert all(new[p.name] == old[p.name] for p in unchanged)
 
+    assert not second["stages"]["actors_started_before_plan"]  # later runs plan first
     third = run_images(RunConfig(**common), **QUIET)
     assert third["counts"]["processed"] == 0
+    assert third["layout"] and not third["stages"]["actors_started_before_plan"]  # nothing new: no model loaded
 
     (images / changed[0].name).unlink()
     assert read_features(str(tmp_path / "out"), exclude_removed=True).num_rows == 50  # listing not refreshed yet

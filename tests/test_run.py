@@ -50,6 +50,19 @@ def test_the_model_share_is_measured_by_the_outputs_newest_cpu_run(tmp_path):
     assert model_share(out) is None  # a GPU run says nothing about CPU demand
 
 
+@pytest.mark.parametrize("rows,side,cpus,expected", [
+    (64, 64, 2, 32),  # the demo: at least one decode batch a block
+    (10_000, 64, 2, 1024),  # small images: at most 1,024 rows
+    (10_000, 384, 2, 151),  # ConceptCLIP's 384 px: ~64 MB of decoded pixels a block, not 453 MB
+    (10_000_000, 384, 64, 151),
+    (5_000, 224, 16, 79),  # four blocks per CPU
+])
+def test_blocks_into_the_cpu_stage_are_bounded_by_rows_and_by_decoded_bytes(rows, side, cpus, expected):
+    from pipeline.run import stage_block_rows
+
+    assert stage_block_rows(rows, 32, (side, side, 3), cpus) == expected
+
+
 def test_one_actor_per_gpu_in_bfloat16_batches():
     layout = actor_layout(RunConfig(**CFG), {"cpus": 64, "gpus": 4})
     assert (layout.size, layout.num_gpus, layout.device) == (4, 1, "cuda")
