@@ -18,19 +18,21 @@ CFG = dict(input="in", output="out", model="m", prompts="p.yaml")
 def test_cpu_pool_leaves_room_for_decoding():
     layout = actor_layout(RunConfig(**CFG), {"cpus": 2, "gpus": 0})
     assert (layout.size, layout.device, layout.num_gpus) == (1, "cpu", 0)
-    # the model's default half of two cores, one torch thread to match; a decode task in the rest
-    assert (layout.num_cpus, layout.torch_threads, layout.decode_cpus) == (1.0, 1, 1.0)
+    # the model's default half of two cores, and a torch thread more (the core a decode task leaves idle); a decode
+    # task in the rest
+    assert (layout.num_cpus, layout.torch_threads, layout.decode_cpus) == (1.0, 2, 1.0)
     with pytest.raises(UserError, match="starve decoding"):
         actor_layout(RunConfig(**CFG, num_actors=2), {"cpus": 2, "gpus": 0})
 
 
 @pytest.mark.parametrize("share,cpus,node_cpus,expected", [
-    (0.9, 2, 2, (1.0, 1)),  # a model-bound run: at most half of a node
-    (0.2, 2, 2, (0.5, 1)),  # a decode-bound run: the decode tasks get the rest
-    (0.5, 16, 16, (4.0, 4)),  # two actors (one per 8 CPUs), half the cores between them
-    (0.8, 8, 2, (1.0, 1)),  # four 2-CPU nodes: an actor must fit on one beside a decode task
-    (0.75, 32, 32, (6.0, 6)),  # four actors
-    (None, 3, 3, (1.5, 2)),
+    (0.9, 2, 2, (1.0, 2)),  # a model-bound run: at most half of a node
+    (0.2, 2, 2, (0.5, 2)),  # a decode-bound run: the decode tasks get the rest
+    (0.5, 16, 16, (4.0, 5)),  # two actors (one per 8 CPUs), half the cores between them
+    (0.8, 8, 2, (1.0, 2)),  # four 2-CPU nodes: an actor must fit on one beside a decode task
+    (0.75, 32, 32, (6.0, 7)),  # four actors
+    (None, 3, 3, (1.5, 3)),
+    (0.5, 1, 1, (0.25, 1)),  # one CPU: never more threads than the node has
 ])
 def test_cpu_share_follows_the_measured_demand(share, cpus, node_cpus, expected):
     layout = actor_layout(RunConfig(**CFG), {"cpus": cpus, "gpus": 0, "node_cpus": node_cpus}, share)
