@@ -111,7 +111,7 @@ def cluster_shape() -> dict:
 
     res = ray.cluster_resources()
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0)]
-    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)),
+    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)), "nodes": len(nodes),
             "node_cpus": int(min(nodes)) if nodes else int(res.get("CPU", 0))}
 
 
@@ -350,7 +350,7 @@ class Stream:
         self.done = object()
         self.thread: threading.Thread | None = None
         self.started_at = time.perf_counter()
-        self.held: list = []  # object refs the stream's readers need (the plan's row groups), held until it ends
+        self.held: list = []  # object refs the stream's readers need (the plan's ranges), held until it ends
 
     def _offer(self, item) -> bool:
         """Hand an item to the consumer unless it stopped listening."""
@@ -772,12 +772,13 @@ def open_stream(kind, cfg: JobConfig, layout: Layout, plan_rows: int, rows: int)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ray.remote(num_cpus=0, max_concurrency=64)(RunBoard).options(scheduling_strategy=here).remote()
     model = kind.model
+    shape = cluster_shape()
     ranges = plan_ranges(plan_rows)
-    block_rows = stage_block_rows(rows, cfg.decode_batch_size, kind.preprocess.out_shape, cluster_shape()["cpus"])
+    readers = min(ranges, max(2, min(16, 2 * shape["nodes"])))  # at once: two per node
+    block_rows = stage_block_rows(rows, cfg.decode_batch_size, kind.preprocess.out_shape, shape["cpus"])
     source = ray.data.from_items([{"id": i} for i in range(ranges)], override_num_blocks=ranges).map_batches(
         read_plan_range, fn_kwargs={"board": board, "columns": kind.stage_columns}, batch_size=1,
-        batch_format="pyarrow", num_cpus=0, concurrency=min(ranges, plan_readers())).repartition(
-        target_num_rows_per_block=block_rows)
+        batch_format="pyarrow", num_cpus=0, concurrency=readers).repartition(target_num_rows_per_block=block_rows)
     stage_fn, stage_kwargs = kind.stage()
     ds = build_dataset(source, stage_fn, stage_kwargs, cfg.decode_batch_size,
                        {"model_spec": model.spec, "preprocess": kind.preprocess, "prompt_set": model.prompt_set,
@@ -791,14 +792,6 @@ def stage_block_rows(rows: int, decode_batch_size: int, pixel_shape, cpus: int) 
     cpus = max(1, int(cpus))
     by_bytes = DECODED_BLOCK_BYTES // max(1, math.prod(pixel_shape))
     return int(max(decode_batch_size, min(1024, by_bytes, math.ceil(rows / (4 * cpus)))))
-
-
-def plan_readers() -> int:
-    """How many plan reader tasks run at once: two per node."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
-    return max(2, min(16, 2 * len(nodes)))
 
 
 def _write_prompts(out: OutputDir, board, prompt_set, prov: dict) -> None:
