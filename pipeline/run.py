@@ -578,10 +578,12 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             version = check_identity(out, identity, cfg.new_version)
             runs = out.runs()
             board = stream = None
-            early = bool(kind.start_before_plan and not out.shard_units())
+            early = bool(kind.start_before_plan and not out.shard_units()
+                         and unfinished_run(out, runs, version, cfg.input) is None)
             if early:
                 # A first run over OUTPUT: the model actors load while the driver plans (at most every unique
-                # input listed is planned). Other runs plan first, so a run with nothing new never loads the model.
+                # input listed is planned; a resumed plan may hold more, so it plans first). Other runs plan
+                # first, so a run with nothing new never loads the model.
                 board, stream = open_stream(kind, cfg, layout, listing.unique, listing.unique)
             try:
                 t_plan = time.perf_counter()
@@ -643,6 +645,10 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                         stream.consume(writer, cfg, stats, lambda unit: None, progress)
                     finally:
                         progress.close()
+                    if writer.pending:  # never recorded complete with work missing
+                        raise EnvironmentFailure(
+                            f"the stream ended with {writer.pending} work unit(s) unfinished "
+                            f"({writer.missing_rows} rows missing); rerun the same command to resume")
             finally:
                 if stream is not None:
                     board.put.remote("plan", None)  # (ignored once the plan is posted) frees waiting readers

@@ -326,6 +326,11 @@ class ShardWriter:
     def pending(self) -> int:
         return len(self.expected)
 
+    @property
+    def missing_rows(self) -> int:
+        """Rows of the unfinished units that have not arrived."""
+        return sum(n - (self.units[u].taken if u in self.units else 0) for u, n in self.expected.items())
+
 
 def write_row_groups(tables, path: str, metadata: dict) -> None:
     """Tables (one schema) into a local Parquet file, each its own row group."""

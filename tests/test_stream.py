@@ -4,6 +4,7 @@ model actors started before planning releases them when planning fails."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.encode import RunBoard
-from pipeline.errors import UserError
+from pipeline.errors import EnvironmentFailure, UserError
 from pipeline.plan import read_plan_range
 from pipeline.plan import post_plan
 from pipeline.run import ImagesJob, run_images
@@ -102,3 +103,27 @@ def test_planning_failing_after_the_actors_started_releases_them(ray_session, co
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0.0) == before  # the model actor's CPUs are free again
     assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resumes_it(
+        ray_session, conceptclip_model, prompts_file, photo_dir, tmp_path, monkeypatch):
+    import pipeline.run as run
+
+    real = run.post_plan
+
+    def nothing_pending(board, out, path, columns, units, rows, everywhere):  # the readers see no unit to do
+        return real(board, out, path, columns, [], rows, everywhere)
+
+    monkeypatch.setattr(run, "post_plan", nothing_pending)
+    cfg = RunConfig(input=str(photo_dir), output=str(tmp_path / "out"), model=str(conceptclip_model),
+                    prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=8)
+    with pytest.raises(EnvironmentFailure, match=r"3 work unit\(s\) unfinished \(24 rows missing\)"):
+        run_images(cfg, echo=lambda m: None)
+    assert not list((tmp_path / "out").glob("part-*"))
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["state"] == "failed"  # never "complete"
+
+    monkeypatch.setattr(run, "post_plan", real)
+    again = run_images(cfg, echo=lambda m: None)
+    assert again["resumed"] and again["counts"]["ok"] == 24
+    # no shard yet, but a plan to resume (which may hold more rows than today's listing): planned first
+    assert not again["stages"]["actors_started_before_plan"]
