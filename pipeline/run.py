@@ -421,15 +421,6 @@ class Stream:
             self.thread.join(timeout=STREAM_SHUTDOWN_S)
 
 
-def _consume(ds, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, progress: Progress | None = None) -> None:
-    """Start a stream over ds, commit everything it yields, and shut it down however that ends."""
-    stream = Stream(ds).start()
-    try:
-        stream.consume(writer, cfg, stats, on_commit, progress)
-    finally:
-        stream.close()
-
-
 def save_run_record(out: OutputDir, record: dict) -> None:
     """The run's record under _runs/ and as the newest _run.json."""
     out.write_json(record, "_runs", f"{record['run_id']}.json")

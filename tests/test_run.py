@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from pipeline.run import _consume, actor_layout
+from pipeline.run import Stream, actor_layout
 
 CFG = dict(input="in", output="out", model="m", prompts="p.yaml")
 
@@ -80,6 +80,15 @@ class _Stalled:
         threading.Event().wait()
 
 
+def consume(ds, writer, cfg, stats) -> None:
+    """A whole stream as the run drives it: started, consumed, closed however that ends."""
+    stream = Stream(ds).start()
+    try:
+        stream.consume(writer, cfg, stats, on_commit=lambda unit: None)
+    finally:
+        stream.close()
+
+
 class _Writer:
     pending = 3
     rows_taken = 0
@@ -97,7 +106,7 @@ def test_watchdog_fails_a_stalled_run_with_a_clear_message():
     stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     t = time.perf_counter()
     with pytest.raises(UserError, match="no progress for 1 s.*Rerun the same command to resume"):
-        _consume(_Stalled(), writer, RunConfig(**CFG, stall_timeout_s=1.0), stats, on_commit=lambda unit: None)
+        consume(_Stalled(), writer, RunConfig(**CFG, stall_timeout_s=1.0), stats)
     assert time.perf_counter() - t < 10
     assert len(writer.batches) == 1
 
@@ -127,7 +136,7 @@ def test_a_failed_run_shuts_its_stream_down_and_leaves_no_thread_behind():
     stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     before = set(threading.enumerate())  # (the stalled stream above keeps its thread: it never answers)
     with pytest.raises(EnvironmentFailure, match="s3://b/x.jpg: device fault; the accelerator failed"):
-        _consume(stream, _Writer(), RunConfig(**CFG, stall_timeout_s=60), stats, on_commit=lambda unit: None)
+        consume(stream, _Writer(), RunConfig(**CFG, stall_timeout_s=60), stats)
     assert stream.closed.wait(10), "the stream was left running"
     assert not [t for t in set(threading.enumerate()) - before if t.name == "featurize-pull"]
 
