@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -50,9 +51,25 @@ def make_images(folder: str | Path, n: int, seed: int = 0, sizes=((500, 375), (1
     return paths
 
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"  # build_tiny_conceptclip(folder) at seed 0, less its code
+REMOTE_CODE = Path(__file__).parent / "tiny_conceptclip"
+REMOTE_CODE_FILES = ("configuration_conceptclip.py", "modeling_conceptclip.py", "processing_conceptclip.py")
+
+
+def copy_demo_model(folder: str | Path) -> Path:
+    """The demo's tiny random-weight ConceptCLIP-interface model, shipped as files: copying it needs neither torch
+    nor transformers in the driver (building it imported both, seconds of the demo's start). The remote code comes
+    from `pipeline/tiny_conceptclip/`, as `build_tiny_conceptclip` writes it; tests check the two agree."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in [*sorted(DEMO_MODEL.iterdir()), *(REMOTE_CODE / name for name in REMOTE_CODE_FILES)]:
+        if source.is_file():
+            shutil.copyfile(source, folder / source.name)
+    return folder
+
+
 def run_demo(output: str, n_images: int = 64, echo=print, command_started: float | None = None) -> dict:
     from .run import run_images, while_ray_starts
-    from .tiny import build_tiny_conceptclip
 
     t = time.perf_counter()
     root = Path(output) / "_demo"
@@ -63,7 +80,7 @@ def run_demo(output: str, n_images: int = 64, echo=print, command_started: float
         if not images.is_dir():
             make_images(images, n_images, sizes=((320, 240), (640, 480)))
         prompts.write_text(DEMO_PROMPTS, encoding="utf-8")
-        return build_tiny_conceptclip(root / "model")
+        return copy_demo_model(root / "model")
 
     started_ray, model = while_ray_starts(prepare)  # the demo's inputs are made while Ray starts
     echo(f"featurize demo: {n_images} generated images and a tiny RANDOM-WEIGHT model with ConceptCLIP's "

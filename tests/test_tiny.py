@@ -266,3 +266,33 @@ def test_base_size_builds(tmp_path):
         out = model(pixel_values=pixels)
     assert out["image_features"].shape == (1, 768)
     assert out["image_token_features"].shape == (1, 196, 768)
+
+
+def test_the_demo_ships_the_tiny_conceptclip_build_tiny_conceptclip_writes(conceptclip_dir, tmp_path):
+    """`featurize demo` copies a shipped model instead of building one (no torch or transformers in its driver):
+    the copy is file for file what build_tiny_conceptclip writes at seed 0 (weights equal, configs equal but for
+    the writer's transformers version, remote code byte-identical), so the demo keeps ConceptCLIP's interface."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.demo import copy_demo_model; copy_demo_model(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    shipped = tmp_path / "demo-model"
+    loaded = subprocess.run([sys.executable, "-c", code, str(shipped)], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in conceptclip_dir.iterdir())
+    for path in conceptclip_dir.iterdir():
+        copy = shipped / path.name
+        if path.suffix == ".safetensors":
+            built, ours = load_file(path), load_file(copy)
+            assert built.keys() == ours.keys()
+            for key in built:
+                torch.testing.assert_close(ours[key], built[key], rtol=0, atol=0)
+        elif path.suffix == ".json":
+            strip = lambda d: {k: v for k, v in d.items() if k != "transformers_version"}  # noqa: E731
+            assert strip(json.loads(copy.read_text())) == strip(json.loads(path.read_text())), path.name
+        else:
+            assert copy.read_bytes() == path.read_bytes(), path.name
+    model = AutoModel.from_pretrained(shipped, trust_remote_code=True)
+    assert model.config.model_type == "conceptclip"
