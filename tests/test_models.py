@@ -55,6 +55,25 @@ def test_bfloat16_on_cpu_stays_close_to_float32(conceptclip_model):
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
 
 
+def test_pixels_are_normalised_in_a_reused_buffer_batch_after_batch(conceptclip_model):
+    """pixel_values reuses one float buffer: each batch, smaller or larger than the last, is normalised exactly
+    as the processor's formula says, and a batch's features do not depend on the batch before it."""
+    spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    pre = preprocess_spec(spec)
+    encoder = Encoder(spec, pre)
+    rng = np.random.default_rng(1)
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    alone = {}
+    for n in (5, 2, 7, 2):
+        pixels = rng.integers(0, 256, (n, *pre.out_shape), dtype=np.uint8)
+        expected = ((pixels.astype(np.float32) * np.float32(pre.rescale_factor) - mean) / std).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(encoder.pixel_values(pixels).numpy(), expected, atol=1e-6)
+        alone[n] = (pixels, encoder.encode_images(pixels))
+    fresh = Encoder(spec, pre)
+    for n, (pixels, features) in alone.items():
+        np.testing.assert_array_equal(fresh.encode_images(pixels), features)
+
+
 def test_prompt_embeddings_are_ensembled_and_logits_follow_the_formula(conceptclip_model):
     spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
     encoder = Encoder(spec, preprocess_spec(spec))
