@@ -92,7 +92,7 @@ class EncodeBatch:
         ok = np.flatnonzero(status == "ok")
         maps = np.zeros((n, self.width - dim), dtype=np.float16)
         if len(ok):
-            encoded, failed = self._encode(pixels[ok])
+            encoded, failed = self._encode(pixels if len(ok) == n else pixels[ok])  # (indexing copies)
             maps[ok], encoded_ok[ok] = encoded[:, dim:], encoded[:, :dim]
             for j, (reason, cls) in failed.items():
                 status[ok[j]], error[ok[j]], error_class[ok[j]] = "error", reason, cls
