@@ -260,6 +260,21 @@ def _readable(paths: list[str]) -> list[str]:
     return [p for p in paths if not os.access(p, os.R_OK)]
 
 
+def working_nodes() -> list[dict]:
+    """The live nodes that run tasks (CPUs or GPUs), as ray.nodes() describes them."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+
+
+def only_driver_node() -> bool:
+    """Whether every node that runs tasks is the driver's own (its disk is theirs)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return all(n["NodeID"] == here for n in working_nodes())
+
+
 def probe_nodes(cfg: JobConfig, sample: list[str], echo=print, timeout_s: float = 120.0) -> bool:
     """Before streaming, one task per worker node checks it can read the local paths the run needs there (a sample
     of the inputs, the model folder): on a multi-node cluster the driver's disk is not the workers' disk.
@@ -268,10 +283,9 @@ def probe_nodes(cfg: JobConfig, sample: list[str], echo=print, timeout_s: float 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
-    here = ray.get_runtime_context().get_node_id()
-    if all(n["NodeID"] == here for n in nodes):
+    if only_driver_node():
         return True
+    nodes = working_nodes()
     needs = {local_path(uri): "INPUT" for uri in sample if not is_remote(uri)}
     if os.path.isdir(cfg.model):
         needs[os.path.join(os.path.abspath(cfg.model), "config.json")] = "MODEL"

@@ -14,6 +14,7 @@ tiles are all committed (slides that failed are tried again).
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -22,15 +23,16 @@ import pyarrow.parquet as pq
 
 from .config import SlidesConfig
 from .errors import UserError, first_line
-from .plan import (CHANGED_SQL, Listing, Workspace, contiguous_units, duckdb_path, fetch_table, next_unit,
-                   plan_unit_counts, shard_rows, sql_list, unfinished_run)
+from .plan import (CHANGED_SQL, PLAN_ROW_GROUP, Listing, Workspace, contiguous_units, duckdb_path, fetch_table,
+                   next_unit, plan_unit_counts, shard_rows, sql_list, unfinished_run)
 from .models import row_widths
-from .run import ImagesJob, Planned, refuse_process_local, resolve_job, run_job
+from .run import ImagesJob, Planned, only_driver_node, refuse_process_local, resolve_job, run_job
 from .schema import (CONCEPT_MAPS_FIELD, PLAN_TILE_SCHEMA, SLIDE_SCHEMA, TILE_SCHEMA, current_names, error_column,
                      fixed_list, logits_column, metadata_bytes, nullable, source_columns, without_absent_logits)
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
+from .storage import filesystem, is_remote, join, remove_tree, write_bytes_atomic
 from .summary import summarise_slides
-from .write import OutputDir
+from .write import OutputDir, parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,42 +91,111 @@ def _as_completed(refs: list, stall_timeout_s: float):
                 yield i, exc
 
 
+def tile_plan_table(row: dict, tiles: dict, slide_id: str, part: int, sources: dict) -> pa.Table:
+    """One slide's tiles as plan rows (PLAN_TILE_SCHEMA, the slide's values repeated on every tile) with their part
+    (the slide's index in the run's plan) and tile (position in the slide): the driver numbers rows by both."""
+    n = len(tiles["x"])
+    per_slide = {"slide_id": slide_id, "uri": row["uri"], "reader": row["reader"], "level": row["level"],
+                 "read_px": row["read_px"], "tile_mpp": row["tile_mpp"], **sources}
+    table = pa.table({f.name: tiles[f.name] if f.name in tiles else pa.repeat(pa.scalar(per_slide[f.name], f.type), n)
+                      for f in PLAN_TILE_SCHEMA}, schema=PLAN_TILE_SCHEMA)
+    return (table.append_column("part", pa.array(np.full(n, part, np.int32)))
+            .append_column("tile", pa.array(np.arange(n, dtype=np.int64))))
+
+
+def plan_slide_tiles(uri: str, slide_id: str, part: int, sources: dict, tiling: Tiling, reader: str,
+                     slide_mpp: float | None, storage_options: dict | None, dest: str | None, count_only: bool):
+    """(A Ray task per slide.) Plan one slide and write its tiles as a plan part file under dest: (the slide row,
+    where its tiles are). That is the part file's path; the tiles themselves when dest is None (the workers cannot
+    write where the driver reads) or the write failed (the driver writes them); None with no tiles or count_only (the
+    row counts them)."""
+    row, tiles = plan_slide(uri, tiling, reader, slide_mpp, storage_options)
+    if count_only or not row["n_tiles"]:
+        return row, None
+    table = tile_plan_table(row, tiles, slide_id, part, sources)
+    if dest is None:
+        return row, table
+    path = join(dest, f"{part:08d}.parquet")
+    try:
+        write_bytes_atomic(path, parquet_bytes(table), storage_options)
+    except Exception:  # not the slide's fault: the driver writes the tiles instead
+        return row, table
+    return row, path
+
+
 def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: SlidesConfig, run_id: str,
-                version: int, first_unit: int, rows_per_shard: int, plan_path: str) -> tuple[pa.Table, int]:
-    """One Ray task per slide (open, microns per pixel, tissue, grid). Each slide's tiles are appended to the plan
-    file at plan_path as its task finishes, numbered into work units as they come: the driver holds one slide's tiles
-    at a time. Returns (the slides table, tiles planned)."""
+                version: int, first_unit: int, rows_per_shard: int, ws: Workspace, out: OutputDir | None,
+                dest: str | None, count_only: bool = False) -> tuple[pa.Table, int, str | None]:
+    """One Ray task per slide (open, microns per pixel, tissue, grid) writes its tiles as a part file under dest
+    (see plan_slide_tiles); the driver keeps a row per slide, never the tiles. DuckDB then numbers the tiles in slide
+    order (slides by uri, tiles in grid order) into work units and writes the plan file in the workspace: the plan is
+    the same wherever the parts were written and whichever task finished first. Returns (the slides table, tiles
+    planned, the plan file's path; None with count_only, which writes no parts)."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=1)(plan_slide)
+    task = ray.remote(num_cpus=1, max_retries=1)(plan_slide_tiles)
     uris = pending.column("uri").to_pylist()
     sources = pending.select(["size", "mtime", "etag"]).to_pylist()
-    refs = [task.remote(uri, tiling, cfg.reader, cfg.slide_mpp, cfg.storage_options) for uri in uris]
+    refs = [task.remote(uri, ids[uri], i, sources[i], tiling, cfg.reader, cfg.slide_mpp, cfg.storage_options,
+                        dest, count_only) for i, uri in enumerate(uris)]
     rows: list[dict] = [{} for _ in uris]
-    schema = PLAN_TILE_SCHEMA.append(pa.field("unit", pa.int32())).append(pa.field("row", pa.int64()))
-    n_tiles = 0
-    with pq.ParquetWriter(plan_path, schema, compression="zstd") as writer:
-        for i, planned in _as_completed(refs, cfg.stall_timeout_s):
-            uri = uris[i]
-            row, tiles = planned if isinstance(planned, tuple) else (_crashed_row(uri, planned), None)
-            row.update(slide_id=ids[uri], tile_px=tiling.tile_px, top_k=cfg.top_k, n_tile_errors=0, run_id=run_id,
-                       dataset_version=version, **sources[i])
-            rows[i] = row
-            if tiles is None or not len(tiles["x"]):
-                continue
-            n = len(tiles["x"])
-            per_slide = {"slide_id": ids[uri], "uri": uri, "reader": row["reader"], "level": row["level"],
-                         "read_px": row["read_px"], "tile_mpp": row["tile_mpp"], **sources[i]}
-            numbers = np.arange(n_tiles, n_tiles + n, dtype=np.int64)
-            table = pa.table({  # the grid's columns, and the slide's values repeated on every tile
-                f.name: tiles[f.name] if f.name in tiles else pa.repeat(pa.scalar(per_slide[f.name], f.type), n)
-                for f in PLAN_TILE_SCHEMA}, schema=PLAN_TILE_SCHEMA)
-            table = table.append_column("unit", pa.array((first_unit + numbers // rows_per_shard).astype(np.int32)))
-            writer.write_table(table.append_column("row", pa.array(numbers)))
-            n_tiles += n
+    parts: dict[int, str] = {}
+    for i, planned in _as_completed(refs, cfg.stall_timeout_s):
+        uri = uris[i]
+        row, where = planned if isinstance(planned, tuple) else (_crashed_row(uri, planned), None)
+        row.update(slide_id=ids[uri], tile_px=tiling.tile_px, top_k=cfg.top_k, n_tile_errors=0, run_id=run_id,
+                   dataset_version=version, **sources[i])
+        rows[i] = row
+        if isinstance(where, pa.Table):  # the driver writes what the worker could not
+            os.makedirs(ws.path("tiles"), exist_ok=True)
+            parts[i] = ws.path("tiles", f"{i:08d}.parquet")
+            pq.write_table(where, parts[i], compression="zstd")
+        elif where is not None:
+            parts[i] = where
     slides = pa.Table.from_pylist([{f.name: row.get(f.name) for f in SLIDE_SCHEMA} for row in rows],
                                   schema=SLIDE_SCHEMA)
-    return slides, n_tiles
+    n_tiles = sum(int(r["n_tiles"] or 0) for r in rows)
+    if count_only:
+        return slides, n_tiles, None
+    return slides, n_tiles, write_tile_plan(ws, out, parts, {i: int(rows[i]["n_tiles"]) for i in parts}, first_unit,
+                                            rows_per_shard)
+
+
+def write_tile_plan(ws: Workspace, out: OutputDir | None, parts: dict[int, str], n_tiles: dict[int, int],
+                    first_unit: int, rows_per_shard: int) -> str:
+    """The plan file from the slides' part files: row = the slide's first row (slides in part order) + the tile's
+    position in it; units of rows_per_shard rows from first_unit. DuckDB reads the parts (OUTPUT's filesystem for
+    remote ones) and writes the plan sorted by row, in row groups the plan readers take one at a time."""
+    path = ws.path("plan.parquet")
+    schema = PLAN_TILE_SCHEMA.append(pa.field("unit", pa.int32())).append(pa.field("row", pa.int64()))
+    if not parts:
+        pq.write_table(schema.empty_table(), path)
+        return path
+    order = sorted(parts)
+    starts = np.concatenate([[0], np.cumsum([n_tiles[i] for i in order])[:-1]]).astype(np.int64)
+    ws.con.register("plan_parts", pa.table({"part": pa.array(order, pa.int32()), "start": pa.array(starts)}))
+    if any(is_remote(p) for p in parts.values()):
+        ws.use(out)
+    files = sql_list(duckdb_path(out, filesystem(parts[i])[1]) if is_remote(parts[i]) else parts[i] for i in order)
+    columns = ", ".join(f't."{f.name}"' for f in PLAN_TILE_SCHEMA)
+    ws.con.execute(f"""COPY (
+        SELECT {columns}, CAST({int(first_unit)} + (p.start + t.tile) // {int(rows_per_shard)} AS INTEGER) AS unit,
+               CAST(p.start + t.tile AS BIGINT) AS "row"
+        FROM read_parquet({files}) t JOIN plan_parts p ON t.part = p.part ORDER BY "row")
+        TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
+    ws.con.unregister("plan_parts")
+    return path
+
+
+def tile_parts_destination(ws: Workspace, out: OutputDir, run_id: str) -> str | None:
+    """Where the planning tasks write the slides' part files: the workspace when every node is the driver's, OUTPUT
+    (`_runs/<run-id>.tiles/`, removed once the plan is written) on an object store; else (a local OUTPUT on several
+    nodes, whose disks may differ) nowhere: the tasks hand their tiles to the driver."""
+    if only_driver_node():
+        return ws.path("tiles")
+    if is_remote(out.url):
+        return out.child("_runs", f"{run_id}.tiles")
+    return None
 
 
 def _crashed_row(uri: str, exc: BaseException) -> dict:
@@ -213,8 +284,7 @@ class SlidesJob(ImagesJob):
 
     def plan(self, ws: Workspace, out: OutputDir, listing: Listing, version: int, run_id: str,
              runs: list[dict], dry: bool = False) -> Planned:
-        """Resume the unfinished run, or plan the slides not done yet into tiles (a dry run too: the tiles are what
-        it counts)."""
+        """Resume the unfinished run, or plan the slides not done yet into tiles (a dry run too)."""
         cfg = self.cfg
         resumable = unfinished_run(out, runs, version, cfg.input)
         if resumable is not None:
@@ -233,9 +303,16 @@ class SlidesJob(ImagesJob):
         uris = fetch_table(ws.con, "SELECT uri FROM listed ORDER BY uri").column("uri").to_pylist()
         ids = dict(zip(uris, slide_ids(uris)))
         first_unit, rows_per_shard = next_unit(out, runs), self.rows_per_shard()
-        local = ws.path("plan.parquet")
-        slides, n_tiles = plan_slides(pending, ids, self.tiling, cfg, run_id, version, first_unit, rows_per_shard,
-                                      local)
+        dest = tile_parts_destination(ws, out, run_id)
+        # A dry run on one node plans as a run does (into the workspace: what benchmarks.scale measures); elsewhere
+        # it only counts the tiles (it writes nothing to OUTPUT, and pulls no tiles to the driver).
+        count_only = dry and dest != ws.path("tiles")
+        try:
+            slides, n_tiles, local = plan_slides(pending, ids, self.tiling, cfg, run_id, version, first_unit,
+                                                 rows_per_shard, ws, out, None if count_only else dest, count_only)
+        finally:
+            if dest is not None and is_remote(dest):  # the plan file holds the tiles now
+                remove_tree(dest, cfg.storage_options)
         counts = {**self._counts(slides, n_tiles), "rows_per_shard": rows_per_shard,
                   "new": pending.num_rows, "unchanged": done.num_rows}
         return Planned(run_id, False, counts, contiguous_units(n_tiles, first_unit, rows_per_shard),

@@ -124,6 +124,15 @@ def put_file_atomic(local: str, url: str, storage_options: dict | None = None) -
     with_retries(lambda: fs.put_file(local, path))
 
 
+def remove_tree(url: str, storage_options: dict | None = None) -> None:
+    """Remove a folder and what it holds; nothing if it is not there."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        with_retries(lambda: fs.rm(path, recursive=True))
+    except FileNotFoundError:
+        pass
+
+
 def exists(url: str, storage_options: dict | None = None) -> bool:
     """Whether the file or object is there now (fsspec's cached listings are dropped first: they may be stale)."""
     fs, path = filesystem(url, storage_options)

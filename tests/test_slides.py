@@ -4,6 +4,7 @@ readers), then `featurize slides` end to end through real Ray (local disk and th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.plan import shard_rows
+from pipeline.schema import PLAN_TILE_SCHEMA
 
 from pipeline.decode import PreprocessSpec, resize_for_model
 from pipeline.slides import (
@@ -309,6 +311,66 @@ def test_slides_end_to_end(local_run, slide_dir):
     record = json.loads((output / "_run.json").read_text())
     assert record["counts"]["slides_ok"] == 2 and record["counts"]["slides_error"] == 2
     assert record["counts"]["ok"] == tiles.num_rows
+
+
+def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_went(ray_session, slide_dir, s3_server,
+                                                                                    s3_bucket, tmp_path):
+    """Each slide's task writes its tiles as a part file (the workspace on one node, OUTPUT on an object store, or
+    handed to the driver where workers cannot write): the driver keeps a row per slide, and DuckDB numbers the tiles
+    in slide order, so the plan is the same file whichever way they came and whichever task finished first."""
+    import s3fs
+
+    from pipeline.config import SlidesConfig
+    from pipeline.plan import Workspace
+    from pipeline.run_slides import plan_slides
+    from pipeline.sources import list_inputs
+    from pipeline.storage import remove_tree
+    from pipeline.write import OutputDir
+
+    folder, _ = slide_dir
+    pending = list_inputs(str(folder), suffixes=(".tif", ".svs"))
+    uris = pending.column("uri").to_pylist()
+    ids = dict(zip(uris, slide_ids(uris)))
+    options = s3_server["storage_options"]
+    cfg = SlidesConfig(input=str(folder), output=str(tmp_path / "o"), model="m", storage_options=options)
+    out = OutputDir(f"s3://{s3_bucket}/out", options)
+    fs = s3fs.S3FileSystem(**options)
+    plans = {}
+    for where in ("workspace", "s3", "driver"):
+        with Workspace() as ws:
+            dest = {"workspace": ws.path("tiles"), "s3": f"s3://{s3_bucket}/out/_runs/r.tiles", "driver": None}[where]
+            slides, n_tiles, plan = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, dest)
+            written = (sorted(Path(dest).glob("*.parquet")) if where == "workspace" else
+                       fs.ls(f"{s3_bucket}/out/_runs/r.tiles") if where == "s3" else sorted(Path(ws.path("tiles")).glob("*")))
+            # One part per slide with tiles (a and b: index 0 and 1 by uri), written by the tasks or by the driver.
+            assert [str(p).rsplit("/", 1)[-1] for p in written] == ["00000000.parquet", "00000001.parquet"]
+            plans[where] = pq.read_table(plan)
+            if where == "s3":
+                remove_tree(dest, options)
+                fs.invalidate_cache()
+                assert not fs.exists(f"{s3_bucket}/out/_runs/r.tiles")
+        by_id = {r["slide_id"]: r for r in slides.to_pylist()}
+        assert {k: r["status"] for k, r in by_id.items()} == {"a": "ok", "b": "ok", "nompp": "error",
+                                                              "truncated": "error"}
+        assert n_tiles == by_id["a"]["n_tiles"] + by_id["b"]["n_tiles"] > 50
+    plan = plans["workspace"]
+    assert plans["s3"].equals(plan) and plans["driver"].equals(plan)
+    assert plan.column_names == [*PLAN_TILE_SCHEMA.names, "unit", "row"] and plan.schema.field("unit").type == pa.int32()
+    assert plan.column("row").to_pylist() == list(range(n_tiles))
+    assert plan.column("unit").to_pylist() == [7 + r // 25 for r in range(n_tiles)]
+    # Slides in uri order, each slide's tiles in its grid's order (as plan_slide lays them).
+    n_a = by_id["a"]["n_tiles"]
+    assert plan.column("slide_id").to_pylist() == ["a"] * n_a + ["b"] * by_id["b"]["n_tiles"]
+    _, grid = plan_slide(uris[0], TILING)
+    assert plan.column("x").to_pylist()[:n_a] == grid["x"].tolist()
+    assert plan.column("y").to_pylist()[:n_a] == grid["y"].tolist()
+    a_size = pending.filter(pc.equal(pending.column("uri"), uris[0])).column("size")[0].as_py()
+    assert set(plan.column("size").to_pylist()[:n_a]) == {a_size}
+    # Counting only (a dry run where the parts would go to OUTPUT): the same tiles, nothing written.
+    with Workspace() as ws:
+        slides, dry_tiles, dry_plan = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, None,
+                                                  count_only=True)
+        assert (dry_tiles, dry_plan, os.listdir(ws.dir)) == (n_tiles, None, [])
 
 
 def test_interrupted_run_resumes_and_finished_slides_are_skipped(local_run, tmp_path, capsys):
