@@ -125,12 +125,12 @@ def plan_slide_tiles(uri: str, slide_id: str, part: int, sources: dict, tiling: 
 
 def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: SlidesConfig, run_id: str,
                 version: int, first_unit: int, rows_per_shard: int, ws: Workspace, out: OutputDir | None,
-                dest: str | None, count_only: bool = False) -> tuple[pa.Table, int, str | None]:
+                dest: str | None, count_only: bool = False) -> tuple[pa.Table, int, str | None, int]:
     """One Ray task per slide (open, microns per pixel, tissue, grid) writes its tiles as a part file under dest
     (see plan_slide_tiles); the driver keeps a row per slide, never the tiles. DuckDB then numbers the tiles in slide
     order (slides by uri, tiles in grid order) into work units and writes the plan file in the workspace: the plan is
     the same wherever the parts were written and whichever task finished first. Returns (the slides table, tiles
-    planned, the plan file's path; None with count_only, which writes no parts)."""
+    planned, the plan file's path (None with count_only, which writes no parts), how many parts the driver wrote)."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=1)(plan_slide_tiles)
@@ -140,6 +140,7 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
                         dest, count_only) for i, uri in enumerate(uris)]
     rows: list[dict] = [{} for _ in uris]
     parts: dict[int, str] = {}
+    by_driver = 0
     for i, planned in _as_completed(refs, cfg.stall_timeout_s):
         uri = uris[i]
         row, where = planned if isinstance(planned, tuple) else (_crashed_row(uri, planned), None)
@@ -150,15 +151,16 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
             os.makedirs(ws.path("tiles"), exist_ok=True)
             parts[i] = ws.path("tiles", f"{i:08d}.parquet")
             pq.write_table(where, parts[i], compression="zstd")
+            by_driver += 1
         elif where is not None:
             parts[i] = where
     slides = pa.Table.from_pylist([{f.name: row.get(f.name) for f in SLIDE_SCHEMA} for row in rows],
                                   schema=SLIDE_SCHEMA)
     n_tiles = sum(int(r["n_tiles"] or 0) for r in rows)
     if count_only:
-        return slides, n_tiles, None
-    return slides, n_tiles, write_tile_plan(ws, out, parts, {i: int(rows[i]["n_tiles"]) for i in parts}, first_unit,
-                                            rows_per_shard)
+        return slides, n_tiles, None, 0
+    plan = write_tile_plan(ws, out, parts, {i: int(rows[i]["n_tiles"]) for i in parts}, first_unit, rows_per_shard)
+    return slides, n_tiles, plan, by_driver
 
 
 def write_tile_plan(ws: Workspace, out: OutputDir | None, parts: dict[int, str], n_tiles: dict[int, int],
@@ -308,13 +310,13 @@ class SlidesJob(ImagesJob):
         # it only counts the tiles (it writes nothing to OUTPUT, and pulls no tiles to the driver).
         count_only = dry and dest != ws.path("tiles")
         try:
-            slides, n_tiles, local = plan_slides(pending, ids, self.tiling, cfg, run_id, version, first_unit,
+            slides, n_tiles, local, by_driver = plan_slides(pending, ids, self.tiling, cfg, run_id, version, first_unit,
                                                  rows_per_shard, ws, out, None if count_only else dest, count_only)
         finally:
             if dest is not None and is_remote(dest):  # the plan file holds the tiles now
                 remove_tree(dest, cfg.storage_options)
         counts = {**self._counts(slides, n_tiles), "rows_per_shard": rows_per_shard,
-                  "new": pending.num_rows, "unchanged": done.num_rows}
+                  "new": pending.num_rows, "unchanged": done.num_rows, "tile_parts_by_driver": by_driver}
         return Planned(run_id, False, counts, contiguous_units(n_tiles, first_unit, rows_per_shard),
                        local_plan=local, extra={"slides": slides})
 

@@ -344,3 +344,39 @@ def test_no_cpu_node_left_fails_clearly_then_resubmission_resumes(ray_cluster, i
     record = _run_record(output)
     assert record["resumed"] is True and record["state"] == "complete"
     assert record["counts"]["processed"] == N_IMAGES - 4 * kept  # the committed units were not redone
+
+
+def test_slides_job_plans_on_the_worker_nodes_into_an_object_store(ray_cluster, conceptclip_model, prompts_file,
+                                                                   s3_server, s3_bucket, tmp_path):
+    """`featurize slides` submitted to the cluster with OUTPUT on S3: the planning tasks run on the worker nodes (the
+    head has no CPUs) and write each slide's tiles to OUTPUT themselves (none handed to the driver); the run removes
+    those part files once its plan is written, and every tile of the plan is scored exactly once."""
+    import s3fs
+    from slide_fixtures import draw_slide, write_slide
+
+    from pipeline.slides import Tiling, plan_slide
+
+    slides = tmp_path / "slides"
+    write_slide(slides / "a.tif", draw_slide(1024, 768, seed=5), 0.25)
+    write_slide(slides / "b.svs", draw_slide(1024, 768, seed=6), 0.5, aperio=True)
+    options = s3_server["storage_options"]
+    output = f"s3://{s3_bucket}/out"
+    args = ["python", "-m", "pipeline.cli", "slides", str(slides), output, "--storage-options", json.dumps(options),
+            "--model", str(conceptclip_model), "--prompts", str(prompts_file), "--trust-remote-code",
+            "--target-mpp", "0.5", "--tile-px", "64", "--rows-per-shard", "40", "--batch-size", "8",
+            "--decode-batch-size", "8", "--device", "cpu", "--torch-threads", "1", "--stall-timeout-s", "120"]
+    _ok(ray_cluster.submit(args, _sid("slides"), timeout=JOB_TIMEOUT_S), "the slides job")
+
+    fs = s3fs.S3FileSystem(**options)
+    record = json.loads(fs.cat_file(f"{s3_bucket}/out/_run.json"))
+    assert record["state"] == "complete" and record["counts"]["slides_ok"] == 2
+    assert record["counts"]["tile_parts_by_driver"] == 0  # the worker nodes wrote every part themselves
+    assert not [p for p in fs.ls(f"{s3_bucket}/out/_runs") if p.endswith(".tiles")]
+    tiles = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in sorted(fs.glob(f"{s3_bucket}/out/part-*.parquet"))])
+    tiling = Tiling(target_mpp=0.5, tile_px=64, overlap_px=0, min_tissue=0.25)
+    for name, file in (("a", "a.tif"), ("b", "b.svs")):
+        _, grid = plan_slide(str(slides / file), tiling)
+        got = sorted((r["x"], r["y"]) for r in tiles.to_pylist() if r["slide_id"] == name)
+        assert got == sorted(zip(grid["x"].tolist(), grid["y"].tolist())) and got
+    assert set(tiles.column("status").to_pylist()) == {"ok"}
+    assert record["counts"]["processed"] == tiles.num_rows == record["counts"]["tiles"]

@@ -339,7 +339,8 @@ def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_w
     for where in ("workspace", "s3", "driver"):
         with Workspace() as ws:
             dest = {"workspace": ws.path("tiles"), "s3": f"s3://{s3_bucket}/out/_runs/r.tiles", "driver": None}[where]
-            slides, n_tiles, plan = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, dest)
+            slides, n_tiles, plan, by_driver = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, dest)
+            assert by_driver == (2 if where == "driver" else 0)
             written = (sorted(Path(dest).glob("*.parquet")) if where == "workspace" else
                        fs.ls(f"{s3_bucket}/out/_runs/r.tiles") if where == "s3" else sorted(Path(ws.path("tiles")).glob("*")))
             # One part per slide with tiles (a and b: index 0 and 1 by uri), written by the tasks or by the driver.
@@ -368,7 +369,7 @@ def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_w
     assert set(plan.column("size").to_pylist()[:n_a]) == {a_size}
     # Counting only (a dry run where the parts would go to OUTPUT): the same tiles, nothing written.
     with Workspace() as ws:
-        slides, dry_tiles, dry_plan = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, None,
+        slides, dry_tiles, dry_plan, _ = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, None,
                                                   count_only=True)
         assert (dry_tiles, dry_plan, os.listdir(ws.dir)) == (n_tiles, None, [])
 
