@@ -30,7 +30,7 @@ from .models import row_widths
 from .plan import (Listing, Workspace, classify, committed_view, contiguous_units, next_unit,
                    open_listing, plan_ranges, plan_unit_counts, planned_kinds, post_plan, read_plan_range,
                    shard_rows, unfinished_run, upload_plan, write_listing_uris, write_plan)
-from .sources import IMAGE_SUFFIXES, check_local_input, write_listing
+from .sources import IMAGE_SUFFIXES, check_local_input, is_list_input, write_listing
 from .storage import exists, is_remote, local_path
 from .write import OutputDir, ShardWriter, check_identity, image_table_builder, unit_first_rows
 
@@ -570,7 +570,18 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             return listing, time.perf_counter() - t
 
         t_prepare = time.perf_counter()
-        started_ray, (listing, listing_s) = while_ray_starts(prepare, cfg.verbose)
+        if is_list_input(cfg.input):  # list files are read by Ray Data: Ray first, then the listing
+            started_ray = init_ray(cfg.verbose)
+            try:
+                listing, listing_s = prepare()
+            except BaseException:
+                if started_ray:
+                    import ray
+
+                    ray.shutdown()
+                raise
+        else:
+            started_ray, (listing, listing_s) = while_ray_starts(prepare, cfg.verbose)
         ray_start_s = time.perf_counter() - t_prepare
         record: dict = {}
         with finishing(cfg, record, lease, started_ray):
@@ -685,16 +696,20 @@ def dry_run(cfg: JobConfig, kind, echo=print) -> dict:
     t = time.perf_counter()
     out = OutputDir(cfg.output, cfg.storage_options)
     with Workspace() as ws:
-        listing = kind.prepare(ws)
-        listing_s = time.perf_counter() - t
-        current = out.read_json("_dataset.json")
-        version = int(current.get("version", 1)) if current else 1
-        if current is not None and _identity_changed(current.get("identity", {}), kind.identity()):
-            if not cfg.new_version:
-                check_identity(out, kind.identity(), False)  # raises, naming what changed
-            version += 1
-        started_ray = init_ray(cfg.verbose) if kind.plan_needs_ray else False
+        # list files are read by Ray Data: Ray up before the listing
+        started_ray = init_ray(cfg.verbose) if is_list_input(cfg.input) else False
         try:
+            t_list = time.perf_counter()
+            listing = kind.prepare(ws)
+            listing_s = time.perf_counter() - t_list
+            current = out.read_json("_dataset.json")
+            version = int(current.get("version", 1)) if current else 1
+            if current is not None and _identity_changed(current.get("identity", {}), kind.identity()):
+                if not cfg.new_version:
+                    check_identity(out, kind.identity(), False)  # raises, naming what changed
+                version += 1
+            if kind.plan_needs_ray:
+                started_ray = init_ray(cfg.verbose) or started_ray
             planned = kind.plan(ws, out, listing, version, "dry-run", out.runs(), dry=True)
         finally:
             if started_ray:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,13 +23,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .errors import UserError, first_line
-from .storage import filesystem, is_remote, local_path, with_retries
+from .storage import exists, filesystem, is_remote, local_path, with_retries
 
 IMAGE_SUFFIXES = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic",
 })
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".parquet", ".lst"})
+INVENTORY_MANIFEST = "manifest.json"  # an S3 Inventory's manifest: its data files are the list
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
                             ("etag", pa.string())])
 
@@ -59,10 +63,8 @@ CHUNK_ROWS = 100_000
 def iter_listing(source: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES) -> Iterator[pa.Table]:
     """The inputs SOURCE names (folder, glob, list file or manifest) as LISTING_SCHEMA tables of at most CHUNK_ROWS
     rows, in no particular order and not deduplicated."""
-    name = source.rstrip("/").rsplit("/", 1)[-1]
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix in LIST_SUFFIXES and not _has_glob(source):
-        chunks = _iter_list_file(source, storage_options)
+    if is_list_input(source):
+        chunks = _iter_list_files(list_files(source, storage_options), storage_options, suffixes)
     elif _has_glob(source):
         chunks = _iter_glob(source, storage_options, suffixes)
     else:
@@ -70,6 +72,13 @@ def iter_listing(source: str, storage_options: dict | None = None, suffixes=IMAG
     for chunk in chunks:
         if chunk.num_rows:
             yield chunk
+
+
+def is_list_input(source: str) -> bool:
+    """Whether SOURCE names list files rather than images: a list file (.txt/.csv/.parquet/.lst), a glob whose
+    pattern ends in a list suffix (every file it matches is a list), or an S3 Inventory's manifest.json."""
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.splitext(name)[1].lower() in LIST_SUFFIXES or name.lower().endswith(INVENTORY_MANIFEST)
 
 
 def no_inputs(source: str, suffixes) -> UserError:
@@ -86,10 +95,19 @@ def list_inputs(source: str, storage_options: dict | None = None, suffixes=IMAGE
 
 def write_listing(source: str, folder: str, storage_options: dict | None = None,
                   suffixes=IMAGE_SUFFIXES) -> tuple[list[str], int]:
-    """Stream the listing into Parquet chunk files under the local FOLDER: (their paths, rows listed)."""
+    """Stream the listing into Parquet chunk files under the local FOLDER: (their paths, rows listed). With Ray up
+    (a run), list files are read by Ray Data (_ray_list_files) when its tasks can see them: on object storage, or
+    local on a one-node Ray; otherwise, and in tools, on the driver in chunks."""
     os.makedirs(folder, exist_ok=True)
     paths, rows = [], 0
-    for chunk in iter_listing(source, storage_options, suffixes):
+    spec = list_files(source, storage_options) if is_list_input(source) else None
+    if spec is not None and _ray_is_up() and (is_remote(spec.files[0]) or _one_node()):
+        chunks = _ray_list_files(spec, storage_options, suffixes)
+    elif spec is not None:
+        chunks = _iter_list_files(spec, storage_options, suffixes)
+    else:
+        chunks = iter_listing(source, storage_options, suffixes)
+    for chunk in chunks:
         paths.append(os.path.join(folder, f"listing-{len(paths):06d}.parquet"))
         pq.write_table(chunk, paths[-1], compression="zstd")
         rows += chunk.num_rows
@@ -254,34 +272,142 @@ def _iter_glob(source: str, storage_options: dict | None, suffixes) -> Iterator[
                   if info.get("type", "file") == "file" and os.path.splitext(name)[1].lower() in suffixes])
 
 
-def read_list_file(source: str, storage_options: dict | None = None) -> pa.Table:
-    """A whole list file in memory (see _iter_list_file)."""
-    chunks = list(_iter_list_file(source, storage_options))
-    return pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
+# -- list files: one or many .txt/.csv/.parquet lists, or an S3 Inventory ------------------------------------------
+@dataclass(frozen=True)
+class ListFiles:
+    """The list files an INPUT names, resolved on the driver: all of one format."""
+
+    source: str  # INPUT as given (named in messages)
+    files: tuple[str, ...]  # each list file's uri, local ones absolute
+    fmt: str  # "parquet", "csv" or "text"
+    inventory: tuple[str, ...] | None = None  # an S3 Inventory's data files: their columns (from fileSchema)
+
+    def base(self, uri: str) -> str:
+        """The folder a list file's relative uris are taken from."""
+        return uri.rsplit("/", 1)[0] if "/" in uri else "."
 
 
-def _iter_list_file(source: str, storage_options: dict | None = None) -> Iterator[pa.Table]:
-    """A .txt (one uri a line), .csv or .parquet (a `uri` column; manifests add size/mtime/etag) list of inputs, read
-    in chunks. Relative uris are taken relative to the list's folder; a .txt list's files are looked up for their
-    size and mtime (so --incremental sees a changed file), in parallel threads."""
-    fs, path = filesystem(source, storage_options)
-    if not with_retries(lambda: fs.exists(path)):
-        raise UserError(f"input list {source} does not exist")
-    suffix = os.path.splitext(path)[1].lower()
-    base = source.rsplit("/", 1)[0] if "/" in source else "."
+_LIST_FORMATS = {".parquet": "parquet", ".csv": "csv", ".txt": "text", ".lst": "text"}
+# An S3 Inventory's columns: its Parquet data files name them so; CSV ones have no header and the manifest's
+# fileSchema names them in CamelCase ("Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, ...").
+_INVENTORY_COLUMNS = ("bucket", "key", "size", "last_modified_date", "e_tag", "is_latest", "is_delete_marker")
+
+
+def _absolute(uri: str) -> str:
+    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
+
+
+def list_files(source: str, storage_options: dict | None = None) -> ListFiles:
+    """Resolve a list INPUT (is_list_input) into its list files: one file, every file a glob matches, or the data
+    files of an S3 Inventory's manifest.json. Missing files and globs matching nothing are UserErrors."""
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    if name.lower().endswith(INVENTORY_MANIFEST) and not _has_glob(source):
+        return _inventory_files(source, storage_options)
+    suffix = os.path.splitext(name)[1].lower()
+    fmt = _LIST_FORMATS[suffix]
+    if not _has_glob(source):
+        fs, path = filesystem(source, storage_options)
+        if not with_retries(lambda: fs.exists(path)):
+            raise UserError(f"input list {source} does not exist")
+        return ListFiles(source, (_absolute(source),), fmt)
+    if not is_remote(source):
+        import glob as globmod
+
+        found = sorted(os.path.abspath(p) for p in globmod.iglob(local_path(source), recursive=True)
+                       if os.path.isfile(p) and os.path.splitext(p)[1].lower() == suffix)
+    else:
+        fs, path = filesystem(source, storage_options)
+        protocol = source.split("://", 1)[0]
+        try:
+            matched = with_retries(lambda: fs.glob(path, detail=True))
+        except PermissionError:
+            raise UserError(f"input {source}: access denied (check credentials / storage_options)") from None
+        found = sorted(f"{protocol}://{n}" for n, info in matched.items()
+                       if info.get("type", "file") == "file" and os.path.splitext(n)[1].lower() == suffix)
+    if not found:
+        raise UserError(f"input {source} matches no list file (looked for {suffix} files)")
+    return ListFiles(source, tuple(found), fmt)
+
+
+def _inventory_files(source: str, storage_options: dict | None) -> ListFiles:
+    """An S3 Inventory's manifest.json: its data files (`files[].key` in `destinationBucket`) and their columns."""
+    import json
+
+    from .storage import read_text
+
+    if not exists(source, storage_options):
+        raise UserError(f"input {source} does not exist")
     try:
-        with fs.open(path, "rb") as f:
-            if suffix == ".parquet":
-                batches = pq.ParquetFile(f).iter_batches(batch_size=CHUNK_ROWS)
-            elif suffix == ".csv":
-                batches = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=8 << 20))
-            else:
-                batches = _text_lines(f)
-            for batch in batches:
-                table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-                yield _list_chunk(table, source, base, storage_options, stat=suffix not in (".parquet", ".csv"))
-    except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"input list {source} cannot be read: {first_line(exc)}") from None
+        manifest = json.loads(read_text(source, storage_options))
+        fmt = str(manifest.get("fileFormat", "")).lower()
+        bucket = str(manifest["destinationBucket"]).rsplit(":", 1)[-1]
+        keys = [str(f["key"]) for f in manifest["files"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"input {source} is not an S3 Inventory manifest ({first_line(exc) or 'no files'}): it "
+                        "needs fileFormat, destinationBucket and files[].key") from None
+    if fmt not in ("parquet", "csv"):
+        raise UserError(f"input {source}: S3 Inventory format {manifest.get('fileFormat')!r} is not supported; "
+                        "configure the inventory as Parquet or CSV")
+    columns = [_snake(c.strip()) for c in str(manifest.get("fileSchema", "")).split(",") if c.strip()]
+    if fmt == "csv" and not {"bucket", "key"} <= set(columns):
+        raise UserError(f"input {source}: its fileSchema ({manifest.get('fileSchema')!r}) names no Bucket and Key")
+    if not keys:
+        raise no_inputs(source, IMAGE_SUFFIXES)
+    return ListFiles(source, tuple(f"s3://{bucket}/{k}" for k in keys), fmt, tuple(columns))
+
+
+def _snake(name: str) -> str:
+    """`LastModifiedDate` -> `last_modified_date`, `ETag` -> `e_tag`: a CSV inventory's names as Parquet's."""
+    import re
+
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _open_list(uri: str, storage_options: dict | None, fs=None, path=None):
+    if fs is None:
+        fs, path = filesystem(uri, storage_options)
+    f = fs.open(path, "rb")
+    if uri.endswith(".gz"):  # a CSV inventory's data files are gzipped
+        import gzip
+
+        return gzip.GzipFile(fileobj=f)
+    return f
+
+
+def _csv_options(spec: ListFiles) -> dict:
+    """pyarrow.csv options: an inventory's headerless CSV gets its manifest's column names, every column a string."""
+    if not spec.inventory:
+        return {"read_options": pacsv.ReadOptions(block_size=8 << 20)}
+    return {"read_options": pacsv.ReadOptions(block_size=8 << 20, column_names=list(spec.inventory)),
+            "convert_options": pacsv.ConvertOptions(column_types={c: pa.string() for c in spec.inventory},
+                                                    strings_can_be_null=True)}
+
+
+def _iter_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
+    """The driver's path (tools, or no Ray up): each list file read in chunks, one after the other."""
+    for uri in spec.files:
+        fs, path = filesystem(uri, storage_options)
+        if not with_retries(lambda: fs.exists(path)):
+            raise UserError(f"input list {uri} does not exist" if uri == _absolute(spec.source) else
+                            f"input {spec.source}: its list file {uri} does not exist")
+        try:
+            with _open_list(uri, storage_options, fs, path) as f:
+                if spec.fmt == "parquet":
+                    batches = pq.ParquetFile(f).iter_batches(batch_size=CHUNK_ROWS)
+                elif spec.fmt == "csv":
+                    batches = pacsv.open_csv(f, **_csv_options(spec))
+                else:
+                    batches = _text_lines(f)
+                for batch in batches:
+                    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+                    yield _normalise(table, spec, spec.base(uri), storage_options, suffixes, _named(spec, uri))
+        except (pa.ArrowInvalid, UnicodeDecodeError, OSError, EOFError) as exc:
+            raise UserError(f"input list {_named(spec, uri)} cannot be read: {first_line(exc)}") from None
+
+
+def _named(spec: ListFiles, uri: str) -> str:
+    """A list file as messages name it: INPUT itself when it is the one file, else the file (of INPUT)."""
+    return spec.source if len(spec.files) == 1 and not spec.inventory else f"{uri} (of {spec.source})"
 
 
 def _text_lines(f) -> Iterator[pa.Table]:
@@ -298,30 +424,264 @@ def _text_lines(f) -> Iterator[pa.Table]:
     yield pa.table({"uri": pa.array(lines, pa.string())})
 
 
+def _text_table(table: pa.Table) -> pa.Table:
+    """Ray Data's read_text rows (`text`, one line a row; `path` kept) as `uri` rows: blank lines and # comments
+    dropped, as _text_lines does."""
+    lines = pc.utf8_trim_whitespace(table.column("text").cast(pa.string()))
+    keep = pc.and_(pc.invert(pc.equal(lines, "")), pc.invert(pc.starts_with(lines, "#"))).fill_null(False)
+    return table.append_column("uri", lines).drop_columns(["text"]).filter(keep)
+
+
+def _normalise(table: pa.Table, spec: ListFiles, base, storage_options: dict | None, suffixes,
+               name: str | None = None) -> pa.Table:
+    """One chunk of any list file as LISTING_SCHEMA: the code both paths (driver chunks, Ray Data batches) share.
+    `name`: the list file as messages name it (INPUT where unknown)."""
+    if spec.inventory is not None:
+        return _inventory_chunk(table, spec, suffixes)
+    return _list_chunk(table, name or spec.source, base, storage_options, stat=spec.fmt == "text")
+
+
 def _list_chunk(table: pa.Table, source: str, base: str, storage_options: dict | None, stat: bool) -> pa.Table:
     """One chunk of a list file as LISTING_SCHEMA: uris resolved, the manifest's size/mtime/etag kept, and with
-    stat the files' size and mtime looked up."""
-    if "uri" not in table.column_names:
-        raise UserError(f"input list {source} has no 'uri' column (columns: {', '.join(table.column_names)})")
+    stat the files' size and mtime looked up. Relative uris are taken from `base`, or, where the chunk has a `_base`
+    column (rows of several list files), from each row's own."""
+    names = [n for n in table.column_names if n != "_base"]
+    if "uri" not in names:
+        raise UserError(f"input list {source} has no 'uri' column (columns: {', '.join(names)})")
     uris = table.column("uri").cast(pa.string())
     present = pc.and_kleene(pc.is_valid(uris), pc.invert(pc.equal(pc.utf8_trim_whitespace(uris), "")))
-    extra = [name for name in ("size", "mtime", "etag") if name in table.column_names]
+    extra = [name for name in ("size", "mtime", "etag") if name in names]
     if extra and not pc.all(present.fill_null(False)).as_py():
         raise UserError(f"input list {source} has empty uri values")
     table = table.filter(present.fill_null(False))
     uris = table.column("uri").cast(pa.string())
     absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
     if not pc.all(absolute).as_py():
-        uris = pa.array([_resolve(u, base) for u in uris.to_pylist()], pa.string())
+        bases = (table.column("_base").to_pylist() if "_base" in table.column_names
+                 else [base] * table.num_rows)
+        uris = pa.array([_resolve(u, b) for u, b in zip(uris.to_pylist(), bases)], pa.string())
     columns = {"uri": uris}
     for name in ("size", "mtime", "etag"):
         field = LISTING_SCHEMA.field(name)
         columns[name] = (table.column(name).cast(pa.string() if name == "etag" else field.type)
-                         if name in table.column_names else pa.nulls(table.num_rows, field.type))
+                         if name in names else pa.nulls(table.num_rows, field.type))
     if stat and table.num_rows:
-        columns["size"], columns["mtime"] = _stat_all(columns["uri"].to_pylist() if hasattr(columns["uri"], "to_pylist")
-                                                      else list(columns["uri"]), storage_options)
+        columns["size"], columns["mtime"] = _stat_all(columns["uri"].to_pylist(), storage_options)
     return pa.table(columns, schema=LISTING_SCHEMA)
+
+
+_TRUE = ("true", "1", "t", "yes")
+
+
+def _flag(column) -> pa.ChunkedArray:
+    """A boolean column of an inventory, Parquet's booleans or CSV's "true"/"false"."""
+    if pa.types.is_boolean(column.type):
+        return column
+    return pc.is_in(pc.utf8_lower(column.cast(pa.string())), pa.array(_TRUE))
+
+
+def _epoch_seconds(column) -> pa.Array:
+    """last_modified_date (a Parquet timestamp, or CSV's ISO-8601 text) as epoch seconds."""
+    if not pa.types.is_timestamp(column.type):
+        column = pc.cast(pc.utf8_replace_slice(column.cast(pa.string()), 23, 100, ""), pa.timestamp("ms"))
+    per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[column.type.unit]
+    return pc.divide(pc.cast(column, pa.int64()).cast(pa.float64()), float(per_second))
+
+
+def _inventory_chunk(table: pa.Table, spec: ListFiles, suffixes) -> pa.Table:
+    """One chunk of an S3 Inventory's data as LISTING_SCHEMA: uri = s3://bucket/key (CSV keys are URL-encoded,
+    Parquet ones are not), size, mtime, etag; only keys with one of `suffixes`, no delete markers, no old
+    versions."""
+    if not {"bucket", "key"} <= set(table.column_names):
+        raise UserError(f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
+                        f"{', '.join(table.column_names)})")
+    keys = table.column("key").cast(pa.string()).combine_chunks()
+    if spec.fmt == "csv":
+        from urllib.parse import unquote_plus
+
+        keys = pa.array([None if k is None else unquote_plus(k) for k in keys.to_pylist()], pa.string())
+    table = table.set_column(table.column_names.index("key"), "key", keys)
+    suffix = pc.utf8_lower(pc.extract_regex(keys, r"(?P<s>\.[^./]*)$").field("s"))
+    keep = pc.is_in(suffix, pa.array(sorted(suffixes), pa.string())).fill_null(False)
+    if "is_delete_marker" in table.column_names:
+        keep = pc.and_(keep, pc.invert(_flag(table.column("is_delete_marker")).fill_null(False)))
+    if "is_latest" in table.column_names:
+        keep = pc.and_(keep, _flag(table.column("is_latest")).fill_null(True))
+    table = table.filter(keep)
+    columns = {"uri": pc.binary_join_element_wise("s3://", table.column("bucket").cast(pa.string()), "/",
+                                                  table.column("key"), "")}
+    n = table.num_rows
+    columns["size"] = (pc.cast(table.column("size"), pa.int64()) if "size" in table.column_names
+                       else pa.nulls(n, pa.int64()))
+    columns["mtime"] = (_epoch_seconds(table.column("last_modified_date"))
+                        if "last_modified_date" in table.column_names else pa.nulls(n, pa.float64()))
+    columns["etag"] = (pc.utf8_trim(table.column("e_tag").cast(pa.string()), '"')
+                       if "e_tag" in table.column_names else pa.nulls(n, pa.string()))
+    return pa.table(columns, schema=LISTING_SCHEMA)
+
+
+# -- list files read by Ray Data (a run: Ray is up) ------------------------------------------------------------------
+LIST_TASK_CPUS = 0.25  # the list-reading tasks' CPU request: small, so a model actor starting beside them never waits
+
+
+def _ray_is_up() -> bool:
+    """Whether this process has Ray initialised (without importing ray where nothing has)."""
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _one_node() -> bool:
+    """Whether every node that runs tasks is the driver's: only then do Ray's tasks see the driver's local files
+    (on a cluster a local list file is read on the driver, in chunks, as tools read it)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return all(n["NodeID"] == here for n in ray.nodes()
+               if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0)))
+
+
+def _arrow_filesystem(uri: str, storage_options: dict | None):
+    """(pyarrow filesystem, path) for Ray Data: local files as they are, remote ones through our fsspec one."""
+    if not is_remote(uri):
+        return None, _absolute(uri)
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, storage_options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str] | None:
+    """Cheap checks on the driver before Ray Data starts: the first list file opens, and a Parquet or CSV list has
+    the columns it needs (from the Parquet footer or the CSV header). Returns the Parquet columns to read."""
+    first = spec.files[0]
+    fs, path = filesystem(first, storage_options)
+    if not with_retries(lambda: fs.exists(path)):
+        raise UserError(f"input list {first} does not exist" if first == _absolute(spec.source) else
+                        f"input {spec.source}: its list file {first} does not exist")
+    try:
+        if spec.fmt == "parquet":
+            with fs.open(path, "rb") as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        elif spec.fmt == "csv" and not spec.inventory:
+            with _open_list(first, storage_options, fs, path) as f:
+                names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+        else:
+            return None
+    except (pa.ArrowInvalid, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise UserError(f"input list {_named(spec, first)} cannot be read: {first_line(exc)}") from None
+    wanted = _INVENTORY_COLUMNS if spec.inventory is not None else ("uri", "size", "mtime", "etag")
+    if spec.inventory is not None and not {"bucket", "key"} <= set(names):
+        raise UserError(f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
+                        f"{', '.join(names)})")
+    if spec.inventory is None and "uri" not in names:
+        raise UserError(f"input list {_named(spec, first)} has no 'uri' column (columns: {', '.join(names)})")
+    return [c for c in wanted if c in names]
+
+
+def _ray_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
+    """A run's path: the list files read by Ray Data (Parquet with only the columns used, CSV, text), each batch
+    normalised in Ray tasks (a .txt list's files are looked up there, in parallel across the cluster), streamed to
+    the driver in chunks of at most CHUNK_ROWS rows. What fails in Ray Data comes back as one-line UserErrors."""
+    import ray.data
+
+    columns = _check_first_file(spec, storage_options)
+    pafs, _ = _arrow_filesystem(spec.files[0], storage_options)
+    paths = [_arrow_filesystem(u, storage_options)[1] for u in spec.files]
+    several = len(paths) > 1 and spec.inventory is None  # relative uris resolve against each row's own list file
+    uris = dict(zip(paths, spec.files))
+    bases = {p: spec.base(u) for p, u in uris.items()} if several else None
+    base = spec.base(spec.files[0])
+    cpus = LIST_TASK_CPUS
+
+    def normalise(batch: pa.Table) -> pa.Table:
+        if spec.fmt == "parquet" and spec.inventory is None and batch.column("uri").null_count:
+            _no_uri_files(batch, spec, uris)  # a later file without the column reads as nulls
+        if "path" in batch.column_names:
+            if bases is not None:
+                batch = batch.append_column("_base", pa.array([bases[p] for p in batch.column("path").to_pylist()],
+                                                              pa.string()))
+            batch = batch.drop_columns(["path"])
+        if spec.fmt == "text":
+            batch = _text_table(batch)
+        return _normalise(batch, spec, base, storage_options, suffixes)
+
+    try:
+        if spec.fmt == "parquet":
+            ds = ray.data.read_parquet(paths, filesystem=pafs, include_paths=several, file_extensions=None,
+                                       num_cpus=cpus).select_columns(columns + (["path"] if several else []))
+        elif spec.fmt == "csv":
+            ds = ray.data.read_csv(paths, filesystem=pafs, include_paths=several, num_cpus=cpus,
+                                   **_csv_options(spec))
+        else:
+            ds = ray.data.read_text(paths, filesystem=pafs, encoding="utf-8-sig", include_paths=several,
+                                    num_cpus=cpus)
+        # batch_size=None: whole blocks, so the map fuses into the read task (no second pass through the store)
+        ds = ds.map_batches(normalise, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=cpus)
+        ds.context.raise_original_map_exception = True  # a UserError raised in a task comes back as itself
+        with _quiet_ray_data():
+            for batch in ds.iter_batches(batch_size=CHUNK_ROWS, batch_format="pyarrow", prefetch_batches=1):
+                yield batch
+    except Exception as exc:  # noqa: BLE001 - Ray Data wraps what failed in its own exceptions
+        mapped = _ray_list_error(exc, spec)
+        if mapped is exc:
+            raise
+        raise mapped from None
+
+
+def _no_uri_files(batch: pa.Table, spec: ListFiles, uris: dict) -> None:
+    """Raise if some list file of the batch has no uri at all: Ray Data reads a later file that lacks the `uri`
+    column (only the first file's footer was checked) as nulls, which must not pass as an empty list."""
+    null = pc.is_null(batch.column("uri"))
+    if "path" not in batch.column_names:
+        missing = [spec.source] if pc.all(null).as_py() else []
+    else:
+        paths = batch.column("path")
+        missing = sorted(set(paths.filter(null).to_pylist()) - set(paths.filter(pc.invert(null)).to_pylist()))
+    if missing:
+        where = uris.get(missing[0], missing[0])
+        raise UserError(f"input list {where} has no 'uri' column or no uri values" if where == spec.source else
+                        f"input {spec.source}: its list file {where} has no 'uri' column or no uri values")
+
+
+@contextmanager
+def _quiet_ray_data():
+    """Where Ray Data's own lines are hidden (a run without --verbose: its logger at ERROR), a failed list read
+    shows no Ray ERROR lines and stack traces either: its error reaches the user as one UserError line."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    if level >= logging.ERROR:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _ray_list_error(exc: BaseException, spec: ListFiles) -> BaseException:
+    """What Ray Data raised while reading list files, as the user should read it: a UserError raised in a task
+    (no 'uri' column, empty uris) as itself, an unreadable file as `input list ... cannot be read: <cause>`;
+    anything else (the cluster failing) as it came."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, UserError) and not isinstance(exc, RayTaskError):
+        return exc  # ours, raised on the driver
+    chain, seen = [], set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cause = getattr(cur, "cause", None) if isinstance(cur, RayTaskError) else None
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    own = [e for e in chain if not isinstance(e, RayTaskError) and type(e).__module__.split(".")[0] != "ray"]
+    for e in own:
+        if isinstance(e, UserError):  # ours, raised in a task (Ray adds lines to its message: ours is the first)
+            return UserError(first_line(e, limit=2000))
+    readable = (pa.ArrowInvalid, UnicodeDecodeError, OSError, EOFError, ValueError)
+    for e in own:
+        if isinstance(e, readable):
+            return UserError(f"input list {spec.source} cannot be read: {first_line(e)}")
+    return exc
 
 
 def _stat_all(uris: list[str], storage_options: dict | None) -> tuple[pa.Array, pa.Array]:

@@ -153,7 +153,8 @@ def dry_run(capsys, *args) -> tuple[dict, str]:
     return json.loads(captured.out.strip().splitlines()[-1]), captured.err
 
 
-def test_dry_run_counts_against_the_output_and_writes_nothing(tmp_path, capsys, conceptclip_model, prompts_file):
+def test_dry_run_counts_against_the_output_and_writes_nothing(tmp_path, capsys, conceptclip_model, prompts_file,
+                                                              ray_session):
     import ray
 
     manifest = tmp_path / "manifest.parquet"
@@ -161,12 +162,12 @@ def test_dry_run_counts_against_the_output_and_writes_nothing(tmp_path, capsys, 
     pq.write_table(pa.table({"uri": uris + uris[:2], "size": [1] * 10 + [1] * 2, "mtime": [0.0] * 12}), manifest)
     model = ["--model", conceptclip_model, "--prompts", prompts_file, "--trust-remote-code", "--rows-per-shard", 4]
 
-    ray_was_up = ray.is_initialized()  # (another test of this session may have started it)
+    ray_was_up = ray.is_initialized()  # (the session's Ray: a list INPUT is read by Ray Data, so Ray is up)
     counts, text = dry_run(capsys, "images", manifest, tmp_path / "empty", "--dry-run", *model)
     assert {k: counts[k] for k in ("listed", "duplicates", "new", "changed", "unchanged", "planned", "work_units")} \
         == {"listed": 12, "duplicates": 2, "new": 10, "changed": 0, "unchanged": 0, "planned": 10, "work_units": 3}
     assert "nothing written" in text and not (tmp_path / "empty").exists()
-    assert ray.is_initialized() == ray_was_up  # an image dry run starts no Ray
+    assert ray.is_initialized() == ray_was_up  # a dry run leaves Ray as it found it
 
     out = OutputDir(str(tmp_path / "out"))
     cfg = RunConfig(input=str(manifest), output=out.url, model=str(conceptclip_model), prompts=str(prompts_file),
