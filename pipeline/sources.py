@@ -521,6 +521,8 @@ def _inventory_chunk(table: pa.Table, spec: ListFiles, suffixes) -> pa.Table:
 
 
 # -- list files read by Ray Data (a run: Ray is up) ------------------------------------------------------------------
+LIST_BLOCK_BYTES = 16 << 20  # Ray Data blocks of a list (its default, 128 MB, tripled the driver's RSS at 10M uris)
+LIST_STORE_BYTES = 128 << 20  # the list read's object-store budget: blocks waiting for the driver
 LIST_TASK_CPUS = 0.25  # the list-reading tasks' CPU request: small, so a model actor starting beside them never waits
 
 
@@ -619,6 +621,11 @@ def _ray_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> 
         # batch_size=None: whole blocks, so the map fuses into the read task (no second pass through the store)
         ds = ds.map_batches(normalise, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=cpus)
         ds.context.raise_original_map_exception = True  # a UserError raised in a task comes back as itself
+        # The driver maps every block it reads from the object store (its pages count in its RSS): small blocks and
+        # a small budget of blocks in flight keep that bounded, whatever the list's size.
+        ds.context.target_max_block_size = LIST_BLOCK_BYTES
+        ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
+            object_store_memory=LIST_STORE_BYTES)
         with _quiet_ray_data():
             for batch in ds.iter_batches(batch_size=CHUNK_ROWS, batch_format="pyarrow", prefetch_batches=1):
                 yield batch
