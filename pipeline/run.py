@@ -31,7 +31,7 @@ from .plan import (Listing, Workspace, classify, committed_view, contiguous_unit
                    open_listing, plan_ranges, plan_unit_counts, planned_kinds, post_plan, read_plan_range,
                    shard_rows, unfinished_run, upload_plan, write_listing_uris, write_plan)
 from .sources import IMAGE_SUFFIXES, check_local_input, is_list_input, write_listing
-from .storage import exists, is_remote, local_path
+from .storage import exists, is_remote, local_path, only_driver_node, working_nodes
 from .write import OutputDir, ShardWriter, check_identity, image_table_builder, unit_first_rows
 
 log = logging.getLogger(__name__)
@@ -258,21 +258,6 @@ def _in_job_working_dir() -> bool:
 def _readable(paths: list[str]) -> list[str]:
     """(Runs on each node.) The paths this node cannot read."""
     return [p for p in paths if not os.access(p, os.R_OK)]
-
-
-def working_nodes() -> list[dict]:
-    """The live nodes that run tasks (CPUs or GPUs), as ray.nodes() describes them."""
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
-
-
-def only_driver_node() -> bool:
-    """Whether every node that runs tasks is the driver's own (its disk is theirs)."""
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    return all(n["NodeID"] == here for n in working_nodes())
 
 
 def probe_nodes(cfg: JobConfig, sample: list[str], echo=print, timeout_s: float = 120.0) -> bool:

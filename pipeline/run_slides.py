@@ -26,11 +26,11 @@ from .errors import UserError, first_line
 from .plan import (CHANGED_SQL, PLAN_ROW_GROUP, Listing, Workspace, contiguous_units, duckdb_path, fetch_table,
                    next_unit, plan_unit_counts, shard_rows, sql_list, unfinished_run)
 from .models import row_widths
-from .run import ImagesJob, Planned, only_driver_node, refuse_process_local, resolve_job, run_job
+from .run import ImagesJob, Planned, refuse_process_local, resolve_job, run_job
 from .schema import (CONCEPT_MAPS_FIELD, PLAN_TILE_SCHEMA, SLIDE_SCHEMA, TILE_SCHEMA, current_names, error_column,
                      fixed_list, logits_column, metadata_bytes, nullable, source_columns, without_absent_logits)
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
-from .storage import filesystem, is_remote, join, remove_tree, write_bytes_atomic
+from .storage import filesystem, is_remote, join, only_driver_node, remove_tree, write_bytes_atomic
 from .summary import summarise_slides
 from .write import OutputDir, parquet_bytes
 

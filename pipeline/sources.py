@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .errors import UserError, first_line
-from .storage import exists, filesystem, is_remote, local_path, with_retries
+from .storage import exists, filesystem, is_remote, local_path, only_driver_node, with_retries
 
 IMAGE_SUFFIXES = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
@@ -101,7 +101,7 @@ def write_listing(source: str, folder: str, storage_options: dict | None = None,
     os.makedirs(folder, exist_ok=True)
     paths, rows = [], 0
     spec = list_files(source, storage_options) if is_list_input(source) else None
-    if spec is not None and _ray_is_up() and (is_remote(spec.files[0]) or _one_node()):
+    if spec is not None and _ray_is_up() and (is_remote(spec.files[0]) or only_driver_node()):
         chunks = _ray_list_files(spec, storage_options, suffixes)
     elif spec is not None:
         chunks = _iter_list_files(spec, storage_options, suffixes)
@@ -531,16 +531,6 @@ def _ray_is_up() -> bool:
     import sys
 
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
-
-
-def _one_node() -> bool:
-    """Whether every node that runs tasks is the driver's: only then do Ray's tasks see the driver's local files
-    (on a cluster a local list file is read on the driver, in chunks, as tools read it)."""
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    return all(n["NodeID"] == here for n in ray.nodes()
-               if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0)))
 
 
 def _arrow_filesystem(uri: str, storage_options: dict | None):

@@ -147,3 +147,20 @@ def read_text(url: str, storage_options: dict | None = None) -> str:
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
     write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"),
                        storage_options)
+
+
+# -- which disks a cluster's tasks see ------------------------------------------------------------------------------
+def working_nodes() -> list[dict]:
+    """The live Ray nodes that run tasks (CPUs or GPUs), as ray.nodes() describes them."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+
+
+def only_driver_node() -> bool:
+    """Whether every node that runs Ray tasks is the driver's own: only then do the tasks see the driver's local
+    files (on a cluster, a local path may name another disk on every node)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return all(n["NodeID"] == here for n in working_nodes())

@@ -9,7 +9,6 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.decode import PreprocessSpec
 from pipeline.errors import UserError
 from pipeline.models import Encoder, Secret, preprocess_spec, resolve_model
 from pipeline.prompts import Concept, PromptSet
