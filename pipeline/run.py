@@ -30,7 +30,7 @@ from .models import row_widths
 from .plan import (Listing, Workspace, classify, committed_view, contiguous_units, next_unit,
                    open_listing, plan_ranges, plan_unit_counts, planned_kinds, post_plan, read_plan_range,
                    shard_rows, unfinished_run, upload_plan, write_listing_uris, write_plan)
-from .sources import IMAGE_SUFFIXES, check_local_input, is_list_input, write_listing
+from .sources import IMAGE_SUFFIXES, check_local_input, lists_with_ray, write_listing
 from .storage import exists, is_remote, local_path, only_driver_node, working_nodes
 from .write import OutputDir, ShardWriter, check_identity, image_table_builder, unit_first_rows
 
@@ -555,7 +555,7 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             return listing, time.perf_counter() - t
 
         t_prepare = time.perf_counter()
-        if is_list_input(cfg.input):  # list files are read by Ray Data: Ray first, then the listing
+        if lists_with_ray(cfg.input):  # listed in Ray tasks: Ray first, then the listing
             started_ray = init_ray(cfg.verbose)
             try:
                 listing, listing_s = prepare()
@@ -681,8 +681,8 @@ def dry_run(cfg: JobConfig, kind, echo=print) -> dict:
     t = time.perf_counter()
     out = OutputDir(cfg.output, cfg.storage_options)
     with Workspace() as ws:
-        # list files are read by Ray Data: Ray up before the listing
-        started_ray = init_ray(cfg.verbose) if is_list_input(cfg.input) else False
+        # listed in Ray tasks (list files, object-store prefixes): Ray up before the listing
+        started_ray = init_ray(cfg.verbose) if lists_with_ray(cfg.input) else False
         try:
             t_list = time.perf_counter()
             listing = kind.prepare(ws)

@@ -81,6 +81,12 @@ def is_list_input(source: str) -> bool:
     return os.path.splitext(name)[1].lower() in LIST_SUFFIXES or name.lower().endswith(INVENTORY_MANIFEST)
 
 
+def lists_with_ray(source: str) -> bool:
+    """Whether a run lists SOURCE in Ray tasks (list files read by Ray Data, object-store prefixes one task each):
+    then Ray must be up before the listing starts."""
+    return is_list_input(source) or (is_remote(source) and not _has_glob(source))
+
+
 def no_inputs(source: str, suffixes) -> UserError:
     return UserError(f"input {source} holds no images (looked for {', '.join(sorted(suffixes)[:6])}, ...)")
 
@@ -209,8 +215,8 @@ def _remote_files(protocol: str, found: dict, suffixes) -> pa.Table:
 
 def _iter_folder(source: str, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
     """A local walk with os.scandir (subfolders in parallel threads), or an object store listed one paginated
-    listing per top-level prefix, prefixes in parallel threads (listing is I/O-bound: threads on the driver keep up
-    with the store's rate limits without shipping the listing between processes)."""
+    listing per top-level prefix: in a run (Ray up) one Ray task per prefix, PREFIX_TASKS at a time across the
+    cluster, each streaming its chunks back; in tools, prefixes in parallel threads."""
     if not is_remote(source):
         path = local_path(source)
         if not os.path.isdir(path):
@@ -230,12 +236,63 @@ def _iter_folder(source: str, storage_options: dict | None, suffixes) -> Iterato
             raise FileNotFoundError(path)
         yield _remote_files(protocol, {e["name"]: e for e in top if e.get("type") == "file"}, suffixes)
         prefixes = [e["name"] for e in top if e.get("type") == "directory"]
-        yield from _threaded(lambda p, emit: emit(_remote_files(
-            protocol, with_retries(lambda: fs.find(p, detail=True)), suffixes)), prefixes)
+        if _ray_is_up():  # a run: one Ray task per prefix, spread over the cluster
+            yield from _ray_list_prefixes(source, prefixes, storage_options, suffixes)
+        else:  # tools: threads on this process
+            yield from _threaded(lambda p, emit: [emit(chunk) for chunk in _prefix_chunks(
+                source, p, storage_options, suffixes, CHUNK_ROWS)], prefixes)
     except FileNotFoundError:
         raise UserError(f"input {source} does not exist") from None
     except PermissionError:
         raise UserError(f"input {source}: access denied (check credentials / storage_options)") from None
+
+
+def _prefix_chunks(source: str, prefix: str, storage_options: dict | None, suffixes,
+                   chunk_rows: int) -> Iterator[pa.Table]:
+    """One object-store prefix, listed (paginated by the store) with its image files in chunks of chunk_rows."""
+    fs, _ = filesystem(source, storage_options)
+    protocol = source.split("://", 1)[0]
+    found = with_retries(lambda: fs.find(prefix, detail=True))
+    names = list(found)
+    for i in range(0, len(names), chunk_rows):
+        yield _remote_files(protocol, {n: found[n] for n in names[i:i + chunk_rows]}, suffixes)
+
+
+# Prefix-listing tasks in flight at once: listing waits on the store, so more tasks than cores keep it busy; each
+# asks for LIST_TASK_CPUS.
+PREFIX_TASKS = 32
+
+
+def _ray_list_prefixes(source: str, prefixes: list[str], storage_options: dict | None,
+                       suffixes) -> Iterator[pa.Table]:
+    """A run's object-store listing: one Ray task per top-level prefix (streaming its chunks back as it lists), at
+    most PREFIX_TASKS in flight, chunks yielded as they arrive. A task's failure comes back as its own exception
+    (PermissionError, FileNotFoundError: the caller names INPUT)."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(num_cpus=LIST_TASK_CPUS, num_returns="streaming", max_retries=0)(_prefix_chunks)
+    waiting = list(reversed(prefixes))
+    running: list = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < PREFIX_TASKS:
+                running.append(task.remote(source, waiting.pop(), storage_options, suffixes, CHUNK_ROWS))
+            ready, _ = ray.wait(running, num_returns=1)
+            generator = ready[0]
+            try:
+                ref = next(generator)
+            except StopIteration:
+                running.remove(generator)
+                continue
+            try:
+                yield ray.get(ref)
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, BaseException) else exc) from None
+    finally:
+        for generator in running:
+            ray.cancel(generator)
 
 
 def write_manifest(source: str, manifest: str, storage_options: dict | None = None) -> pa.Table:

@@ -1,5 +1,6 @@
 """Many list files and S3 Inventories, read by Ray Data in a run (write_listing with Ray up) and on the driver in
-tools (list_inputs): the same rows either way, and clear one-line errors, never Ray tracebacks."""
+tools (list_inputs): the same rows either way, and clear one-line errors, never Ray tracebacks. Object-store folders
+likewise: one Ray task per prefix in a run, threads in tools."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.sources import (CHUNK_ROWS, LISTING_SCHEMA, is_list_input, list_files, list_inputs,
-                              write_listing)
+                              lists_with_ray, write_listing)
 
 
 def ray_listing(source: str, folder: Path, storage_options=None, **kw) -> pa.Table:
@@ -330,3 +331,45 @@ def test_featurize_images_over_a_glob_of_two_manifests(ray_session, clip_model, 
     assert run["counts"]["listed"] == 7 and run["counts"]["duplicates"] == 2 and run["counts"]["ok"] == 5
     uris = sorted(pa.concat_tables([pq.read_table(s) for s in out.glob("part-*.parquet")]).column("uri").to_pylist())
     assert uris == [str(p) for p in photos]
+
+
+def test_object_store_prefixes_are_listed_in_ray_tasks_as_threads_list_them(ray_session, s3_server, s3_bucket,
+                                                                             tmp_path, monkeypatch):
+    """An S3 folder with files at its top and under several prefixes (nested too): a run lists each prefix in a Ray
+    task (streaming chunks back), tools in threads; the rows are the same, sizes and etags included, non-images and
+    hidden files left out. Chunks stay within CHUNK_ROWS however big a prefix is."""
+    import pipeline.sources as sources
+
+    options = s3_server["storage_options"]
+    root = f"s3://{s3_bucket}/in"
+    names = ["top.jpg", "notes.txt", "a/1.jpg", "a/2.png", "a/.hidden.jpg", "b/c/3.jpg", "b/c/d/4.webp",
+             "b/readme.md", *(f"many/{i:03d}.jpg" for i in range(7))]
+    for i, name in enumerate(names):
+        put(s3_server, f"{root}/{name}", b"x" * (10 + i))
+    assert lists_with_ray(root) and lists_with_ray(root + "/") and not lists_with_ray(root + "/*.jpg")
+    assert not lists_with_ray(str(tmp_path))
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 3)  # the 7-file prefix streams back as three chunks
+    calls = []
+    real = sources._ray_list_prefixes
+    monkeypatch.setattr(sources, "_ray_list_prefixes", lambda *a: calls.append(a[1]) or real(*a))
+    files, rows = write_listing(root, str(tmp_path / "listing"), options)
+    assert sorted(calls[0]) == [f"{s3_bucket}/in/{p}" for p in ("a", "b", "many")]
+    chunks = [pq.read_table(f) for f in files]
+    assert max(c.num_rows for c in chunks) <= 3 and rows == 12
+    listed = pa.concat_tables(chunks).sort_by("uri")
+    monkeypatch.setattr(sources, "_ray_is_up", lambda: False)
+    threaded = list_inputs(root, options)
+    assert calls == [calls[0]]  # the tools' path did not use Ray tasks
+    assert rows_of(listed) == rows_of(threaded)
+    expected = {n for n in names if n.rsplit(".", 1)[-1] in ("jpg", "png", "webp") and "/." not in "/" + n}
+    assert {u.split("/in/", 1)[1] for u in listed.column("uri").to_pylist()} == expected
+    sizes = {r["uri"].split("/in/", 1)[1]: r["size"] for r in listed.to_pylist()}
+    assert sizes["b/c/d/4.webp"] == 10 + names.index("b/c/d/4.webp")
+    assert all(r["etag"] for r in listed.to_pylist())
+
+
+def test_a_missing_object_store_folder_is_one_line(ray_session, s3_server, s3_bucket, tmp_path):
+    options = s3_server["storage_options"]
+    with pytest.raises(UserError) as info:
+        write_listing(f"s3://{s3_bucket}/nothing-here", str(tmp_path / "l1"), options)
+    assert one_line_user_error(info) == f"input s3://{s3_bucket}/nothing-here does not exist"
