@@ -81,10 +81,25 @@ def is_list_input(source: str) -> bool:
     return os.path.splitext(name)[1].lower() in LIST_SUFFIXES or name.lower().endswith(INVENTORY_MANIFEST)
 
 
+# Local list files smaller than this in all are read on the driver, while Ray starts: Ray Data would first wait for
+# Ray (seconds on a small machine) and then pay its fixed cost per read, for what the driver reads in a second or two
+# (about 1M uris: a .txt list of paths, or a Parquet manifest with sizes and etags).
+RAY_LIST_MIN_BYTES = 16 << 20
+
+
 def lists_with_ray(source: str) -> bool:
-    """Whether a run lists SOURCE in Ray tasks (list files read by Ray Data, object-store prefixes one task each):
-    then Ray must be up before the listing starts."""
-    return is_list_input(source) or (is_remote(source) and not _has_glob(source))
+    """Whether a run lists SOURCE in Ray tasks, so Ray must be up before the listing starts: object-store prefixes
+    (one task each), list files on object storage, and local list files of RAY_LIST_MIN_BYTES or more (read by Ray
+    Data). Decided without Ray, the same way every time for the same input."""
+    if not is_list_input(source):
+        return is_remote(source) and not _has_glob(source)
+    if is_remote(source):
+        return True
+    try:
+        files = list_files(source).files
+    except UserError:
+        return False  # the listing reports it, on the driver
+    return sum(os.path.getsize(local_path(f)) for f in files) >= RAY_LIST_MIN_BYTES
 
 
 def no_inputs(source: str, suffixes) -> UserError:
@@ -101,13 +116,14 @@ def list_inputs(source: str, storage_options: dict | None = None, suffixes=IMAGE
 
 def write_listing(source: str, folder: str, storage_options: dict | None = None,
                   suffixes=IMAGE_SUFFIXES) -> tuple[list[str], int]:
-    """Stream the listing into Parquet chunk files under the local FOLDER: (their paths, rows listed). With Ray up
-    (a run), list files are read by Ray Data (_ray_list_files) when its tasks can see them: on object storage, or
-    local on a one-node Ray; otherwise, and in tools, on the driver in chunks."""
+    """Stream the listing into Parquet chunk files under the local FOLDER: (their paths, rows listed). In a run (Ray
+    up), list files that lists_with_ray names are read by Ray Data (_ray_list_files) when its tasks can see them: on
+    object storage, or local on a one-node Ray; otherwise, and in tools, on the driver in chunks."""
     os.makedirs(folder, exist_ok=True)
     paths, rows = [], 0
     spec = list_files(source, storage_options) if is_list_input(source) else None
-    if spec is not None and _ray_is_up() and (is_remote(spec.files[0]) or only_driver_node()):
+    if spec is not None and _ray_is_up() and lists_with_ray(source) and (is_remote(spec.files[0])
+                                                                         or only_driver_node()):
         chunks = _ray_list_files(spec, storage_options, suffixes)
     elif spec is not None:
         chunks = _iter_list_files(spec, storage_options, suffixes)

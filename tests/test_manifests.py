@@ -20,12 +20,30 @@ from pipeline.sources import (CHUNK_ROWS, LISTING_SCHEMA, is_list_input, list_fi
                               lists_with_ray, write_listing)
 
 
+@pytest.fixture(autouse=True)
+def ray_data_reads_every_list(monkeypatch):
+    """Local list files of any size go to Ray Data here (a run reads small local ones on the driver while Ray
+    starts: see test_small_local_lists_are_read_on_the_driver_while_ray_starts); yields the calls to its reader."""
+    import pipeline.sources as sources
+
+    RAY_READS.clear()
+    real = sources._ray_list_files
+    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", 0)
+    monkeypatch.setattr(sources, "_ray_list_files", lambda spec, *a: RAY_READS.append(spec.source) or real(spec, *a))
+    return RAY_READS
+
+
+RAY_READS: list[str] = []  # the sources Ray Data read in this test
+
+
 def ray_listing(source: str, folder: Path, storage_options=None, **kw) -> pa.Table:
     """write_listing with Ray up (Ray Data reads the lists): its chunk files, each checked, as one sorted table."""
     import ray
 
     assert ray.is_initialized()
+    before = len(RAY_READS)
     files, rows = write_listing(source, str(folder), storage_options, **kw)
+    assert RAY_READS[before:] == [source]  # read by Ray Data, not on the driver
     chunks = [pq.read_table(f) for f in files]
     assert all(c.schema == LISTING_SCHEMA and 0 < c.num_rows <= CHUNK_ROWS for c in chunks)
     table = pa.concat_tables(chunks).sort_by("uri")
@@ -373,3 +391,24 @@ def test_a_missing_object_store_folder_is_one_line(ray_session, s3_server, s3_bu
     with pytest.raises(UserError) as info:
         write_listing(f"s3://{s3_bucket}/nothing-here", str(tmp_path / "l1"), options)
     assert one_line_user_error(info) == f"input s3://{s3_bucket}/nothing-here does not exist"
+
+
+def test_small_local_lists_are_read_on_the_driver_while_ray_starts(ray_session, monkeypatch, tmp_path):
+    """A run reads a local list file under RAY_LIST_MIN_BYTES on the driver (while Ray starts: Ray Data's fixed
+    costs would outweigh the read), and one at or above it with Ray Data; object-store inputs always in Ray."""
+    import pipeline.sources as sources
+
+    touch(tmp_path / "a.jpg", 5)
+    (tmp_path / "l.txt").write_text("a.jpg\n")
+    size = (tmp_path / "l.txt").stat().st_size
+    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", size + 1)
+    assert not lists_with_ray(str(tmp_path / "l.txt")) and lists_with_ray("s3://b/l.txt")
+    assert not lists_with_ray(str(tmp_path / "missing.txt"))  # the listing reports it
+    assert rows_of(pa.concat_tables(pq.read_table(f) for f in write_listing(str(tmp_path / "l.txt"),
+                                                                            str(tmp_path / "c1"))[0])) == \
+        [{"uri": str(tmp_path / "a.jpg"), "size": 5, "mtime": (tmp_path / "a.jpg").stat().st_mtime, "etag": None}]
+    assert RAY_READS == []
+    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", size)
+    assert lists_with_ray(str(tmp_path / "l.txt"))
+    write_listing(str(tmp_path / "l.txt"), str(tmp_path / "c2"))
+    assert RAY_READS == [str(tmp_path / "l.txt")]
