@@ -60,15 +60,16 @@ def check_local_input(source: str) -> None:
 CHUNK_ROWS = 100_000
 
 
-def iter_listing(source: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES) -> Iterator[pa.Table]:
+def iter_listing(source: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES,
+                 in_ray: bool = False) -> Iterator[pa.Table]:
     """The inputs SOURCE names (folder, glob, list file or manifest) as LISTING_SCHEMA tables of at most CHUNK_ROWS
-    rows, in no particular order and not deduplicated."""
+    rows, in no particular order and not deduplicated. in_ray: list object-store prefixes in Ray tasks (Ray is up)."""
     if is_list_input(source):
         chunks = _iter_list_files(list_files(source, storage_options), storage_options, suffixes)
     elif _has_glob(source):
         chunks = _iter_glob(source, storage_options, suffixes)
     else:
-        chunks = _iter_folder(source, storage_options, suffixes)
+        chunks = _iter_folder(source, storage_options, suffixes, in_ray)
     for chunk in chunks:
         if chunk.num_rows:
             yield chunk
@@ -122,13 +123,15 @@ def write_listing(source: str, folder: str, storage_options: dict | None = None,
     os.makedirs(folder, exist_ok=True)
     paths, rows = [], 0
     spec = list_files(source, storage_options) if is_list_input(source) else None
-    if spec is not None and _ray_is_up() and lists_with_ray(source) and (is_remote(spec.files[0])
-                                                                         or only_driver_node()):
+    # Ray is consulted only for inputs a run lists in Ray, for which the run starts Ray before the listing; the
+    # others are listed on a thread while Ray starts, and must not look at it.
+    in_ray = lists_with_ray(source) and _ray_is_up()
+    if spec is not None and in_ray and (is_remote(spec.files[0]) or only_driver_node()):
         chunks = _ray_list_files(spec, storage_options, suffixes)
     elif spec is not None:
         chunks = _iter_list_files(spec, storage_options, suffixes)
     else:
-        chunks = iter_listing(source, storage_options, suffixes)
+        chunks = iter_listing(source, storage_options, suffixes, in_ray)
     for chunk in chunks:
         paths.append(os.path.join(folder, f"listing-{len(paths):06d}.parquet"))
         pq.write_table(chunk, paths[-1], compression="zstd")
@@ -229,7 +232,7 @@ def _remote_files(protocol: str, found: dict, suffixes) -> pa.Table:
                    and not name.rsplit("/", 1)[-1].startswith(".")])
 
 
-def _iter_folder(source: str, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
+def _iter_folder(source: str, storage_options: dict | None, suffixes, in_ray: bool = False) -> Iterator[pa.Table]:
     """A local walk with os.scandir (subfolders in parallel threads), or an object store listed one paginated
     listing per top-level prefix: in a run (Ray up) one Ray task per prefix, PREFIX_TASKS at a time across the
     cluster, each streaming its chunks back; in tools, prefixes in parallel threads."""
@@ -252,7 +255,7 @@ def _iter_folder(source: str, storage_options: dict | None, suffixes) -> Iterato
             raise FileNotFoundError(path)
         yield _remote_files(protocol, {e["name"]: e for e in top if e.get("type") == "file"}, suffixes)
         prefixes = [e["name"] for e in top if e.get("type") == "directory"]
-        if _ray_is_up():  # a run: one Ray task per prefix, spread over the cluster
+        if in_ray:  # a run: one Ray task per prefix, spread over the cluster
             yield from _ray_list_prefixes(source, prefixes, storage_options, suffixes)
         else:  # tools: threads on this process
             yield from _threaded(lambda p, emit: [emit(chunk) for chunk in _prefix_chunks(
@@ -603,7 +606,10 @@ def _ray_is_up() -> bool:
     """Whether this process has Ray initialised (without importing ray where nothing has)."""
     import sys
 
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    # Another thread may be importing ray right now (a run lists on a thread while Ray starts): a module still being
+    # initialised may lack is_initialized yet, and Ray is not up then.
+    is_initialized = getattr(sys.modules.get("ray"), "is_initialized", None)
+    return bool(is_initialized is not None and is_initialized())
 
 
 def _arrow_filesystem(uri: str, storage_options: dict | None):

@@ -412,3 +412,23 @@ def test_small_local_lists_are_read_on_the_driver_while_ray_starts(ray_session, 
     assert lists_with_ray(str(tmp_path / "l.txt"))
     write_listing(str(tmp_path / "l.txt"), str(tmp_path / "c2"))
     assert RAY_READS == [str(tmp_path / "l.txt")]
+
+
+def test_listing_while_another_thread_imports_ray(monkeypatch, tmp_path):
+    """A run lists a folder or a small local list on a thread while the main thread imports and starts Ray: the
+    listing must not touch a half-imported `ray` module (it once failed with "partially initialized module 'ray'
+    has no attribute 'is_initialized'")."""
+    import sys
+    import types
+
+    import pipeline.sources as sources
+
+    touch(tmp_path / "in" / "a.jpg", 5)
+    (tmp_path / "l.txt").write_text(f"{tmp_path / 'in' / 'a.jpg'}\n")
+    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", 16 << 20)
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # what an import in progress looks like
+    assert sources._ray_is_up() is False
+    for source in (tmp_path / "l.txt", tmp_path / "in"):
+        files, rows = write_listing(str(source), str(tmp_path / f"chunks-{source.name}"))
+        assert rows == 1 and pq.read_table(files[0]).column("uri").to_pylist() == [str(tmp_path / "in" / "a.jpg")]
+    assert RAY_READS == []
