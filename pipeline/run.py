@@ -86,16 +86,17 @@ def init_ray(verbose: bool = False) -> bool:
     return address is None
 
 
-def while_ray_starts(prepare, verbose: bool = False):
+def while_ray_starts(prepare, verbose: bool = False, overlap: bool = True):
     """Run prepare() (listing, loading the processor) on a thread while Ray starts on this one (ray.init wants
-    the main thread). Returns (whether we started Ray, prepare's result); Ray is shut down again if prepare fails."""
+    the main thread); without overlap (a listing that runs in Ray tasks), after Ray has started. Returns (whether we
+    started Ray, prepare's result); Ray is shut down again if prepare fails."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="featurize-prepare") as pool:
-        future = pool.submit(prepare)
+        future = pool.submit(prepare) if overlap else None
         started_ray = init_ray(verbose)
         try:
-            return started_ray, future.result()
+            return started_ray, (future.result() if future is not None else prepare())
         except BaseException:
             if started_ray:
                 import ray
@@ -555,18 +556,9 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             return listing, time.perf_counter() - t
 
         t_prepare = time.perf_counter()
-        if lists_with_ray(cfg.input):  # listed in Ray tasks: Ray first, then the listing
-            started_ray = init_ray(cfg.verbose)
-            try:
-                listing, listing_s = prepare()
-            except BaseException:
-                if started_ray:
-                    import ray
-
-                    ray.shutdown()
-                raise
-        else:
-            started_ray, (listing, listing_s) = while_ray_starts(prepare, cfg.verbose)
+        # An input listed in Ray tasks (list files read by Ray Data, object-store prefixes) waits for Ray.
+        started_ray, (listing, listing_s) = while_ray_starts(prepare, cfg.verbose,
+                                                             overlap=not lists_with_ray(cfg.input))
         ray_start_s = time.perf_counter() - t_prepare
         record: dict = {}
         with finishing(cfg, record, lease, started_ray):
