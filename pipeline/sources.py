@@ -459,13 +459,19 @@ def _csv_options(spec: ListFiles) -> dict:
                                                     strings_can_be_null=True)}
 
 
+def _existing_list_file(spec: ListFiles, uri: str, storage_options: dict | None):
+    """(filesystem, path) of one of spec's list files; a UserError naming it (and INPUT) if it is not there."""
+    fs, path = filesystem(uri, storage_options)
+    if not with_retries(lambda: fs.exists(path)):
+        raise UserError(f"input list {uri} does not exist" if uri == _absolute(spec.source) else
+                        f"input {spec.source}: its list file {uri} does not exist")
+    return fs, path
+
+
 def _iter_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
     """The driver's path (tools, or no Ray up): each list file read in chunks, one after the other."""
     for uri in spec.files:
-        fs, path = filesystem(uri, storage_options)
-        if not with_retries(lambda: fs.exists(path)):
-            raise UserError(f"input list {uri} does not exist" if uri == _absolute(spec.source) else
-                            f"input {spec.source}: its list file {uri} does not exist")
+        fs, path = _existing_list_file(spec, uri, storage_options)
         try:
             with _open_list(uri, storage_options, fs, path) as f:
                 if spec.fmt == "parquet":
@@ -626,10 +632,7 @@ def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str
     """Cheap checks on the driver before Ray Data starts: the first list file opens, and a Parquet or CSV list has
     the columns it needs (from the Parquet footer or the CSV header). Returns the Parquet columns to read."""
     first = spec.files[0]
-    fs, path = filesystem(first, storage_options)
-    if not with_retries(lambda: fs.exists(path)):
-        raise UserError(f"input list {first} does not exist" if first == _absolute(spec.source) else
-                        f"input {spec.source}: its list file {first} does not exist")
+    fs, path = _existing_list_file(spec, first, storage_options)
     try:
         if spec.fmt == "parquet":
             with fs.open(path, "rb") as f:
