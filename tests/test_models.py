@@ -73,6 +73,23 @@ def test_pixels_are_normalised_in_a_reused_buffer_batch_after_batch(conceptclip_
         np.testing.assert_array_equal(fresh.encode_images(pixels), features)
 
 
+def test_a_batch_encoded_in_pieces_equals_the_batch_at_once(conceptclip_model):
+    """On a GPU a batch goes through in pieces of `pipeline_rows` (copies overlapping the device's work): the rows
+    come back in order and equal to encoding the batch at once, a short last piece included."""
+    spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    pre = preprocess_spec(spec)
+    encoder = Encoder(spec, pre)
+    assert encoder.pipeline_rows == 0  # CPU: the whole batch at once
+    pixels = np.random.default_rng(2).integers(0, 256, (7, *pre.out_shape), dtype=np.uint8)
+    whole = encoder.encode_images(pixels)
+    encoder.pipeline_rows = 3
+    pieces = encoder.encode_images(pixels)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-6)
+    assert pieces.shape == whole.shape and not np.allclose(pieces[:3], pieces[3:6])  # distinct rows, in order
+    per_row = np.concatenate([encoder.encode_images(pixels[i:i + 1]) for i in range(7)])
+    np.testing.assert_allclose(pieces, per_row, rtol=1e-5, atol=1e-6)
+
+
 def test_prompt_embeddings_are_ensembled_and_logits_follow_the_formula(conceptclip_model):
     spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
     encoder = Encoder(spec, preprocess_spec(spec))

@@ -72,6 +72,23 @@ def test_one_actor_per_gpu_in_bfloat16_batches():
         actor_layout(RunConfig(**CFG, device="cuda"), {"cpus": 8, "gpus": 0})
 
 
+def test_gpu_actors_take_a_second_call_while_the_model_runs_and_cpu_actors_do_not():
+    """On a GPU, Ray Data batches the next call's rows in the actor while the model runs (max_concurrency 2);
+    CPU actors keep one call, so no extra thread competes for their cores."""
+    from pipeline.run import GPU_ACTOR_CALLS, actor_pool_options
+
+    gpu = actor_layout(RunConfig(**CFG), {"cpus": 64, "gpus": 4})
+    assert GPU_ACTOR_CALLS == 2 and gpu.as_dict()["actor_calls"] == 2
+    options = actor_pool_options(gpu)
+    pool = options.pop("compute")
+    assert (pool.min_size, pool.max_size, pool.max_concurrent_calls_per_actor) == (4, 4, 2)
+    assert options == {"num_gpus": 1, "num_cpus": 1}  # no deprecated max_concurrency actor option
+    cpu = actor_layout(RunConfig(**CFG), {"cpus": 2, "gpus": 0})
+    options = actor_pool_options(cpu)
+    assert cpu.actor_calls == 1 and options.pop("compute").max_concurrent_calls_per_actor is None
+    assert options == {"num_gpus": 0, "num_cpus": cpu.num_cpus}
+
+
 class _Stalled:
     """A stream that yields one batch and then never again (a lost actor pool)."""
 
