@@ -285,8 +285,12 @@ def small_corpus(work: Path, n: int, size: int = 64, distinct: int = 512) -> lis
             arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
             Image.fromarray(arr, "RGB").save(pool / f"p{i:04d}.jpg", quality=85)
         (pool / ".done").write_text(str(distinct))
-    sources = sorted(pool.glob("*.jpg"))
-    per_dir = 1000
+    return linked_corpus(sorted(str(p) for p in pool.glob("*.jpg")), root, n, prefix="s")
+
+
+def linked_corpus(sources: list[str], root: Path, n: int, prefix: str = "s", per_dir: int = 1000) -> list[str]:
+    """n distinct file names under root (folders of per_dir files), each a hard link to sources[i % len(sources)]
+    (a copy where links fail): a corpus of n uris and n ids at the decode cost of the sources. Made once."""
     paths = []
     t = time.perf_counter()
     made = 0
@@ -294,7 +298,7 @@ def small_corpus(work: Path, n: int, size: int = 64, distinct: int = 512) -> lis
         folder = root / f"d{d:04d}"
         count = min(per_dir, n - d * per_dir)
         marker = folder / ".done"
-        names = [folder / f"s{d:04d}_{j:04d}.jpg" for j in range(per_dir)]
+        names = [folder / f"{prefix}{d:04d}_{j:04d}{Path(sources[0]).suffix}" for j in range(per_dir)]
         if not (marker.is_file() and int(marker.read_text() or 0) >= count):
             folder.mkdir(parents=True, exist_ok=True)
             for j, path in enumerate(names[:count]):
@@ -303,12 +307,12 @@ def small_corpus(work: Path, n: int, size: int = 64, distinct: int = 512) -> lis
                     try:
                         os.link(src, path)
                     except OSError:
-                        path.write_bytes(src.read_bytes())
+                        path.write_bytes(Path(src).read_bytes())
                     made += 1
             marker.write_text(str(count))
         paths.extend(str(p) for p in names[:count])
     if made:
-        log(f"made {made} small files under {root} in {time.perf_counter() - t:.1f} s")
+        log(f"made {made} linked files under {root} in {time.perf_counter() - t:.1f} s")
     return paths
 
 
