@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 import threading
@@ -173,7 +172,6 @@ def run_ceiling(model_dir: Path, prompts_file: Path, pixels: np.ndarray, batch: 
         for key in [k for k in out if k.startswith("forward")]:
             if isinstance(out[key], dict):
                 out[key]["tflops"] = round(out[key]["images_per_s"] * flops / 1000, 1)
-    del encode, enc, model, x
     if torch.cuda.is_available():
         out["memory_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         torch.cuda.empty_cache()

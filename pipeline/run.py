@@ -826,8 +826,6 @@ def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int
     decode_fn(batch, **decode_kwargs) must add `pixels` (uint8 [N,H,W,3]), `status` and `error` to each batch;
     encode_kwargs are EncodeBatch's constructor arguments (model_spec, preprocess, prompt_set, board...).
     """
-    import ray
-
     ds = source.map_batches(decode_fn, fn_kwargs=decode_kwargs, batch_size=decode_batch_size, batch_format="numpy",
                             num_cpus=layout.decode_cpus, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(
