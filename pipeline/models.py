@@ -404,9 +404,10 @@ class Encoder:
         reusing the pixel buffer between them is safe)."""
         import torch
 
-        step = self.pipeline_rows or len(pixels)
+        step = self.pipeline_rows or max(1, len(pixels))
+        starts = range(0, len(pixels), step) or [0]  # an empty batch goes through as it is
         with torch.inference_mode():
-            pieces = [self._image_features(pixels[start:start + step]) for start in range(0, len(pixels), step)]
+            pieces = [self._image_features(pixels[start:start + step]) for start in starts]
             features = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return features.cpu().numpy()
 
