@@ -120,7 +120,8 @@ def cluster_shape() -> dict:
 DECODE_CPUS = 1.0
 # GPU actors take two calls at a time: measured on an H200 with the so400m tower, one call at a time left the GPU
 # idle while Ray Data assembled each 256-image batch in the actor (543 images/s streamed against 620 inside the
-# callable; 646 with two calls). CPU actors keep one: their batches are small, and a second call's thread would compete for the cores.
+# callable; 646 with two calls). CPU actors keep one: their batches are small, and a second call's thread would
+# compete for the cores.
 GPU_ACTOR_CALLS = 2
 # The model's share of a CPU run's work when OUTPUT has no earlier run to measure it from.
 DEFAULT_MODEL_SHARE = 0.5
