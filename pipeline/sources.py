@@ -630,13 +630,14 @@ def _arrow_filesystem(uri: str, storage_options: dict | None):
 
 def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str] | None:
     """Cheap checks on the driver before Ray Data starts: the first list file opens, and a Parquet or CSV list has
-    the columns it needs (from the Parquet footer or the CSV header). Returns the Parquet columns to read."""
+    the columns it needs (from the Parquet footer or the CSV header). Returns the Parquet columns to read: of several
+    Parquet lists, those any of them has (every footer is read), so a column only later files have is kept (Ray
+    Data reads it as nulls from the files without it), as the driver's path keeps each file's own columns."""
     first = spec.files[0]
     fs, path = _existing_list_file(spec, first, storage_options)
     try:
         if spec.fmt == "parquet":
-            with fs.open(path, "rb") as f:
-                names = pq.ParquetFile(f).schema_arrow.names
+            names = _parquet_names(fs, path)
         elif spec.fmt == "csv" and not spec.inventory:
             with _open_list(first, storage_options, fs, path) as f:
                 names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
@@ -650,7 +651,34 @@ def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str
                         f"{', '.join(names)})")
     if spec.inventory is None and "uri" not in names:
         raise UserError(f"input list {_named(spec, first)} has no 'uri' column (columns: {', '.join(names)})")
+    if spec.fmt == "parquet" and spec.inventory is None and len(spec.files) > 1:
+        names = set(names).union(*_later_parquet_names(spec, storage_options))
     return [c for c in wanted if c in names]
+
+
+def _parquet_names(fs, path: str) -> list[str]:
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def _later_parquet_names(spec: ListFiles, storage_options: dict | None) -> list[list[str]]:
+    """The column names of every Parquet list file but the first, read 32 footers at a time; each must have a uri
+    column (the first failing file in the list's order is the one named)."""
+    def names(uri: str) -> list[str]:
+        fs, path = filesystem(uri, storage_options)
+        try:
+            found = with_retries(lambda: _parquet_names(fs, path))
+        except FileNotFoundError:
+            raise UserError(f"input {spec.source}: its list file {uri} does not exist") from None
+        except (pa.ArrowInvalid, OSError, EOFError) as exc:
+            raise UserError(f"input list {_named(spec, uri)} cannot be read: {first_line(exc)}") from None
+        if "uri" not in found:
+            raise UserError(f"input {spec.source}: its list file {uri} has no 'uri' column (columns: "
+                            f"{', '.join(found)})")
+        return found
+
+    with ThreadPoolExecutor(max_workers=min(32, len(spec.files) - 1), thread_name_prefix="featurize-footer") as pool:
+        return list(pool.map(names, spec.files[1:]))
 
 
 def _ray_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:

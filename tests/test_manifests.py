@@ -102,6 +102,22 @@ def test_a_glob_of_manifests_through_ray_data_equals_the_driver_path(ray_session
     assert rows_of(list_inputs(source)) == rows_of(pa.Table.from_pylist(expected))  # tools: the driver path
 
 
+def test_a_column_only_a_later_parquet_list_has_is_kept_as_the_driver_path_keeps_it(ray_session, tmp_path):
+    """Ray Data takes a dataset's columns from one file: of a glob of Parquet lists, the columns any file has are
+    read (nulls from the files without them), so the second file's sizes and etags survive whichever file is read
+    first, and both paths give the same rows."""
+    pq.write_table(pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"]}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"uri": ["s3://b/c.jpg"], "size": [7], "etag": ["e7"]}), tmp_path / "part-1.parquet")
+    pq.write_table(pa.table({"uri": ["s3://b/d.jpg"], "mtime": [4.5]}), tmp_path / "part-2.parquet")
+    expected = [{"uri": "s3://b/a.jpg", "size": None, "mtime": None, "etag": None},
+                {"uri": "s3://b/b.jpg", "size": None, "mtime": None, "etag": None},
+                {"uri": "s3://b/c.jpg", "size": 7, "mtime": None, "etag": "e7"},
+                {"uri": "s3://b/d.jpg", "size": None, "mtime": 4.5, "etag": None}]
+    source = str(tmp_path / "part-*.parquet")
+    assert ray_listing(source, tmp_path / "chunks").to_pylist() == expected
+    assert list_inputs(source).sort_by("uri").to_pylist() == expected
+
+
 def test_one_manifest_through_ray_data_keeps_its_columns_and_stays_in_bounded_chunks(ray_session, tmp_path):
     n = CHUNK_ROWS + 2_345  # more than one chunk
     uris = [f"s3://bkt/d{i // 1000:03d}/img_{i:07d}.jpg" for i in range(n)]
