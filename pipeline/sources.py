@@ -463,9 +463,17 @@ def _existing_list_file(spec: ListFiles, uri: str, storage_options: dict | None)
     """(filesystem, path) of one of spec's list files; a UserError naming it (and INPUT) if it is not there."""
     fs, path = filesystem(uri, storage_options)
     if not with_retries(lambda: fs.exists(path)):
-        raise UserError(f"input list {uri} does not exist" if uri == _absolute(spec.source) else
-                        f"input {spec.source}: its list file {uri} does not exist")
+        raise _missing_list_file(spec, uri)
     return fs, path
+
+
+def _missing_list_file(spec: ListFiles, uri: str) -> UserError:
+    return UserError(f"input list {uri} does not exist" if uri == _absolute(spec.source) else
+                     f"input {spec.source}: its list file {uri} does not exist")
+
+
+def _unreadable_list_file(spec: ListFiles, uri: str, exc: BaseException) -> UserError:
+    return UserError(f"input list {_named(spec, uri)} cannot be read: {first_line(exc)}")
 
 
 def _iter_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
@@ -484,7 +492,7 @@ def _iter_list_files(spec: ListFiles, storage_options: dict | None, suffixes) ->
                     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
                     yield _normalise(table, spec, spec.base(uri), storage_options, suffixes, _named(spec, uri))
         except (pa.ArrowInvalid, UnicodeDecodeError, OSError, EOFError) as exc:
-            raise UserError(f"input list {_named(spec, uri)} cannot be read: {first_line(exc)}") from None
+            raise _unreadable_list_file(spec, uri, exc) from None
 
 
 def _named(spec: ListFiles, uri: str) -> str:
@@ -644,7 +652,7 @@ def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str
         else:
             return None
     except (pa.ArrowInvalid, UnicodeDecodeError, OSError, EOFError) as exc:
-        raise UserError(f"input list {_named(spec, first)} cannot be read: {first_line(exc)}") from None
+        raise _unreadable_list_file(spec, first, exc) from None
     wanted = _INVENTORY_COLUMNS if spec.inventory is not None else ("uri", "size", "mtime", "etag")
     if spec.inventory is not None and not {"bucket", "key"} <= set(names):
         raise UserError(f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
@@ -669,9 +677,9 @@ def _later_parquet_names(spec: ListFiles, storage_options: dict | None) -> list[
         try:
             found = with_retries(lambda: _parquet_names(fs, path))
         except FileNotFoundError:
-            raise UserError(f"input {spec.source}: its list file {uri} does not exist") from None
+            raise _missing_list_file(spec, uri) from None
         except (pa.ArrowInvalid, OSError, EOFError) as exc:
-            raise UserError(f"input list {_named(spec, uri)} cannot be read: {first_line(exc)}") from None
+            raise _unreadable_list_file(spec, uri, exc) from None
         if "uri" not in found:
             raise UserError(f"input {spec.source}: its list file {uri} has no 'uri' column (columns: "
                             f"{', '.join(found)})")
