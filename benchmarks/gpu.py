@@ -368,6 +368,12 @@ def markdown_row(rec: dict) -> str:
 
 
 def main(argv=None) -> int:
+    measure(argv)
+    return 0
+
+
+def measure(argv=None) -> dict:
+    """What `main` does, returning the record."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="so400m", choices=list(common.SIZES), help="model size [so400m]")
     ap.add_argument("--images", type=int, default=20000, help="JPEGs the pipeline processes [20000]")
@@ -473,7 +479,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: rec.get(k) for k in (*PARTS, "checks")},
                      indent=1, default=str)[:20000])
     print(rec["markdown_row"])
-    return 0
+    return rec
 
 
 if __name__ == "__main__":

@@ -502,6 +502,12 @@ def markdown_row(rec: dict) -> str:
 
 
 def main(argv=None) -> int:
+    measure(argv)
+    return 0
+
+
+def measure(argv=None) -> dict | None:
+    """What `main` does, returning the record (None for the loop's child process)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="tiny", choices=list(common.SIZES),
                     help="model size [tiny]; cclip = ConceptCLIP's 384 px / patch-14 geometry, small tower")
@@ -540,7 +546,7 @@ def main(argv=None) -> int:
     common.set_quiet_env()
     if args.loop_child:
         print(json.dumps(_loop_child(args.loop_child)))
-        return 0
+        return None
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.no_first_shard:
@@ -631,7 +637,7 @@ def main(argv=None) -> int:
         path = common.save_result(rec, args.size)
         table = common.append_row("throughput", TABLE_HEADER, rec["markdown_row"])
         log(f"wrote {path} and a row in {table}")
-    return 0
+    return rec
 
 
 def report(rec: dict) -> str:
