@@ -316,6 +316,25 @@ def linked_corpus(sources: list[str], root: Path, n: int, prefix: str = "s", per
     return paths
 
 
+def decoded_pixels(paths: list[str], pre, n: int):
+    """n images decoded and resized as the pipeline's CPU stage does it (cycling through paths if n is larger):
+    uint8 [n, H, W, 3], outside any timing."""
+    import numpy as np
+
+    from pipeline.decode import decode_one
+
+    out = []
+    for i in range(n):
+        with open(paths[i % len(paths)], "rb") as f:
+            out.append(decode_one(f.read(), pre, 10 ** 9)[0])
+    return np.stack(out)
+
+
+def target_bound(check: dict) -> str:
+    """A target check's bound as text: '>= 1.5' or '< 10.0'."""
+    return f">= {check['minimum']}" if "minimum" in check else f"< {check['maximum']}"
+
+
 def write_list(paths: list[str], path: Path) -> Path:
     """A .txt list file (one absolute path a line): the pipeline's input for an exact subset of a corpus."""
     path.parent.mkdir(parents=True, exist_ok=True)

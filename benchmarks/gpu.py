@@ -113,16 +113,6 @@ def _timed_loop(step, batch: int, min_s: float, warm: int = 2) -> dict:
     return {"images": done, "seconds": round(secs, 3), "images_per_s": round(done / secs, 1)}
 
 
-def load_pixels(paths: list[str], pre, n: int) -> np.ndarray:
-    from pipeline.decode import decode_one
-
-    out = []
-    for p in paths[:n]:
-        with open(p, "rb") as f:
-            out.append(decode_one(f.read(), pre, 10 ** 9)[0])
-    return np.stack(out)
-
-
 def run_ceiling(model_dir: Path, prompts_file: Path, pixels: np.ndarray, batch: int, min_s: float, size: str,
                 compile: bool) -> dict:
     import torch
@@ -332,7 +322,7 @@ def run_gpu_decode(paths: list[str], model_dir: Path, n: int, batch: int, min_s:
     timing = _timed_loop(step, batch, min_s, warm=1)
     timing["images"] = state["i"] * batch - batch  # the last batch may be short; close enough for a rate
     gpu_pixels = torch.cat([decode(b) for b in batches[:2]]).permute(0, 2, 3, 1).cpu().numpy()
-    cpu_pixels = load_pixels(paths, pre, len(gpu_pixels))
+    cpu_pixels = common.decoded_pixels(paths, pre, len(gpu_pixels))
     enc = Encoder(spec, pre)
     fa = np.concatenate([enc.encode_images(cpu_pixels[s:s + 64]) for s in range(0, len(cpu_pixels), 64)])
     fb = np.concatenate([enc.encode_images(gpu_pixels[s:s + 64]) for s in range(0, len(gpu_pixels), 64)])
@@ -444,7 +434,7 @@ def measure(argv=None) -> dict:
 
     pre = preprocess_spec(resolve_model(str(model_dir), trust_remote_code=True, device="cpu"))
     part("decode", lambda: run_decode(distinct, model_dir, args.decode_sample, common.usable_cpus()))
-    pixels = load_pixels(distinct, pre, min(len(distinct), args.batch_size))
+    pixels = common.decoded_pixels(distinct, pre, min(len(distinct), args.batch_size))
     part("ceiling", lambda: run_ceiling(model_dir, prompts_file, pixels, args.batch_size, args.min_s, args.size,
                                         compile=False))
     out = work / "out" / f"gpu-{args.size}-{args.images}"

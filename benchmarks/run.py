@@ -155,16 +155,10 @@ def model_preprocess(model_dir: Path):
 
 def prepare_ceiling_pool(paths: list[str], model_dir: Path, pool_size: int, batch: int):
     """Decode + resize (as the pipeline does) and normalise up to pool_size images, once, outside any timing."""
-    from pipeline.decode import decode_one
-
     spec = model_preprocess(model_dir)
     k = max(batch, min(len(paths), pool_size))
     k = ((k + batch - 1) // batch) * batch  # whole batches
-    pixels = []
-    for i in range(k):
-        with open(paths[i % len(paths)], "rb") as f:
-            pixels.append(decode_one(f.read(), spec, 10 ** 9)[0])
-    return normalised_batches(pixels, spec, batch)
+    return normalised_batches(common.decoded_pixels(paths, spec, k), spec, batch)
 
 
 def normalised_batches(pixels: list, spec, batch: int):
@@ -682,8 +676,7 @@ def report(rec: dict) -> str:
         lines.append(f"      {key:<30} {val}" + ("x" if isinstance(val, (int, float)) else ""))
     for key, chk in rec["targets"].items():
         if isinstance(chk, dict):
-            bound = f">= {chk['minimum']}" if "minimum" in chk else f"< {chk['maximum']}"
-            lines.append(f"  target {key} {bound}: {chk['value']} -> {'PASS' if chk['pass'] else 'FAIL'}")
+            lines.append(f"  target {key} {common.target_bound(chk)}: {chk['value']} -> {'PASS' if chk['pass'] else 'FAIL'}")
         else:
             lines.append(f"  note: {chk}")
     lines.append(rec["markdown_row"])

@@ -41,8 +41,7 @@ def rows(name: str, rec: dict) -> list[tuple[str, str, object, bool]]:
     out = []
     for key, chk in (checks or {}).items():
         if isinstance(chk, dict):
-            bound = f">= {chk['minimum']}" if "minimum" in chk else f"< {chk['maximum']}"
-            out.append((name, f"{key} {bound}", chk["value"], bool(chk["pass"])))
+            out.append((name, f"{key} {common.target_bound(chk)}", chk["value"], bool(chk["pass"])))
     return out
 
 
@@ -64,12 +63,10 @@ def main(argv=None) -> int:
         if name not in skip:
             log(f"targets: {name}")
             table += rows(name, run.measure([*(quick if args.quick else full), *common_args]))
-    if "gpu" in skip:
-        pass
-    elif not common.gpu_info():
+    if "gpu" not in skip and not common.gpu_info():
         log("targets: no GPU here (nvidia-smi finds none): the GPU target is not measured")
         table.append(("gpu", "so400m >= 1000 images/s, busy >= 0.95", "not measured: no GPU", False))
-    else:
+    elif "gpu" not in skip:
         log("targets: gpu")
         gpu_args = ["--images", "2000", "--distinct", "500", "--skip", "compile,pipeline-compiled"] if args.quick else []
         table += rows("gpu", gpu.measure([*gpu_args, "--work", str(args.work), *(["--no-save"] if args.quick else [])]))
