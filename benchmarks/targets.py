@@ -15,6 +15,7 @@ Each part writes its own record in benchmarks/results/ (see `benchmarks.run` and
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join([*PARTS, 'gpu'])}")
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="cache/output folder [bench-out/]")
     ap.add_argument("--noisy", action="store_true", help="mark the results as taken on a busy machine")
+    ap.add_argument("--gpu-args", default="",
+                    help="extra `benchmarks.gpu` flags as one string (a short GPU lease: \"--deadline-s 400 --skip "
+                         "compile,pipeline-compiled\")")
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - {*PARTS, "gpu"}
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
     elif "gpu" not in skip:
         log("targets: gpu")
         gpu_args = ["--images", "2000", "--distinct", "500", "--skip", "compile,pipeline-compiled"] if args.quick else []
-        table += rows("gpu", gpu.measure([*gpu_args, "--work", str(args.work), *(["--no-save"] if args.quick else [])]))
+        table += rows("gpu", gpu.measure([*gpu_args, *shlex.split(args.gpu_args), "--work", str(args.work),
+                                          *(["--no-save"] if args.quick else [])]))
     print("\n| part | target | value | met |\n| --- | --- | --- | --- |")
     for part, target, value, ok in table:
         print(f"| {part} | {target} | {value} | {'yes' if ok else '**no**'} |")

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class RunBoard:
     """A run's mailbox, a tiny Ray actor (no CPU, threaded): the first model actor posts its prompt embeddings
-    ("prompts", which the driver writes before the first shard); the driver posts the plan ("plan") that the plan
-    readers of a stream started before planning wait for. The first value posted under a key stays."""
+    ("prompts", which the driver writes before the first shard) and the seconds of its start-up's steps
+    ("actor_start", for the run record); the driver posts the plan ("plan") that the plan readers of a stream started
+    before planning wait for. The first value posted under a key stays."""
 
     def __init__(self):
         import threading
@@ -46,6 +47,22 @@ class RunBoard:
             return self.values[key]
 
 
+class StartPhases:
+    """Seconds of each step of a model actor's start, in order (the run record's stages.actor_start)."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.steps: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = round(now - self.last, 3)
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        return {**self.steps, "constructor_s": round(self.last - self.t0, 3)}
+
+
 class EncodeBatch:
     """Ray Data callable class: decoded rows -> rows with `image_features` (and `concept_logits` when there is a
     prompt set)."""
@@ -53,31 +70,43 @@ class EncodeBatch:
     def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet | None,
                  torch_threads: int = 0, board=None, micro_batch: int = 0, concept_maps: bool = False,
                  compile: bool = False, features: FeatureSpec = FeatureSpec()):
+        started, phases = time.time(), StartPhases()
         quiet_libraries()  # actors on other nodes do not inherit the driver's environment
         import torch
 
+        phases.mark("torch_import_s")
+        import transformers.modeling_utils  # noqa: F401  (what from_pretrained imports first: timed on its own)
+
+        phases.mark("transformers_import_s")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.features = features
         self.encoder = Encoder(model_spec, preprocess, compile=compile)
+        phases.mark("model_load_s")
         # Without a prompt set (features-only runs) there are no text embeddings and no concept logits.
         self.text_embeddings = self.encoder.encode_prompts(prompt_set) if prompt_set is not None else None
-        self.micro_batch = micro_batch or micro_batch_for_memory(self.encoder, limit=1024)
         # With concept_maps, each encoded row is [features | flattened K x P x P local concept scores].
         self.concept_embeddings = self.encoder.concept_embeddings(prompt_set) if concept_maps else None
+        phases.mark("prompts_s")
+        self.micro_batch = micro_batch or micro_batch_for_memory(self.encoder, limit=1024)
         self.concept_maps = concept_maps
         self.width = self.dim = self._encode_chunk(np.zeros((1, *preprocess.out_shape), np.uint8)).shape[1]
         if concept_maps:
             self.dim = self.text_embeddings.shape[1]
-        if board is not None and self.text_embeddings is not None:
+        phases.mark("warmup_s")
+        if board is not None:
             import ray
 
+            posts = [board.put.remote("actor_start", {"started_at": started, **phases.seconds(),
+                                                      "device": str(self.encoder.device), "pid": os.getpid()})]
+            if self.text_embeddings is not None:
+                posts.append(board.put.remote("prompts", {
+                    "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
+                    "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
+                    "dtype": str(self.encoder.dtype).replace("torch.", ""), "pid": os.getpid(),
+                }))
             # Waited for: the driver writes _prompts.parquet before the first shard, and finds it here by then.
-            ray.get(board.put.remote("prompts", {
-                "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
-                "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
-                "dtype": str(self.encoder.dtype).replace("torch.", ""), "pid": os.getpid(),
-            }))
+            ray.get(posts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t = time.perf_counter()

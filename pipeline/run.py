@@ -358,7 +358,7 @@ class Stream:
         self.stop = threading.Event()
         self.done = object()
         self.thread: threading.Thread | None = None
-        self.started_at = time.perf_counter()
+        self.started_at, self.started_wall = time.perf_counter(), time.time()
         self.held: list = []  # object refs the stream's readers need (the plan's ranges), held until it ends
 
     def _offer(self, item) -> bool:
@@ -386,7 +386,7 @@ class Stream:
                 close()  # a generator's close ends Ray Data's streaming executor and frees its actors
 
     def start(self) -> "Stream":
-        self.started_at = time.perf_counter()
+        self.started_at, self.started_wall = time.perf_counter(), time.time()
         self.thread = threading.Thread(target=self._pull, name="featurize-pull", daemon=True)
         self.thread.start()
         return self
@@ -434,6 +434,24 @@ def save_run_record(out: OutputDir, record: dict) -> None:
     """The run's record under _runs/ and as the newest _run.json."""
     out.write_json(record, "_runs", f"{record['run_id']}.json")
     out.write_json(record, "_run.json")
+
+
+def actor_start_record(board, stream: Stream) -> dict | None:
+    """The first model actor's start-up (its steps' seconds, posted on the board), with when its constructor began
+    after the stream opened (the worker process's spawn and imports; across nodes, as far as their clocks agree).
+    None when no actor got that far."""
+    import ray
+
+    try:
+        value = ray.get(board.get.remote("actor_start"), timeout=30)
+    except Exception:  # the record is worth less than the run: a lost board costs only this entry
+        log.warning("could not read the model actor's start-up times", exc_info=True)
+        return None
+    if not value:
+        return None
+    value = dict(value)
+    value["constructor_began_after_stream_s"] = round(value.pop("started_at") - stream.started_wall, 3)
+    return value
 
 
 def stage_summary(stats: dict, stream_started: float) -> dict:
@@ -667,6 +685,9 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                           stages={"listing_s": round(listing_s, 3), "ray_start_and_prepare_s": round(ray_start_s, 3),
                                   "planning_s": round(plan_s, 3), "stream_s": round(stream_s, 3),
                                   "actors_started_before_plan": early, **stage_summary(stats, t_stream)})
+            actor_start = actor_start_record(board, stream) if stream is not None else None
+            if actor_start:
+                record["stages"]["actor_start"] = actor_start
             record[f"{kind.noun}_per_s"] = record.pop("per_s")
             if layout.device == "cuda" and stream_s > 0:
                 record["stages"]["gpu_busy_fraction"] = round(

@@ -79,6 +79,15 @@ def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, ph
     # Telemetry: where the time went, stage by stage.
     assert {"listing_s", "read_s", "decode_s", "model_s", "write_s", "stream_s", "startup_s"} <= set(run["stages"])
     assert run["stages"]["decode_s"] > 0 and run["stages"]["model_s"] > 0 and run["first_shard_s"] > 0
+    # The model actor's start-up, step by step: the steps add up to its constructor, which began after the stream
+    # opened and before the first result came back.
+    start = run["stages"]["actor_start"]
+    steps = ["torch_import_s", "transformers_import_s", "model_load_s", "prompts_s", "warmup_s"]
+    assert all(start[k] >= 0 for k in steps) and start["model_load_s"] > 0
+    assert sum(start[k] for k in steps) == pytest.approx(start["constructor_s"], abs=0.01)
+    assert start["device"] == "cpu" and start["pid"] > 0
+    assert 0 <= start["constructor_began_after_stream_s"]
+    assert start["constructor_began_after_stream_s"] + start["constructor_s"] <= run["stages"]["startup_s"] + 0.05
 
 
 def test_same_input_gives_identical_features_whatever_the_batching(ray_session, conceptclip_model, photo_dir,
