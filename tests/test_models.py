@@ -54,11 +54,15 @@ def test_bfloat16_on_cpu_stays_close_to_float32(conceptclip_model):
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
 
 
-def test_pixels_are_normalised_in_a_reused_buffer_batch_after_batch(conceptclip_model):
+@pytest.mark.parametrize("kind", ["conceptclip", "clip"])
+def test_pixels_are_normalised_in_a_reused_buffer_batch_after_batch(kind, request):
     """pixel_values reuses one float buffer: each batch, smaller or larger than the last, is normalised exactly
-    as the processor's formula says, and a batch's features do not depend on the batch before it."""
-    spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    as the processor's formula says, and a batch's features do not depend on the batch before it. CLIP's mean and
+    std differ per channel: a factor applied to the wrong channel fails here."""
+    spec = resolve_model(str(request.getfixturevalue(f"{kind}_model")), trust_remote_code=kind == "conceptclip",
+                         dtype="float32", device="cpu")
     pre = preprocess_spec(spec)
+    assert kind == "conceptclip" or len(set(pre.mean)) == 3 and len(set(pre.std)) == 3
     encoder = Encoder(spec, pre)
     rng = np.random.default_rng(1)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
