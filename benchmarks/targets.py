@@ -1,7 +1,9 @@
 """Every performance target of issue 11, measured in one command, with a PASS/FAIL table at the end.
 
-    python -m benchmarks.targets            (about 25 minutes on 2 cores; plus about 8 on a machine with a GPU)
+    python -m benchmarks.targets            (about 12 minutes on 2 cores, +5 the first time; +8 with a GPU)
     python -m benchmarks.targets --quick    (a few minutes: small inputs, for checking the benchmarks themselves)
+    python -m benchmarks.targets --skip cclip,base,first-shard --gpu-args "--skip compile,pipeline-compiled"
+                                            (the GPU part alone, for a short GPU lease)
 
 Runs, one after the other (never in parallel: each is timed):
 - the ConceptCLIP-shaped stand-in on 10,000 JPEGs: whole command vs the model-card loop (>= 1.5x), steady state vs
