@@ -472,6 +472,10 @@ def _missing_list_file(spec: ListFiles, uri: str) -> UserError:
                      f"input {spec.source}: its list file {uri} does not exist")
 
 
+def _no_uri_column(spec: ListFiles, uri: str, names) -> UserError:
+    return UserError(f"input list {_named(spec, uri)} has no 'uri' column (columns: {', '.join(names)})")
+
+
 def _unreadable_list_file(spec: ListFiles, uri: str, exc: BaseException) -> UserError:
     return UserError(f"input list {_named(spec, uri)} cannot be read: {first_line(exc)}")
 
@@ -658,7 +662,7 @@ def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str
         raise UserError(f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
                         f"{', '.join(names)})")
     if spec.inventory is None and "uri" not in names:
-        raise UserError(f"input list {_named(spec, first)} has no 'uri' column (columns: {', '.join(names)})")
+        raise _no_uri_column(spec, first, names)
     if spec.fmt == "parquet" and spec.inventory is None and len(spec.files) > 1:
         names = set(names).union(*_later_parquet_names(spec, storage_options))
     return [c for c in wanted if c in names]
@@ -681,8 +685,7 @@ def _later_parquet_names(spec: ListFiles, storage_options: dict | None) -> list[
         except (pa.ArrowInvalid, OSError, EOFError) as exc:
             raise _unreadable_list_file(spec, uri, exc) from None
         if "uri" not in found:
-            raise UserError(f"input {spec.source}: its list file {uri} has no 'uri' column (columns: "
-                            f"{', '.join(found)})")
+            raise _no_uri_column(spec, uri, found)
         return found
 
     with ThreadPoolExecutor(max_workers=min(32, len(spec.files) - 1), thread_name_prefix="featurize-footer") as pool:
