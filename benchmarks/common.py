@@ -40,8 +40,12 @@ templates: ["a histopathology image of {}", "{} tissue", "an image showing {}"]
 def quiet_env() -> dict:
     """Environment for the benchmarks and the pipeline subprocesses: offline, no progress bars, local Ray."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -64,8 +68,8 @@ def _psutil():
     except ImportError:
         pass
     try:
-        import ray  # noqa: F401  (puts ray/thirdparty_files, which holds psutil, on sys.path)
         import psutil
+        import ray  # noqa: F401  (puts ray/thirdparty_files, which holds psutil, on sys.path)
 
         return psutil
     except ImportError:
@@ -96,7 +100,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._t0 = time.perf_counter()
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -110,21 +114,33 @@ class RssSampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.samples = [(t, r) for t, r in self.samples if r >= 20 * 1024 ** 2]  # drop fork/exit instants
+        self.samples = [(t, r) for t, r in self.samples if r >= 20 * 1024**2]  # drop fork/exit instants
         rss = [r for _, r in self.samples]
         if not rss:
             return {"samples": 0}
-        mb = 1024 ** 2
-        return {"samples": len(rss), "first_mb": round(rss[0] / mb, 1), "peak_mb": round(max(rss) / mb, 1),
-                "last_mb": round(rss[-1] / mb, 1),
-                "peak_at_s": round(self.samples[rss.index(max(rss))][0], 2)}
+        mb = 1024**2
+        return {
+            "samples": len(rss),
+            "first_mb": round(rss[0] / mb, 1),
+            "peak_mb": round(max(rss) / mb, 1),
+            "last_mb": round(rss[-1] / mb, 1),
+            "peak_at_s": round(self.samples[rss.index(max(rss))][0], 2),
+        }
 
 
 # -- machine and versions ------------------------------------------------------------------------------------------
 def machine_info() -> dict:
-    info = {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_model": None, "logical_cpus": os.cpu_count(), "physical_cores": None, "ram_gb": None,
-            "gpu": None, "loadavg_start": _loadavg()}
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": None,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": None,
+        "ram_gb": None,
+        "gpu": None,
+        "loadavg_start": _loadavg(),
+    }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -136,7 +152,7 @@ def machine_info() -> dict:
     ps = _psutil()
     if ps is not None:
         info["physical_cores"] = ps.cpu_count(logical=False)
-        info["ram_gb"] = round(ps.virtual_memory().total / 1024 ** 3, 1)
+        info["ram_gb"] = round(ps.virtual_memory().total / 1024**3, 1)
     try:
         if hasattr(os, "sched_getaffinity"):
             info["usable_cpus"] = len(os.sched_getaffinity(0))
@@ -148,8 +164,12 @@ def machine_info() -> dict:
 
 def gpu_info():
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return [line.strip() for line in out.stdout.strip().splitlines()]
     except (OSError, subprocess.SubprocessError):
@@ -168,8 +188,17 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {}
-    for name in ("pipeline-featurize", "torch", "transformers", "ray", "pillow", "numpy", "pyarrow", "tokenizers",
-                 "safetensors"):
+    for name in (
+        "pipeline-featurize",
+        "torch",
+        "transformers",
+        "ray",
+        "pillow",
+        "numpy",
+        "pyarrow",
+        "tokenizers",
+        "safetensors",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -241,8 +270,11 @@ def photo_corpus(work: Path, n: int, seed: int = 0, workers: int | None = None) 
     root = work / "corpus" / f"photos-s{seed}"
     root.mkdir(parents=True, exist_ok=True)
     chunks = (n + PHOTO_CHUNK - 1) // PHOTO_CHUNK
-    todo = [(root / f"c{i:04d}", PHOTO_CHUNK, seed * 100_003 + i, PHOTO_SIZES) for i in range(chunks)
-            if not (root / f"c{i:04d}" / ".done").is_file()]
+    todo = [
+        (root / f"c{i:04d}", PHOTO_CHUNK, seed * 100_003 + i, PHOTO_SIZES)
+        for i in range(chunks)
+        if not (root / f"c{i:04d}" / ".done").is_file()
+    ]
     if todo:
         t = time.perf_counter()
         log(f"generating {len(todo) * PHOTO_CHUNK} photo-sized JPEGs in {root} (once; reused later)")
@@ -252,8 +284,10 @@ def photo_corpus(work: Path, n: int, seed: int = 0, workers: int | None = None) 
         def progress(done: int) -> None:
             if done % step == 0 or done == len(todo):
                 elapsed = time.perf_counter() - t
-                log(f"  {done * PHOTO_CHUNK} / {len(todo) * PHOTO_CHUNK} images ({elapsed:.0f} s, "
-                    f"~{elapsed / done * (len(todo) - done):.0f} s left)")
+                log(
+                    f"  {done * PHOTO_CHUNK} / {len(todo) * PHOTO_CHUNK} images ({elapsed:.0f} s, "
+                    f"~{elapsed / done * (len(todo) - done):.0f} s left)"
+                )
 
         if workers == 1:
             for done, item in enumerate(todo, 1):
@@ -326,7 +360,7 @@ def decoded_pixels(paths: list[str], pre, n: int):
     out = []
     for i in range(n):
         with open(paths[i % len(paths)], "rb") as f:
-            out.append(decode_one(f.read(), pre, 10 ** 9)[0])
+            out.append(decode_one(f.read(), pre, 10**9)[0])
     return np.stack(out)
 
 

@@ -26,8 +26,9 @@ def main() -> None:
     args = ap.parse_args()
     common.set_quiet_env()
     paths = common.photo_corpus(args.work, args.images)
-    spec = resolve_model(str(common.bench_model(args.work, args.size)), trust_remote_code=True, dtype="float32",
-                         device="cpu")
+    spec = resolve_model(
+        str(common.bench_model(args.work, args.size)), trust_remote_code=True, dtype="float32", device="cpu"
+    )
     pre = preprocess_spec(spec)
     encoder = Encoder(spec, pre)
     blobs = [open(p, "rb").read() for p in paths]
@@ -37,15 +38,27 @@ def main() -> None:
         t = time.perf_counter()
         pixels[mode] = np.stack([decode_one(b, pre, 10**9, fast)[0] for b in blobs])
         results[f"{mode}_decode_ms_per_image"] = round((time.perf_counter() - t) / len(blobs) * 1000, 3)
-    feats = {m: np.concatenate([encoder.encode_images(p[i:i + 32]) for i in range(0, len(p), 32)])
-             for m, p in pixels.items()}
+    feats = {
+        m: np.concatenate([encoder.encode_images(p[i : i + 32]) for i in range(0, len(p), 32)])
+        for m, p in pixels.items()
+    }
     cos = (feats["exact"] * feats["fast"]).sum(1)
-    results.update(images=len(blobs), size=args.size, cosine_min=round(float(cos.min()), 5),
-                   cosine_mean=round(float(cos.mean()), 5), cosine_p01=round(float(np.quantile(cos, 0.01)), 5),
-                   pixel_mean_abs_diff=round(float(np.abs(pixels["exact"].astype(int)
-                                                         - pixels["fast"].astype(int)).mean()), 3))
-    record = {"name": "drift", "timestamp": common.timestamp(), "machine": common.machine_info(), "versions": common.versions(),
-              "command": common.command_line(), **results}
+    results.update(
+        images=len(blobs),
+        size=args.size,
+        cosine_min=round(float(cos.min()), 5),
+        cosine_mean=round(float(cos.mean()), 5),
+        cosine_p01=round(float(np.quantile(cos, 0.01)), 5),
+        pixel_mean_abs_diff=round(float(np.abs(pixels["exact"].astype(int) - pixels["fast"].astype(int)).mean()), 3),
+    )
+    record = {
+        "name": "drift",
+        "timestamp": common.timestamp(),
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+        "command": common.command_line(),
+        **results,
+    }
     common.save_result(record, f"drift-{args.size}")
     print(results)
 

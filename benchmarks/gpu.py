@@ -56,10 +56,12 @@ GFLOPS_PER_IMAGE = {"so400m": 670.0}
 TARGET_IMAGES_PER_S = 1000.0  # issue 11: so400m on one H100
 TARGET_BUSY = 0.95
 PARTS = ("decode", "ceiling", "pipeline", "parity", "gpu-decode", "compile", "pipeline-compiled")
-TABLE_HEADER = ("| date | machine | size | images | decode ms/img (1 thread) | decode img/s (all cores) | "
-                "ceiling img/s | actor-callable img/s | pipeline whole-command img/s | pipeline after first batch img/s | "
-                "GPU busy | parity (min cosine, max logit diff) | command |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+TABLE_HEADER = (
+    "| date | machine | size | images | decode ms/img (1 thread) | decode img/s (all cores) | "
+    "ceiling img/s | actor-callable img/s | pipeline whole-command img/s | pipeline after first batch img/s | "
+    "GPU busy | parity (min cosine, max logit diff) | command |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
 
 
 # -- (1) CPU decode ------------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def _decode_chunk(args) -> tuple[int, float]:
     pre = preprocess_spec(resolve_model(model_dir, trust_remote_code=True, device="cpu"))
     t = time.perf_counter()
     for start in range(0, len(paths), 32):
-        out = decode_batch({"uri": np.array(paths[start:start + 32], dtype=object)}, pre, 10 ** 9, fast=fast)
+        out = decode_batch({"uri": np.array(paths[start : start + 32], dtype=object)}, pre, 10**9, fast=fast)
         assert (out["status"] == "ok").all(), out["error"]
     return len(paths), time.perf_counter() - t
 
@@ -113,8 +115,9 @@ def _timed_loop(step, batch: int, min_s: float, warm: int = 2) -> dict:
     return {"images": done, "seconds": round(secs, 3), "images_per_s": round(done / secs, 1)}
 
 
-def run_ceiling(model_dir: Path, prompts_file: Path, pixels: np.ndarray, batch: int, min_s: float, size: str,
-                compile: bool) -> dict:
+def run_ceiling(
+    model_dir: Path, prompts_file: Path, pixels: np.ndarray, batch: int, min_s: float, size: str, compile: bool
+) -> dict:
     import torch
 
     from pipeline.encode import EncodeBatch
@@ -130,19 +133,29 @@ def run_ceiling(model_dir: Path, prompts_file: Path, pixels: np.ndarray, batch: 
     rows = np.resize(pixels, (batch, *pixels.shape[1:]))  # the batch from the decoded pool (repeated if short)
     x = enc.pixel_values(rows).clone()
     model = enc.model
-    out = {"device": str(enc.device), "dtype": str(enc.dtype).replace("torch.", ""), "batch_size": batch,
-           "model_load_s": round(load_s, 2), "micro_batch": encode.micro_batch,
-           "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    out = {
+        "device": str(enc.device),
+        "dtype": str(enc.dtype).replace("torch.", ""),
+        "batch_size": batch,
+        "model_load_s": round(load_s, 2),
+        "micro_batch": encode.micro_batch,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
     with torch.inference_mode():
         if not compile:
             out["forward"] = _timed_loop(lambda: model.encode_image(x, normalize=True), batch, min_s)
             piece = enc.pipeline_rows
             if piece and piece < batch:  # the piece the actor's encode_images sends at a time
-                out[f"forward_at_{piece}"] = _timed_loop(lambda: model.encode_image(x[:piece], normalize=True),
-                                                         piece, min_s)
-        batch_rows = {"uri": np.array([f"x{i}" for i in range(batch)], dtype=object), "pixels": rows,
-                      "status": np.full(batch, "ok", dtype=object), "error": np.full(batch, None, dtype=object),
-                      "error_class": np.full(batch, None, dtype=object)}
+                out[f"forward_at_{piece}"] = _timed_loop(
+                    lambda: model.encode_image(x[:piece], normalize=True), piece, min_s
+                )
+        batch_rows = {
+            "uri": np.array([f"x{i}" for i in range(batch)], dtype=object),
+            "pixels": rows,
+            "status": np.full(batch, "ok", dtype=object),
+            "error": np.full(batch, None, dtype=object),
+            "error_class": np.full(batch, None, dtype=object),
+        }
 
         def actor():
             res = encode({**batch_rows})
@@ -176,9 +189,17 @@ class GpuSampler:
         self.samples: list[tuple[float, float, float]] = []  # (t, utilisation %, memory used MiB)
         self.proc = None
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
-                                          "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={interval_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         except OSError:
             return
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -206,20 +227,25 @@ class GpuSampler:
         raw = [[round(t - self.samples[0][0], 2), u] for t, u, _ in self.samples]
         if not busy:
             return {"samples": len(self.samples), "busy_fraction": 0.0, "raw": raw}
-        window = run[busy[0]:busy[-1] + 1]
+        window = run[busy[0] : busy[-1] + 1]
         util = np.array([s[1] for s in window]) / 100
         # streaming: from the first sample at least half busy (the first batch; the prompt encoding and the memory
         # probe before it are blips) to the last busy one
         first = next((i for i, u in enumerate(util) if u >= 0.5), 0)
-        return {"samples": len(self.samples), "window_s": round(window[-1][0] - window[0][0], 2),
-                "busy_fraction": round(float(util.mean()), 3),
-                "streaming_s": round(window[-1][0] - window[first][0], 2),
-                "busy_fraction_streaming": round(float(util[first:].mean()), 3),
-                "memory_peak_mib": max(s[2] for s in self.samples), "raw": raw}
+        return {
+            "samples": len(self.samples),
+            "window_s": round(window[-1][0] - window[0][0], 2),
+            "busy_fraction": round(float(util.mean()), 3),
+            "streaming_s": round(window[-1][0] - window[first][0], 2),
+            "busy_fraction_streaming": round(float(util[first:].mean()), 3),
+            "memory_peak_mib": max(s[2] for s in self.samples),
+            "raw": raw,
+        }
 
 
-def run_pipeline(list_file: Path, out: Path, model_dir: Path, prompts_file: Path, n: int, extra: list[str],
-                 timeout: float) -> dict:
+def run_pipeline(
+    list_file: Path, out: Path, model_dir: Path, prompts_file: Path, n: int, extra: list[str], timeout: float
+) -> dict:
     from .run import run_pipeline as run_featurize
 
     sampler = GpuSampler()
@@ -262,8 +288,14 @@ def run_parity(out: Path, paths: list[str], model_dir: Path, prompts_file: Path,
         f, lg = [], []
         with torch.inference_mode():
             for s in range(0, len(items), 32):
-                inputs = processor(images=[open_photo(p) for p in items[s:s + 32]], text=prompts,
-                                   return_tensors="pt", padding=True, truncation=True, max_length=77)
+                inputs = processor(
+                    images=[open_photo(p) for p in items[s : s + 32]],
+                    text=prompts,
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=77,
+                )
                 o = model(**{key: v.to(device) for key, v in inputs.items()})
                 f.append(o["image_features"].float().cpu())
                 # the documented formula over the prompt set's concepts (templates ensembled, as the pipeline does)
@@ -276,10 +308,13 @@ def run_parity(out: Path, paths: list[str], model_dir: Path, prompts_file: Path,
         a = feats[:n] / np.linalg.norm(feats[:n], axis=1, keepdims=True)
         b = ref_f / np.linalg.norm(ref_f, axis=1, keepdims=True)
         cos = (a * b).sum(1)
-        result[name] = {"images": n, "cosine_min": round(float(cos.min()), 5),
-                        "cosine_mean": round(float(cos.mean()), 5),
-                        "logit_max_abs_diff": round(float(np.abs(logits[:n] - ref_l).max()), 4),
-                        "logit_range": round(float(np.ptp(ref_l)), 3)}
+        result[name] = {
+            "images": n,
+            "cosine_min": round(float(cos.min()), 5),
+            "cosine_mean": round(float(cos.mean()), 5),
+            "logit_max_abs_diff": round(float(np.abs(logits[:n] - ref_l).max()), 4),
+            "logit_range": round(float(np.ptp(ref_l)), 3),
+        }
 
     if torch.cuda.is_available():
         f, lg = loop("cuda", torch.bfloat16, uris)
@@ -308,11 +343,22 @@ def run_gpu_decode(paths: list[str], model_dir: Path, n: int, batch: int, min_s:
 
     def decode(items):
         images = decode_jpeg(items, device="cuda")
-        return torch.stack([F.interpolate(im.unsqueeze(0).float(), size=(pre.height, pre.width), mode="bicubic",
-                                          antialias=True, align_corners=False).round().clamp(0, 255)[0]
-                            for im in images]).to(torch.uint8)
+        return torch.stack(
+            [
+                F.interpolate(
+                    im.unsqueeze(0).float(),
+                    size=(pre.height, pre.width),
+                    mode="bicubic",
+                    antialias=True,
+                    align_corners=False,
+                )
+                .round()
+                .clamp(0, 255)[0]
+                for im in images
+            ]
+        ).to(torch.uint8)
 
-    batches = [datas[s:s + batch] for s in range(0, len(datas), batch)]
+    batches = [datas[s : s + batch] for s in range(0, len(datas), batch)]
     state = {"i": 0}
 
     def step():
@@ -324,13 +370,19 @@ def run_gpu_decode(paths: list[str], model_dir: Path, n: int, batch: int, min_s:
     gpu_pixels = torch.cat([decode(b) for b in batches[:2]]).permute(0, 2, 3, 1).cpu().numpy()
     cpu_pixels = common.decoded_pixels(paths, pre, len(gpu_pixels))
     enc = Encoder(spec, pre)
-    fa = np.concatenate([enc.encode_images(cpu_pixels[s:s + 64]) for s in range(0, len(cpu_pixels), 64)])
-    fb = np.concatenate([enc.encode_images(gpu_pixels[s:s + 64]) for s in range(0, len(gpu_pixels), 64)])
+    fa = np.concatenate([enc.encode_images(cpu_pixels[s : s + 64]) for s in range(0, len(cpu_pixels), 64)])
+    fb = np.concatenate([enc.encode_images(gpu_pixels[s : s + 64]) for s in range(0, len(gpu_pixels), 64)])
     cos = (fa * fb).sum(1)
-    return {**timing, "batch": batch, "resize": "bicubic, antialias, on the GPU",
-            "pixel_mean_abs_diff": round(float(np.abs(cpu_pixels.astype(int) - gpu_pixels.astype(int)).mean()), 3),
-            "feature_cosine_min": round(float(cos.min()), 5), "feature_cosine_mean": round(float(cos.mean()), 5),
-            "compared_images": len(cos), "exif": "not applied (nvJPEG decodes the stored orientation)"}
+    return {
+        **timing,
+        "batch": batch,
+        "resize": "bicubic, antialias, on the GPU",
+        "pixel_mean_abs_diff": round(float(np.abs(cpu_pixels.astype(int) - gpu_pixels.astype(int)).mean()), 3),
+        "feature_cosine_min": round(float(cos.min()), 5),
+        "feature_cosine_mean": round(float(cos.mean()), 5),
+        "compared_images": len(cos),
+        "exif": "not applied (nvJPEG decodes the stored orientation)",
+    }
 
 
 # -- the record ----------------------------------------------------------------------------------------------------
@@ -346,15 +398,27 @@ def markdown_row(rec: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:g}"
 
-    return "| " + " | ".join([
-        f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}", common.machine_short(rec["machine"]),
-        rec["size"], str(rec["images"]),
-        f"{f(d.get('exact_ms_per_image_one_thread'))} (fast {f(d.get('fast_ms_per_image_one_thread'))})",
-        f"{f(d.get('exact_images_per_s_all_cores'))} (fast {f(d.get('fast_images_per_s_all_cores'))})",
-        f((c.get("forward") or {}).get("images_per_s")), f((c.get("actor_callable") or {}).get("images_per_s")),
-        f(p.get("whole_command_images_per_s")), f(p.get("after_first_batch_images_per_s")),
-        f"{f(busy)} (actor {f(actor_busy)})", par_cell, f"`{rec['command']}`" + (f" {rec['note']}" if rec.get("note") else ""),
-    ]) + " |"
+    return (
+        "| "
+        + " | ".join(
+            [
+                f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}",
+                common.machine_short(rec["machine"]),
+                rec["size"],
+                str(rec["images"]),
+                f"{f(d.get('exact_ms_per_image_one_thread'))} (fast {f(d.get('fast_ms_per_image_one_thread'))})",
+                f"{f(d.get('exact_images_per_s_all_cores'))} (fast {f(d.get('fast_images_per_s_all_cores'))})",
+                f((c.get("forward") or {}).get("images_per_s")),
+                f((c.get("actor_callable") or {}).get("images_per_s")),
+                f(p.get("whole_command_images_per_s")),
+                f(p.get("after_first_batch_images_per_s")),
+                f"{f(busy)} (actor {f(actor_busy)})",
+                par_cell,
+                f"`{rec['command']}`" + (f" {rec['note']}" if rec.get("note") else ""),
+            ]
+        )
+        + " |"
+    )
 
 
 def main(argv=None) -> int:
@@ -367,8 +431,12 @@ def measure(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="so400m", choices=list(common.SIZES), help="model size [so400m]")
     ap.add_argument("--images", type=int, default=20000, help="JPEGs the pipeline processes [20000]")
-    ap.add_argument("--distinct", type=int, default=4000,
-                    help="distinct photo-sized JPEGs; the rest are hard links to them (own uri, same bytes) [4000]")
+    ap.add_argument(
+        "--distinct",
+        type=int,
+        default=4000,
+        help="distinct photo-sized JPEGs; the rest are hard links to them (own uri, same bytes) [4000]",
+    )
     ap.add_argument("--batch-size", type=int, default=256, help="the ceiling's batch (the GPU default) [256]")
     ap.add_argument("--min-s", type=float, default=6.0, help="each timed GPU loop runs at least this long [6]")
     ap.add_argument("--decode-sample", type=int, default=200, help="images decoded on one thread [200]")
@@ -378,8 +446,12 @@ def measure(argv=None) -> dict:
     ap.add_argument("--pipeline-args", default="", help="extra `featurize images` flags as one string")
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="cache/output folder [bench-out/]")
     ap.add_argument("--timeout", type=float, default=1200, help="the pipeline subprocess, seconds [1200]")
-    ap.add_argument("--deadline-s", type=float, default=0,
-                    help="parts not started this many seconds after the start are skipped (0: none) [0]")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0,
+        help="parts not started this many seconds after the start are skipped (0: none) [0]",
+    )
     ap.add_argument("--note", default="", help="a note for the result's table row")
     ap.add_argument("--no-save", action="store_true", help="print only; write no result files")
     args = ap.parse_args(argv)
@@ -390,9 +462,18 @@ def measure(argv=None) -> dict:
         ap.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from {','.join(PARTS)}")
     work = args.work.resolve()
     t_all = time.perf_counter()
-    rec = {"benchmark": "gpu", "timestamp": common.timestamp(), "command": common.command_line(), "size": args.size,
-           "images": args.images, "distinct_images": args.distinct, "note": args.note, "machine": common.machine_info(),
-           "versions": common.versions(), "targets": {"images_per_s": TARGET_IMAGES_PER_S, "busy": TARGET_BUSY}}
+    rec = {
+        "benchmark": "gpu",
+        "timestamp": common.timestamp(),
+        "command": common.command_line(),
+        "size": args.size,
+        "images": args.images,
+        "distinct_images": args.distinct,
+        "note": args.note,
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+        "targets": {"images_per_s": TARGET_IMAGES_PER_S, "busy": TARGET_BUSY},
+    }
     log(f"machine: {common.machine_short(rec['machine'])}")
 
     def save():
@@ -435,21 +516,36 @@ def measure(argv=None) -> dict:
     pre = preprocess_spec(resolve_model(str(model_dir), trust_remote_code=True, device="cpu"))
     part("decode", lambda: run_decode(distinct, model_dir, args.decode_sample, common.usable_cpus()))
     pixels = common.decoded_pixels(distinct, pre, min(len(distinct), args.batch_size))
-    part("ceiling", lambda: run_ceiling(model_dir, prompts_file, pixels, args.batch_size, args.min_s, args.size,
-                                        compile=False))
+    part(
+        "ceiling",
+        lambda: run_ceiling(model_dir, prompts_file, pixels, args.batch_size, args.min_s, args.size, compile=False),
+    )
     out = work / "out" / f"gpu-{args.size}-{args.images}"
     extra = args.pipeline_args.split()
     part("pipeline", lambda: run_pipeline(list_file, out, model_dir, prompts_file, args.images, extra, args.timeout))
     if "error" not in (rec.get("pipeline") or {"error": 1}):
-        part("parity", lambda: run_parity(out, paths, model_dir, prompts_file, args.parity_images,
-                                          args.parity_cpu_images))
+        part(
+            "parity",
+            lambda: run_parity(out, paths, model_dir, prompts_file, args.parity_images, args.parity_cpu_images),
+        )
     part("gpu-decode", lambda: run_gpu_decode(distinct, model_dir, 512, args.batch_size, args.min_s))
     # Last, as they may not fit a short lease: the compiled forward, then the pipeline with --torch-compile.
-    part("compile", lambda: run_ceiling(model_dir, prompts_file, pixels, args.batch_size, args.min_s, args.size,
-                                        compile=True))
-    part("pipeline-compiled", lambda: run_pipeline(list_file, work / "out" / f"gpu-{args.size}-{args.images}-c",
-                                                   model_dir, prompts_file, args.images, [*extra, "--torch-compile"],
-                                                   args.timeout))
+    part(
+        "compile",
+        lambda: run_ceiling(model_dir, prompts_file, pixels, args.batch_size, args.min_s, args.size, compile=True),
+    )
+    part(
+        "pipeline-compiled",
+        lambda: run_pipeline(
+            list_file,
+            work / "out" / f"gpu-{args.size}-{args.images}-c",
+            model_dir,
+            prompts_file,
+            args.images,
+            [*extra, "--torch-compile"],
+            args.timeout,
+        ),
+    )
 
     p = rec.get("pipeline") or {}
     gpu = p.get("gpu_utilisation") or {}
@@ -461,13 +557,13 @@ def measure(argv=None) -> dict:
         "images_per_s_whole_command": check(p.get("whole_command_images_per_s"), TARGET_IMAGES_PER_S),
         "images_per_s_after_first_batch": check(p.get("after_first_batch_images_per_s"), TARGET_IMAGES_PER_S),
         "busy_run": check(gpu.get("busy_fraction"), TARGET_BUSY),
-        "busy_streaming": check(gpu.get("busy_fraction_streaming"), TARGET_BUSY)}
+        "busy_streaming": check(gpu.get("busy_fraction_streaming"), TARGET_BUSY),
+    }
     rec["markdown_row"] = markdown_row(rec)
     save()
     if not args.no_save:
         common.append_row("gpu", TABLE_HEADER, rec["markdown_row"])
-    print(json.dumps({k: rec.get(k) for k in (*PARTS, "checks")},
-                     indent=1, default=str)[:20000])
+    print(json.dumps({k: rec.get(k) for k in (*PARTS, "checks")}, indent=1, default=str)[:20000])
     print(rec["markdown_row"])
     return rec
 

@@ -46,8 +46,11 @@ def s3_listing(n: int, per_prefix: int = 1000) -> tuple[int, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -56,12 +59,19 @@ def s3_listing(n: int, per_prefix: int = 1000) -> tuple[int, float]:
                 break
             except Exception:
                 time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
-                              aws_secret_access_key="s")
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+        )
         client.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda i: client.put_object(Bucket="bench", Key=f"p{i // per_prefix:04d}/img_{i:07d}.jpg",
-                                                      Body=b"x"), range(n)))
+            list(
+                pool.map(
+                    lambda i: client.put_object(
+                        Bucket="bench", Key=f"p{i // per_prefix:04d}/img_{i:07d}.jpg", Body=b"x"
+                    ),
+                    range(n),
+                )
+            )
         options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
         return time_manifest("s3://bench", options)
     finally:

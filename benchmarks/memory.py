@@ -26,8 +26,10 @@ from . import common  # noqa: E402
 from .common import log  # noqa: E402
 
 TARGET_MB = 300.0
-TABLE_HEADER = ("| date | machine | images | driver peak RSS MB | images/s | growth | command |\n"
-                "| --- | --- | --- | --- | --- | --- | --- |\n")
+TABLE_HEADER = (
+    "| date | machine | images | driver peak RSS MB | images/s | growth | command |\n"
+    "| --- | --- | --- | --- | --- | --- | --- |\n"
+)
 
 
 def run_count(work: Path, n: int, extra: list[str], timeout: float, interval: float) -> dict:
@@ -36,17 +38,32 @@ def run_count(work: Path, n: int, extra: list[str], timeout: float, interval: fl
     model_dir = common.bench_model(work, "tiny")
     prompts = common.bench_prompts(work)
     out = common.fresh_dir(work / "out" / f"memory-{n}")
-    cmd = common.featurize_cmd() + ["images", str(list_file), str(out), "--model", str(model_dir), "--prompts",
-                                    str(prompts), "--trust-remote-code", *extra]
+    cmd = common.featurize_cmd() + [
+        "images",
+        str(list_file),
+        str(out),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--trust-remote-code",
+        *extra,
+    ]
     log(f"memory: {n} images")
     res = common.run_subprocess(cmd, work / "out" / f"memory-{n}.log", timeout=timeout)
     record = json.loads((out / "_run.json").read_text())
     c = record["counts"]
     if c.get("ok") != n:
         raise RuntimeError(f"{n} images: only {c.get('ok')} ok ({c})")
-    row = {"images": n, "command": " ".join(shlex.quote(a) for a in cmd), "wall_s": res["wall_s"],
-           "driver_rss": res["rss"], "images_per_s": record.get("images_per_s"), "stages": record.get("stages"),
-           "first_shard_s": record.get("first_shard_s")}
+    row = {
+        "images": n,
+        "command": " ".join(shlex.quote(a) for a in cmd),
+        "wall_s": res["wall_s"],
+        "driver_rss": res["rss"],
+        "images_per_s": record.get("images_per_s"),
+        "stages": record.get("stages"),
+        "first_shard_s": record.get("first_shard_s"),
+    }
     log(f"memory: {n} images: driver peak RSS {res['rss'].get('peak_mb')} MB, {res['wall_s']} s")
     return row
 
@@ -62,16 +79,23 @@ def main(argv=None) -> int:
     ap.add_argument("--noisy", action="store_true", help="mark the result as taken on a busy machine")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
-    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     common.set_quiet_env()
 
     counts = sorted({int(c) for c in args.counts.split(",") if c.strip()} | ({100_000} if args.with_100k else set()))
     work = args.work.resolve()
     extra = shlex.split(args.pipeline_args) + passthrough
-    rec = {"benchmark": "driver_memory", "timestamp": common.timestamp(), "command": common.command_line(),
-           "noisy": args.noisy, "machine": common.machine_info(), "versions": common.versions(),
-           "target_growth_mb_10k_to_100k": TARGET_MB, "runs": []}
+    rec = {
+        "benchmark": "driver_memory",
+        "timestamp": common.timestamp(),
+        "command": common.command_line(),
+        "noisy": args.noisy,
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+        "target_growth_mb_10k_to_100k": TARGET_MB,
+        "runs": [],
+    }
     for n in counts:
         rec["runs"].append(run_count(work, n, extra, args.timeout, args.interval))
     rec["machine"]["loadavg_end"] = common._loadavg()
@@ -91,20 +115,26 @@ def main(argv=None) -> int:
         per_image = (peaks[b] - peaks[a]) / (b - a)
         rec["extrapolated_growth_10k_to_100k_mb"] = round(per_image * 90_000, 1)
 
-    print(f"\ndriver memory (machine: {common.machine_short(rec['machine'])}, load "
-          f"{rec['machine']['loadavg_start']} -> {rec['machine']['loadavg_end']})")
+    print(
+        f"\ndriver memory (machine: {common.machine_short(rec['machine'])}, load "
+        f"{rec['machine']['loadavg_start']} -> {rec['machine']['loadavg_end']})"
+    )
     for r in rec["runs"]:
         rss = r["driver_rss"] or {}
-        print(f"  {r['images']:>7} images: driver RSS first {rss.get('first_mb')} MB, peak {rss.get('peak_mb')} MB, "
-              f"last {rss.get('last_mb')} MB; {r['wall_s']} s whole command, {r['images_per_s']} img/s steady")
+        print(
+            f"  {r['images']:>7} images: driver RSS first {rss.get('first_mb')} MB, peak {rss.get('peak_mb')} MB, "
+            f"last {rss.get('last_mb')} MB; {r['wall_s']} s whole command, {r['images_per_s']} img/s steady"
+        )
     for k, v in growth.items():
         print(f"  growth {k}: {v} MB")
     if "target" in rec:
         t = rec["target"]
         print(f"  target growth 10k->100k < {TARGET_MB} MB: {t['growth_mb']} -> {'PASS' if t['pass'] else 'FAIL'}")
     elif "extrapolated_growth_10k_to_100k_mb" in rec:
-        print(f"  linear extrapolation to 10k->100k: {rec['extrapolated_growth_10k_to_100k_mb']} MB (indicative "
-              f"only; run --with-100k for the target)")
+        print(
+            f"  linear extrapolation to 10k->100k: {rec['extrapolated_growth_10k_to_100k_mb']} MB (indicative "
+            f"only; run --with-100k for the target)"
+        )
     if not args.no_save:
         path = common.save_result(rec, "memory")
         date = f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}"
@@ -112,10 +142,13 @@ def main(argv=None) -> int:
             key = f"{ordered[i - 1]}->{r['images']}" if i else None
             g = f"{growth[key]} MB" if key in growth else "-"
             note = " (noisy)" if args.noisy else ""
-            common.append_row("memory", TABLE_HEADER,
-                              f"| {date} | {common.machine_short(rec['machine'])} | {r['images']} | "
-                              f"{(r['driver_rss'] or {}).get('peak_mb')} | {r['images_per_s']} | {g} | "
-                              f"`{rec['command']}`{note} |")
+            common.append_row(
+                "memory",
+                TABLE_HEADER,
+                f"| {date} | {common.machine_short(rec['machine'])} | {r['images']} | "
+                f"{(r['driver_rss'] or {}).get('peak_mb')} | {r['images_per_s']} | {g} | "
+                f"`{rec['command']}`{note} |",
+            )
         log(f"wrote {path}")
     return 0
 

@@ -58,10 +58,12 @@ TARGET_IMAGES = {"tiny": 2000, "cclip": 10000}  # the whole-command targets' ima
 STEADY_OVER_LIMIT_TARGET = 0.85  # every size: the steady state as a fraction of the machine limit
 FIRST_SHARD_TARGET_S = 10.0
 
-TABLE_HEADER = ("| date | machine | size | images | loop img/s | ceiling img/s | machine limit img/s | "
-                "pipeline steady img/s | pipeline stream img/s | pipeline whole-command img/s | steady/limit | "
-                "whole/loop-script | other ratios | first-shard s | command |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+TABLE_HEADER = (
+    "| date | machine | size | images | loop img/s | ceiling img/s | machine limit img/s | "
+    "pipeline steady img/s | pipeline stream img/s | pipeline whole-command img/s | steady/limit | "
+    "whole/loop-script | other ratios | first-shard s | command |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
 
 
 # -- (a) the model-card loop ---------------------------------------------------------------------------------------
@@ -72,18 +74,34 @@ def open_photo(path):
     return ImageOps.exif_transpose(Image.open(path)).convert("RGB")
 
 
-def run_loop_script(items: list, model_dir: Path, prompts: list[str], batch: int, threads: int, work: Path,
-                    opener: str = "photo") -> dict:
+def run_loop_script(
+    items: list, model_dir: Path, prompts: list[str], batch: int, threads: int, work: Path, opener: str = "photo"
+) -> dict:
     """The loop as its own Python process (imports and model load included in its wall time)."""
     import subprocess
 
     args_file = work / "out" / "loop-args.json"
     args_file.parent.mkdir(parents=True, exist_ok=True)
-    args_file.write_text(json.dumps({"items": items, "model_dir": str(model_dir), "prompts": prompts,
-                                     "batch": batch, "threads": threads, "opener": opener}))
+    args_file.write_text(
+        json.dumps(
+            {
+                "items": items,
+                "model_dir": str(model_dir),
+                "prompts": prompts,
+                "batch": batch,
+                "threads": threads,
+                "opener": opener,
+            }
+        )
+    )
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--loop-child", str(args_file)],
-                         capture_output=True, text=True, env=common.quiet_env(), cwd=str(common.ROOT))
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--loop-child", str(args_file)],
+        capture_output=True,
+        text=True,
+        env=common.quiet_env(),
+        cwd=str(common.ROOT),
+    )
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"the loop script failed:\n{res.stderr[-3000:]}")
@@ -127,10 +145,11 @@ def run_loop(paths: list, model_dir: Path, prompts: list[str], batch: int, threa
     t0 = time.perf_counter()
     for start in range(0, len(paths), batch):
         t = time.perf_counter()
-        images = [opener(p) for p in paths[start:start + batch]]
+        images = [opener(p) for p in paths[start : start + batch]]
         t1 = time.perf_counter()
-        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, truncation=True,
-                           max_length=77)
+        inputs = processor(
+            images=images, text=prompts, return_tensors="pt", padding=True, truncation=True, max_length=77
+        )
         t2 = time.perf_counter()
         with torch.no_grad():
             out = model(**inputs)
@@ -140,10 +159,19 @@ def run_loop(paths: list, model_dir: Path, prompts: list[str], batch: int, threa
         open_s, proc_s, model_s = open_s + t1 - t, proc_s + t2 - t1, model_s + t3 - t2
     seconds = time.perf_counter() - t0
     assert n_out == len(paths), (n_out, len(paths))
-    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
-            "model_load_s": round(load_s, 3), "batch_size": batch, "threads": threads,
-            "breakdown_s": {"open_exif_rgb": round(open_s, 3), "processor": round(proc_s, 3),
-                            "model_forward": round(model_s, 3)}}
+    return {
+        "images": len(paths),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(paths) / seconds, 2),
+        "model_load_s": round(load_s, 3),
+        "batch_size": batch,
+        "threads": threads,
+        "breakdown_s": {
+            "open_exif_rgb": round(open_s, 3),
+            "processor": round(proc_s, 3),
+            "model_forward": round(model_s, 3),
+        },
+    }
 
 
 # -- (b) the model-only ceiling ------------------------------------------------------------------------------------
@@ -195,16 +223,32 @@ def run_ceiling(batches, n: int, model_dir: Path, batch: int, threads: int, min_
             done += take
             i += 1
         seconds = time.perf_counter() - t0
-    return {"images": done, "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 2), "batch_size": batch,
-            "threads": threads, "distinct_images": sum(len(b) for b in batches)}
+    return {
+        "images": done,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(done / seconds, 2),
+        "batch_size": batch,
+        "threads": threads,
+        "distinct_images": sum(len(b) for b in batches),
+    }
 
 
 # -- (c) the pipeline, as a user runs it ---------------------------------------------------------------------------
-def run_pipeline(list_file: Path, out: Path, model_dir: Path, prompts_file: Path, extra: list[str], n: int,
-                 timeout: float) -> dict:
+def run_pipeline(
+    list_file: Path, out: Path, model_dir: Path, prompts_file: Path, extra: list[str], n: int, timeout: float
+) -> dict:
     common.fresh_dir(out)
-    cmd = common.featurize_cmd() + ["images", str(list_file), str(out), "--model", str(model_dir), "--prompts",
-                                    str(prompts_file), "--trust-remote-code", *extra]
+    cmd = common.featurize_cmd() + [
+        "images",
+        str(list_file),
+        str(out),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts_file),
+        "--trust-remote-code",
+        *extra,
+    ]
     res = common.run_subprocess(cmd, out.parent / (out.name + ".log"), timeout=timeout)
     record = json.loads((out / "_run.json").read_text())
     c = record["counts"]
@@ -234,11 +278,16 @@ def run_first_shard(work: Path, timeout: float) -> dict:
     cmd = common.featurize_cmd() + ["demo", str(out)]
     res = common.run_subprocess(cmd, work / "out" / "demo.log", timeout=timeout)
     record = json.loads((out / "_run.json").read_text())
-    return {"command": " ".join(shlex.quote(a) for a in cmd), "first_shard_s": record.get("first_shard_s"),
-            "demo_wall_s": res["wall_s"], "run_wall_s": record.get("wall_s"),
-            "images": record["counts"].get("processed"), "stages": record.get("stages"),
-            "target_s": FIRST_SHARD_TARGET_S,
-            "meets_target": (record.get("first_shard_s") or 1e9) < FIRST_SHARD_TARGET_S}
+    return {
+        "command": " ".join(shlex.quote(a) for a in cmd),
+        "first_shard_s": record.get("first_shard_s"),
+        "demo_wall_s": res["wall_s"],
+        "run_wall_s": record.get("wall_s"),
+        "images": record["counts"].get("processed"),
+        "stages": record.get("stages"),
+        "target_s": FIRST_SHARD_TARGET_S,
+        "meets_target": (record.get("first_shard_s") or 1e9) < FIRST_SHARD_TARGET_S,
+    }
 
 
 # -- (e) the machine limit -----------------------------------------------------------------------------------------
@@ -253,8 +302,12 @@ def pipeline_settings(extra: list[str]) -> dict:
     ap.add_argument("--max-image-pixels", type=int, default=fields["max_image_pixels"].default)
     ap.add_argument("--fast-decode", action="store_true", default=bool(fields["fast_decode"].default))
     known, _ = ap.parse_known_args(extra)
-    return {"batch_size": known.batch_size, "decode_batch_size": known.decode_batch_size,
-            "max_image_pixels": known.max_image_pixels, "fast_decode": known.fast_decode}
+    return {
+        "batch_size": known.batch_size,
+        "decode_batch_size": known.decode_batch_size,
+        "max_image_pixels": known.max_image_pixels,
+        "fast_decode": known.fast_decode,
+    }
 
 
 def sample_evenly(items: list, k: int) -> list:
@@ -263,8 +316,9 @@ def sample_evenly(items: list, k: int) -> list:
     return [items[(i * len(items)) // k] for i in range(k)]
 
 
-def run_limit(paths: list[str], model_dir: Path, prompts_file: Path, settings: dict, cores: int,
-              model_min_s: float) -> dict:
+def run_limit(
+    paths: list[str], model_dir: Path, prompts_file: Path, settings: dict, cores: int, model_min_s: float
+) -> dict:
     """Decode and model seconds per image, each on one thread, in this process; cores / their sum.
 
     Decode: `decode_batch` (read + decode + EXIF + exact resize, as the CPU stage runs it) over the sample in the
@@ -290,9 +344,10 @@ def run_limit(paths: list[str], model_dir: Path, prompts_file: Path, settings: d
     decoded = []
     t0 = time.perf_counter()
     for start in range(0, len(paths), dbs):
-        uris = np.array(paths[start:start + dbs], dtype=object)
-        decoded.append(decode_batch({"uri": uris}, pre, settings["max_image_pixels"], None,
-                                    fast=settings["fast_decode"]))
+        uris = np.array(paths[start : start + dbs], dtype=object)
+        decoded.append(
+            decode_batch({"uri": uris}, pre, settings["max_image_pixels"], None, fast=settings["fast_decode"])
+        )
     decode_s = time.perf_counter() - t0
     status = np.concatenate([b["status"] for b in decoded])
     if not (status == "ok").all():
@@ -303,9 +358,13 @@ def run_limit(paths: list[str], model_dir: Path, prompts_file: Path, settings: d
 
     def rows(a: int, b: int) -> dict:
         k = b - a
-        return {"uri": np.array(paths[a:b], dtype=object), "pixels": pixels[a:b],
-                "status": np.full(k, "ok", dtype=object), "error": np.full(k, None, dtype=object),
-                "error_class": np.full(k, None, dtype=object)}
+        return {
+            "uri": np.array(paths[a:b], dtype=object),
+            "pixels": pixels[a:b],
+            "status": np.full(k, "ok", dtype=object),
+            "error": np.full(k, None, dtype=object),
+            "error_class": np.full(k, None, dtype=object),
+        }
 
     def timed(step) -> tuple[int, float]:
         """step(a, b) -> seconds, over the sample in model batches; stops early after model_min_s."""
@@ -350,10 +409,17 @@ def run_limit(paths: list[str], model_dir: Path, prompts_file: Path, settings: d
     decode_ms, model_ms = 1000 * decode_s / n, 1000 * forward_s / forward_n
     actor_ms = 1000 * actor_s / actor_n
     return {
-        "cores": cores, "torch_threads": torch.get_num_threads(),
-        "sample_images": n, "decode_images": n, "model_images": forward_n, "actor_images": actor_n,
-        "decode_batch_size": dbs, "model_batch_size": mbs, "fast_decode": settings["fast_decode"],
-        "input_size": f"{pre.width}x{pre.height}", "resize_mode": pre.mode,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "sample_images": n,
+        "decode_images": n,
+        "model_images": forward_n,
+        "actor_images": actor_n,
+        "decode_batch_size": dbs,
+        "model_batch_size": mbs,
+        "fast_decode": settings["fast_decode"],
+        "input_size": f"{pre.width}x{pre.height}",
+        "resize_mode": pre.mode,
         "decode_ms_per_image": round(decode_ms, 3),
         # the model forward (encode_image on normalised float pixels): what the limit counts
         "model_ms_per_image": round(model_ms, 3),
@@ -412,8 +478,9 @@ def ratios(loop, ceiling, pipe, limit=None) -> dict:
         out["whole_over_limit"] = r(pipe["whole_command_images_per_s"], limit["images_per_s"])
     if pipe and loop:
         # whole command vs whole script (both pay imports and model loading); steady vs the loop's own rate
-        out["whole_over_loop"] = r(pipe["whole_command_images_per_s"],
-                                   loop.get("whole_script_images_per_s") or loop["images_per_s"])
+        out["whole_over_loop"] = r(
+            pipe["whole_command_images_per_s"], loop.get("whole_script_images_per_s") or loop["images_per_s"]
+        )
         out["steady_over_loop"] = r(pipe["steady_images_per_s"], loop["images_per_s"])
         out["whole_over_loop_only"] = r(pipe["whole_command_images_per_s"], loop["images_per_s"])
         if (pipe.get("marginal") or {}).get("stream_images_per_s"):
@@ -432,21 +499,33 @@ def check_targets(size: str, n: int, rat: dict, first: dict | None) -> dict:
         # "steady state" excludes start-up: the marginal rate measures exactly that when it was taken
         source = "marginal_over_loop" if key == "steady_over_loop" and rat.get("marginal_over_loop") else key
         if rat.get(source) is not None:
-            checks[key] = {"value": rat[source], "minimum": minimum, "pass": rat[source] >= minimum,
-                           "measured_as": source}
+            checks[key] = {
+                "value": rat[source],
+                "minimum": minimum,
+                "pass": rat[source] >= minimum,
+                "measured_as": source,
+            }
     if rat.get("steady_over_limit") is not None:
-        checks["steady_over_limit"] = {"value": rat["steady_over_limit"], "minimum": STEADY_OVER_LIMIT_TARGET,
-                                       "pass": rat["steady_over_limit"] >= STEADY_OVER_LIMIT_TARGET,
-                                       "measured_as": rat["steady_over_limit_measured_as"]}
+        checks["steady_over_limit"] = {
+            "value": rat["steady_over_limit"],
+            "minimum": STEADY_OVER_LIMIT_TARGET,
+            "pass": rat["steady_over_limit"] >= STEADY_OVER_LIMIT_TARGET,
+            "measured_as": rat["steady_over_limit_measured_as"],
+        }
     if size in TARGET_IMAGES and n != TARGET_IMAGES[size] and TARGETS.get(size):
-        checks["note"] = (f"the {size} whole-command targets are defined on {TARGET_IMAGES[size]:,} images; "
-                          f"this run used {n:,}")
+        checks["note"] = (
+            f"the {size} whole-command targets are defined on {TARGET_IMAGES[size]:,} images; this run used {n:,}"
+        )
     if checks.get("steady_over_limit", {}).get("measured_as") == "stream":
-        checks["note_limit"] = ("steady/limit used images / stream time (start-up inside); pass --marginal for the "
-                                "steady state")
+        checks["note_limit"] = (
+            "steady/limit used images / stream time (start-up inside); pass --marginal for the steady state"
+        )
     if first:
-        checks["first_shard_s"] = {"value": first["first_shard_s"], "maximum": FIRST_SHARD_TARGET_S,
-                                   "pass": first["meets_target"]}
+        checks["first_shard_s"] = {
+            "value": first["first_shard_s"],
+            "maximum": FIRST_SHARD_TARGET_S,
+            "pass": first["meets_target"],
+        }
     return checks
 
 
@@ -465,8 +544,10 @@ def _loop_cell(loop) -> str:
 def _limit_cell(limit) -> str:
     if not limit:
         return "-"
-    return (f"{limit['images_per_s']:g} ({limit['cores']} / ({limit['decode_ms_per_image']:.2f} + "
-            f"{limit['model_ms_per_image']:.2f} ms))")
+    return (
+        f"{limit['images_per_s']:g} ({limit['cores']} / ({limit['decode_ms_per_image']:.2f} + "
+        f"{limit['model_ms_per_image']:.2f} ms))"
+    )
 
 
 def _ratio_cell(rat: dict, key: str, suffix: str = "") -> str:
@@ -477,22 +558,39 @@ def markdown_row(rec: dict) -> str:
     loop, ceil, pipe, first = rec.get("loop"), rec.get("ceiling"), rec.get("pipeline"), rec.get("first_shard")
     rat = rec["ratios"]
     parts = []
-    for key, label in (("steady_over_loop", "steady/loop"), ("marginal_over_loop", "marginal/loop"),
-                       ("steady_over_ceiling", "stream/ceiling")):
+    for key, label in (
+        ("steady_over_loop", "steady/loop"),
+        ("marginal_over_loop", "marginal/loop"),
+        ("steady_over_ceiling", "stream/ceiling"),
+    ):
         if rat.get(key) is not None:
             parts.append(f"{label} {rat[key]:.2f}x")
     note = " (noisy)" if rec.get("noisy") else ""
     marginal = ((pipe or {}).get("marginal") or {}).get("stream_images_per_s")
     limit_source = " (stream)" if rat.get("steady_over_limit_measured_as") == "stream" else ""
-    return "| " + " | ".join([
-        f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}", common.machine_short(rec["machine"]),
-        rec["size"], str(rec["images"]),
-        _loop_cell(loop), _fmt(ceil and ceil["images_per_s"]), _limit_cell(rec.get("limit")),
-        _fmt(marginal), _fmt(pipe and pipe["steady_images_per_s"]), _fmt(pipe and pipe["whole_command_images_per_s"]),
-        _ratio_cell(rat, "steady_over_limit", limit_source), _ratio_cell(rat, "whole_over_loop"),
-        "; ".join(parts) or "-", _fmt(first and first["first_shard_s"]),
-        f"`{rec['command']}`{note}",
-    ]) + " |"
+    return (
+        "| "
+        + " | ".join(
+            [
+                f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}",
+                common.machine_short(rec["machine"]),
+                rec["size"],
+                str(rec["images"]),
+                _loop_cell(loop),
+                _fmt(ceil and ceil["images_per_s"]),
+                _limit_cell(rec.get("limit")),
+                _fmt(marginal),
+                _fmt(pipe and pipe["steady_images_per_s"]),
+                _fmt(pipe and pipe["whole_command_images_per_s"]),
+                _ratio_cell(rat, "steady_over_limit", limit_source),
+                _ratio_cell(rat, "whole_over_loop"),
+                "; ".join(parts) or "-",
+                _fmt(first and first["first_shard_s"]),
+                f"`{rec['command']}`{note}",
+            ]
+        )
+        + " |"
+    )
 
 
 def main(argv=None) -> int:
@@ -503,31 +601,57 @@ def main(argv=None) -> int:
 def measure(argv=None) -> dict | None:
     """What `main` does, returning the record (None for the loop's child process)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="tiny", choices=list(common.SIZES),
-                    help="model size [tiny]; cclip = ConceptCLIP's 384 px / patch-14 geometry, small tower")
+    ap.add_argument(
+        "--size",
+        default="tiny",
+        choices=list(common.SIZES),
+        help="model size [tiny]; cclip = ConceptCLIP's 384 px / patch-14 geometry, small tower",
+    )
     ap.add_argument("--images", type=int, default=2000, help="photo-sized JPEGs to process [2000]")
     ap.add_argument("--batch-size", type=int, default=32, help="batch of the loop and the ceiling [32]")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the loop and the ceiling [all CPUs]")
-    ap.add_argument("--ceiling-pool", type=int, default=256,
-                    help="distinct pre-decoded images the ceiling cycles through [256]")
-    ap.add_argument("--ceiling-images", type=int, default=2000,
-                    help="the ceiling forwards min(images, this) images (and at least 3 s): a rate, which more "
-                         "images of the same pool do not change [2000]")
-    ap.add_argument("--limit-sample", type=int, default=256,
-                    help="images (spread over the corpus) the machine limit decodes on one thread [256]")
-    ap.add_argument("--limit-model-s", type=float, default=10.0,
-                    help="the limit's model timing stops after this many seconds (at least one batch) [10]")
-    ap.add_argument("--pipeline-args", default="",
-                    help="extra `featurize images` flags as one string; write it with '=' since it starts with "
-                         "'--': --pipeline-args='--fast-decode --batch-size 64' (or put them after a bare --)")
-    ap.add_argument("--skip", default="",
-                    help="comma list of parts to skip: loop,ceiling,pipeline,limit,first-shard (skipping the "
-                         "pipeline skips the limit too)")
+    ap.add_argument(
+        "--ceiling-pool", type=int, default=256, help="distinct pre-decoded images the ceiling cycles through [256]"
+    )
+    ap.add_argument(
+        "--ceiling-images",
+        type=int,
+        default=2000,
+        help="the ceiling forwards min(images, this) images (and at least 3 s): a rate, which more "
+        "images of the same pool do not change [2000]",
+    )
+    ap.add_argument(
+        "--limit-sample",
+        type=int,
+        default=256,
+        help="images (spread over the corpus) the machine limit decodes on one thread [256]",
+    )
+    ap.add_argument(
+        "--limit-model-s",
+        type=float,
+        default=10.0,
+        help="the limit's model timing stops after this many seconds (at least one batch) [10]",
+    )
+    ap.add_argument(
+        "--pipeline-args",
+        default="",
+        help="extra `featurize images` flags as one string; write it with '=' since it starts with "
+        "'--': --pipeline-args='--fast-decode --batch-size 64' (or put them after a bare --)",
+    )
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of parts to skip: loop,ceiling,pipeline,limit,first-shard (skipping the "
+        "pipeline skips the limit too)",
+    )
     ap.add_argument("--no-first-shard", action="store_true", help="same as --skip first-shard")
     ap.add_argument("--repeats", type=int, default=1, help="run each part N times, report the median [1]")
-    ap.add_argument("--marginal", action="store_true",
-                    help="also run the pipeline on half the images and report the marginal rate "
-                         "(n - n/2) / (stream_s(n) - stream_s(n/2)): steady state without start-up costs")
+    ap.add_argument(
+        "--marginal",
+        action="store_true",
+        help="also run the pipeline on half the images and report the marginal rate "
+        "(n - n/2) / (stream_s(n) - stream_s(n/2)): steady state without start-up costs",
+    )
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="cache/output folder [bench-out/]")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
     ap.add_argument("--timeout", type=float, default=3600, help="per pipeline subprocess, seconds [3600]")
@@ -535,8 +659,8 @@ def measure(argv=None) -> dict | None:
     ap.add_argument("--no-save", action="store_true", help="print only; write no result files")
     ap.add_argument("--loop-child", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
-    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     common.set_quiet_env()
     if args.loop_child:
         print(json.dumps(_loop_child(args.loop_child)))
@@ -550,10 +674,19 @@ def measure(argv=None) -> dict | None:
     extra = shlex.split(args.pipeline_args) + passthrough
     n = args.images
 
-    rec = {"benchmark": "throughput", "timestamp": common.timestamp(), "command": common.command_line(),
-           "size": args.size, "images": n, "batch_size": args.batch_size, "threads": threads,
-           "pipeline_args": extra, "noisy": args.noisy, "machine": common.machine_info(),
-           "versions": common.versions()}
+    rec = {
+        "benchmark": "throughput",
+        "timestamp": common.timestamp(),
+        "command": common.command_line(),
+        "size": args.size,
+        "images": n,
+        "batch_size": args.batch_size,
+        "threads": threads,
+        "pipeline_args": extra,
+        "noisy": args.noisy,
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+    }
     log(f"machine: {common.machine_short(rec['machine'])}; load average {rec['machine']['loadavg_start']}")
 
     model_dir = common.bench_model(work, args.size)
@@ -567,8 +700,12 @@ def measure(argv=None) -> dict | None:
         for p in paths:  # warm the page cache so every part reads from memory
             with open(p, "rb") as f:
                 f.read()
-        rec["corpus"] = {"list_file": str(list_file), "images": len(paths),
-                         "bytes": sum(os.path.getsize(p) for p in paths), "sizes": common.PHOTO_SIZES}
+        rec["corpus"] = {
+            "list_file": str(list_file),
+            "images": len(paths),
+            "bytes": sum(os.path.getsize(p) for p in paths),
+            "sizes": common.PHOTO_SIZES,
+        }
     rec["model"] = {"folder": str(model_dir), "size": args.size}
 
     from pipeline.prompts import load_prompts
@@ -577,32 +714,57 @@ def measure(argv=None) -> dict | None:
 
     loop = ceiling = pipe = first = None
     if "loop" not in skip:
-        loop = _repeat(lambda: run_loop_script(paths, model_dir, prompts, args.batch_size, threads, work),
-                       args.repeats, "loop", "images_per_s")
+        loop = _repeat(
+            lambda: run_loop_script(paths, model_dir, prompts, args.batch_size, threads, work),
+            args.repeats,
+            "loop",
+            "images_per_s",
+        )
     if "ceiling" not in skip:
         log("ceiling: pre-decoding the image pool")
         batches = prepare_ceiling_pool(paths, model_dir, args.ceiling_pool, args.batch_size)
         ceiling_n = min(n, args.ceiling_images) if args.ceiling_images > 0 else n
-        ceiling = _repeat(lambda: run_ceiling(batches, ceiling_n, model_dir, args.batch_size, threads), args.repeats,
-                          "ceiling", "images_per_s")
+        ceiling = _repeat(
+            lambda: run_ceiling(batches, ceiling_n, model_dir, args.batch_size, threads),
+            args.repeats,
+            "ceiling",
+            "images_per_s",
+        )
         del batches
     if "pipeline" not in skip:
         out = work / "out" / f"images-{args.size}-{n}"
-        pipe = _repeat(lambda: run_pipeline(list_file, out, model_dir, prompts_file, extra, n, args.timeout),
-                       args.repeats, "pipeline", "whole_command_images_per_s")
+        pipe = _repeat(
+            lambda: run_pipeline(list_file, out, model_dir, prompts_file, extra, n, args.timeout),
+            args.repeats,
+            "pipeline",
+            "whole_command_images_per_s",
+        )
         if args.marginal and n >= 4:
             half = n // 2
             half_list = common.write_list(paths[:half], work / "corpus" / f"photos-s{args.seed}-{half}.txt")
-            small = _repeat(lambda: run_pipeline(half_list, work / "out" / f"images-{args.size}-{half}", model_dir,
-                                                 prompts_file, extra, half, args.timeout),
-                            args.repeats, f"pipeline ({half} images, for the marginal rate)", "whole_command_images_per_s")
+            small = _repeat(
+                lambda: run_pipeline(
+                    half_list,
+                    work / "out" / f"images-{args.size}-{half}",
+                    model_dir,
+                    prompts_file,
+                    extra,
+                    half,
+                    args.timeout,
+                ),
+                args.repeats,
+                f"pipeline ({half} images, for the marginal rate)",
+                "whole_command_images_per_s",
+            )
             d_stream = pipe["stages"]["stream_s"] - small["stages"]["stream_s"]
             d_whole = pipe["whole_command_s"] - small["whole_command_s"]
             pipe["marginal"] = {
-                "half_images": half, "half_stream_s": small["stages"]["stream_s"],
+                "half_images": half,
+                "half_stream_s": small["stages"]["stream_s"],
                 "half_whole_command_s": small["whole_command_s"],
                 "stream_images_per_s": round((n - half) / d_stream, 2) if d_stream > 0 else None,
-                "whole_command_images_per_s": round((n - half) / d_whole, 2) if d_whole > 0 else None}
+                "whole_command_images_per_s": round((n - half) / d_whole, 2) if d_whole > 0 else None,
+            }
     limit = None
     if "limit" not in skip:
         settings = pipeline_settings(extra)
@@ -612,10 +774,16 @@ def measure(argv=None) -> dict | None:
             log("limit: the pipeline ran its model on a GPU; the limit below is the CPU-only one")
         sample = sample_evenly(paths, args.limit_sample)
         cores = common.usable_cpus()
-        limit = _repeat(lambda: run_limit(sample, model_dir, prompts_file, settings, cores, args.limit_model_s),
-                        args.repeats, f"machine limit ({len(sample)} images, one thread)", "images_per_s")
-        log(f"limit: decode {limit['decode_ms_per_image']} ms + model {limit['model_ms_per_image']} ms per image "
-            f"-> {cores} cores / sum = {limit['images_per_s']} img/s")
+        limit = _repeat(
+            lambda: run_limit(sample, model_dir, prompts_file, settings, cores, args.limit_model_s),
+            args.repeats,
+            f"machine limit ({len(sample)} images, one thread)",
+            "images_per_s",
+        )
+        log(
+            f"limit: decode {limit['decode_ms_per_image']} ms + model {limit['model_ms_per_image']} ms per image "
+            f"-> {cores} cores / sum = {limit['images_per_s']} img/s"
+        )
     if "first-shard" not in skip:
         first = _repeat(lambda: run_first_shard(work, args.timeout), args.repeats, "first shard", "first_shard_s")
 
@@ -635,48 +803,68 @@ def measure(argv=None) -> dict | None:
 
 
 def report(rec: dict) -> str:
-    lines = [f"\nsize={rec['size']} images={rec['images']} batch={rec['batch_size']} threads={rec['threads']} "
-             f"machine: {common.machine_short(rec['machine'])} (load {rec['machine']['loadavg_start']} -> "
-             f"{rec['machine'].get('loadavg_end')})"]
+    lines = [
+        f"\nsize={rec['size']} images={rec['images']} batch={rec['batch_size']} threads={rec['threads']} "
+        f"machine: {common.machine_short(rec['machine'])} (load {rec['machine']['loadavg_start']} -> "
+        f"{rec['machine'].get('loadavg_end')})"
+    ]
     loop, ceil, pipe, first = rec.get("loop"), rec.get("ceiling"), rec.get("pipeline"), rec.get("first_shard")
     if loop:
         b = loop["breakdown_s"]
-        lines.append(f"  (a) model-card loop        {loop['images_per_s']:>9.2f} img/s   ({loop['seconds']} s; open+exif+rgb "
-                     f"{b['open_exif_rgb']} s, processor {b['processor']} s, model {b['model_forward']} s)")
+        lines.append(
+            f"  (a) model-card loop        {loop['images_per_s']:>9.2f} img/s   ({loop['seconds']} s; open+exif+rgb "
+            f"{b['open_exif_rgb']} s, processor {b['processor']} s, model {b['model_forward']} s)"
+        )
         if loop.get("whole_script_s"):
-            lines.append(f"      loop whole script      {loop['whole_script_images_per_s']:>9.2f} img/s   "
-                         f"({loop['whole_script_s']} s: imports {loop.get('imports_s')} s, model load "
-                         f"{loop['model_load_s']} s, loop {loop['seconds']} s)")
+            lines.append(
+                f"      loop whole script      {loop['whole_script_images_per_s']:>9.2f} img/s   "
+                f"({loop['whole_script_s']} s: imports {loop.get('imports_s')} s, model load "
+                f"{loop['model_load_s']} s, loop {loop['seconds']} s)"
+            )
     if ceil:
         lines.append(f"  (b) model-only ceiling     {ceil['images_per_s']:>9.2f} img/s   ({ceil['seconds']} s)")
     if pipe:
         s = pipe["stages"]
-        lines.append(f"  (c) pipeline stream rate   {pipe['steady_images_per_s']:>9.2f} img/s   (stream {s.get('stream_s')} s; "
-                     f"decode {s.get('decode_s')} cpu-s, model {s.get('model_s')} actor-s, write {s.get('write_s')} s)")
-        lines.append(f"      pipeline whole command {pipe['whole_command_images_per_s']:>9.2f} img/s   "
-                     f"({pipe['whole_command_s']} s, of which {pipe['outside_stream_s']} s outside the stream; "
-                     f"driver RSS peak {(pipe['driver_rss'] or {}).get('peak_mb')} MB)")
+        lines.append(
+            f"  (c) pipeline stream rate   {pipe['steady_images_per_s']:>9.2f} img/s   (stream {s.get('stream_s')} s; "
+            f"decode {s.get('decode_s')} cpu-s, model {s.get('model_s')} actor-s, write {s.get('write_s')} s)"
+        )
+        lines.append(
+            f"      pipeline whole command {pipe['whole_command_images_per_s']:>9.2f} img/s   "
+            f"({pipe['whole_command_s']} s, of which {pipe['outside_stream_s']} s outside the stream; "
+            f"driver RSS peak {(pipe['driver_rss'] or {}).get('peak_mb')} MB)"
+        )
         if pipe.get("marginal"):
             m = pipe["marginal"]
-            lines.append(f"      pipeline marginal      {m['stream_images_per_s']} img/s   (stream time of {rec['images']} "
-                         f"minus that of {m['half_images']} images; whole command: {m['whole_command_images_per_s']})")
+            lines.append(
+                f"      pipeline marginal      {m['stream_images_per_s']} img/s   (stream time of {rec['images']} "
+                f"minus that of {m['half_images']} images; whole command: {m['whole_command_images_per_s']})"
+            )
     lim = rec.get("limit")
     if lim:
-        lines.append(f"  (e) machine limit          {lim['images_per_s']:>9.2f} img/s   ({lim['cores']} cores / (decode "
-                     f"{lim['decode_ms_per_image']} ms + model {lim['model_ms_per_image']} ms per image, one thread; "
-                     f"{lim['sample_images']} images, model on {lim['model_images']} at batch "
-                     f"{lim['model_batch_size']})")
-        lines.append(f"      actor path             {lim['actor_path_images_per_s']:>9.2f} img/s   (the actor's "
-                     f"callable {lim['actor_ms_per_image']} ms per image in place of the forward; of which "
-                     f"normalising uint8 -> float {lim['normalise_ms_per_image']} ms)")
+        lines.append(
+            f"  (e) machine limit          {lim['images_per_s']:>9.2f} img/s   ({lim['cores']} cores / (decode "
+            f"{lim['decode_ms_per_image']} ms + model {lim['model_ms_per_image']} ms per image, one thread; "
+            f"{lim['sample_images']} images, model on {lim['model_images']} at batch "
+            f"{lim['model_batch_size']})"
+        )
+        lines.append(
+            f"      actor path             {lim['actor_path_images_per_s']:>9.2f} img/s   (the actor's "
+            f"callable {lim['actor_ms_per_image']} ms per image in place of the forward; of which "
+            f"normalising uint8 -> float {lim['normalise_ms_per_image']} ms)"
+        )
     if first:
-        lines.append(f"  (d) demo first shard       {first['first_shard_s']} s (target < {FIRST_SHARD_TARGET_S} s; "
-                     f"demo command {first['demo_wall_s']} s)")
+        lines.append(
+            f"  (d) demo first shard       {first['first_shard_s']} s (target < {FIRST_SHARD_TARGET_S} s; "
+            f"demo command {first['demo_wall_s']} s)"
+        )
     for key, val in rec["ratios"].items():
         lines.append(f"      {key:<30} {val}" + ("x" if isinstance(val, (int, float)) else ""))
     for key, chk in rec["targets"].items():
         if isinstance(chk, dict):
-            lines.append(f"  target {key} {common.target_bound(chk)}: {chk['value']} -> {'PASS' if chk['pass'] else 'FAIL'}")
+            lines.append(
+                f"  target {key} {common.target_bound(chk)}: {chk['value']} -> {'PASS' if chk['pass'] else 'FAIL'}"
+            )
         else:
             lines.append(f"  note: {chk}")
     lines.append(rec["markdown_row"])

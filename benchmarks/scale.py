@@ -52,7 +52,7 @@ if __package__ in (None, ""):
 from . import common  # noqa: E402
 from .common import log  # noqa: E402
 
-MB = 1024 ** 2
+MB = 1024**2
 PARTS = ("dry", "incremental", "streaming", "slides")
 TARGETS = {  # part: (the size the target is stated at, {metric: maximum})
     "dry": (10_000_000, {"peak_rss_mb": 1.5 * 1024, "wall_s": 90.0}),
@@ -65,8 +65,10 @@ RUN_ID = "20260101T000000Z-scale0"  # the synthetic committed run
 SLIDE_MPP = 0.5
 TISSUE_RGB = (196, 96, 164)  # one saturated colour: every mask pixel is tissue (saturation 130 > 20, Otsu 0)
 PROGRESS_RE = re.compile(r"featurize: (?:\[[#.]*\] )?([\d,]+)/([\d,]+) (\w+) \(")
-TABLE_HEADER = ("| date | machine | part | size | driver peak RSS MB | wall s | counts | target | met | command |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+TABLE_HEADER = (
+    "| date | machine | part | size | driver peak RSS MB | wall s | counts | target | met | command |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
 
 
 # -- measuring one featurize process --------------------------------------------------------------------------------
@@ -181,11 +183,20 @@ class Measured:
         with open(self.log_path, "w", encoding="utf-8") as out:
             out.write("$ " + " ".join(shlex.quote(c) for c in self.cmd) + "\n")
             self.t0 = time.perf_counter()
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         env=env, cwd=str(common.ROOT), bufsize=1)
-            threads = [threading.Thread(target=self._sample, daemon=True),
-                       threading.Thread(target=self._read_stdout, daemon=True),
-                       threading.Thread(target=self._read_stderr, args=(out,), daemon=True)]
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=str(common.ROOT),
+                bufsize=1,
+            )
+            threads = [
+                threading.Thread(target=self._sample, daemon=True),
+                threading.Thread(target=self._read_stdout, daemon=True),
+                threading.Thread(target=self._read_stderr, args=(out,), daemon=True),
+            ]
             for t in threads:
                 t.start()
             timer = threading.Timer(timeout, self.proc.kill)
@@ -203,8 +214,9 @@ class Measured:
         if rc != 0:
             tail = self.log_path.read_text(errors="replace")[-3000:]
             why = f"killed after {timeout} s" if rc == -9 and wall >= timeout else f"exit {rc}"
-            raise RuntimeError(f"{why}: {' '.join(shlex.quote(c) for c in self.cmd)}\n--- log tail "
-                               f"({self.log_path}) ---\n{tail}")
+            raise RuntimeError(
+                f"{why}: {' '.join(shlex.quote(c) for c in self.cmd)}\n--- log tail ({self.log_path}) ---\n{tail}"
+            )
         exit_hwm = None
         try:
             exit_hwm = int(hwm_file.read_text().split()[0]) or None
@@ -214,15 +226,19 @@ class Measured:
         sampled_peak = max(rss) if rss else 0
         # (the kernel's counters are per-thread caches, so a sample can read a little above the exit value)
         peak = max(exit_hwm or 0, self.hwm, sampled_peak)
-        return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak / MB, 1),
-                "peak_source": "VmHWM at exit" if exit_hwm else "sampled",
-                "exit_hwm_mb": round(exit_hwm / MB, 1) if exit_hwm else None,
-                "sampled_hwm_mb": round(self.hwm / MB, 1) if self.hwm else None,
-                "sampled_peak_rss_mb": round(sampled_peak / MB, 1), "samples": len(rss),
-                "first_rss_mb": round(rss[0] / MB, 1) if rss else None,
-                "last_rss_mb": round(rss[-1] / MB, 1) if rss else None,
-                "peak_rss_at_s": round(self.samples[rss.index(sampled_peak)][0], 2) if rss else None,
-                "log": str(self.log_path)}
+        return {
+            "wall_s": round(wall, 3),
+            "peak_rss_mb": round(peak / MB, 1),
+            "peak_source": "VmHWM at exit" if exit_hwm else "sampled",
+            "exit_hwm_mb": round(exit_hwm / MB, 1) if exit_hwm else None,
+            "sampled_hwm_mb": round(self.hwm / MB, 1) if self.hwm else None,
+            "sampled_peak_rss_mb": round(sampled_peak / MB, 1),
+            "samples": len(rss),
+            "first_rss_mb": round(rss[0] / MB, 1) if rss else None,
+            "last_rss_mb": round(rss[-1] / MB, 1) if rss else None,
+            "peak_rss_at_s": round(self.samples[rss.index(sampled_peak)][0], 2) if rss else None,
+            "log": str(self.log_path),
+        }
 
 
 def last_json(lines: list[str]) -> dict:
@@ -257,15 +273,22 @@ def synthetic(ids, style: str, changed=None):
     uri = pc.binary_join_element_wise(prefix, pad(ids // 1000, 6), "/img_", pad(ids, 9), ".jpg", "")
     size = 20_000 + (ids * 7919) % 80_000
     mtime = 1.7e9 + (ids % 86_400).astype(np.float64)
-    etag = pc.binary_join_element_wise(pad((ids * 2654435761) % 4294967296, 10), pad(ids, 10), "") \
-        if style == "s3" else pa.nulls(len(ids), pa.string())
+    etag = (
+        pc.binary_join_element_wise(pad((ids * 2654435761) % 4294967296, 10), pad(ids, 10), "")
+        if style == "s3"
+        else pa.nulls(len(ids), pa.string())
+    )
     if changed is not None and changed.any():
         size = size + changed.astype(np.int64)
         mtime = mtime + 60.0 * changed
         if style == "s3":
             etag = pc.if_else(pa.array(changed), pc.binary_join_element_wise("c", etag, ""), etag)
-    return {"uri": uri, "size": pa.array(size, pa.int64()), "mtime": pa.array(mtime, pa.float64()),
-            "etag": etag.cast(pa.string())}
+    return {
+        "uri": uri,
+        "size": pa.array(size, pa.int64()),
+        "mtime": pa.array(mtime, pa.float64()),
+        "etag": etag.cast(pa.string()),
+    }
 
 
 def write_manifest(path: Path, ranges: list[tuple[int, int]], style: str, changed_ids=None) -> Path:
@@ -278,8 +301,13 @@ def write_manifest(path: Path, ranges: list[tuple[int, int]], style: str, change
     from pipeline.sources import LISTING_SCHEMA
 
     marker = path.with_suffix(".done")
-    key = json.dumps({"ranges": ranges, "style": style, "changed": None if changed_ids is None else
-                      [len(changed_ids), int(changed_ids[0]), int(changed_ids[-1])]})
+    key = json.dumps(
+        {
+            "ranges": ranges,
+            "style": style,
+            "changed": None if changed_ids is None else [len(changed_ids), int(changed_ids[0]), int(changed_ids[-1])],
+        }
+    )
     if path.is_file() and marker.is_file() and marker.read_text() == key:
         return path
     t = time.perf_counter()
@@ -323,13 +351,32 @@ def write_committed(out: Path, n: int, shard_rows: int, style: str) -> Path:
     for unit in range(units):
         ids = np.arange(unit * shard_rows, min(n, (unit + 1) * shard_rows), dtype=np.int64)
         c = synthetic(ids, style)
-        table = pa.table({"uri": c["uri"], "status": pa.repeat(pa.scalar("ok"), len(ids)), "size": c["size"],
-                          "mtime": c["mtime"], "etag": c["etag"], "run_id": pa.repeat(pa.scalar(RUN_ID), len(ids)),
-                          "dataset_version": pa.array(np.ones(len(ids), np.int32))}, schema=schema)
+        table = pa.table(
+            {
+                "uri": c["uri"],
+                "status": pa.repeat(pa.scalar("ok"), len(ids)),
+                "size": c["size"],
+                "mtime": c["mtime"],
+                "etag": c["etag"],
+                "run_id": pa.repeat(pa.scalar(RUN_ID), len(ids)),
+                "dataset_version": pa.array(np.ones(len(ids), np.int32)),
+            },
+            schema=schema,
+        )
         pq.write_table(table, out / f"part-{unit:05d}.parquet", compression="zstd")
-    (out / "_runs" / f"{RUN_ID}.json").write_text(json.dumps(
-        {"run_id": RUN_ID, "command": "images", "state": "complete", "input": "scale-bench", "dataset_version": 1,
-         "last_unit": units - 1, "counts": {"listed": n, "processed": n, "ok": n, "error": 0}}))
+    (out / "_runs" / f"{RUN_ID}.json").write_text(
+        json.dumps(
+            {
+                "run_id": RUN_ID,
+                "command": "images",
+                "state": "complete",
+                "input": "scale-bench",
+                "dataset_version": 1,
+                "last_unit": units - 1,
+                "counts": {"listed": n, "processed": n, "ok": n, "error": 0},
+            }
+        )
+    )
     marker.write_text(key)
     log(f"committed shards written in {time.perf_counter() - t:.1f} s")
     return out
@@ -340,8 +387,9 @@ def run_identity(manifest: Path, out: Path, model_dir: Path, prompts: Path) -> d
     from pipeline.config import RunConfig
     from pipeline.run import resolve_job
 
-    cfg = RunConfig(input=str(manifest), output=str(out), model=str(model_dir), prompts=str(prompts),
-                    trust_remote_code=True)
+    cfg = RunConfig(
+        input=str(manifest), output=str(out), model=str(model_dir), prompts=str(prompts), trust_remote_code=True
+    )
     identity = resolve_job(cfg).identity()
     if identity.get("dtype") == "auto":
         identity["dtype"] = "float32"
@@ -349,8 +397,13 @@ def run_identity(manifest: Path, out: Path, model_dir: Path, prompts: Path) -> d
 
 
 def model_args(work: Path) -> list[str]:
-    return ["--model", str(common.bench_model(work, "tiny")), "--prompts", str(common.bench_prompts(work)),
-            "--trust-remote-code"]
+    return [
+        "--model",
+        str(common.bench_model(work, "tiny")),
+        "--prompts",
+        str(common.bench_prompts(work)),
+        "--trust-remote-code",
+    ]
 
 
 # -- the parts ------------------------------------------------------------------------------------------------------
@@ -359,21 +412,22 @@ def part_dry(args, work: Path) -> dict:
     manifest = write_manifest(work / "scale" / f"manifest-{n}-{args.uri_style}.parquet", [(0, n)], args.uri_style)
     out = common.fresh_dir(work / "scale" / "out-dry-empty")
     out.mkdir(parents=True)
-    cmd = common.featurize_cmd() + ["images", str(manifest), str(out), "--dry-run", *model_args(work),
-                                    *args.extra]
+    cmd = common.featurize_cmd() + ["images", str(manifest), str(out), "--dry-run", *model_args(work), *args.extra]
     log(f"dry: featurize images --dry-run over {n:,} uris")
     m = Measured(cmd, work / "scale" / f"dry-{n}.log", args.interval)
     res = m.run(args.timeout)
     counts = last_json(m.stdout)
-    expect(counts, {"listed": n, "duplicates": 0, "unique": n, "new": n, "changed": 0, "unchanged": 0,
-                    "planned": n}, "dry run")
+    expect(
+        counts,
+        {"listed": n, "duplicates": 0, "unique": n, "new": n, "changed": 0, "unchanged": 0, "planned": n},
+        "dry run",
+    )
     rps = counts.get("rows_per_shard")
     if rps and counts.get("work_units") != math.ceil(n / rps):
         raise AssertionError(f"dry run: {counts.get('work_units')} work units for {n} rows of {rps} a shard")
     if any(out.iterdir()):
         raise AssertionError(f"the dry run wrote into {out}: {sorted(p.name for p in out.iterdir())}")
-    return {"part": "dry", "size": n, "uri_style": args.uri_style, "command": _quoted(cmd), **res,
-            "dry_run": counts}
+    return {"part": "dry", "size": n, "uri_style": args.uri_style, "command": _quoted(cmd), **res, "dry_run": counts}
 
 
 def part_incremental(args, work: Path) -> dict:
@@ -385,27 +439,61 @@ def part_incremental(args, work: Path) -> dict:
     kept = n - new  # the manifest drops the last `new` committed uris and adds `new` uris after them
     stride = max(1, kept // max(1, changed))
     changed_ids = (np.arange(changed, dtype=np.int64) * stride + stride // 2) if changed else None
-    manifest = write_manifest(work / "scale" / f"manifest-incr-{n}-{new}-{changed}-{args.uri_style}.parquet",
-                              [(0, kept), (n, n + new)], args.uri_style, changed_ids)
-    out = write_committed(work / "scale" / f"out-committed-{n}-{args.shard_rows}-{args.uri_style}", n,
-                          args.shard_rows, args.uri_style)
+    manifest = write_manifest(
+        work / "scale" / f"manifest-incr-{n}-{new}-{changed}-{args.uri_style}.parquet",
+        [(0, kept), (n, n + new)],
+        args.uri_style,
+        changed_ids,
+    )
+    out = write_committed(
+        work / "scale" / f"out-committed-{n}-{args.shard_rows}-{args.uri_style}", n, args.shard_rows, args.uri_style
+    )
     identity = run_identity(manifest, out, common.bench_model(work, "tiny"), common.bench_prompts(work))
     (out / "_dataset.json").write_text(json.dumps({"identity": identity, "version": 1}))
     before = sorted(p.name for p in out.iterdir())
-    cmd = common.featurize_cmd() + ["images", str(manifest), str(out), "--dry-run", "--incremental",
-                                    *model_args(work), *args.extra]
-    log(f"incremental: featurize images --dry-run --incremental, {n:,} uris against {n:,} committed rows "
-        f"({new} new, {changed} changed)")
+    cmd = common.featurize_cmd() + [
+        "images",
+        str(manifest),
+        str(out),
+        "--dry-run",
+        "--incremental",
+        *model_args(work),
+        *args.extra,
+    ]
+    log(
+        f"incremental: featurize images --dry-run --incremental, {n:,} uris against {n:,} committed rows "
+        f"({new} new, {changed} changed)"
+    )
     m = Measured(cmd, work / "scale" / f"incremental-{n}.log", args.interval)
     res = m.run(args.timeout)
     counts = last_json(m.stdout)
-    expect(counts, {"listed": n, "duplicates": 0, "new": new, "changed": changed, "unchanged": n - new - changed,
-                    "planned": new + changed, "dataset_version": 1}, "incremental dry run")
+    expect(
+        counts,
+        {
+            "listed": n,
+            "duplicates": 0,
+            "new": new,
+            "changed": changed,
+            "unchanged": n - new - changed,
+            "planned": new + changed,
+            "dataset_version": 1,
+        },
+        "incremental dry run",
+    )
     if sorted(p.name for p in out.iterdir()) != before:
         raise AssertionError(f"the dry run changed {out}")
-    return {"part": "incremental", "size": n, "new": new, "changed": changed, "uri_style": args.uri_style,
-            "committed_shards": math.ceil(n / args.shard_rows), "shard_rows": args.shard_rows,
-            "command": _quoted(cmd), **res, "dry_run": counts}
+    return {
+        "part": "incremental",
+        "size": n,
+        "new": new,
+        "changed": changed,
+        "uri_style": args.uri_style,
+        "committed_shards": math.ceil(n / args.shard_rows),
+        "shard_rows": args.shard_rows,
+        "command": _quoted(cmd),
+        **res,
+        "dry_run": counts,
+    }
 
 
 def part_streaming(args, work: Path) -> dict:
@@ -415,16 +503,25 @@ def part_streaming(args, work: Path) -> dict:
     list_file = common.write_list(paths, work / "corpus" / f"small32-{n}.txt")
     del paths
     out = common.fresh_dir(work / "scale" / f"out-streaming-{n}")
-    cmd = common.featurize_cmd() + ["images", str(list_file), str(out), *model_args(work),
-                                    "--progress-interval-s", "1", "--rows-per-shard", str(args.streaming_shard_rows),
-                                    *args.extra]
+    cmd = common.featurize_cmd() + [
+        "images",
+        str(list_file),
+        str(out),
+        *model_args(work),
+        "--progress-interval-s",
+        "1",
+        "--rows-per-shard",
+        str(args.streaming_shard_rows),
+        *args.extra,
+    ]
     points: list[dict] = []
 
     def on_line(line: str, m: Measured) -> None:
         match = PROGRESS_RE.search(line)
         if match:
-            points.append({"done": int(match.group(1).replace(",", "")), "t_s": round(time.perf_counter() - m.t0, 2),
-                           **m.now()})
+            points.append(
+                {"done": int(match.group(1).replace(",", "")), "t_s": round(time.perf_counter() - m.t0, 2), **m.now()}
+            )
 
     log(f"streaming: featurize images over {n:,} 32x32 JPEGs (RSS at >= {checkpoint:,} and at the end)")
     m = Measured(cmd, work / "scale" / f"streaming-{n}.log", args.interval, on_line)
@@ -442,11 +539,23 @@ def part_streaming(args, work: Path) -> dict:
         rss_growth = round(end["rss_mb"] - at["rss_mb"], 1)
     if at is None:
         log(f"streaming: no progress line reached {checkpoint:,} (got {len(points)} lines): no growth figure")
-    return {"part": "streaming", "size": n, "checkpoint": checkpoint, "command": _quoted(cmd), **res,
-            "at_checkpoint": at, "at_end": end, "growth_mb": growth, "rss_growth_mb": rss_growth,
-            "progress": points, "images_per_s": record.get("images_per_s"), "stages": record.get("stages"),
-            "rows_per_shard": c.get("rows_per_shard"), "work_units": len(set(p.name for p in out.glob("part-*"))),
-            "counts": c}
+    return {
+        "part": "streaming",
+        "size": n,
+        "checkpoint": checkpoint,
+        "command": _quoted(cmd),
+        **res,
+        "at_checkpoint": at,
+        "at_end": end,
+        "growth_mb": growth,
+        "rss_growth_mb": rss_growth,
+        "progress": points,
+        "images_per_s": record.get("images_per_s"),
+        "stages": record.get("stages"),
+        "rows_per_shard": c.get("rows_per_shard"),
+        "work_units": len(set(p.name for p in out.glob("part-*"))),
+        "counts": c,
+    }
 
 
 def write_slide(path: Path, side: int, levels: int = 3, tile: int = 256) -> Path:
@@ -469,10 +578,19 @@ def write_slide(path: Path, side: int, levels: int = 3, tile: int = 256) -> Path
             while t > 16 and s < t:
                 t //= 2
             count = math.ceil(s / t) ** 2
-            res = 1e4 / (SLIDE_MPP * 2 ** i)
-            tw.write((block[:t, :t] for _ in range(count)), shape=(s, s, 3), dtype=np.uint8, tile=(t, t),
-                     photometric="rgb", compression="zlib", metadata=None, subfiletype=0 if i == 0 else 1,
-                     resolution=(res, res), resolutionunit="CENTIMETER")
+            res = 1e4 / (SLIDE_MPP * 2**i)
+            tw.write(
+                (block[:t, :t] for _ in range(count)),
+                shape=(s, s, 3),
+                dtype=np.uint8,
+                tile=(t, t),
+                photometric="rgb",
+                compression="zlib",
+                metadata=None,
+                subfiletype=0 if i == 0 else 1,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
     os.replace(tmp, path)
     return path
 
@@ -491,17 +609,36 @@ def part_slides(args, work: Path) -> dict:
             os.link(source, link)
     out = common.fresh_dir(work / "scale" / "out-slides-empty")
     out.mkdir(parents=True)
-    cmd = common.featurize_cmd() + ["slides", str(inp), str(out), "--dry-run", *model_args(work), "--target-mpp",
-                                    str(SLIDE_MPP), "--tile-px", str(tile_px), *args.extra]
-    log(f"slides: featurize slides --dry-run over {count} slide(s) of {side}x{side} px, {tile_px}-px tiles "
-        f"({count * per_slide:,} expected)")
+    cmd = common.featurize_cmd() + [
+        "slides",
+        str(inp),
+        str(out),
+        "--dry-run",
+        *model_args(work),
+        "--target-mpp",
+        str(SLIDE_MPP),
+        "--tile-px",
+        str(tile_px),
+        *args.extra,
+    ]
+    log(
+        f"slides: featurize slides --dry-run over {count} slide(s) of {side}x{side} px, {tile_px}-px tiles "
+        f"({count * per_slide:,} expected)"
+    )
     m = Measured(cmd, work / "scale" / f"slides-{side}-n{count}.log", args.interval)
     res = m.run(args.timeout)
     counts = last_json(m.stdout)
-    expect(counts, {"slides": count, "slide_errors_at_planning": 0, "tiles": count * per_slide},
-           "slides dry run")
-    return {"part": "slides", "size": counts["tiles"], "slides": count, "slide_px": side, "tile_px": tile_px,
-            "command": _quoted(cmd), **res, "dry_run": counts}
+    expect(counts, {"slides": count, "slide_errors_at_planning": 0, "tiles": count * per_slide}, "slides dry run")
+    return {
+        "part": "slides",
+        "size": counts["tiles"],
+        "slides": count,
+        "slide_px": side,
+        "tile_px": tile_px,
+        "command": _quoted(cmd),
+        **res,
+        "dry_run": counts,
+    }
 
 
 # -- the record -----------------------------------------------------------------------------------------------------
@@ -513,10 +650,16 @@ def judge(result: dict) -> dict:
     """Each target of the part: measured, maximum, pass; `at_size` says whether the run was at the target's size
     (a smaller run's PASS/FAIL is indicative only)."""
     size, limits = TARGETS[result["part"]]
-    checks = {k: {"measured": result.get(k), "maximum": v,
-                  "pass": result.get(k) is not None and result[k] <= v} for k, v in limits.items()}
-    return {"at_size": result["size"] >= size, "target_size": size, "checks": checks,
-            "pass": all(c["pass"] for c in checks.values())}
+    checks = {
+        k: {"measured": result.get(k), "maximum": v, "pass": result.get(k) is not None and result[k] <= v}
+        for k, v in limits.items()
+    }
+    return {
+        "at_size": result["size"] >= size,
+        "target_size": size,
+        "checks": checks,
+        "pass": all(c["pass"] for c in checks.values()),
+    }
 
 
 def counts_cell(r: dict) -> str:
@@ -527,8 +670,10 @@ def counts_cell(r: dict) -> str:
         return f"new {d.get('new')}, changed {d.get('changed')}, planned {d.get('planned')}"
     if r["part"] == "streaming":
         at, end = r.get("at_checkpoint") or {}, r.get("at_end") or {}
-        return (f"RSS {at.get('rss_mb')} MB at {at.get('done', 0):,}, {end.get('rss_mb')} MB at "
-                f"{end.get('done', 0):,}; peak growth {r.get('growth_mb')} MB")
+        return (
+            f"RSS {at.get('rss_mb')} MB at {at.get('done', 0):,}, {end.get('rss_mb')} MB at "
+            f"{end.get('done', 0):,}; peak growth {r.get('growth_mb')} MB"
+        )
     return f"{d.get('tiles'):,} tiles from {d.get('slides')} slides"
 
 
@@ -536,16 +681,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts [{','.join(PARTS)}]")
     ap.add_argument("--uris", type=int, default=10_000_000, help="manifest rows (dry, incremental) [10000000]")
-    ap.add_argument("--uri-style", choices=["s3", "local"], default="s3",
-                    help="s3://... uris with etags, or local paths without [s3]")
+    ap.add_argument(
+        "--uri-style",
+        choices=["s3", "local"],
+        default="s3",
+        help="s3://... uris with etags, or local paths without [s3]",
+    )
     ap.add_argument("--new", type=int, default=500, help="incremental: new uris [500]")
     ap.add_argument("--changed", type=int, default=500, help="incremental: committed uris whose size changed [500]")
     ap.add_argument("--shard-rows", type=int, default=40_000, help="incremental: rows per committed shard [40000]")
     ap.add_argument("--streaming", type=int, default=200_000, help="streaming: images [200000]")
-    ap.add_argument("--streaming-from", type=int, default=0,
-                    help="streaming: the processed count the growth is measured from [streaming / 10]")
-    ap.add_argument("--streaming-shard-rows", type=int, default=10_000,
-                    help="streaming: --rows-per-shard (0 = by bytes, the pipeline's default) [10000]")
+    ap.add_argument(
+        "--streaming-from",
+        type=int,
+        default=0,
+        help="streaming: the processed count the growth is measured from [streaming / 10]",
+    )
+    ap.add_argument(
+        "--streaming-shard-rows",
+        type=int,
+        default=10_000,
+        help="streaming: --rows-per-shard (0 = by bytes, the pipeline's default) [10000]",
+    )
     ap.add_argument("--tiles", type=int, default=1_000_000, help="slides: tiles to plan at least [1000000]")
     ap.add_argument("--slide-px", type=int, default=16384, help="slides: level-0 side of each slide [16384]")
     ap.add_argument("--tile-px", type=int, default=64, help="slides: --tile-px (at 0.5 um/px) [64]")
@@ -557,8 +714,8 @@ def main(argv=None) -> int:
     ap.add_argument("--noisy", action="store_true", help="mark the result as taken on a busy machine")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = shlex.split(args.pipeline_args) + passthrough
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(only) - set(PARTS))
@@ -567,9 +724,16 @@ def main(argv=None) -> int:
     common.set_quiet_env()
     work = args.work.resolve()
 
-    rec = {"benchmark": "scale", "timestamp": common.timestamp(), "command": common.command_line(),
-           "noisy": args.noisy, "machine": common.machine_info(), "versions": common.versions(),
-           "targets": {k: {"size": s, **lim} for k, (s, lim) in TARGETS.items()}, "parts": []}
+    rec = {
+        "benchmark": "scale",
+        "timestamp": common.timestamp(),
+        "command": common.command_line(),
+        "noisy": args.noisy,
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+        "targets": {k: {"size": s, **lim} for k, (s, lim) in TARGETS.items()},
+        "parts": [],
+    }
     runners = {"dry": part_dry, "incremental": part_incremental, "streaming": part_streaming, "slides": part_slides}
     failed = []
     for part in PARTS:
@@ -587,8 +751,10 @@ def main(argv=None) -> int:
         log(f"{part}: peak RSS {result['peak_rss_mb']} MB, {result['wall_s']} s; {counts_cell(result)}")
     rec["machine"]["loadavg_end"] = common._loadavg()
 
-    print(f"\nscale (machine: {common.machine_short(rec['machine'])}, load {rec['machine']['loadavg_start']} -> "
-          f"{rec['machine']['loadavg_end']})")
+    print(
+        f"\nscale (machine: {common.machine_short(rec['machine'])}, load {rec['machine']['loadavg_start']} -> "
+        f"{rec['machine']['loadavg_end']})"
+    )
     date = f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}"
     rows = []
     for r in rec["parts"]:
@@ -596,18 +762,36 @@ def main(argv=None) -> int:
             print(f"  {r['part']:<12} FAILED: {r['error'].splitlines()[0]}")
             continue
         t = r["target"]
-        verdicts = ", ".join(f"{k} {c['measured']} <= {c['maximum']:g}: {'PASS' if c['pass'] else 'FAIL'}"
-                             for k, c in t["checks"].items())
+        verdicts = ", ".join(
+            f"{k} {c['measured']} <= {c['maximum']:g}: {'PASS' if c['pass'] else 'FAIL'}"
+            for k, c in t["checks"].items()
+        )
         scope = "" if t["at_size"] else f" (indicative only: size {r['size']:,} < the target's {t['target_size']:,})"
-        print(f"  {r['part']:<12} {r['size']:>11,}  driver peak RSS {r['peak_rss_mb']} MB ({r['peak_source']}), "
-              f"{r['wall_s']} s; {counts_cell(r)}")
+        print(
+            f"  {r['part']:<12} {r['size']:>11,}  driver peak RSS {r['peak_rss_mb']} MB ({r['peak_source']}), "
+            f"{r['wall_s']} s; {counts_cell(r)}"
+        )
         print(f"  {'':<12} target: {verdicts}{scope}")
         target_text = "; ".join(f"{k} <= {c['maximum']:g}" for k, c in t["checks"].items())
         met = ("yes" if t["pass"] else "no") if t["at_size"] else ("(yes)" if t["pass"] else "(no)")
-        rows.append("| " + " | ".join([
-            date, common.machine_short(rec["machine"]), r["part"], f"{r['size']:,}", str(r["peak_rss_mb"]),
-            str(r["wall_s"]), counts_cell(r), target_text + ("" if t["at_size"] else " (at full size)"), met,
-            f"`{rec['command']}`" + (" (noisy)" if args.noisy else "")]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    date,
+                    common.machine_short(rec["machine"]),
+                    r["part"],
+                    f"{r['size']:,}",
+                    str(r["peak_rss_mb"]),
+                    str(r["wall_s"]),
+                    counts_cell(r),
+                    target_text + ("" if t["at_size"] else " (at full size)"),
+                    met,
+                    f"`{rec['command']}`" + (" (noisy)" if args.noisy else ""),
+                ]
+            )
+            + " |"
+        )
     for row in rows:
         print(row)
     rec["markdown_rows"] = rows

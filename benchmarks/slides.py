@@ -33,9 +33,11 @@ from .common import log  # noqa: E402
 from .run import _loop_cell, _repeat, normalised_batches, ratios, run_ceiling, run_loop_script  # noqa: E402
 
 SLIDE_MPP = 0.5
-TABLE_HEADER = ("| date | machine | size | tiles | loop tiles/s | ceiling tiles/s | pipeline steady tiles/s | "
-                "pipeline whole-command tiles/s | ratios | command |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+TABLE_HEADER = (
+    "| date | machine | size | tiles | loop tiles/s | ceiling tiles/s | pipeline steady tiles/s | "
+    "pipeline whole-command tiles/s | ratios | command |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+)
 
 
 def make_slide(path: Path, width: int, height: int, seed: int = 0, levels: int = 3, tile: int = 256) -> Path:
@@ -67,12 +69,20 @@ def make_slide(path: Path, width: int, height: int, seed: int = 0, levels: int =
     tmp = path.with_suffix(".tmp.tiff")
     with tifffile.TiffWriter(tmp) as tw:
         for i, a in enumerate(pages):
-            res = 1e4 / (SLIDE_MPP * 2 ** i)
+            res = 1e4 / (SLIDE_MPP * 2**i)
             side = tile
             while side > 16 and min(a.shape[:2]) < side:
                 side //= 2
-            tw.write(a, tile=(side, side), photometric="rgb", compression="jpeg", metadata=None,
-                     subfiletype=0 if i == 0 else 1, resolution=(res, res), resolutionunit="CENTIMETER")
+            tw.write(
+                a,
+                tile=(side, side),
+                photometric="rgb",
+                compression="jpeg",
+                metadata=None,
+                subfiletype=0 if i == 0 else 1,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
     os.replace(tmp, path)
     return path
 
@@ -96,18 +106,37 @@ def slide_corpus(work: Path, width: int, height: int, count: int) -> Path:
 
 def run_pipeline(inp: Path, out: Path, model_dir: Path, prompts: Path, extra: list[str], timeout: float) -> dict:
     common.fresh_dir(out)
-    cmd = common.featurize_cmd() + ["slides", str(inp), str(out), "--model", str(model_dir), "--prompts",
-                                    str(prompts), "--trust-remote-code", "--target-mpp", str(SLIDE_MPP), *extra]
+    cmd = common.featurize_cmd() + [
+        "slides",
+        str(inp),
+        str(out),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--trust-remote-code",
+        "--target-mpp",
+        str(SLIDE_MPP),
+        *extra,
+    ]
     res = common.run_subprocess(cmd, out.parent / (out.name + ".log"), timeout=timeout)
     record = json.loads((out / "_run.json").read_text())
     c = record["counts"]
     n = c.get("processed") or 0
-    return {"command": " ".join(shlex.quote(a) for a in cmd), "tiles": n, "ok": c.get("ok"),
-            "whole_command_s": res["wall_s"],
-            "whole_command_images_per_s": round(n / res["wall_s"], 2) if n else None,
-            "steady_images_per_s": record.get("tiles_per_s"), "first_shard_s": record.get("first_shard_s"),
-            "stages": record.get("stages"), "layout": record.get("layout"), "counts": c,
-            "driver_rss": res["rss"], "log": res["log"]}
+    return {
+        "command": " ".join(shlex.quote(a) for a in cmd),
+        "tiles": n,
+        "ok": c.get("ok"),
+        "whole_command_s": res["wall_s"],
+        "whole_command_images_per_s": round(n / res["wall_s"], 2) if n else None,
+        "steady_images_per_s": record.get("tiles_per_s"),
+        "first_shard_s": record.get("first_shard_s"),
+        "stages": record.get("stages"),
+        "layout": record.get("layout"),
+        "counts": c,
+        "driver_rss": res["rss"],
+        "log": res["log"],
+    }
 
 
 def pipeline_tiles(out: Path) -> list[tuple]:
@@ -156,15 +185,18 @@ def main(argv=None) -> int:
     ap.add_argument("--noisy", action="store_true")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
-    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []  # `... -- --fast-decode`: pipeline flags
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     common.set_quiet_env()
     try:
-        import pipeline.run_slides  # noqa: F401
         import tiffslide  # noqa: F401
+
+        import pipeline.run_slides  # noqa: F401
     except ImportError as exc:
-        print(f"slides benchmark unavailable: {exc} (needs pipeline/run_slides.py and the `slides` extra)",
-              file=sys.stderr)
+        print(
+            f"slides benchmark unavailable: {exc} (needs pipeline/run_slides.py and the `slides` extra)",
+            file=sys.stderr,
+        )
         return 2
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -172,17 +204,31 @@ def main(argv=None) -> int:
     work = args.work.resolve()
     threads = args.threads or os.cpu_count() or 1
     extra = shlex.split(args.pipeline_args) + passthrough
-    rec = {"benchmark": "slides", "timestamp": common.timestamp(), "command": common.command_line(),
-           "size": args.size, "slide_px": [width, height], "slides": args.slides, "batch_size": args.batch_size,
-           "threads": threads, "pipeline_args": extra, "noisy": args.noisy, "machine": common.machine_info(),
-           "versions": common.versions()}
+    rec = {
+        "benchmark": "slides",
+        "timestamp": common.timestamp(),
+        "command": common.command_line(),
+        "size": args.size,
+        "slide_px": [width, height],
+        "slides": args.slides,
+        "batch_size": args.batch_size,
+        "threads": threads,
+        "pipeline_args": extra,
+        "noisy": args.noisy,
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+    }
     model_dir = common.bench_model(work, args.size)
     prompts_file = common.bench_prompts(work)
     inp = slide_corpus(work, width, height, args.slides)
     out = work / "out" / f"slides-{args.size}-{width}x{height}-n{args.slides}"
 
-    pipe = _repeat(lambda: run_pipeline(inp, out, model_dir, prompts_file, extra, args.timeout), args.repeats,
-                   "slides pipeline", "whole_command_images_per_s")
+    pipe = _repeat(
+        lambda: run_pipeline(inp, out, model_dir, prompts_file, extra, args.timeout),
+        args.repeats,
+        "slides pipeline",
+        "whole_command_images_per_s",
+    )
     tiles = pipeline_tiles(out)
     n = len(tiles)
     rec["images"] = n
@@ -192,12 +238,17 @@ def main(argv=None) -> int:
     prompts = load_prompts(str(prompts_file)).all_prompts
     loop = ceiling = None
     if "loop" not in skip and n:
-        loop = _repeat(lambda: run_loop_script(tiles, model_dir, prompts, args.batch_size, threads, work,
-                                               opener="tile"), args.repeats, "slides loop", "images_per_s")
+        loop = _repeat(
+            lambda: run_loop_script(tiles, model_dir, prompts, args.batch_size, threads, work, opener="tile"),
+            args.repeats,
+            "slides loop",
+            "images_per_s",
+        )
     if "ceiling" not in skip and n:
         import numpy as np
 
         from pipeline.decode import resize_for_model
+
         from .run import model_preprocess
 
         spec = model_preprocess(model_dir)
@@ -206,36 +257,62 @@ def main(argv=None) -> int:
         k = ((k + args.batch_size - 1) // args.batch_size) * args.batch_size
         pixels = [np.asarray(resize_for_model(opener(tiles[i % n]), spec)) for i in range(k)]
         batches = normalised_batches(pixels, spec, args.batch_size)
-        ceiling = _repeat(lambda: run_ceiling(batches, n, model_dir, args.batch_size, threads), args.repeats,
-                          "slides ceiling", "images_per_s")
+        ceiling = _repeat(
+            lambda: run_ceiling(batches, n, model_dir, args.batch_size, threads),
+            args.repeats,
+            "slides ceiling",
+            "images_per_s",
+        )
     rec.update(loop=loop, ceiling=ceiling, pipeline=pipe, ratios=ratios(loop, ceiling, pipe))
     rec["machine"]["loadavg_end"] = common._loadavg()
 
-    print(f"\nslides: size={args.size} {args.slides} slide(s) of {width}x{height} -> {n} tiles "
-          f"(machine: {common.machine_short(rec['machine'])}, load {rec['machine']['loadavg_start']} -> "
-          f"{rec['machine']['loadavg_end']})")
+    print(
+        f"\nslides: size={args.size} {args.slides} slide(s) of {width}x{height} -> {n} tiles "
+        f"(machine: {common.machine_short(rec['machine'])}, load {rec['machine']['loadavg_start']} -> "
+        f"{rec['machine']['loadavg_end']})"
+    )
     if loop:
         print(f"  (a) model-card loop        {loop['images_per_s']:>9} tiles/s  (breakdown {loop['breakdown_s']})")
-        print(f"      loop whole script      {loop['whole_script_images_per_s']:>9} tiles/s  "
-              f"({loop['whole_script_s']} s)")
+        print(
+            f"      loop whole script      {loop['whole_script_images_per_s']:>9} tiles/s  ({loop['whole_script_s']} s)"
+        )
     if ceiling:
         print(f"  (b) model-only ceiling     {ceiling['images_per_s']:>9} tiles/s")
     s = pipe["stages"] or {}
-    print(f"  (c) pipeline steady        {pipe['steady_images_per_s']:>9} tiles/s  (stream {s.get('stream_s')} s, "
-          f"planning {s.get('planning_s')} s, read {s.get('decode_s')} cpu-s, model {s.get('model_s')} actor-s)")
-    print(f"      pipeline whole command {pipe['whole_command_images_per_s']:>9} tiles/s  "
-          f"({pipe['whole_command_s']} s)")
+    print(
+        f"  (c) pipeline steady        {pipe['steady_images_per_s']:>9} tiles/s  (stream {s.get('stream_s')} s, "
+        f"planning {s.get('planning_s')} s, read {s.get('decode_s')} cpu-s, model {s.get('model_s')} actor-s)"
+    )
+    print(
+        f"      pipeline whole command {pipe['whole_command_images_per_s']:>9} tiles/s  ({pipe['whole_command_s']} s)"
+    )
     for key, val in rec["ratios"].items():
         print(f"      {key:<22} {val}x")
-    labels = {"whole_over_loop": "whole/loop-script", "steady_over_loop": "steady/loop",
-              "steady_over_ceiling": "steady/ceiling"}
+    labels = {
+        "whole_over_loop": "whole/loop-script",
+        "steady_over_loop": "steady/loop",
+        "steady_over_ceiling": "steady/ceiling",
+    }
     parts = [f"{labels[k]} {v:.2f}x" for k, v in rec["ratios"].items() if k in labels and v is not None]
     date = f"{rec['timestamp'][:4]}-{rec['timestamp'][4:6]}-{rec['timestamp'][6:8]}"
-    rec["markdown_row"] = "| " + " | ".join([
-        date, common.machine_short(rec["machine"]), args.size, str(n),
-        _loop_cell(loop), str(ceiling["images_per_s"]) if ceiling else "-",
-        str(pipe["steady_images_per_s"]), str(pipe["whole_command_images_per_s"]), "; ".join(parts) or "-",
-        f"`{rec['command']}`" + (" (noisy)" if args.noisy else "")]) + " |"
+    rec["markdown_row"] = (
+        "| "
+        + " | ".join(
+            [
+                date,
+                common.machine_short(rec["machine"]),
+                args.size,
+                str(n),
+                _loop_cell(loop),
+                str(ceiling["images_per_s"]) if ceiling else "-",
+                str(pipe["steady_images_per_s"]),
+                str(pipe["whole_command_images_per_s"]),
+                "; ".join(parts) or "-",
+                f"`{rec['command']}`" + (" (noisy)" if args.noisy else ""),
+            ]
+        )
+        + " |"
+    )
     print(rec["markdown_row"])
     if not args.no_save:
         path = common.save_result(rec, f"slides-{args.size}")

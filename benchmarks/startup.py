@@ -33,8 +33,18 @@ if __package__ in (None, ""):
 from . import common  # noqa: E402
 from .common import log  # noqa: E402
 
-STEPS = ("interpreter", "import_cli", "import_run", "import_torch", "import_transformers", "import_ray_data",
-         "ray_init", "resolve_processor", "actor_init", "ray_data_first")
+STEPS = (
+    "interpreter",
+    "import_cli",
+    "import_run",
+    "import_torch",
+    "import_transformers",
+    "import_ray_data",
+    "ray_init",
+    "resolve_processor",
+    "actor_init",
+    "ray_data_first",
+)
 
 
 class _Noop:
@@ -96,10 +106,16 @@ def _step(name: str, model: str, prompts: str) -> dict:
         init_ray()
         t = time.perf_counter()
         ds = ray.data.from_items([{"i": i} for i in range(256)])
-        ds = ds.map_batches(lambda b: {"i": b["i"], "x": np.zeros((len(b["i"]), 4))}, batch_size=32,
-                            batch_format="numpy", num_cpus=1, memory=512 * 1024 ** 2)
-        ds = ds.map_batches(_Noop, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=32,
-                            batch_format="numpy")
+        ds = ds.map_batches(
+            lambda b: {"i": b["i"], "x": np.zeros((len(b["i"]), 4))},
+            batch_size=32,
+            batch_format="numpy",
+            num_cpus=1,
+            memory=512 * 1024**2,
+        )
+        ds = ds.map_batches(
+            _Noop, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=32, batch_format="numpy"
+        )
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         next(it)
         out["first_batch_s"] = round(time.perf_counter() - t, 3)
@@ -120,9 +136,13 @@ def run_step(name: str, model: Path, prompts: Path) -> dict:
         subprocess.run([sys.executable, "-c", "pass"], check=True, env=common.quiet_env())
         return {"seconds": round(time.perf_counter() - t, 3)}
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--child", name, "--model", str(model),
-                          "--prompts", str(prompts)], capture_output=True, text=True, env=common.quiet_env(),
-                         cwd=str(common.ROOT))
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.startup", "--child", name, "--model", str(model), "--prompts", str(prompts)],
+        capture_output=True,
+        text=True,
+        env=common.quiet_env(),
+        cwd=str(common.ROOT),
+    )
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"step {name} failed:\n{res.stderr[-3000:]}")
@@ -150,19 +170,30 @@ def main(argv=None) -> int:
     work = args.work.resolve()
     model = common.bench_model(work, args.size)
     prompts = common.bench_prompts(work)
-    rec = {"benchmark": "startup", "timestamp": common.timestamp(), "command": common.command_line(),
-           "size": args.size, "noisy": args.noisy, "machine": common.machine_info(), "versions": common.versions(),
-           "steps": {}}
+    rec = {
+        "benchmark": "startup",
+        "timestamp": common.timestamp(),
+        "command": common.command_line(),
+        "size": args.size,
+        "noisy": args.noisy,
+        "machine": common.machine_info(),
+        "versions": common.versions(),
+        "steps": {},
+    }
     for name in [s.strip() for s in args.steps.split(",") if s.strip()]:
         log(f"startup: {name}")
         rec["steps"][name] = run_step(name, model, prompts)
     rec["machine"]["loadavg_end"] = common._loadavg()
-    print(f"\nstart-up costs, each step in a fresh interpreter (machine: {common.machine_short(rec['machine'])}, "
-          f"load {rec['machine']['loadavg_start']} -> {rec['machine']['loadavg_end']})")
+    print(
+        f"\nstart-up costs, each step in a fresh interpreter (machine: {common.machine_short(rec['machine'])}, "
+        f"load {rec['machine']['loadavg_start']} -> {rec['machine']['loadavg_end']})"
+    )
     for name, r in rec["steps"].items():
         extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("seconds", "process_wall_s"))
-        print(f"  {name:<20} {r.get('seconds', '-'):>8} s   (process {r.get('process_wall_s', '-')} s"
-              f"{'; ' + extra if extra else ''})")
+        print(
+            f"  {name:<20} {r.get('seconds', '-'):>8} s   (process {r.get('process_wall_s', '-')} s"
+            f"{'; ' + extra if extra else ''})"
+        )
     if not args.no_save:
         log(f"wrote {common.save_result(rec, 'startup')}")
     return 0

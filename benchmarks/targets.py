@@ -29,11 +29,25 @@ from . import common, gpu, run  # noqa: E402
 from .common import log  # noqa: E402
 
 PARTS = {  # name -> (full arguments, --quick arguments)
-    "cclip": (["--size", "cclip", "--images", "10000", "--marginal", "--no-first-shard"],
-              ["--size", "cclip", "--images", "200", "--marginal", "--no-first-shard", "--limit-sample", "32"]),
-    "base": (["--size", "base", "--images", "200", "--marginal", "--no-first-shard"],
-             ["--size", "base", "--images", "16", "--marginal", "--no-first-shard", "--limit-sample", "8",
-              "--ceiling-images", "32"]),
+    "cclip": (
+        ["--size", "cclip", "--images", "10000", "--marginal", "--no-first-shard"],
+        ["--size", "cclip", "--images", "200", "--marginal", "--no-first-shard", "--limit-sample", "32"],
+    ),
+    "base": (
+        ["--size", "base", "--images", "200", "--marginal", "--no-first-shard"],
+        [
+            "--size",
+            "base",
+            "--images",
+            "16",
+            "--marginal",
+            "--no-first-shard",
+            "--limit-sample",
+            "8",
+            "--ceiling-images",
+            "32",
+        ],
+    ),
     "first-shard": (["--skip", "loop,ceiling,pipeline", "--repeats", "3"], ["--skip", "loop,ceiling,pipeline"]),
 }
 
@@ -54,16 +68,21 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join([*PARTS, 'gpu'])}")
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="cache/output folder [bench-out/]")
     ap.add_argument("--noisy", action="store_true", help="mark the results as taken on a busy machine")
-    ap.add_argument("--gpu-args", default="",
-                    help="extra `benchmarks.gpu` flags as one string (a short GPU lease: \"--deadline-s 400 --skip "
-                         "compile,pipeline-compiled\")")
+    ap.add_argument(
+        "--gpu-args",
+        default="",
+        help='extra `benchmarks.gpu` flags as one string (a short GPU lease: "--deadline-s 400 --skip '
+        'compile,pipeline-compiled")',
+    )
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - {*PARTS, "gpu"}
     if unknown:
         ap.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from {','.join([*PARTS, 'gpu'])}")
     # --quick writes no result files: its small inputs say nothing about the targets
-    common_args = ["--work", str(args.work)] + (["--noisy"] if args.noisy else []) + (["--no-save"] if args.quick else [])
+    common_args = (
+        ["--work", str(args.work)] + (["--noisy"] if args.noisy else []) + (["--no-save"] if args.quick else [])
+    )
     table = []
     for name, (full, quick) in PARTS.items():
         if name not in skip:
@@ -71,13 +90,31 @@ def main(argv=None) -> int:
             table += rows(name, run.measure([*(quick if args.quick else full), *common_args]))
     if "gpu" not in skip and not common.gpu_info():
         log("targets: no GPU here (nvidia-smi finds none): the GPU target is not measured")
-        table.append(("gpu", f"so400m >= {gpu.TARGET_IMAGES_PER_S:g} images/s, busy >= {gpu.TARGET_BUSY}",
-                      "not measured: no GPU", False))
+        table.append(
+            (
+                "gpu",
+                f"so400m >= {gpu.TARGET_IMAGES_PER_S:g} images/s, busy >= {gpu.TARGET_BUSY}",
+                "not measured: no GPU",
+                False,
+            )
+        )
     elif "gpu" not in skip:
         log("targets: gpu")
-        gpu_args = ["--images", "2000", "--distinct", "500", "--skip", "compile,pipeline-compiled"] if args.quick else []
-        table += rows("gpu", gpu.measure([*gpu_args, *shlex.split(args.gpu_args), "--work", str(args.work),
-                                          *(["--no-save"] if args.quick else [])]))
+        gpu_args = (
+            ["--images", "2000", "--distinct", "500", "--skip", "compile,pipeline-compiled"] if args.quick else []
+        )
+        table += rows(
+            "gpu",
+            gpu.measure(
+                [
+                    *gpu_args,
+                    *shlex.split(args.gpu_args),
+                    "--work",
+                    str(args.work),
+                    *(["--no-save"] if args.quick else []),
+                ]
+            ),
+        )
     print("\n| part | target | value | met |\n| --- | --- | --- | --- |")
     for part, target, value, ok in table:
         print(f"| {part} | {target} | {value} | {'yes' if ok else '**no**'} |")

@@ -18,10 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-COMMAND_STARTED = time.time()
+COMMAND_STARTED = time.time()  # before the imports below: first_shard_s counts from here
 
-from .config import (RESCORE_BATCH_ROWS, RESCORE_ROWS_PER_SHARD, RunConfig, SlidesConfig, load_config_file,
-                     make_config)
+from .config import RESCORE_BATCH_ROWS, RESCORE_ROWS_PER_SHARD, RunConfig, SlidesConfig, load_config_file, make_config
 from .errors import EnvironmentFailure, UserError
 from .models import quiet_libraries
 
@@ -35,8 +34,9 @@ def _flag(name: str) -> str:
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional=()) -> None:
     """One option per config field (positionals for the required ones named); defaults stay in the model."""
     for name in positional:
-        parser.add_argument(name, metavar=name.upper(), nargs="?", default=None,
-                            help=model.model_fields[name].description)
+        parser.add_argument(
+            name, metavar=name.upper(), nargs="?", default=None, help=model.model_fields[name].description
+        )
     for name, field in model.model_fields.items():
         if name in positional:
             continue
@@ -49,8 +49,9 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         kind = {int: int, float: float}.get(annotation, str)
         if not field.is_required() and field.default not in (None, "") and not isinstance(field.default, dict):
             help_text += f" [default: {field.default}]"
-        parser.add_argument(_flag(name), dest=name, default=None, type=kind, choices=choices, help=help_text,
-                            required=False)
+        parser.add_argument(
+            _flag(name), dest=name, default=None, type=kind, choices=choices, help=help_text, required=False
+        )
     for old, new in getattr(model, "renamed", {}).items():  # hidden: only there to name the new spelling
         parser.add_argument(_flag(old), action=_RenamedOption, new=_flag(new))
 
@@ -102,8 +103,10 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     table = write_manifest(args.input, args.manifest, options)
     seconds = time.perf_counter() - t
-    _echo(f"featurize: listed {table.num_rows} inputs in {seconds:.1f} s "
-          f"({table.num_rows / max(seconds, 1e-9):.0f} files/s) -> {args.manifest}")
+    _echo(
+        f"featurize: listed {table.num_rows} inputs in {seconds:.1f} s "
+        f"({table.num_rows / max(seconds, 1e-9):.0f} files/s) -> {args.manifest}"
+    )
     return 0
 
 
@@ -115,9 +118,11 @@ def _cmd_slides(args: argparse.Namespace) -> int:
     if cfg.dry_run:
         return 0
     c = record["counts"]
-    _echo(f"featurize: run {record['run_id']} {record['state']}: {c['listed']} slides listed, {c['skipped']} "
-          f"skipped (already done), {c['slides_ok']} ok, {c['slides_error']} error; {c['processed']} tiles scored "
-          f"({c['ok']} ok, {c['error']} error) at {record['tiles_per_s']} tiles/s; output {record['output']}")
+    _echo(
+        f"featurize: run {record['run_id']} {record['state']}: {c['listed']} slides listed, {c['skipped']} "
+        f"skipped (already done), {c['slides_ok']} ok, {c['slides_error']} error; {c['processed']} tiles scored "
+        f"({c['ok']} ok, {c['error']} error) at {record['tiles_per_s']} tiles/s; output {record['output']}"
+    )
     failed = c["slides_error"] or c["error"]
     return 1 if failed and cfg.fail_on_error else 0
 
@@ -134,8 +139,10 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
         _echo(f"featurize: wrote {len(written)} heatmap(s) to {args.out}")
         return 0
     if not args.slide or not args.concept:
-        raise UserError("pass --slide ID and --concept NAME (or --all); slides: "
-                        f"{short_list(result.slide_ids)}; concepts: {short_list(result.concepts)}")
+        raise UserError(
+            "pass --slide ID and --concept NAME (or --all); slides: "
+            f"{short_list(result.slide_ids)}; concepts: {short_list(result.concepts)}"
+        )
     path = write_heatmap(result, args.slide, args.concept, args.out, options, args.reader, args.tile_logits)
     _echo(f"featurize: wrote {path}")
     return 0
@@ -144,11 +151,22 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 def _cmd_rescore(args: argparse.Namespace) -> int:
     from .rescore import rescore
 
-    record = rescore(args.output, args.prompts, args.out, parse_storage_options(args.storage_options),
-                     args.batch_size, args.rows_per_shard, args.trust_remote_code, args.device, echo=_echo)
+    record = rescore(
+        args.output,
+        args.prompts,
+        args.out,
+        parse_storage_options(args.storage_options),
+        args.batch_size,
+        args.rows_per_shard,
+        args.trust_remote_code,
+        args.device,
+        echo=_echo,
+    )
     c = record["counts"]
-    _echo(f"featurize: rescored {c['ok']} ok rows ({c['error']} error rows kept) with {len(record['concepts'])} "
-          f"concepts in {record['score_s']} s -> {args.out} ({record['shards']} shard(s))")
+    _echo(
+        f"featurize: rescored {c['ok']} ok rows ({c['error']} error rows kept) with {len(record['concepts'])} "
+        f"concepts in {record['score_s']} s -> {args.out} ({record['shards']} shard(s))"
+    )
     return 0
 
 
@@ -162,16 +180,25 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options)
     table = label_output(args.output, args.top_k, options, args.softmax)
     write_bytes_atomic(args.out, table_bytes(table, args.out), options)
-    _echo(f"featurize: wrote {table.num_rows} labels ({int(pc.sum(pc.equal(table.column('rank'), 1)).as_py() or 0)} "
-          f"rows x top {args.top_k}) -> {args.out}")
+    _echo(
+        f"featurize: wrote {table.num_rows} labels ({int(pc.sum(pc.equal(table.column('rank'), 1)).as_py() or 0)} "
+        f"rows x top {args.top_k}) -> {args.out}"
+    )
     return 0
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from .probe import metrics_table, run_probe
 
-    metrics = run_probe(args.output, args.labels, args.seed, args.out, args.predict,
-                        parse_storage_options(args.storage_options), echo=_echo)
+    metrics = run_probe(
+        args.output,
+        args.labels,
+        args.seed,
+        args.out,
+        args.predict,
+        parse_storage_options(args.storage_options),
+        echo=_echo,
+    )
     print(metrics_table(metrics), flush=True)
     for what, path in (("probe", args.out), ("predictions", args.predict)):
         if path:
@@ -213,9 +240,11 @@ def _echo(message: str) -> None:
 
 def _print_summary(record: dict) -> None:
     c = record["counts"]
-    _echo(f"featurize: run {record['run_id']} {record['state']}: listed {c['listed']}, skipped {c['skipped']} "
-          f"(already committed), processed {c['processed']}: {c['ok']} ok, {c['error']} error; "
-          f"{record['images_per_s']} images/s; output {record['output']}")
+    _echo(
+        f"featurize: run {record['run_id']} {record['state']}: listed {c['listed']}, skipped {c['skipped']} "
+        f"(already committed), processed {c['processed']}: {c['ok']} ok, {c['error']} error; "
+        f"{record['images_per_s']} images/s; output {record['output']}"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,8 +261,11 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         # A token like `--storage-o={"a": 1}` holds a space, so argparse takes it for a positional value.
-        swallowed = [getattr(namespace, a.dest, None) for a in self._actions
-                     if not a.option_strings and a.nargs != argparse.PARSER]
+        swallowed = [
+            getattr(namespace, a.dest, None)
+            for a in self._actions
+            if not a.option_strings and a.nargs != argparse.PARSER
+        ]
         extras = extras + [v for v in swallowed if isinstance(v, str) and v.startswith("-") and " " in v]
         if extras:
             self.error(_unrecognized(extras))
@@ -302,8 +334,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Featurise images and whole-slide images with "
-                                                            "CLIP-family models on Ray.")
+    parser = _Parser(prog=PROG, description="Featurise images and whole-slide images with CLIP-family models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("images", help="featurise every image under INPUT into sharded Parquet in OUTPUT")
@@ -334,23 +365,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write; with --all, a folder")
     p.add_argument("--all", action="store_true", help="one PNG per slide and concept into the --out folder")
     p.add_argument("--tile-logits", action="store_true", help="draw tile logits even when concept maps were stored")
-    p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default=None,
-                   help="slide reader for the thumbnail [default: the one that read the slide]")
+    p.add_argument(
+        "--reader",
+        choices=("auto", "tiffslide", "openslide"),
+        default=None,
+        help="slide reader for the thumbnail [default: the one that read the slide]",
+    )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and slides")
     p.set_defaults(func=_cmd_heatmap)
 
     p = sub.add_parser("rescore", help="new concept logits from OUTPUT's stored image features (text tower only)")
-    p.add_argument("output", metavar="OUTPUT",
-                   help="the OUTPUT of `featurize images` or `slides` (local or fsspec URL)")
+    p.add_argument(
+        "output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec URL)"
+    )
     p.add_argument("--prompts", required=True, help="the new prompt set (YAML or text, as for `images`)")
     p.add_argument("--out", required=True, help="OUT2: the folder for the rescored logits (not OUTPUT)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own Python code (needed when OUTPUT was made with ConceptCLIP)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the checkpoint's own Python code (needed when OUTPUT was made with ConceptCLIP)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device for the text tower")
-    p.add_argument("--batch-size", type=int, default=RESCORE_BATCH_ROWS,
-                   help=f"rows scored per matrix product [default: {RESCORE_BATCH_ROWS}]")
-    p.add_argument("--rows-per-shard", type=int, default=RESCORE_ROWS_PER_SHARD,
-                   help=f"rows per OUT2 shard [default: {RESCORE_ROWS_PER_SHARD}]")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=RESCORE_BATCH_ROWS,
+        help=f"rows scored per matrix product [default: {RESCORE_BATCH_ROWS}]",
+    )
+    p.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=RESCORE_ROWS_PER_SHARD,
+        help=f"rows per OUT2 shard [default: {RESCORE_ROWS_PER_SHARD}]",
+    )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and OUT2")
     p.set_defaults(func=_cmd_rescore)
 
@@ -358,8 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
     p.add_argument("--top-k", type=int, default=5, help="concepts per row [default: 5]")
     p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
-    p.add_argument("--softmax", action="store_true",
-                   help="softmax over concepts for every family [default: softmax for CLIP, sigmoid otherwise]")
+    p.add_argument(
+        "--softmax",
+        action="store_true",
+        help="softmax over concepts for every family [default: softmax for CLIP, sigmoid otherwise]",
+    )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
     p.set_defaults(func=_cmd_labels)
 
@@ -368,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="CSV with columns uri,label (uris as OUTPUT lists them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split [default: 0]")
     p.add_argument("--out", default=None, help="MODEL_DIR for probe.joblib, probe.json and metrics.json")
-    p.add_argument("--predict", default=None,
-                   help="FILE.parquet or .csv: uri, predicted label and p_<class> for every ok row")
+    p.add_argument(
+        "--predict", default=None, help="FILE.parquet or .csv: uri, predicted label and p_<class> for every ok row"
+    )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
     p.set_defaults(func=_cmd_probe)
 
@@ -407,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FEATURIZE_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:500]
-        print(f"{PROG}: error: {type(exc).__name__}: {first} (set FEATURIZE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: {type(exc).__name__}: {first} (set FEATURIZE_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
     finally:
         schema.set_command(None)

@@ -27,17 +27,25 @@ class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     renamed: ClassVar[dict[str, str]] = {}  # old option name -> new: refused, naming the new one (see SlidesConfig)
 
-    input: str = Field(description="Folder (recursive), glob, list file (.txt/.csv/.parquet with a `uri` column), "
-                                   "or a manifest; local path or fsspec URL.")
+    input: str = Field(
+        description="Folder (recursive), glob, list file (.txt/.csv/.parquet with a `uri` column), "
+        "or a manifest; local path or fsspec URL."
+    )
     output: str = Field(description="Output folder (local path or fsspec URL).")
     model: str = Field(description="Hugging Face hub id or local folder of the checkpoint.")
-    prompts: str | None = Field(None, description="Prompt set: YAML with `concepts` and `templates`, or a text file, "
-                                                  "one prompt a line; without it, a features-only run (no "
-                                                  "concept_logits).")
-    features: str = Field("embedding", description="What image_features holds: `embedding` (projected, "
-                                                   "L2-normalised) or `hidden:LAYER:POOL`, the image tower's "
-                                                   "hidden_states[LAYER] pooled as cls, mean, patch or cls_patch "
-                                                   "(float16, not normalised; no prompts).")
+    prompts: str | None = Field(
+        None,
+        description="Prompt set: YAML with `concepts` and `templates`, or a text file, "
+        "one prompt a line; without it, a features-only run (no "
+        "concept_logits).",
+    )
+    features: str = Field(
+        "embedding",
+        description="What image_features holds: `embedding` (projected, "
+        "L2-normalised) or `hidden:LAYER:POOL`, the image tower's "
+        "hidden_states[LAYER] pooled as cls, mean, patch or cls_patch "
+        "(float16, not normalised; no prompts).",
+    )
     revision: str | None = Field(None, description="Hub revision; pin a commit hash for unattended runs.")
     trust_remote_code: bool = Field(False, description="Allow the checkpoint's own Python code (ConceptCLIP needs it).")
     dtype: DType = Field("auto", description="Model dtype; auto = float32 on CPU, bfloat16 on GPU.")
@@ -45,23 +53,36 @@ class JobConfig(BaseModel):
     batch_size: int = Field(0, ge=0, description="Images per model batch; 0 = chosen from the device.")
     num_actors: int = Field(0, ge=0, description="Model actors; 0 = one per GPU, else sized from the CPUs.")
     decode_batch_size: int = Field(32, ge=1, description="Images per decode task batch.")
-    rows_per_shard: int = Field(0, ge=0, description="Rows per Parquet shard (one work unit); 0 = about 128 MB of "
-                                                     "row data a shard, from the row's width.")
+    rows_per_shard: int = Field(
+        0,
+        ge=0,
+        description="Rows per Parquet shard (one work unit); 0 = about 128 MB of "
+        "row data a shard, from the row's width.",
+    )
     torch_threads: int = Field(0, ge=0, description="Torch CPU threads per actor; 0 = the CPUs of its node / actors.")
-    storage_options: dict[str, Any] = Field(default_factory=dict,
-                                            description="fsspec storage options for input and output.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for input and output."
+    )
     stall_timeout_s: float = Field(900.0, gt=0, description="Fail the run when nothing progresses this long, seconds.")
     incremental: bool = Field(False, description="Process only new or changed inputs into an existing OUTPUT.")
-    new_version: bool = Field(False, description="Allow a changed model/revision/dtype/prompt set in an existing OUTPUT.")
-    dry_run: bool = Field(False, description="List and plan only: print what a run would do (last line JSON); "
-                                             "start no model, write nothing to OUTPUT.")
+    new_version: bool = Field(
+        False, description="Allow a changed model/revision/dtype/prompt set in an existing OUTPUT."
+    )
+    dry_run: bool = Field(
+        False,
+        description="List and plan only: print what a run would do (last line JSON); "
+        "start no model, write nothing to OUTPUT.",
+    )
     fail_on_error: bool = Field(False, description="Exit with status 1 when any input became an error row.")
-    torch_compile: bool = Field(False, description="torch.compile the image encoder (GPU; the first batches are slow "
-                                                    "while it compiles).")
-    verbose: bool = Field(False, description="Show Ray's own logs and progress bars and the workers' output "
-                                             "(quiet by default).")
-    progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines when the output is "
-                                                               "not a terminal (job logs).")
+    torch_compile: bool = Field(
+        False, description="torch.compile the image encoder (GPU; the first batches are slow while it compiles)."
+    )
+    verbose: bool = Field(
+        False, description="Show Ray's own logs and progress bars and the workers' output (quiet by default)."
+    )
+    progress_interval_s: float = Field(
+        30.0, gt=0, description="Seconds between progress lines when the output is not a terminal (job logs)."
+    )
 
     @field_validator("storage_options", mode="before")
     @classmethod
@@ -78,11 +99,13 @@ class RunConfig(JobConfig):
     """Options of `featurize images` (and the job entry points that run the same thing)."""
 
     max_image_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb limit, in pixels.")
-    retry_errors: bool = Field(False, description="Also reprocess inputs whose newest committed row is an error "
-                                                  "row.")
-    fast_decode: bool = Field(False, description="Approximate but faster: JPEGs decode at a reduced scale (at least "
-                                                  "twice the model input); features drift slightly from the "
-                                                  "processor's (see BENCHMARKS.md).")
+    retry_errors: bool = Field(False, description="Also reprocess inputs whose newest committed row is an error row.")
+    fast_decode: bool = Field(
+        False,
+        description="Approximate but faster: JPEGs decode at a reduced scale (at least "
+        "twice the model input); features drift slightly from the "
+        "processor's (see BENCHMARKS.md).",
+    )
 
 
 class SlidesConfig(JobConfig):
@@ -92,18 +115,22 @@ class SlidesConfig(JobConfig):
     # config file, is refused with one line that names the new one (cli.add_model_options, make_config).
     renamed: ClassVar[dict[str, str]] = {"mpp": "target_mpp", "overlap": "overlap_px"}
 
-    target_mpp: float = Field(0.5, gt=0, description="Target microns per pixel of the tiles (0.5 um/px is about "
-                                                     "20x).")
+    target_mpp: float = Field(0.5, gt=0, description="Target microns per pixel of the tiles (0.5 um/px is about 20x).")
     tile_px: int = Field(0, ge=0, description="Tile side in pixels at --target-mpp; 0 = the model's input size.")
     overlap_px: int = Field(0, ge=0, description="Pixels (at --target-mpp) each tile shares with its neighbours.")
     min_tissue: float = Field(0.25, ge=0, le=1, description="Minimum tissue fraction of a tile for it to be scored.")
-    slide_mpp: float | None = Field(None, gt=0, description="Level-0 microns per pixel of every slide, overriding "
-                                                            "their metadata.")
+    slide_mpp: float | None = Field(
+        None, gt=0, description="Level-0 microns per pixel of every slide, overriding their metadata."
+    )
     reader: Literal["auto", "tiffslide", "openslide"] = Field(
-        "auto", description="Slide reader; auto = tiffslide (local or remote), openslide for what only it reads.")
+        "auto", description="Slide reader; auto = tiffslide (local or remote), openslide for what only it reads."
+    )
     top_k: int = Field(16, ge=1, description="Per slide and concept, the mean of the k highest tile logits.")
-    concept_maps: bool = Field(False, description="Also store each tile's patch-level concept scores (float16; "
-                                                  "models with ConceptCLIP's concept head).")
+    concept_maps: bool = Field(
+        False,
+        description="Also store each tile's patch-level concept scores (float16; "
+        "models with ConceptCLIP's concept head).",
+    )
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -141,8 +168,9 @@ def make_config(cls: type[BaseModel], options: dict[str, Any]) -> Any:
     renamed = getattr(cls, "renamed", {})
     old = [name for name in options if name in renamed]
     if old:
-        raise UserError("; ".join(f"option {name} is now {renamed[name]} (--{renamed[name].replace('_', '-')})"
-                                  for name in old))
+        raise UserError(
+            "; ".join(f"option {name} is now {renamed[name]} (--{renamed[name].replace('_', '-')})" for name in old)
+        )
     try:
         return cls(**options)
     except ValidationError as exc:

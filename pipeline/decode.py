@@ -70,10 +70,17 @@ def spec_from_image_processor(ip, name: str | None = None) -> PreprocessSpec:
     do_crop = bool(getattr(ip, "do_center_crop", False))
     if short and not _size_field(size, "longest_edge"):
         if not do_crop or not crop:
-            raise UserError(f"image processor {name} resizes the shortest edge without a centre crop; "
-                            "the pipeline needs a fixed input size")
-        return PreprocessSpec("shortest_edge", int(_size_field(crop, "height")), int(_size_field(crop, "width")),
-                              shortest_edge=int(short), **common)
+            raise UserError(
+                f"image processor {name} resizes the shortest edge without a centre crop; "
+                "the pipeline needs a fixed input size"
+            )
+        return PreprocessSpec(
+            "shortest_edge",
+            int(_size_field(crop, "height")),
+            int(_size_field(crop, "width")),
+            shortest_edge=int(short),
+            **common,
+        )
     if h and w:
         if do_crop and crop:
             raise UserError(f"image processor {name}: resize to {h}x{w} followed by a crop is not supported")
@@ -135,10 +142,10 @@ def centre_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
         ph, pw = max(height, h), max(width, w)
         padded = np.zeros((ph, pw, 3), dtype=arr.dtype)
         top, left = -(-(ph - h) // 2), -(-(pw - w) // 2)
-        padded[top:top + h, left:left + w] = arr
+        padded[top : top + h, left : left + w] = arr
         arr, h, w = padded, ph, pw
     top, left = (h - height) // 2, (w - width) // 2
-    return arr[top:top + height, left:left + width]
+    return arr[top : top + height, left : left + width]
 
 
 def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
@@ -158,8 +165,11 @@ def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
         raise InputError(f"not a readable image ({type(exc).__name__}: {exc})", "unsupported") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise InputError(f"image is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
-                         f"{max_pixels} (raise max_image_pixels if it is genuine)", "too_large")
+        raise InputError(
+            f"image is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
+            f"{max_pixels} (raise max_image_pixels if it is genuine)",
+            "too_large",
+        )
     try:
         img.seek(0)  # first frame of animations
         if draft_px and img.format == "JPEG":
@@ -209,8 +219,13 @@ def read_input(uri: str, storage_options: dict | None = None) -> bytes:
     raise AssertionError("unreachable")
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int,
-                 storage_options: dict | None = None, fast: bool = False) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    spec: PreprocessSpec,
+    max_pixels: int,
+    storage_options: dict | None = None,
+    fast: bool = False,
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: rows with `uri` -> the same rows plus pixels, status, error, error_class, width,
     height."""
     t = time.perf_counter()
@@ -226,8 +241,11 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels:
     fault = None  # after an environment fault that outlasted the retries, the rest of the batch is not tried
     for i, uri in enumerate(uris):
         if fault is not None:
-            status[i], error[i], error_class[i] = "error", f"not read after an earlier fault in its batch: {fault[0]}", \
-                fault[1]
+            status[i], error[i], error_class[i] = (
+                "error",
+                f"not read after an earlier fault in its batch: {fault[0]}",
+                fault[1],
+            )
             continue
         try:
             t_read = time.perf_counter()
@@ -240,9 +258,16 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels:
                 fault = (error[i], error_class[i])
     out = dict(batch)
     per_row = max(n, 1)
-    out.update(pixels=pixels, status=status, error=error, error_class=error_class, width=width, height=height,
-               read_s=np.full(n, read_s / per_row),
-               decode_s=np.full(n, (time.perf_counter() - t - read_s) / per_row))
+    out.update(
+        pixels=pixels,
+        status=status,
+        error=error,
+        error_class=error_class,
+        width=width,
+        height=height,
+        read_s=np.full(n, read_s / per_row),
+        decode_s=np.full(n, (time.perf_counter() - t - read_s) / per_row),
+    )
     return out
 
 

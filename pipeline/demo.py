@@ -83,10 +83,18 @@ def run_demo(output: str, n_images: int = 64, echo=print, command_started: float
         return copy_demo_model(root / "model")
 
     started_ray, model = while_ray_starts(prepare)  # the demo's inputs are made while Ray starts
-    echo(f"featurize demo: {n_images} generated images and a tiny RANDOM-WEIGHT model with ConceptCLIP's "
-         f"interface in {root} ({time.perf_counter() - t:.1f} s, Ray started meanwhile)")
-    cfg = RunConfig(input=str(images), output=output, model=str(model), prompts=str(prompts),
-                    trust_remote_code=True, rows_per_shard=max(1, n_images // 4))
+    echo(
+        f"featurize demo: {n_images} generated images and a tiny RANDOM-WEIGHT model with ConceptCLIP's "
+        f"interface in {root} ({time.perf_counter() - t:.1f} s, Ray started meanwhile)"
+    )
+    cfg = RunConfig(
+        input=str(images),
+        output=output,
+        model=str(model),
+        prompts=str(prompts),
+        trust_remote_code=True,
+        rows_per_shard=max(1, n_images // 4),
+    )
     try:
         record = run_images(cfg, echo=echo, command_started=command_started)
     finally:
@@ -97,13 +105,19 @@ def run_demo(output: str, n_images: int = 64, echo=print, command_started: float
     table = pq.read_table(Path(output) / "part-00000.parquet")
     names = pq.read_table(Path(output) / "_prompts.parquet").column("concept").to_pylist()
     c = record["counts"]
-    echo(f"featurize demo: {c['processed']} images -> {c['ok']} ok, {c['error']} error in "
-         f"{record['wall_s']:.1f} s ({record['images_per_s']} images/s); shards and metadata in {output}")
+    echo(
+        f"featurize demo: {c['processed']} images -> {c['ok']} ok, {c['error']} error in "
+        f"{record['wall_s']:.1f} s ({record['images_per_s']} images/s); shards and metadata in {output}"
+    )
     first = table.slice(0, 1).to_pylist()[0]
     if first["status"] == "ok":
         scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(names, first["concept_logits"]))
-        echo(f"featurize demo: {Path(first['uri']).name}: {len(first['image_features'])}-d features; "
-             f"concept logits {scores}")
-    echo("featurize demo: the weights are RANDOM, so these numbers are meaningless; they only show the pipeline "
-         "works. See README 'Running the real ConceptCLIP'.")
+        echo(
+            f"featurize demo: {Path(first['uri']).name}: {len(first['image_features'])}-d features; "
+            f"concept logits {scores}"
+        )
+    echo(
+        "featurize demo: the weights are RANDOM, so these numbers are meaningless; they only show the pipeline "
+        "works. See README 'Running the real ConceptCLIP'."
+    )
     return record

@@ -67,9 +67,18 @@ class EncodeBatch:
     """Ray Data callable class: decoded rows -> rows with `image_features` (and `concept_logits` when there is a
     prompt set)."""
 
-    def __init__(self, model_spec: ModelSpec, preprocess: PreprocessSpec, prompt_set: PromptSet | None,
-                 torch_threads: int = 0, board=None, micro_batch: int = 0, concept_maps: bool = False,
-                 compile: bool = False, features: FeatureSpec = FeatureSpec()):
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        preprocess: PreprocessSpec,
+        prompt_set: PromptSet | None,
+        torch_threads: int = 0,
+        board=None,
+        micro_batch: int = 0,
+        concept_maps: bool = False,
+        compile: bool = False,
+        features: FeatureSpec | None = None,
+    ):
         started, phases = time.time(), StartPhases()
         quiet_libraries()  # actors on other nodes do not inherit the driver's environment
         import torch
@@ -80,7 +89,7 @@ class EncodeBatch:
         phases.mark("transformers_import_s")
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.features = features
+        self.features = features or FeatureSpec()
         self.encoder = Encoder(model_spec, preprocess, compile=compile)
         phases.mark("model_load_s")
         # Without a prompt set (features-only runs) there are no text embeddings and no concept logits.
@@ -97,14 +106,26 @@ class EncodeBatch:
         if board is not None:
             import ray
 
-            posts = [board.put.remote("actor_start", {"started_at": started, **phases.seconds(),
-                                                      "device": str(self.encoder.device), "pid": os.getpid()})]
+            posts = [
+                board.put.remote(
+                    "actor_start",
+                    {"started_at": started, **phases.seconds(), "device": str(self.encoder.device), "pid": os.getpid()},
+                )
+            ]
             if self.text_embeddings is not None:
-                posts.append(board.put.remote("prompts", {
-                    "text_embeddings": self.text_embeddings, "logit_scale": self.encoder.logit_scale,
-                    "logit_bias": self.encoder.logit_bias, "device": str(self.encoder.device),
-                    "dtype": str(self.encoder.dtype).replace("torch.", ""), "pid": os.getpid(),
-                }))
+                posts.append(
+                    board.put.remote(
+                        "prompts",
+                        {
+                            "text_embeddings": self.text_embeddings,
+                            "logit_scale": self.encoder.logit_scale,
+                            "logit_bias": self.encoder.logit_bias,
+                            "device": str(self.encoder.device),
+                            "dtype": str(self.encoder.dtype).replace("torch.", ""),
+                            "pid": os.getpid(),
+                        },
+                    )
+                )
             # Waited for: the driver writes _prompts.parquet before the first shard, and finds it here by then.
             ray.get(posts)
 
@@ -113,8 +134,9 @@ class EncodeBatch:
         pixels = batch.pop("pixels")
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()
-        error_class = np.asarray(batch.get("error_class", np.full(len(status), None, dtype=object)),
-                                 dtype=object).copy()
+        error_class = np.asarray(
+            batch.get("error_class", np.full(len(status), None, dtype=object)), dtype=object
+        ).copy()
         n, dim = len(status), self.dim
         features = np.zeros((n, dim), dtype=np.float16)
         encoded_ok = np.zeros((n, dim), dtype=np.float32)
@@ -133,8 +155,13 @@ class EncodeBatch:
             batch["concept_logits"] = logits
         if self.concept_maps:
             batch["concept_maps"] = maps
-        batch.update(status=status, error=error, error_class=error_class, image_features=features,
-                     model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+        batch.update(
+            status=status,
+            error=error,
+            error_class=error_class,
+            image_features=features,
+            model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)),
+        )
         return batch
 
     def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
@@ -149,9 +176,9 @@ class EncodeBatch:
         failed: dict[int, tuple[str, str]] = {}
         start = 0
         while start < n:
-            chunk = pixels[start:start + step]
+            chunk = pixels[start : start + step]
             try:
-                out[start:start + len(chunk)] = self._encode_chunk(chunk)
+                out[start : start + len(chunk)] = self._encode_chunk(chunk)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if step == 1:
@@ -170,7 +197,7 @@ class EncodeBatch:
                     continue
                 for j in range(len(chunk)):
                     try:
-                        out[start + j] = self._encode_chunk(chunk[j:j + 1])[0]
+                        out[start + j] = self._encode_chunk(chunk[j : j + 1])[0]
                     except Exception as one:
                         cls = "device" if is_device_error(one) else "model"
                         failed[start + j] = (f"model failed on this image ({type(one).__name__}: {one})"[:500], cls)

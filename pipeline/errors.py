@@ -61,5 +61,10 @@ def is_device_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
     if "out of memory" in text.lower():
         return False
-    return type(exc).__name__ in ("AcceleratorError", "CudaError") or "CUDA error" in text or "CUBLAS_STATUS" in text \
-        or "cuDNN error" in text or "device-side assert" in text
+    return (
+        type(exc).__name__ in ("AcceleratorError", "CudaError")
+        or "CUDA error" in text
+        or "CUBLAS_STATUS" in text
+        or "cuDNN error" in text
+        or "device-side assert" in text
+    )

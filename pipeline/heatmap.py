@@ -74,8 +74,11 @@ class SlideOutput:
         fs = PyFileSystem(FSSpecHandler(self.out.fs)) if is_remote(self.out.url) else None
         dataset = pads.dataset(paths, format="parquet", filesystem=fs)
         columns = ["x", "y", "concept_logits"] + (["concept_maps"] if "concept_maps" in dataset.schema.names else [])
-        where = ((pads.field("uri") == slide["uri"]) & (pads.field("run_id") == slide["run_id"])
-                 & (pads.field("status") == "ok"))
+        where = (
+            (pads.field("uri") == slide["uri"])
+            & (pads.field("run_id") == slide["run_id"])
+            & (pads.field("status") == "ok")
+        )
         return dataset.to_table(columns=columns, filter=where)
 
 
@@ -110,8 +113,8 @@ def tile_grid_values(tiles: pa.Table, slide: dict, k: int, use_maps: bool) -> tu
     count = np.zeros((rows, cols), np.int32)
     for x, y, v in zip(xs, ys, values):
         c, r = int(round(x / cell)), int(round(y / cell))
-        total[r:r + span, c:c + span] += v
-        count[r:r + span, c:c + span] += 1
+        total[r : r + span, c : c + span] += v
+        count[r : r + span, c : c + span] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         grid = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return grid, (offset, offset + cols * cell, offset + rows * cell, offset)
@@ -126,8 +129,12 @@ def thumbnail(slide: dict, storage_options: dict | None, reader: str | None = No
     try:
         handle = open_slide(slide["uri"], reader or slide.get("reader") or "auto", storage_options)
     except ValueError as exc:
-        log.warning("slide %s (%s) cannot be opened for its thumbnail (%s); drawing on a blank background",
-                    slide["slide_id"], slide["uri"], exc)
+        log.warning(
+            "slide %s (%s) cannot be opened for its thumbnail (%s); drawing on a blank background",
+            slide["slide_id"],
+            slide["uri"],
+            exc,
+        )
         return None
     try:
         fits = [i for i, (w, h) in enumerate(handle.level_dimensions) if max(w, h) <= THUMBNAIL_PX]
@@ -140,8 +147,15 @@ def thumbnail(slide: dict, storage_options: dict | None, reader: str | None = No
         handle.close()
 
 
-def draw(path: str | Path, slide: dict, concept: str, grid: np.ndarray, extent: tuple, background: np.ndarray | None,
-         label: str) -> Path:
+def draw(
+    path: str | Path,
+    slide: dict,
+    concept: str,
+    grid: np.ndarray,
+    extent: tuple,
+    background: np.ndarray | None,
+    label: str,
+) -> Path:
     """Write the PNG: thumbnail, the values on top (transparent where no tile was scored), title and colour bar."""
     from matplotlib.figure import Figure
 
@@ -159,12 +173,27 @@ def draw(path: str | Path, slide: dict, concept: str, grid: np.ndarray, extent: 
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if vmax <= vmin:
         vmin, vmax = vmin - 0.5, vmax + 0.5
-    image = ax.imshow(np.ma.masked_invalid(grid), extent=extent, cmap="inferno", alpha=0.75, vmin=vmin, vmax=vmax,
-                      interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(grid),
+        extent=extent,
+        cmap="inferno",
+        alpha=0.75,
+        vmin=vmin,
+        vmax=vmax,
+        interpolation="nearest",
+    )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    ax.text(0.01, 0.99, f"{slide['slide_id']}: {concept}", transform=ax.transAxes, va="top", ha="left",
-            fontsize=11, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    ax.text(
+        0.01,
+        0.99,
+        f"{slide['slide_id']}: {concept}",
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=11,
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
     if width >= height:
         cax = ax.inset_axes((0.55, 0.09, 0.42, 0.03))
         bar = fig.colorbar(image, cax=cax, orientation="horizontal")
@@ -180,9 +209,16 @@ def draw(path: str | Path, slide: dict, concept: str, grid: np.ndarray, extent: 
     return path
 
 
-def write_heatmap(result: SlideOutput, slide_id: str, concept: str, path: str | Path,
-                  storage_options: dict | None = None, reader: str | None = None, tile_logits: bool = False,
-                  background: np.ndarray | None = None) -> Path:
+def write_heatmap(
+    result: SlideOutput,
+    slide_id: str,
+    concept: str,
+    path: str | Path,
+    storage_options: dict | None = None,
+    reader: str | None = None,
+    tile_logits: bool = False,
+    background: np.ndarray | None = None,
+) -> Path:
     """One slide, one concept -> PNG at `path`."""
     slide = result.slide(slide_id)
     k = result.concept_index(concept)
@@ -202,8 +238,13 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "_"
 
 
-def write_all(result: SlideOutput, folder: str | Path, storage_options: dict | None = None, reader: str | None = None,
-              tile_logits: bool = False) -> list[Path]:
+def write_all(
+    result: SlideOutput,
+    folder: str | Path,
+    storage_options: dict | None = None,
+    reader: str | None = None,
+    tile_logits: bool = False,
+) -> list[Path]:
     """One PNG per slide with scored tiles and concept: FOLDER/<slide_id>.<concept>.png."""
     written = []
     for slide in result.slides.to_pylist():
@@ -213,9 +254,18 @@ def write_all(result: SlideOutput, folder: str | Path, storage_options: dict | N
         for concept in result.concepts:
             path = Path(folder) / f"{_safe(slide['slide_id'])}.{_safe(concept)}.png"
             try:
-                written.append(write_heatmap(result, slide["slide_id"], concept, path, storage_options, reader,
-                                             tile_logits, background=background if background is not None else
-                                             np.full((2, 2, 3), 255, np.uint8)))
+                written.append(
+                    write_heatmap(
+                        result,
+                        slide["slide_id"],
+                        concept,
+                        path,
+                        storage_options,
+                        reader,
+                        tile_logits,
+                        background=background if background is not None else np.full((2, 2, 3), 255, np.uint8),
+                    )
+                )
             except UserError as exc:  # a slide whose tiles all failed: say so, draw the others
                 log.warning("%s", exc)
                 break

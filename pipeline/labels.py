@@ -30,8 +30,10 @@ def probabilities(logits: np.ndarray, kind: str, softmax: bool = False) -> np.nd
         return shifted / shifted.sum(axis=1, keepdims=True)
     if kind in SIGMOID_KINDS:
         return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid, without overflow for large |logit|
-    raise UserError(f"model kind {kind!r} has no concept logits to label (expected one of "
-                    f"{', '.join(SOFTMAX_KINDS + SIGMOID_KINDS)})")
+    raise UserError(
+        f"model kind {kind!r} has no concept logits to label (expected one of "
+        f"{', '.join(SOFTMAX_KINDS + SIGMOID_KINDS)})"
+    )
 
 
 def top_k(table: pa.Table, k: int, concepts: list[str], *, kind: str, softmax: bool = False) -> pa.Table:
@@ -90,14 +92,28 @@ def label_output(output: str, k: int, storage_options: dict | None = None, softm
     """`top_k` over every current ok row of an OUTPUT (images, slides or a rescore)."""
     source = ScoredOutput(output, storage_options)
     if not source.has_logits:
-        raise UserError(f"{output} has no concept logits (a features-only run); score it with `featurize rescore "
-                        f"{output} --prompts P.yaml --out OUT2`, then label OUT2")
+        raise UserError(
+            f"{output} has no concept logits (a features-only run); score it with `featurize rescore "
+            f"{output} --prompts P.yaml --out OUT2`, then label OUT2"
+        )
     kind = source.identity.get("kind", "")
     keys = [c for c in source.keys if c in source.columns] if source.is_slides else ["uri"]
-    parts = [top_k(chunk, k, source.concepts, kind=kind, softmax=softmax)
-             for chunk in source.chunks([*keys, "status", "concept_logits"])]
+    parts = [
+        top_k(chunk, k, source.concepts, kind=kind, softmax=softmax)
+        for chunk in source.chunks([*keys, "status", "concept_logits"])
+    ]
     if parts:
         return pa.concat_tables(parts)
-    return top_k(pa.table({**{c: pa.array([], pa.string()) for c in keys}, "status": pa.array([], pa.string()),
-                           "concept_logits": pa.array([], pa.list_(pa.float32()))}),
-                 k, source.concepts, kind=kind, softmax=softmax)
+    return top_k(
+        pa.table(
+            {
+                **{c: pa.array([], pa.string()) for c in keys},
+                "status": pa.array([], pa.string()),
+                "concept_logits": pa.array([], pa.list_(pa.float32())),
+            }
+        ),
+        k,
+        source.concepts,
+        kind=kind,
+        softmax=softmax,
+    )

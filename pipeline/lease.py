@@ -77,7 +77,7 @@ def _proc_stat(pid: int) -> tuple[str | None, int | None]:
             stat = f.read().decode("ascii", "replace")
     except (OSError, ValueError):
         return None, None
-    fields = stat[stat.rfind(")") + 2:].split()  # fields[0] is field 3 (state); the command may contain spaces
+    fields = stat[stat.rfind(")") + 2 :].split()  # fields[0] is field 3 (state); the command may contain spaces
     try:
         return fields[0], int(fields[19])  # field 22: starttime
     except (IndexError, ValueError):
@@ -148,8 +148,9 @@ def _parse(data: bytes) -> dict | None:
 
 def _is_precondition(exc: BaseException) -> bool:
     text = f"{exc} {exc.__cause__!r}".lower()
-    return any(w in text for w in ("preconditionfailed", "pre-conditions", "conditionalrequestconflict",
-                                   "precondition failed"))
+    return any(
+        w in text for w in ("preconditionfailed", "pre-conditions", "conditionalrequestconflict", "precondition failed")
+    )
 
 
 class _LocalBackend:
@@ -317,8 +318,8 @@ class _S3Backend:
 
     def delete_if(self, etag: Any) -> bool:
         done, _ = self._conditional(
-            lambda: self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag),
-            FileNotFoundError)
+            lambda: self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag), FileNotFoundError
+        )
         return done
 
     def replace_if(self, data: bytes, etag: Any) -> Any:
@@ -400,11 +401,14 @@ class Lease:
     `lost` (why the lease was lost, else None).
     """
 
-    def __init__(self, output_url: str, storage_options: dict | None, run_id: str, stale_after_s: float,
-                 heartbeat_s: float):
+    def __init__(
+        self, output_url: str, storage_options: dict | None, run_id: str, stale_after_s: float, heartbeat_s: float
+    ):
         if not heartbeat_s > 0 or not stale_after_s > heartbeat_s:
-            raise ValueError(f"lease heartbeat ({heartbeat_s} s) must be positive and shorter than the stale limit "
-                             f"({stale_after_s} s)")
+            raise ValueError(
+                f"lease heartbeat ({heartbeat_s} s) must be positive and shorter than the stale limit "
+                f"({stale_after_s} s)"
+            )
         self.url = output_url.rstrip("/")
         self.storage_options = storage_options or {}
         self.lease_url = join(self.url, LEASE_NAME)
@@ -430,8 +434,14 @@ class Lease:
 
     # -- acquisition ----------------------------------------------------------------------------------------------
     @classmethod
-    def acquire(cls, output_url: str, storage_options: dict | None, run_id: str,
-                stale_after_s: float = LEASE_STALE_S, heartbeat_s: float = LEASE_HEARTBEAT_S) -> "Lease":
+    def acquire(
+        cls,
+        output_url: str,
+        storage_options: dict | None,
+        run_id: str,
+        stale_after_s: float = LEASE_STALE_S,
+        heartbeat_s: float = LEASE_HEARTBEAT_S,
+    ) -> Lease:
         """Take the lease on OUTPUT (creating the folder if local), or raise UserError naming the run holding it.
 
         Takes over a dead lease (see the module docstring), sweeps temp files of dead writers (`swept`), and starts
@@ -451,10 +461,18 @@ class Lease:
         return lease
 
     def _record(self, now: float) -> dict:
-        return {"run_id": self.run_id, "holder": self.holder, "host": self.host, "pid": self.pid,
-                "pid_start": self.pid_start, "pid_ns": self.pid_ns, "boot_id": self.boot_id,
-                "started_at": _now_iso(self.started_unix),
-                "heartbeat_at": _now_iso(now), "heartbeat_unix": now}
+        return {
+            "run_id": self.run_id,
+            "holder": self.holder,
+            "host": self.host,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "pid_ns": self.pid_ns,
+            "boot_id": self.boot_id,
+            "started_at": _now_iso(self.started_unix),
+            "heartbeat_at": _now_iso(now),
+            "heartbeat_unix": now,
+        }
 
     @staticmethod
     def _encode(record: dict) -> bytes:
@@ -482,11 +500,19 @@ class Lease:
             if self._backend.delete_if(current.token):
                 record = current.record or {}
                 self.previous = current.record
-                log.warning("taking over the lease on %s from run %s (host %s, pid %s): %s", self.url,
-                            record.get("run_id", "?"), record.get("host", "?"), record.get("pid", "?"), why_dead)
+                log.warning(
+                    "taking over the lease on %s from run %s (host %s, pid %s): %s",
+                    self.url,
+                    record.get("run_id", "?"),
+                    record.get("host", "?"),
+                    record.get("pid", "?"),
+                    why_dead,
+                )
             # Read again: create ours if the lease is gone; if another taker was quicker, its lease is alive.
-        raise UserError(f"could not take the lease on output {self.url}: {self.lease_url} kept changing while "
-                        "this run tried to take it; another run is starting there: try again in a minute")
+        raise UserError(
+            f"could not take the lease on output {self.url}: {self.lease_url} kept changing while "
+            "this run tried to take it; another run is starting there: try again in a minute"
+        )
 
     def _dead_reason(self, current: _Current) -> str | None:
         """Why the lease is dead, or None if it may be alive."""
@@ -509,6 +535,7 @@ class Lease:
 
     def _same_pid_space(self, record: dict) -> bool:
         """Whether the lease's pid can be looked up here: same host name, boot and PID namespace (when known)."""
+
         def same(key: str, ours: str | None) -> bool:
             return record.get(key) is None or ours is None or record.get(key) == ours
 
@@ -517,15 +544,19 @@ class Lease:
     def _refusal(self, current: _Current) -> str:
         record = current.record
         if record is None:
-            return (f"output {self.url} has an unreadable lease file {self.lease_url}, written less than "
-                    f"{self.stale_after_s:g} s ago; if no run is writing there, delete it")
+            return (
+                f"output {self.url} has an unreadable lease file {self.lease_url}, written less than "
+                f"{self.stale_after_s:g} s ago; if no run is writing there, delete it"
+            )
         try:
             ago = f"{max(0.0, time.time() - float(record.get('heartbeat_unix'))):.0f} s ago"
         except (TypeError, ValueError):
             ago = "at an unknown time"
-        return (f"output {self.url} is being written by run {record.get('run_id', '?')} (host "
-                f"{record.get('host', '?')}, pid {record.get('pid', '?')}), last heartbeat {ago}; wait for it to "
-                f"finish or stop it (a lease whose heartbeat is older than {self.stale_after_s:g} s is taken over)")
+        return (
+            f"output {self.url} is being written by run {record.get('run_id', '?')} (host "
+            f"{record.get('host', '?')}, pid {record.get('pid', '?')}), last heartbeat {ago}; wait for it to "
+            f"finish or stop it (a lease whose heartbeat is older than {self.stale_after_s:g} s is taken over)"
+        )
 
     # -- heartbeat ------------------------------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -574,11 +605,15 @@ class Lease:
 
     def _lost_message(self) -> str:
         if self.lost == "vanished":
-            return (f"the lease on output {self.url} ({self.lease_url}) was deleted by someone else; this run stops; "
-                    "rerun to resume")
+            return (
+                f"the lease on output {self.url} ({self.lease_url}) was deleted by someone else; this run stops; "
+                "rerun to resume"
+            )
         by = self._lost_by or {}
-        return (f"the lease on output {self.url} was taken over by run {by.get('run_id', '?')} (host "
-                f"{by.get('host', '?')}, pid {by.get('pid', '?')}); this run stops; rerun to resume")
+        return (
+            f"the lease on output {self.url} was taken over by run {by.get('run_id', '?')} (host "
+            f"{by.get('host', '?')}, pid {by.get('pid', '?')}); this run stops; rerun to resume"
+        )
 
     # -- public -----------------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -596,9 +631,11 @@ class Lease:
                 raise UserError(f"the lease on output {self.url} was released; this run stops; rerun to resume")
             lapse = time.time() - self._last_beat_unix
             if lapse > self.stale_after_s:
-                raise UserError(f"this run could not renew its lease on output {self.url} for {lapse:.0f} s "
-                                f"(limit {self.stale_after_s:g} s), so another run may take it over; this run "
-                                "stops; rerun to resume")
+                raise UserError(
+                    f"this run could not renew its lease on output {self.url} for {lapse:.0f} s "
+                    f"(limit {self.stale_after_s:g} s), so another run may take it over; this run "
+                    "stops; rerun to resume"
+                )
 
     def update(self, run_id: str) -> None:
         """Record another run id (a run that resumes an older run id) and beat now; UserError if the lease is lost."""
@@ -632,7 +669,7 @@ class Lease:
             except Exception as exc:
                 log.warning("could not remove the lease %s: %s: %s", self.lease_url, type(exc).__name__, exc)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,11 +26,16 @@ from .decode import PreprocessSpec, spec_from_image_processor
 from .errors import UserError, first_line
 from .prompts import PromptSet, ensemble
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-TRANSFORMERS_5_HINT = ("this checkpoint's remote code does not load under transformers 5 (it never calls post_init); "
-                       "install 'transformers<5' for it")
+TRANSFORMERS_5_HINT = (
+    "this checkpoint's remote code does not load under transformers 5 (it never calls post_init); "
+    "install 'transformers<5' for it"
+)
 
 
 class Secret:
@@ -113,8 +119,10 @@ def parse_features(text: str) -> FeatureSpec:
             return FeatureSpec("hidden", int(parts[1]), parts[2])
         except ValueError:
             pass
-    raise UserError(f"--features {text!r}: use 'embedding' or 'hidden:LAYER:POOL' with LAYER an index into the "
-                    f"image tower's hidden states (e.g. -2) and POOL one of {', '.join(HIDDEN_POOLS)}")
+    raise UserError(
+        f"--features {text!r}: use 'embedding' or 'hidden:LAYER:POOL' with LAYER an index into the "
+        f"image tower's hidden states (e.g. -2) and POOL one of {', '.join(HIDDEN_POOLS)}"
+    )
 
 
 def _load_config_json(model: str, revision: str | None, token: Secret, filename: str = "config.json") -> dict:
@@ -126,8 +134,8 @@ def _load_config_json(model: str, revision: str | None, token: Secret, filename:
         return json.loads(cfg.read_text(encoding="utf-8"))
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UserError(f"model {model} is neither a folder with a checkpoint nor a hub id")
-    from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import hf_hub_download
 
     try:
         cfg = hf_hub_download(model, filename, revision=revision, token=token.get())
@@ -138,8 +146,10 @@ def _load_config_json(model: str, revision: str | None, token: Secret, filename:
     except hf_errors.RevisionNotFoundError:
         raise UserError(f"model {model} has no revision {revision!r}") from None
     except hf_errors.LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
-        raise UserError(f"model {model} is not in the local cache and the hub cannot be reached "
-                        "(check the network, or pass a local folder)") from None
+        raise UserError(
+            f"model {model} is not in the local cache and the hub cannot be reached "
+            "(check the network, or pass a local folder)"
+        ) from None
     except hf_errors.EntryNotFoundError:
         raise UserError(f"model {model} has no {filename}") from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
@@ -147,8 +157,9 @@ def _load_config_json(model: str, revision: str | None, token: Secret, filename:
     return json.loads(Path(cfg).read_text(encoding="utf-8"))
 
 
-def resolve_model(model: str, revision: str | None = None, trust_remote_code: bool = False,
-                  dtype: str = "auto", device: str = "auto") -> ModelSpec:
+def resolve_model(
+    model: str, revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto", device: str = "auto"
+) -> ModelSpec:
     """Check the checkpoint exists, recognise its family, and refuse remote code unless allowed. A local folder is
     named by its absolute path: `./m` and `/abs/m` are one model, and actors on other nodes get a usable path."""
     token = hf_token()
@@ -165,17 +176,24 @@ def resolve_model(model: str, revision: str | None = None, trust_remote_code: bo
     elif config.get("auto_map"):
         kind = "remote"
         if not trust_remote_code:
-            raise UserError(f"model {model} ships its own Python code; review it, then pass --trust-remote-code "
-                            "(and pin --revision to a commit hash)")
+            raise UserError(
+                f"model {model} ships its own Python code; review it, then pass --trust-remote-code "
+                "(and pin --revision to a commit hash)"
+            )
         if not Path(model).is_dir() and not (revision and _COMMIT_RE.match(revision)):
-            log.warning("model %s runs remote code from revision %r, which is not a commit hash: pin --revision "
-                        "to a commit for unattended runs", model, revision or "main")
+            log.warning(
+                "model %s runs remote code from revision %r, which is not a commit hash: pin --revision "
+                "to a commit for unattended runs",
+                model,
+                revision or "main",
+            )
     else:
-        raise UserError(f"model {model} has model_type {model_type!r}; supported: CLIPModel, SiglipModel, "
-                        "CLIPVisionModel, SiglipVisionModel (features only) and remote-code models with "
-                        "ConceptCLIP's interface")
-    return ModelSpec(model, kind, _resolved_revision(model, revision, token), trust_remote_code, dtype, device,
-                     token)
+        raise UserError(
+            f"model {model} has model_type {model_type!r}; supported: CLIPModel, SiglipModel, "
+            "CLIPVisionModel, SiglipVisionModel (features only) and remote-code models with "
+            "ConceptCLIP's interface"
+        )
+    return ModelSpec(model, kind, _resolved_revision(model, revision, token), trust_remote_code, dtype, device, token)
 
 
 def _resolved_revision(model: str, revision: str | None, token: Secret) -> str | None:
@@ -195,11 +213,17 @@ def _vision_layout(vision_config) -> tuple[int, int, int, bool]:
     """(patch tokens, width, layers, whether a class token leads the sequence) of an image tower's config."""
     try:
         patches = (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2
-        return patches, int(vision_config.hidden_size), int(vision_config.num_hidden_layers), \
-            "siglip" not in str(getattr(vision_config, "model_type", ""))
+        return (
+            patches,
+            int(vision_config.hidden_size),
+            int(vision_config.num_hidden_layers),
+            "siglip" not in str(getattr(vision_config, "model_type", "")),
+        )
     except (AttributeError, TypeError, ValueError):
-        raise UserError("cannot tell this model's image-tower layout (image_size, patch_size, hidden_size, "
-                        "num_hidden_layers); --features hidden:... needs a transformers vision tower") from None
+        raise UserError(
+            "cannot tell this model's image-tower layout (image_size, patch_size, hidden_size, "
+            "num_hidden_layers); --features hidden:... needs a transformers vision tower"
+        ) from None
 
 
 def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
@@ -207,25 +231,37 @@ def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
     refuses a layer out of range and `cls` for towers without a class token (SigLIP, ConceptCLIP)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(spec.model, revision=spec.revision, token=spec.token.get(),
-                                        trust_remote_code=spec.kind == "remote")
+    config = AutoConfig.from_pretrained(
+        spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.kind == "remote"
+    )
     vision = config if spec.kind in VISION_ONLY_KINDS else getattr(config, "vision_config", None)
     if vision is None:
-        raise UserError(f"model {spec.model} exposes no transformers image tower (vision_config): --features "
-                        "hidden:... is not available for it; use --features embedding")
+        raise UserError(
+            f"model {spec.model} exposes no transformers image tower (vision_config): --features "
+            "hidden:... is not available for it; use --features embedding"
+        )
     patches, width, layers, has_cls = _vision_layout(vision)
     if not -(layers + 1) <= features.layer <= layers:
-        raise UserError(f"--features {features.name}: model {spec.model} has {layers + 1} hidden states "
-                        f"(embeddings and {layers} layers): LAYER must be in {-(layers + 1)}..{layers}")
+        raise UserError(
+            f"--features {features.name}: model {spec.model} has {layers + 1} hidden states "
+            f"(embeddings and {layers} layers): LAYER must be in {-(layers + 1)}..{layers}"
+        )
     if features.pool == "cls" and not has_cls:
-        raise UserError(f"--features {features.name}: model {spec.model}'s image tower has no class token; "
-                        "use mean, patch or cls_patch")
+        raise UserError(
+            f"--features {features.name}: model {spec.model}'s image tower has no class token; "
+            "use mean, patch or cls_patch"
+        )
     tokens = patches + has_cls
     return {"cls": (width,), "mean": (width,), "patch": (patches, width), "cls_patch": (tokens, width)}[features.pool]
 
 
-def row_widths(spec: ModelSpec, features: FeatureSpec, feature_shape: tuple[int, ...] | None, concepts: int,
-               concept_maps: bool = False) -> dict[str, tuple[int, int]]:
+def row_widths(
+    spec: ModelSpec,
+    features: FeatureSpec,
+    feature_shape: tuple[int, ...] | None,
+    concepts: int,
+    concept_maps: bool = False,
+) -> dict[str, tuple[int, int]]:
     """Per list column of a result row, (values, bytes a value), read from the checkpoint's config.json without
     loading the model: what sizes shards by bytes. The embedding's width is projection_dim / embed_dim, else the
     image tower's hidden_size (SigLIP)."""
@@ -248,11 +284,13 @@ def load_processor(spec: ModelSpec):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(spec.model, revision=spec.revision, token=spec.token.get(),
-                                             trust_remote_code=spec.kind == "remote")
+        return AutoProcessor.from_pretrained(
+            spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.kind == "remote"
+        )
     except Exception as exc:
-        raise UserError(f"model {spec.model}: cannot load its processor ({type(exc).__name__}: "
-                        f"{first_line(exc)})") from None
+        raise UserError(
+            f"model {spec.model}: cannot load its processor ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
 
 
 def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
@@ -265,16 +303,18 @@ def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
             continue
         config = config.get(key, {}) if key else config
         if isinstance(config, dict) and _complete(config):
-            return spec_from_image_processor(SimpleNamespace(**config),
-                                             name=config.get("image_processor_type", filename))
+            return spec_from_image_processor(
+                SimpleNamespace(**config), name=config.get("image_processor_type", filename)
+            )
     processor = load_processor(spec)
     return spec_from_image_processor(getattr(processor, "image_processor", processor))
 
 
 # A saved image-processor configuration that names all of these says everything the resize needs; one that
 # leaves some to its class's defaults is read through the processor class instead.
-COMPLETE_PROCESSOR_KEYS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor",
-                                     "do_normalize", "image_mean", "image_std"})
+COMPLETE_PROCESSOR_KEYS = frozenset(
+    {"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std"}
+)
 NEVER_CROPPING_PROCESSORS = ("SiglipImageProcessor",)  # classes without a centre crop: none to leave to defaults
 
 
@@ -282,8 +322,8 @@ def _complete(config: dict) -> bool:
     if not COMPLETE_PROCESSOR_KEYS <= set(config):
         return False
     return "do_center_crop" in config or str(config.get("image_processor_type", "")).startswith(
-        NEVER_CROPPING_PROCESSORS)
-
+        NEVER_CROPPING_PROCESSORS
+    )
 
 
 def pick_device(device: str) -> str:
@@ -337,11 +377,21 @@ class Encoder:
         import torch
         from transformers import AutoModel, CLIPModel, CLIPVisionModel, SiglipModel, SiglipVisionModel
 
-        cls = {"clip": CLIPModel, "siglip": SiglipModel, "remote": AutoModel, "clip_vision": CLIPVisionModel,
-               "siglip_vision": SiglipVisionModel}[self.spec.kind]
+        cls = {
+            "clip": CLIPModel,
+            "siglip": SiglipModel,
+            "remote": AutoModel,
+            "clip_vision": CLIPVisionModel,
+            "siglip_vision": SiglipVisionModel,
+        }[self.spec.kind]
         try:
-            model = cls.from_pretrained(self.spec.model, revision=self.spec.revision, token=self.spec.token.get(),
-                                        trust_remote_code=self.spec.kind == "remote", dtype=self.dtype)
+            model = cls.from_pretrained(
+                self.spec.model,
+                revision=self.spec.revision,
+                token=self.spec.token.get(),
+                trust_remote_code=self.spec.kind == "remote",
+                dtype=self.dtype,
+            )
         except AttributeError as exc:
             if "all_tied_weights_keys" in str(exc):
                 raise UserError(f"model {self.spec.model}: {TRANSFORMERS_5_HINT}") from None
@@ -351,7 +401,7 @@ class Encoder:
         return model
 
     # -- images -------------------------------------------------------------------------------------------------
-    def pixel_values(self, pixels) -> "torch.Tensor":
+    def pixel_values(self, pixels) -> torch.Tensor:
         """uint8 [B,H,W,3] (numpy or tensor) -> normalised [B,3,H,W] in the model dtype, on the device."""
         import torch
 
@@ -376,7 +426,7 @@ class Encoder:
             rows.add_(shift)
         return buffer.permute(0, 3, 1, 2).to(self.dtype)
 
-    def _pixel_buffer(self, shape) -> "torch.Tensor":
+    def _pixel_buffer(self, shape) -> torch.Tensor:
         """A float32 tensor of `shape` (B, H, W, 3) on the device, reused from call to call (the first rows of a
         larger one for a smaller batch). What pixel_values returns is only valid until its next call."""
         import torch
@@ -384,7 +434,7 @@ class Encoder:
         held = getattr(self, "_pixels", None)
         if held is None or held.shape[1:] != shape[1:] or held.shape[0] < shape[0]:
             held = self._pixels = torch.empty(tuple(shape), dtype=torch.float32, device=self.device)
-        return held[:shape[0]]
+        return held[: shape[0]]
 
     def pixel_affine_rows(self, width: int):
         """(scale, shift) folding rescale and normalisation together, per channel and repeated `width` times: the
@@ -413,11 +463,11 @@ class Encoder:
         step = self.pipeline_rows or max(1, len(pixels))
         starts = range(0, len(pixels), step) or [0]  # an empty batch goes through as it is
         with torch.inference_mode():
-            pieces = [self._image_features(pixels[start:start + step]) for start in starts]
+            pieces = [self._image_features(pixels[start : start + step]) for start in starts]
             features = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return features.cpu().numpy()
 
-    def _image_features(self, pixels) -> "torch.Tensor":
+    def _image_features(self, pixels) -> torch.Tensor:
         import torch
 
         x = self.pixel_values(pixels)
@@ -440,8 +490,12 @@ class Encoder:
             states = tower(pixel_values=self.pixel_values(pixels), output_hidden_states=True).hidden_states
             h = states[features.layer].float()
             patches = h[:, 1:] if has_cls else h
-            pooled = {"cls": lambda: h[:, 0], "mean": lambda: patches.mean(dim=1), "patch": lambda: patches,
-                      "cls_patch": lambda: h}[features.pool]()
+            pooled = {
+                "cls": lambda: h[:, 0],
+                "mean": lambda: patches.mean(dim=1),
+                "patch": lambda: patches,
+                "cls_patch": lambda: h,
+            }[features.pool]()
         return pooled.reshape(len(h), -1).cpu().numpy()
 
     # -- prompts ------------------------------------------------------------------------------------------------
@@ -453,7 +507,7 @@ class Encoder:
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(prompts), 256):
-                chunks.append(self._encode_text(prompts[start:start + 256]))
+                chunks.append(self._encode_text(prompts[start : start + 256]))
         return ensemble(np.concatenate(chunks), prompt_set.counts)
 
     def _encode_text(self, prompts: list[str]) -> np.ndarray:
@@ -472,8 +526,13 @@ class Encoder:
         else:
             text_config = self.model.config.text_config
             padding = "max_length" if self.spec.kind == "siglip" else True
-            text = tokenizer(prompts, padding=padding, truncation=True,
-                             max_length=text_config.max_position_embeddings, return_tensors="pt")
+            text = tokenizer(
+                prompts,
+                padding=padding,
+                truncation=True,
+                max_length=text_config.max_position_embeddings,
+                return_tensors="pt",
+            )
             # Pass what the tokenizer gives, as model(**processor(...)) would (SigLIP's gives no mask).
             inputs = {k: v.to(self.device) for k, v in text.items() if k in ("input_ids", "attention_mask")}
             features = _pooled(self.model.get_text_features(**inputs))
@@ -494,11 +553,19 @@ class Encoder:
         import torch
 
         if self.spec.kind != "remote" or not hasattr(self.model, "image_proj"):
-            raise UserError(f"model {self.spec.model} has no ConceptCLIP concept head (image_proj / text_proj); "
-                            "concept maps need one")
+            raise UserError(
+                f"model {self.spec.model} has no ConceptCLIP concept head (image_proj / text_proj); "
+                "concept maps need one"
+            )
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        text = tokenizer(prompt_set.names, padding=True, truncation=True, max_length=77, return_tensors="pt",
-                         return_special_tokens_mask=True)
+        text = tokenizer(
+            prompt_set.names,
+            padding=True,
+            truncation=True,
+            max_length=77,
+            return_tensors="pt",
+            return_special_tokens_mask=True,
+        )
         words = ((text.pop("special_tokens_mask") == 0) & (text["attention_mask"] == 1)).unsqueeze(-1).float()
         dummy = np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8)
         with torch.inference_mode():

@@ -64,7 +64,7 @@ class Workspace:
             self._con = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -107,8 +107,11 @@ def open_listing(ws: Workspace, files: list[str], rows: int) -> Listing:
         SELECT uri, max(size) AS size, max(mtime) AS mtime, max(etag) AS etag
         FROM read_parquet({sql_list(files)}) GROUP BY uri""")
     unique = ws.con.execute("SELECT count(*) FROM listed").fetchone()[0]
-    sample = [r[0] for r in ws.con.execute(
-        "SELECT min(uri) FROM listed UNION ALL SELECT max(uri) FROM listed").fetchall() if r[0] is not None]
+    sample = [
+        r[0]
+        for r in ws.con.execute("SELECT min(uri) FROM listed UNION ALL SELECT max(uri) FROM listed").fetchall()
+        if r[0] is not None
+    ]
     return Listing(files, rows, int(unique), sample)
 
 
@@ -122,12 +125,19 @@ def write_listing_uris(ws: Workspace, out: OutputDir) -> None:
 # -- new, changed, unchanged ----------------------------------------------------------------------------------------
 # A committed input changed when its etag differs (both known), else its size or (both known) its mtime.
 CHANGED_SQL = """CASE WHEN l.etag IS NOT NULL AND c.etag IS NOT NULL THEN l.etag <> c.etag
-    ELSE l.size IS DISTINCT FROM c.size OR (l.mtime IS NOT NULL AND c.mtime IS NOT NULL AND abs(l.mtime - c.mtime) > 1e-6)
+    ELSE l.size IS DISTINCT FROM c.size
+        OR (l.mtime IS NOT NULL AND c.mtime IS NOT NULL AND abs(l.mtime - c.mtime) > 1e-6)
     END"""
 
 
-def committed_view(ws: Workspace, out: OutputDir, version: int, name: str = "committed",
-                   key: str = "uri", shards: list[str] | None = None) -> None:
+def committed_view(
+    ws: Workspace,
+    out: OutputDir,
+    version: int,
+    name: str = "committed",
+    key: str = "uri",
+    shards: list[str] | None = None,
+) -> None:
     """A view of each input's newest committed row (by run id) of this dataset version: key, status, size, mtime,
     etag, run_id. Reads only those columns of the shards."""
     shards = sorted(out.shard_units().values()) if shards is None else shards
@@ -142,7 +152,8 @@ def committed_view(ws: Workspace, out: OutputDir, version: int, name: str = "com
                newest.run_id AS run_id
         FROM (SELECT {key}, arg_max({{'status': status, 'size': size, 'mtime': mtime, 'etag': etag, 'run_id': run_id}},
                                     run_id) AS newest
-              FROM read_parquet({files}, union_by_name = true) WHERE dataset_version = {int(version)} GROUP BY {key})""")
+              FROM read_parquet({files}, union_by_name = true)
+              WHERE dataset_version = {int(version)} GROUP BY {key})""")
 
 
 def classify(ws: Workspace) -> dict[str, int]:
@@ -178,9 +189,10 @@ def write_plan(ws: Workspace, kinds: list[str], first_unit: int, rows_per_shard:
     path = ws.path("plan.parquet")
     ws.con.execute(f"""COPY (
         SELECT uri, size, mtime, etag,
-               CAST({int(first_unit)} + (n - 1) // {int(rows_per_shard)} AS INTEGER) AS unit, CAST(n - 1 AS BIGINT) AS "row"
+               CAST({int(first_unit)} + (n - 1) // {int(rows_per_shard)} AS INTEGER) AS unit,
+               CAST(n - 1 AS BIGINT) AS "row"
         FROM (SELECT uri, size, mtime, etag, row_number() OVER (ORDER BY uri) AS n
-              FROM classified WHERE kind IN ({', '.join(repr(k) for k in kinds)}))
+              FROM classified WHERE kind IN ({", ".join(repr(k) for k in kinds)}))
         ORDER BY n) TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
     rows = ws.con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
     return path, int(rows)
@@ -215,8 +227,11 @@ def unfinished_run(out: OutputDir, runs: list[dict], version: int, source: str) 
     its plan file (in OUTPUT's filesystem)."""
     key = normalised_input(source)
     for record in reversed(runs):
-        if record.get("state") != "complete" and record.get("dataset_version") == version \
-                and normalised_input(str(record.get("input"))) == key:
+        if (
+            record.get("state") != "complete"
+            and record.get("dataset_version") == version
+            and normalised_input(str(record.get("input"))) == key
+        ):
             path = out._child_path("_runs", f"{record['run_id']}.plan.parquet")
             if out.fs.exists(path):
                 return record["run_id"], path
@@ -279,8 +294,7 @@ def read_plan_range(batch, board, columns: list[str]):
             ref = plan["refs"].get(i)
             table = ray.get(ref) if ref is not None else None
         else:
-            table = _plan_rows(plan["output"], plan["storage_options"], plan["path"], i * step, (i + 1) * step,
-                               columns)
+            table = _plan_rows(plan["output"], plan["storage_options"], plan["path"], i * step, (i + 1) * step, columns)
             if table is not None and wanted is not None:
                 table = table.filter(pc.is_in(table.column("unit"), value_set=wanted))
         if table is not None and table.num_rows:
@@ -336,14 +350,22 @@ def plan_range_refs(out: OutputDir, path: str, columns: list[str], units: list[i
     return refs
 
 
-def post_plan(board, out: OutputDir, plan_path: str, columns: list[str], units: list[int] | None, rows: int,
-              everywhere: bool) -> list:
+def post_plan(
+    board, out: OutputDir, plan_path: str, columns: list[str], units: list[int] | None, rows: int, everywhere: bool
+) -> list:
     """Post the plan to the stream's readers: `rows` to process (0: nothing, the readers end), the units still to do
     (None: all), and the plan file's path when every node can read OUTPUT (object storage, one node, shared disk),
     else its ranges put into the object store by the driver one at a time (never whole in the driver's memory).
     Returns the refs to hold until the stream ends."""
-    plan = {"rows": rows, "units": units, "output": out.url, "storage_options": out.storage_options,
-            "path": plan_path, "refs": None, "range_rows": PLAN_RANGE_ROWS}
+    plan = {
+        "rows": rows,
+        "units": units,
+        "output": out.url,
+        "storage_options": out.storage_options,
+        "path": plan_path,
+        "refs": None,
+        "range_rows": PLAN_RANGE_ROWS,
+    }
     if not everywhere:
         plan.update(refs=plan_range_refs(out, plan_path, columns, units), units=None)
     board.put.remote("plan", plan)

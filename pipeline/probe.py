@@ -26,7 +26,7 @@ from .rescore import ScoredOutput, logits_matrix
 from .storage import read_bytes, write_bytes_atomic
 
 SPLIT = {"train": 0.6, "val": 0.2, "test": 0.2}
-COARSE_C = [10.0 ** e for e in range(-6, 7)]
+COARSE_C = [10.0**e for e in range(-6, 7)]
 MAX_ITER = 1000
 MIN_PER_CLASS = 3  # one row each for train, validation and test
 
@@ -45,8 +45,10 @@ def read_labels(path: str, storage_options: dict | None = None) -> dict[str, str
         if path.lower().endswith(".parquet"):
             table = pq.read_table(io.BytesIO(data))
         else:
-            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
-                column_types={"uri": pa.string(), "label": pa.string()}))
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                convert_options=pacsv.ConvertOptions(column_types={"uri": pa.string(), "label": pa.string()}),
+            )
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"--labels {path} cannot be read ({first_line(exc, 200)})") from None
     missing = [c for c in ("uri", "label") if c not in table.column_names]
@@ -66,8 +68,9 @@ def read_labels(path: str, storage_options: dict | None = None) -> dict[str, str
 def ok_features(source: ScoredOutput, uris: set[str] | None = None):
     """(uris, features [N, D] float32) of the current ok rows, those in `uris` when given, chunk by chunk."""
     for chunk in source.chunks(["uri", "status", "image_features"]):
-        keep = pc.fill_null(pc.and_(pc.equal(chunk.column("status"), "ok"),
-                                    pc.is_valid(chunk.column("image_features"))), False)
+        keep = pc.fill_null(
+            pc.and_(pc.equal(chunk.column("status"), "ok"), pc.is_valid(chunk.column("image_features"))), False
+        )
         if uris is not None:
             keep = pc.and_(keep, pc.is_in(chunk.column("uri"), value_set=pa.array(sorted(uris), pa.string())))
         chunk = chunk.filter(keep)
@@ -78,8 +81,10 @@ def ok_features(source: ScoredOutput, uris: set[str] | None = None):
 def open_features(output: str, storage_options: dict | None) -> ScoredOutput:
     source = ScoredOutput(output, storage_options)
     if source.is_slides:
-        raise UserError(f"{output} is a slides OUTPUT: its rows are tiles, which a uri,label file cannot name; "
-                        "the probe takes the OUTPUT of `featurize images`")
+        raise UserError(
+            f"{output} is a slides OUTPUT: its rows are tiles, which a uri,label file cannot name; "
+            "the probe takes the OUTPUT of `featurize images`"
+        )
     source.require("image_features", "status", why="the probe learns from the stored image features")
     return source
 
@@ -94,14 +99,16 @@ def stratified_split(labels: list[str], seed: int) -> dict[str, np.ndarray]:
     for label in sorted(set(labels)):
         members = np.flatnonzero(y == label)
         if len(members) < MIN_PER_CLASS:
-            raise UserError(f"class {label!r} has {len(members)} labelled ok row(s); the probe needs at least "
-                            f"{MIN_PER_CLASS} per class (train, validation, test)")
+            raise UserError(
+                f"class {label!r} has {len(members)} labelled ok row(s); the probe needs at least "
+                f"{MIN_PER_CLASS} per class (train, validation, test)"
+            )
         members = members[rng.permutation(len(members))]
         n_test = max(1, math.floor(SPLIT["test"] * len(members) + 0.5))
         n_val = max(1, math.floor(SPLIT["val"] * len(members) + 0.5))
         parts["test"].extend(members[:n_test])
-        parts["val"].extend(members[n_test:n_test + n_val])
-        parts["train"].extend(members[n_test + n_val:])
+        parts["val"].extend(members[n_test : n_test + n_val])
+        parts["train"].extend(members[n_test + n_val :])
     return {name: np.sort(np.asarray(idx, dtype=np.int64)) for name, idx in parts.items()}
 
 
@@ -127,8 +134,11 @@ def sweep_c(x: np.ndarray, y: np.ndarray, split: dict[str, np.ndarray], seed: in
             return
         model = _fit(x[split["train"]], y[split["train"]], c, seed)
         probs = model.predict_proba(x[split["val"]])
-        tried[c] = {"C": c, "val_accuracy": float(np.mean(model.predict(x[split["val"]]) == y[split["val"]])),
-                    "val_log_loss": float(log_loss(y[split["val"]], probs, labels=model.classes_))}
+        tried[c] = {
+            "C": c,
+            "val_accuracy": float(np.mean(model.predict(x[split["val"]]) == y[split["val"]])),
+            "val_log_loss": float(log_loss(y[split["val"]], probs, labels=model.classes_)),
+        }
 
     def best() -> float:
         return min(tried.values(), key=lambda r: (-r["val_accuracy"], r["val_log_loss"], r["C"]))["C"]
@@ -139,7 +149,7 @@ def sweep_c(x: np.ndarray, y: np.ndarray, split: dict[str, np.ndarray], seed: in
     for step in range(-3, 4):  # quarter decades around the best decade, inside the grid
         exponent = round(centre + step / 4, 6)
         if math.log10(COARSE_C[0]) <= exponent <= math.log10(COARSE_C[-1]):
-            score(float(10.0 ** exponent))
+            score(float(10.0**exponent))
     return best(), sorted(tried.values(), key=lambda r: r["C"])
 
 
@@ -158,14 +168,20 @@ def train_probe(uris: list[str], features: np.ndarray, labels: list[str], seed: 
     predicted = model.predict(x[split["test"]])
     classes = [str(k) for k in model.classes_]
     precision, recall, _, support = precision_recall_fscore_support(
-        y[split["test"]], predicted, labels=model.classes_, zero_division=0)
+        y[split["test"]], predicted, labels=model.classes_, zero_division=0
+    )
     metrics = {
-        "seed": seed, "C": c, "classes": classes, "feature_dim": int(x.shape[1]),
+        "seed": seed,
+        "C": c,
+        "classes": classes,
+        "feature_dim": int(x.shape[1]),
         "rows": {name: int(len(idx)) for name, idx in split.items()},
         "val_accuracy": next(r["val_accuracy"] for r in tried if r["C"] == c),
         "test_accuracy": float(np.mean(predicted == y[split["test"]])),
-        "per_class": {k: {"precision": float(p), "recall": float(r), "support": int(s)}
-                      for k, p, r, s in zip(classes, precision, recall, support)},
+        "per_class": {
+            k: {"precision": float(p), "recall": float(r), "support": int(s)}
+            for k, p, r, s in zip(classes, precision, recall, support)
+        },
         "converged": bool(np.all(np.asarray(model.n_iter_) < MAX_ITER)),
         "sweep": tried,
     }
@@ -178,9 +194,11 @@ def metrics_table(metrics: dict) -> str:
     lines = [f"{'class':<{width}}  precision  recall  support"]
     for name, m in metrics["per_class"].items():
         lines.append(f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['support']:7d}")
-    lines.append(f"test accuracy {metrics['test_accuracy']:.3f} on {metrics['rows']['test']} rows; C = "
-                 f"{metrics['C']:.4g} (validation accuracy {metrics['val_accuracy']:.3f}); trained on "
-                 f"{metrics['rows']['train'] + metrics['rows']['val']} rows")
+    lines.append(
+        f"test accuracy {metrics['test_accuracy']:.3f} on {metrics['rows']['test']} rows; C = "
+        f"{metrics['C']:.4g} (validation accuracy {metrics['val_accuracy']:.3f}); trained on "
+        f"{metrics['rows']['train'] + metrics['rows']['val']} rows"
+    )
     return "\n".join(lines)
 
 
@@ -190,15 +208,22 @@ def predictions(model, source: ScoredOutput) -> pa.Table:
     parts = []
     for uris, features in ok_features(source):
         probs = model.predict_proba(features)
-        columns = {"uri": pa.array(uris, pa.string()),
-                   "label": pa.array(np.asarray(model.classes_, dtype=object)[probs.argmax(axis=1)].tolist(),
-                                     pa.string())}
-        columns.update({f"p_{k}": pa.array(probs[:, i].astype(np.float32), pa.float32())
-                        for i, k in enumerate(classes)})
+        columns = {
+            "uri": pa.array(uris, pa.string()),
+            "label": pa.array(np.asarray(model.classes_, dtype=object)[probs.argmax(axis=1)].tolist(), pa.string()),
+        }
+        columns.update(
+            {f"p_{k}": pa.array(probs[:, i].astype(np.float32), pa.float32()) for i, k in enumerate(classes)}
+        )
         parts.append(pa.table(columns))
     if not parts:
-        return pa.table({"uri": pa.array([], pa.string()), "label": pa.array([], pa.string()),
-                         **{f"p_{k}": pa.array([], pa.float32()) for k in classes}})
+        return pa.table(
+            {
+                "uri": pa.array([], pa.string()),
+                "label": pa.array([], pa.string()),
+                **{f"p_{k}": pa.array([], pa.float32()) for k in classes},
+            }
+        )
     return pa.concat_tables(parts)
 
 
@@ -214,10 +239,18 @@ def save_probe(model_dir: str, model, metrics: dict, source: ScoredOutput, stora
 
     blob = io.BytesIO()
     joblib.dump(model, blob)
-    record = {"source": source.url, "dataset_version": source.version, "identity": source.identity,
-              "classes": metrics["classes"], "C": metrics["C"], "seed": metrics["seed"],
-              "feature_dim": metrics["feature_dim"], "estimator": "sklearn.linear_model.LogisticRegression",
-              "scikit_learn": sklearn.__version__, "files": {"model": "probe.joblib", "metrics": "metrics.json"}}
+    record = {
+        "source": source.url,
+        "dataset_version": source.version,
+        "identity": source.identity,
+        "classes": metrics["classes"],
+        "C": metrics["C"],
+        "seed": metrics["seed"],
+        "feature_dim": metrics["feature_dim"],
+        "estimator": "sklearn.linear_model.LogisticRegression",
+        "scikit_learn": sklearn.__version__,
+        "files": {"model": "probe.joblib", "metrics": "metrics.json"},
+    }
     write_bytes_atomic(join(model_dir, "probe.joblib"), blob.getvalue(), storage_options)
     write_bytes_atomic(join(model_dir, "metrics.json"), _json_bytes(metrics), storage_options)
     write_bytes_atomic(join(model_dir, "probe.json"), _json_bytes(record), storage_options)
@@ -233,8 +266,15 @@ def load_probe(model_dir: str, storage_options: dict | None = None) -> tuple[obj
     return joblib.load(io.BytesIO(read_bytes(join(model_dir, "probe.joblib"), storage_options))), record
 
 
-def run_probe(output: str, labels_path: str, seed: int = 0, model_dir: str | None = None,
-              predict: str | None = None, storage_options: dict | None = None, echo=print) -> dict:
+def run_probe(
+    output: str,
+    labels_path: str,
+    seed: int = 0,
+    model_dir: str | None = None,
+    predict: str | None = None,
+    storage_options: dict | None = None,
+    echo=print,
+) -> dict:
     """Train, test, and optionally save the probe and write predictions; returns the metrics."""
     import importlib.util
 
@@ -252,8 +292,10 @@ def run_probe(output: str, labels_path: str, seed: int = 0, model_dir: str | Non
     unmatched = len(labels) - len(uris)
     if not uris:
         example = next(iter(labels))
-        raise UserError(f"none of the {len(labels)} labelled uris is an ok row of {output} (e.g. {example}); uris "
-                        "must be written exactly as the OUTPUT lists them")
+        raise UserError(
+            f"none of the {len(labels)} labelled uris is an ok row of {output} (e.g. {example}); uris "
+            "must be written exactly as the OUTPUT lists them"
+        )
     if unmatched:
         echo(f"featurize: {unmatched} of {len(labels)} labelled uris are not ok rows of {output}; left out")
     model, metrics = train_probe(uris, np.concatenate(blocks), [labels[u] for u in uris], seed)

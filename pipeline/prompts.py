@@ -85,8 +85,10 @@ def parse_prompt_yaml(data: object, source: str) -> PromptSet:
             else:
                 raise UserError(f"prompt file {source}: concept {name!r} needs a non-empty list of 'prompts'")
         else:
-            raise UserError(f"prompt file {source}: each concept must be a non-empty string or "
-                            f"{{name: ..., prompts: [...]}}, got {item!r}")
+            raise UserError(
+                f"prompt file {source}: each concept must be a non-empty string or "
+                f"{{name: ..., prompts: [...]}}, got {item!r}"
+            )
         concepts.append(Concept(name, prompts))
     return _checked(concepts, source)
 
@@ -129,7 +131,7 @@ def ensemble(prompt_embeddings: np.ndarray, counts: list[int]) -> np.ndarray:
     out = np.empty((len(counts), emb.shape[1]), dtype=np.float32)
     start = 0
     for i, n in enumerate(counts):
-        mean = emb[start:start + n].mean(axis=0)
+        mean = emb[start : start + n].mean(axis=0)
         out[i] = mean / np.linalg.norm(mean)
         start += n
     return out

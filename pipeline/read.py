@@ -30,9 +30,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .storage import exists, is_remote, join
 from .plan import duckdb_path
 from .schema import RENAMED_COLUMNS, current_names, current_names_sql
+from .storage import exists, is_remote, join
 from .write import OutputDir
 
 
@@ -67,8 +67,13 @@ class Snapshot:
     listing: str | None  # the path of OUTPUT's _listing.parquet, when rows of removed inputs are to be dropped
 
 
-def read_features(output: str, storage_options: dict | None = None, exclude_removed: bool = False,
-                  columns: list[str] | None = None, version: int | None = None) -> pa.Table:
+def read_features(
+    output: str,
+    storage_options: dict | None = None,
+    exclude_removed: bool = False,
+    columns: list[str] | None = None,
+    version: int | None = None,
+) -> pa.Table:
     """The current rows (see the module docstring) as one pyarrow Table, sorted by uri (slides: slide_id, y, x,
     level). `columns` reads only those (the key columns are read besides, for the dedup, and not returned);
     `version` reads that dataset version instead of the readable one; `exclude_removed` drops inputs that the newest
@@ -76,16 +81,22 @@ def read_features(output: str, storage_options: dict | None = None, exclude_remo
     snap = snapshot(output, storage_options, version, exclude_removed)
     table = _candidates(snap, columns)
     with _connect(snap, quiet=True) as con:
-        con.register("candidates", table.select(snap.layout.key_columns(snap.listing is not None))
-                     .append_column("row_index", pa.array(np.arange(table.num_rows, dtype=np.int64))))
+        con.register(
+            "candidates",
+            table.select(snap.layout.key_columns(snap.listing is not None)).append_column(
+                "row_index", pa.array(np.arange(table.num_rows, dtype=np.int64))
+            ),
+        )
         order = ", ".join(snap.layout.order)
-        rows = con.sql(f"SELECT row_index FROM ({_current_sql(snap, 'candidates')}) ORDER BY {order}"
-                       ).fetchnumpy()["row_index"]
+        rows = con.sql(f"SELECT row_index FROM ({_current_sql(snap, 'candidates')}) ORDER BY {order}").fetchnumpy()[
+            "row_index"
+        ]
     return table.take(pa.array(rows, pa.int64())).select(columns or table.column_names)
 
 
-def open_features(output: str, storage_options: dict | None = None, version: int | None = None,
-                  exclude_removed: bool = False) -> duckdb.DuckDBPyRelation:
+def open_features(
+    output: str, storage_options: dict | None = None, version: int | None = None, exclude_removed: bool = False
+) -> duckdb.DuckDBPyRelation:
     """The current rows as a lazy DuckDB relation over read_parquet of the shards that hold them: query it with SQL
     (`rel.query("f", "SELECT ... FROM f")`), `rel.to_arrow_table()`, or `rel.pl()` with Polars installed. Unordered;
     DuckDB reads float16 features as FLOAT. A snapshot: shards committed after it was opened are not in it."""
@@ -113,8 +124,10 @@ def snapshot(output: str, storage_options: dict | None, version: int | None, exc
     wanted = _version(dataset, version)
     current, superseded = _index(out, shards, layout, schema, wanted)
     if not current:
-        raise UserError(f"{output} has no rows of dataset version {wanted}; versions present: "
-                        f"{', '.join(map(str, _versions(out, shards, schema))) or 'none'}")
+        raise UserError(
+            f"{output} has no rows of dataset version {wanted}; versions present: "
+            f"{', '.join(map(str, _versions(out, shards, schema))) or 'none'}"
+        )
     listing = None
     if exclude_removed and exists(out.child("_listing.parquet"), storage_options):
         listing = join(out.path, "_listing.parquet")  # written by newer runs only: without it nothing is known removed
@@ -128,12 +141,14 @@ def _version(dataset: dict, version: int | None) -> int:
     return int(version if version is not None else dataset.get("version", 1))
 
 
-def _index(out: OutputDir, shards: list[str], layout: Layout, schema: pa.Schema,
-           version: int) -> tuple[list[str], pa.Table]:
+def _index(
+    out: OutputDir, shards: list[str], layout: Layout, schema: pa.Schema, version: int
+) -> tuple[list[str], pa.Table]:
     """Pass 1: (the shards holding current rows, in unit order; the superseded (group, run_id) pairs), from the group
     and run_id columns of this version's rows. DuckDB does the distinct and the window out of core."""
     scanner = _dataset(out, shards, _fields(schema, [layout.group, "run_id", "dataset_version"])).scanner(
-        columns=[layout.group, "run_id"], filter=pads.field("dataset_version") == version)
+        columns=[layout.group, "run_id"], filter=pads.field("dataset_version") == version
+    )
     with _quiet(duckdb.connect()) as con:
         con.register("shard_keys", _with_shard(scanner, shards))
         newest = _newest(layout)
@@ -141,8 +156,10 @@ def _index(out: OutputDir, shards: list[str], layout: Layout, schema: pa.Schema,
         finished = _finished_slides(out, version) if layout is SLIDES else None
         if finished is not None:  # a slide's run is the one _slides.parquet names once a run finished it
             con.register("finished", finished)
-            newest = ("run_id = coalesce(any_value(finished_run) OVER (PARTITION BY slide_id), "
-                      "max(run_id) OVER (PARTITION BY slide_id))")
+            newest = (
+                "run_id = coalesce(any_value(finished_run) OVER (PARTITION BY slide_id), "
+                "max(run_id) OVER (PARTITION BY slide_id))"
+            )
             con.execute("""CREATE OR REPLACE TEMP TABLE keys AS SELECT k.*, f.run_id AS finished_run
                            FROM keys k LEFT JOIN finished f USING (slide_id)""")
         con.execute(f"CREATE TEMP TABLE runs AS SELECT *, {newest} AS current FROM keys")
@@ -174,9 +191,11 @@ def _current_sql(snap: Snapshot, source: str) -> str:
     joins = f"ANTI JOIN superseded USING ({layout.group}, run_id)"
     if snap.listing is not None:
         joins += " SEMI JOIN listing USING (uri)"
-    return (f"SELECT * FROM {source} {joins} WHERE dataset_version = {int(snap.version)} "
-            f"QUALIFY {_newest(layout)} "
-            f"AND row_number() OVER (PARTITION BY {', '.join(layout.keys)} ORDER BY run_id DESC) = 1")
+    return (
+        f"SELECT * FROM {source} {joins} WHERE dataset_version = {int(snap.version)} "
+        f"QUALIFY {_newest(layout)} "
+        f"AND row_number() OVER (PARTITION BY {', '.join(layout.keys)} ORDER BY run_id DESC) = 1"
+    )
 
 
 def _connect(snap: Snapshot, quiet: bool = False) -> duckdb.DuckDBPyConnection:
@@ -208,17 +227,22 @@ def _candidates(snap: Snapshot, columns: list[str] | None) -> pa.Table:
     names = current_names(schema.empty_table(), "tiles").column_names if renamed else schema.names
     missing = [c for c in columns or [] if c not in names]
     if missing:
-        raise UserError(f"{snap.out.url} has no column {', '.join(missing)} in dataset version {snap.version}; "
-                        f"columns: {', '.join(names)}")
+        raise UserError(
+            f"{snap.out.url} has no column {', '.join(missing)} in dataset version {snap.version}; "
+            f"columns: {', '.join(names)}"
+        )
     wanted = list(dict.fromkeys([*(columns or names), *snap.layout.key_columns(snap.listing is not None)]))
     scanner = _dataset(snap.out, snap.shards, schema).scanner(
         columns=wanted + [old for old, new in renamed.items() if new in wanted],
-        filter=pads.field("dataset_version") == snap.version)
+        filter=pads.field("dataset_version") == snap.version,
+    )
     batches = scanner.to_batches()
     if snap.superseded.num_rows:
         superseded = _pairs(snap.superseded, snap.layout.group)
-        batches = (batch.filter(pc.invert(pc.is_in(_pairs(batch, snap.layout.group), value_set=superseded)))
-                   for batch in batches)
+        batches = (
+            batch.filter(pc.invert(pc.is_in(_pairs(batch, snap.layout.group), value_set=superseded)))
+            for batch in batches
+        )
     table = pa.Table.from_batches(batches, schema=scanner.projected_schema)
     return current_names(table, "tiles") if renamed else table
 
@@ -259,8 +283,9 @@ def _dataset(out: OutputDir, paths: list[str], schema: pa.Schema) -> pads.FileSy
     from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
     filesystem = PyFileSystem(FSSpecHandler(out.fs)) if is_remote(out.url) else LocalFileSystem()
-    return pads.FileSystemDataset.from_paths(paths, schema=schema, format=pads.ParquetFileFormat(),
-                                             filesystem=filesystem)
+    return pads.FileSystemDataset.from_paths(
+        paths, schema=schema, format=pads.ParquetFileFormat(), filesystem=filesystem
+    )
 
 
 def _with_shard(scanner: pads.Scanner, paths: list[str]) -> pa.RecordBatchReader:

@@ -72,8 +72,11 @@ class RowSummary:
         self.counts: Counter = Counter()
         self.reasons: dict[str, dict] = {}
         self.with_logits = source.has_logits
-        columns = ["uri", "status"] + (["error"] if "error" in source.columns else []) + \
-                  (["concept_logits"] if self.with_logits else [])
+        columns = (
+            ["uri", "status"]
+            + (["error"] if "error" in source.columns else [])
+            + (["concept_logits"] if self.with_logits else [])
+        )
         k = len(source.concepts)
         self.low, self.high = np.full(k, np.inf), np.full(k, -np.inf)
         self.total, self.n = np.zeros(k), 0
@@ -89,8 +92,9 @@ class RowSummary:
             uris = chunk.column("uri").to_pylist()
             errors = chunk.column("error").to_pylist() if "error" in chunk.column_names else [None] * len(uris)
             for i in failed:
-                group = self.reasons.setdefault(reason_key(errors[i], uris[i]),
-                                                {"count": 0, "examples": [], "reason": errors[i]})
+                group = self.reasons.setdefault(
+                    reason_key(errors[i], uris[i]), {"count": 0, "examples": [], "reason": errors[i]}
+                )
                 group["count"] += 1
                 if len(group["examples"]) < EXAMPLES_PER_REASON:
                     group["examples"].append(uris[i])
@@ -104,8 +108,9 @@ class RowSummary:
 
     @staticmethod
     def _ok_logits(chunk) -> np.ndarray:
-        ok = pc.fill_null(pc.and_(pc.equal(chunk.column("status"), "ok"), pc.is_valid(chunk.column("concept_logits"))),
-                          False)
+        ok = pc.fill_null(
+            pc.and_(pc.equal(chunk.column("status"), "ok"), pc.is_valid(chunk.column("concept_logits"))), False
+        )
         return logits_matrix(chunk.column("concept_logits").filter(ok))
 
     def _histograms(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -188,8 +193,13 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(), raw: set[int] = frozenset(),
-           css: dict[int, str] | None = None) -> str:
+def _table(
+    headers: list[str],
+    rows: list[list],
+    numeric: set[int] = frozenset(),
+    raw: set[int] = frozenset(),
+    css: dict[int, str] | None = None,
+) -> str:
     """rows of values (escaped, unless their column is in `raw`: already HTML)."""
     css = css or {}
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
@@ -210,10 +220,32 @@ def _number(value) -> str:
     return f"{value:,}" if isinstance(value, int) else _e(value)
 
 
-COUNT_ORDER = ("listed", "skipped", "planned", "slides_ok", "slides_error", "slide_errors_at_planning", "tiles",
-               "processed", "ok", "error", "duplicates_dropped")
-STAGE_ORDER = ("listing_s", "processor_s", "ray_start_and_prepare_s", "planning_s", "startup_s", "read_s", "decode_s",
-               "model_s", "write_s", "stream_s", "gpu_busy_fraction")
+COUNT_ORDER = (
+    "listed",
+    "skipped",
+    "planned",
+    "slides_ok",
+    "slides_error",
+    "slide_errors_at_planning",
+    "tiles",
+    "processed",
+    "ok",
+    "error",
+    "duplicates_dropped",
+)
+STAGE_ORDER = (
+    "listing_s",
+    "processor_s",
+    "ray_start_and_prepare_s",
+    "planning_s",
+    "startup_s",
+    "read_s",
+    "decode_s",
+    "model_s",
+    "write_s",
+    "stream_s",
+    "gpu_busy_fraction",
+)
 
 
 def _ordered(mapping: dict, order: tuple) -> list:
@@ -222,21 +254,33 @@ def _ordered(mapping: dict, order: tuple) -> list:
 
 
 def _counts_section(source: ScoredOutput, run: dict | None, summary: RowSummary) -> str:
-    rows = [["current rows", sum(summary.counts.values())], ["ok", summary.counts.get("ok", 0)],
-            ["error", sum(v for k, v in summary.counts.items() if k != "ok")]]
-    which = ("each slide's tiles from its newest run" if source.is_slides else
-             "every row" if source.rescore_record else "each input's newest row")
-    parts = ["<h2>Counts</h2>", f"<p>Current {'tile' if source.is_slides else 'image'} rows (the current dataset "
-             f"version, {which}):</p>",
-             _table(["", "rows"], [[k, _number(v)] for k, v in rows], numeric={1})]
+    rows = [
+        ["current rows", sum(summary.counts.values())],
+        ["ok", summary.counts.get("ok", 0)],
+        ["error", sum(v for k, v in summary.counts.items() if k != "ok")],
+    ]
+    which = (
+        "each slide's tiles from its newest run"
+        if source.is_slides
+        else "every row"
+        if source.rescore_record
+        else "each input's newest row"
+    )
+    parts = [
+        "<h2>Counts</h2>",
+        f"<p>Current {'tile' if source.is_slides else 'image'} rows (the current dataset version, {which}):</p>",
+        _table(["", "rows"], [[k, _number(v)] for k, v in rows], numeric={1}),
+    ]
     if run:
         counts = run.get("counts", {})
         flat = [[k, _number(v)] for k, v in _ordered(counts, COUNT_ORDER) if not isinstance(v, dict)]
         classes = counts.get("error_classes") or {}
         flat += [[f"error class: {k}", _number(v)] for k, v in classes.items()]
-        parts += [f"<p>The newest run, <code>{_e(run.get('run_id'))}</code> ({_e(run.get('command', ''))}, "
-                  f"{_e(run.get('state', ''))}), from <code>_run.json</code>:</p>",
-                  _table(["count", "value"], flat, numeric={1})]
+        parts += [
+            f"<p>The newest run, <code>{_e(run.get('run_id'))}</code> ({_e(run.get('command', ''))}, "
+            f"{_e(run.get('state', ''))}), from <code>_run.json</code>:</p>",
+            _table(["count", "value"], flat, numeric={1}),
+        ]
     return "\n".join(parts)
 
 
@@ -247,11 +291,24 @@ def _runs_section(runs: list[dict]) -> str:
     for r in runs:
         c = r.get("counts", {})
         speed = r.get("images_per_s", r.get("tiles_per_s"))
-        rows.append([r.get("run_id"), r.get("command", ""), r.get("state"), r.get("started_at", ""),
-                     _number(r.get("wall_s", "")), _number(c.get("processed", "")), _number(c.get("ok", "")),
-                     _number(c.get("error", "")), _number(speed if speed is not None else "")])
-    return "<h2>Runs</h2>" + _table(["run", "command", "state", "started", "wall s", "processed", "ok", "error",
-                                     "per s"], rows, numeric={4, 5, 6, 7, 8})
+        rows.append(
+            [
+                r.get("run_id"),
+                r.get("command", ""),
+                r.get("state"),
+                r.get("started_at", ""),
+                _number(r.get("wall_s", "")),
+                _number(c.get("processed", "")),
+                _number(c.get("ok", "")),
+                _number(c.get("error", "")),
+                _number(speed if speed is not None else ""),
+            ]
+        )
+    return "<h2>Runs</h2>" + _table(
+        ["run", "command", "state", "started", "wall s", "processed", "ok", "error", "per s"],
+        rows,
+        numeric={4, 5, 6, 7, 8},
+    )
 
 
 def _errors_section(summary: RowSummary, slides_errors: list[dict]) -> str:
@@ -261,16 +318,29 @@ def _errors_section(summary: RowSummary, slides_errors: list[dict]) -> str:
         return "<h2>Errors</h2><p>No error rows.</p>"
     if slides_errors:
         parts.append("<p>Slides that failed (<code>_slides.parquet</code>):</p>")
-        parts.append(_table(["slide", "uri", "reason"], [[s["slide_id"], s["uri"], s["error"]] for s in slides_errors],
-                            css={1: "uris", 2: "reason"}))
+        parts.append(
+            _table(
+                ["slide", "uri", "reason"],
+                [[s["slide_id"], s["uri"], s["error"]] for s in slides_errors],
+                css={1: "uris", 2: "reason"},
+            )
+        )
     if groups:
         shown = groups[:MAX_REASONS]
         more = f" ({len(groups) - len(shown)} rarer reasons not shown)" if len(groups) > len(shown) else ""
         parts.append(f"<p>Error rows by reason{more}:</p>")
-        parts.append(_table(["rows", "reason (an example)", "example uris"],
-                            [[_number(g["count"]), g["reason"] or "(no reason given)",
-                              "<br>".join(_e(u) for u in g["examples"])] for g in shown],
-                            numeric={0}, raw={2}, css={1: "reason", 2: "uris"}))
+        parts.append(
+            _table(
+                ["rows", "reason (an example)", "example uris"],
+                [
+                    [_number(g["count"]), g["reason"] or "(no reason given)", "<br>".join(_e(u) for u in g["examples"])]
+                    for g in shown
+                ],
+                numeric={0},
+                raw={2},
+                css={1: "reason", 2: "uris"},
+            )
+        )
     return "\n".join(parts)
 
 
@@ -280,15 +350,23 @@ def _stages_section(run: dict | None) -> str:
     stages = dict(_ordered({k: v for k, v in run["stages"].items() if isinstance(v, (int, float))}, STAGE_ORDER))
     seconds = {k: v for k, v in stages.items() if k.endswith("_s")}
     longest = max(seconds.values(), default=0) or 1
-    rows = [[k.removesuffix("_s").replace("_", " "), _number(float(v)),
-             f'<span class="bar" style="width:{int(240 * v / longest)}px"></span>'] for k, v in seconds.items()]
+    rows = [
+        [
+            k.removesuffix("_s").replace("_", " "),
+            _number(float(v)),
+            f'<span class="bar" style="width:{int(240 * v / longest)}px"></span>',
+        ]
+        for k, v in seconds.items()
+    ]
     rows += [[k.replace("_", " "), _number(float(v)), ""] for k, v in stages.items() if k not in seconds]
     speed = [(k, run[k]) for k in ("images_per_s", "tiles_per_s", "first_shard_s", "wall_s") if run.get(k) is not None]
     facts = ", ".join(f"{k.replace('_', ' ')}: {_number(v)}" for k, v in speed)
-    return ("<h2>Stages and throughput</h2>" + (f"<p>{_e(facts)}</p>" if facts else "") +
-            "<p class=\"muted\">Seconds per stage of the newest run (decode, model and write are summed over "
-            "batches, so they can exceed the wall time).</p>" +
-            _table(["stage", "seconds", ""], rows, numeric={1}, raw={2}))
+    return (
+        "<h2>Stages and throughput</h2>"
+        + (f"<p>{_e(facts)}</p>" if facts else "")
+        + '<p class="muted">Seconds per stage of the newest run (decode, model and write are summed over '
+        "batches, so they can exceed the wall time).</p>" + _table(["stage", "seconds", ""], rows, numeric={1}, raw={2})
+    )
 
 
 def _concepts_section(source: ScoredOutput, summary: RowSummary) -> str:
@@ -299,14 +377,23 @@ def _concepts_section(source: ScoredOutput, summary: RowSummary) -> str:
     sigmoid = source.identity.get("kind") in SIGMOID_KINDS
     scale_bias = source.scale_bias
     means = summary.total / max(summary.n, 1)
-    figures = [_img(histogram_png(name, counts, edges, float(mean), sigmoid), f"logit histogram: {name}", "concept")
-               for name, (counts, edges), mean in zip(source.concepts, summary.histograms, means)]
-    formula = f"logit = {scale_bias[0]:.4g} * cos" + (f" {'+-'[scale_bias[1] < 0]} {abs(scale_bias[1]):.4g}"
-                                                       if scale_bias and scale_bias[1] else "") if scale_bias else ""
-    note = (formula + "; " if formula else "") + \
-        ("sigmoid(logit) is the probability" if sigmoid else "compare concepts with a softmax")
-    return (f"<h2>Concept logits</h2><p>Distribution of each concept's logit over {summary.n:,} ok rows "
-            f"({_e(note)}).</p><div class=\"grid\">" + "".join(figures) + "</div>")
+    figures = [
+        _img(histogram_png(name, counts, edges, float(mean), sigmoid), f"logit histogram: {name}", "concept")
+        for name, (counts, edges), mean in zip(source.concepts, summary.histograms, means)
+    ]
+    formula = (
+        f"logit = {scale_bias[0]:.4g} * cos"
+        + (f" {'+-'[scale_bias[1] < 0]} {abs(scale_bias[1]):.4g}" if scale_bias and scale_bias[1] else "")
+        if scale_bias
+        else ""
+    )
+    note = (formula + "; " if formula else "") + (
+        "sigmoid(logit) is the probability" if sigmoid else "compare concepts with a softmax"
+    )
+    return (
+        f"<h2>Concept logits</h2><p>Distribution of each concept's logit over {summary.n:,} ok rows "
+        f'({_e(note)}).</p><div class="grid">' + "".join(figures) + "</div>"
+    )
 
 
 def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_slides: int) -> str:
@@ -315,39 +402,58 @@ def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_sl
     rows = []
     for s in slides:
         best = s.get("concept_max")
-        rows.append([s["slide_id"], s["status"], _number(s.get("n_tiles") or 0), _number(s.get("n_tile_errors") or 0),
-                     _number(s.get("slide_mpp")) if s.get("slide_mpp") is not None else "",
-                     _number(float(best[k])) if best is not None and k is not None and best[k] is not None else "",
-                     _img(thumbnails[s["slide_id"]], f"heatmap {s['slide_id']}", "slide")
-                     if s["slide_id"] in thumbnails else '<span class="muted">no scored tiles</span>'])
+        rows.append(
+            [
+                s["slide_id"],
+                s["status"],
+                _number(s.get("n_tiles") or 0),
+                _number(s.get("n_tile_errors") or 0),
+                _number(s.get("slide_mpp")) if s.get("slide_mpp") is not None else "",
+                _number(float(best[k])) if best is not None and k is not None and best[k] is not None else "",
+                _img(thumbnails[s["slide_id"]], f"heatmap {s['slide_id']}", "slide")
+                if s["slide_id"] in thumbnails
+                else '<span class="muted">no scored tiles</span>',
+            ]
+        )
     cut = len([s for s in slides if s["n_tiles"]]) > max_slides
     note = f" Heatmaps for the first {max_slides} slides with tiles (--max-slides)." if cut else ""
-    return (f"<h2>Slides</h2><p>{len(slides)} slides; heatmaps of <b>{_e(concept)}</b> (tile logits over the "
-            f"slide's thumbnail in grey).{_e(note)}</p>" +
-            _table(["slide", "status", "tiles", "tile errors", "slide_mpp (µm/px)", f"max logit: {concept}",
-                    "heatmap"], rows, numeric={2, 3, 4, 5}, raw={6}))
+    return (
+        f"<h2>Slides</h2><p>{len(slides)} slides; heatmaps of <b>{_e(concept)}</b> (tile logits over the "
+        f"slide's thumbnail in grey).{_e(note)}</p>"
+        + _table(
+            ["slide", "status", "tiles", "tile errors", "slide_mpp (µm/px)", f"max logit: {concept}", "heatmap"],
+            rows,
+            numeric={2, 3, 4, 5},
+            raw={6},
+        )
+    )
 
 
-def render(source: ScoredOutput, concept: str | None = None, storage_options: dict | None = None,
-           max_slides: int = 100) -> str:
+def render(
+    source: ScoredOutput, concept: str | None = None, storage_options: dict | None = None, max_slides: int = 100
+) -> str:
     """The whole page as a string."""
     _matplotlib()
     summary = RowSummary(source)
     run = source.out.read_json("_run.json")
     runs = source.out.runs()
     identity = source.identity
-    facts = [[k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())]
-             for k, v in identity.items()]
+    facts = [
+        [k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())] for k, v in identity.items()
+    ]
     if source.version is not None:
         facts.append(["dataset version", source.version])
     if source.rescore_record:
         facts.append(["rescore of", source.rescore_record.get("source", {}).get("output")])
     if source.concepts:
         facts.append(["concepts", ", ".join(source.concepts)])
-    body = [f"<h1>featurize report</h1><p class=\"muted\"><code>{_e(source.url)}</code>, "
-            f"{_e(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>",
-            "<h2>What the numbers depend on</h2>" + _table(["", ""], facts, css={1: "reason"}),
-            _counts_section(source, run, summary), _runs_section(runs)]
+    body = [
+        f'<h1>featurize report</h1><p class="muted"><code>{_e(source.url)}</code>, '
+        f"{_e(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>",
+        "<h2>What the numbers depend on</h2>" + _table(["", ""], facts, css={1: "reason"}),
+        _counts_section(source, run, summary),
+        _runs_section(runs),
+    ]
     slides_errors = []
     if source.is_slides:
         slides_errors = [s for s in source.current_slides().to_pylist() if s["status"] != "ok"]
@@ -360,13 +466,17 @@ def render(source: ScoredOutput, concept: str | None = None, storage_options: di
         thumbs = slide_thumbnails(source, concept, storage_options, max_slides) if concept else {}
         body.append(_slides_section(source, concept or "", thumbs, max_slides))
     title = f"featurize report: {source.url}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(b for b in body if b) +
-            "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(b for b in body if b)
+        + "\n</body></html>\n"
+    )
 
 
-def write_report(output: str, path: str, storage_options: dict | None = None, concept: str | None = None,
-                 max_slides: int = 100) -> str:
+def write_report(
+    output: str, path: str, storage_options: dict | None = None, concept: str | None = None, max_slides: int = 100
+) -> str:
     source = ScoredOutput(output, storage_options)
     page = render(source, concept, storage_options, max_slides)
     write_bytes_atomic(path, page.encode("utf-8"), storage_options)

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,7 @@ def float16_logit_bound(scale: float, dim: int) -> float:
     """The most a logit from float16-stored features can differ from the run's (float32 features), scale * ||df||:
     float16 rounds a normal number to within 2^-11 of its value and a subnormal (below 2^-14) to within 2^-25, so
     for a unit vector ||df|| <= 2^-11 + sqrt(dim) * 2^-25."""
-    return abs(scale) * (2.0 ** -11 + math.sqrt(dim) * 2.0 ** -25)
+    return abs(scale) * (2.0**-11 + math.sqrt(dim) * 2.0**-25)
 
 
 # -- reading any OUTPUT -----------------------------------------------------------------------------------------------
@@ -63,15 +63,19 @@ class ScoredOutput:
         self.rescore_record = self.out.read_json("_rescore.json")
         dataset = self.out.read_json("_dataset.json")
         if self.rescore_record is not None and self.rescore_record.get("state") != "complete":
-            raise UserError(f"{output} is a rescore that has not finished (being written, or stopped): rerun "
-                            "`featurize rescore` into it")
+            raise UserError(
+                f"{output} is a rescore that has not finished (being written, or stopped): rerun "
+                "`featurize rescore` into it"
+            )
         if self.rescore_record is not None:
             self.identity, self.version = dict(self.rescore_record["identity"]), None
         elif dataset is not None:
             self.identity, self.version = dict(dataset.get("identity", {})), int(dataset.get("version", 1))
         else:
-            raise UserError(f"{output} holds no featurised output (no _dataset.json); is it the OUTPUT of "
-                            "`featurize images`, `slides` or `rescore`?")
+            raise UserError(
+                f"{output} holds no featurised output (no _dataset.json); is it the OUTPUT of "
+                "`featurize images`, `slides` or `rescore`?"
+            )
         self.shards = [p for _, p in sorted(self.out.shard_units().items())]
         self.slides = current_names(self.out.read_table("_slides.parquet"), "slides")  # an older OUTPUT's too
         self.prompts = self.out.read_table("_prompts.parquet")
@@ -144,8 +148,10 @@ class ScoredOutput:
             with self.out.fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=list(dict.fromkeys([*columns, "uri", *extra])))
             if keys is not None:
-                mask = pc.and_(pc.equal(table.column("dataset_version"), self.version),
-                               pc.is_in(_join_keys(table.column("uri"), table.column("run_id")), value_set=keys))
+                mask = pc.and_(
+                    pc.equal(table.column("dataset_version"), self.version),
+                    pc.is_in(_join_keys(table.column("uri"), table.column("run_id")), value_set=keys),
+                )
                 table = table.filter(mask)
             if table.num_rows:
                 yield table.select(columns)
@@ -178,29 +184,41 @@ def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "
 
     identity = source.identity
     if source.rescore_record is not None:
-        raise UserError(f"{source.url} is itself a rescore (it stores no image_features); rescore its source "
-                        f"{source.rescore_record.get('source', {}).get('output', '')}".rstrip())
+        raise UserError(
+            f"{source.url} is itself a rescore (it stores no image_features); rescore its source "
+            f"{source.rescore_record.get('source', {}).get('output', '')}".rstrip()
+        )
     if "model" not in identity or "kind" not in identity:
         raise UserError(f"{source.url}/_dataset.json names no model (identity.model, identity.kind)")
     features = identity.get("features", "embedding")
     if features != "embedding":
-        raise UserError(f"{source.url} stores hidden-state features ({features}), not the model's embedding: "
-                        "concept logits need the embedding (`--features embedding`)")
+        raise UserError(
+            f"{source.url} stores hidden-state features ({features}), not the model's embedding: "
+            "concept logits need the embedding (`--features embedding`)"
+        )
     if identity["kind"] == "remote" and not trust_remote_code:
-        raise UserError(f"{source.url} was made with {identity['model']}, which runs its own Python code: review "
-                        "it, then pass --trust-remote-code")
+        raise UserError(
+            f"{source.url} was made with {identity['model']}, which runs its own Python code: review "
+            "it, then pass --trust-remote-code"
+        )
     if identity["kind"] in VISION_ONLY_KINDS:
-        raise UserError(f"{source.url} was made with {identity['model']}, an image tower without a text tower: it "
-                        "cannot score prompts")
+        raise UserError(
+            f"{source.url} was made with {identity['model']}, an image tower without a text tower: it "
+            "cannot score prompts"
+        )
     try:
-        spec = resolve_model(identity["model"], identity.get("revision"), trust_remote_code,
-                             identity.get("dtype") or "auto", device)
+        spec = resolve_model(
+            identity["model"], identity.get("revision"), trust_remote_code, identity.get("dtype") or "auto", device
+        )
     except UserError as exc:
-        raise UserError(f"{source.url} was made with model {identity['model']}, which cannot be loaded here: "
-                        f"{exc}") from None
+        raise UserError(
+            f"{source.url} was made with model {identity['model']}, which cannot be loaded here: {exc}"
+        ) from None
     if spec.kind != identity["kind"]:
-        raise UserError(f"model {identity['model']} is now a {spec.kind} checkpoint, but {source.url} was made with a "
-                        f"{identity['kind']} one: it is not the same model")
+        raise UserError(
+            f"model {identity['model']} is now a {spec.kind} checkpoint, but {source.url} was made with a "
+            f"{identity['kind']} one: it is not the same model"
+        )
     return spec
 
 
@@ -218,19 +236,26 @@ def check_same_weights(encoder, source: ScoredOutput) -> None:
         return
     prompts = source.prompts
     recorded = logits_matrix(prompts.column("text_embedding"))
-    old = PromptSet(tuple(Concept(name, tuple(texts)) for name, texts in
-                          zip(prompts.column("concept").to_pylist(), prompts.column("prompts").to_pylist())))
+    old = PromptSet(
+        tuple(
+            Concept(name, tuple(texts))
+            for name, texts in zip(prompts.column("concept").to_pylist(), prompts.column("prompts").to_pylist())
+        )
+    )
     again = encoder.encode_prompts(old)
     cos = float(np.min(np.sum(again * recorded, axis=1))) if len(recorded) else 1.0
     least = 0.999 if str(encoder.dtype).endswith("float32") else 0.99  # bfloat16 differs between devices
     recorded_scale = (source.scale_bias or (None, None))[0]
-    scale_moved = recorded_scale is not None and not math.isclose(recorded_scale, encoder.logit_scale, rel_tol=1e-3,
-                                                                  abs_tol=1e-6)
+    scale_moved = recorded_scale is not None and not math.isclose(
+        recorded_scale, encoder.logit_scale, rel_tol=1e-3, abs_tol=1e-6
+    )
     if cos < least or scale_moved:
         scale = f", logit scale {encoder.logit_scale:g} vs {recorded_scale:g}" if scale_moved else ""
-        raise UserError(f"model {encoder.spec.model} does not give the text embeddings {source.url} recorded "
-                        f"(least cosine {cos:.4f} over its {len(recorded)} concepts{scale}): its weights changed "
-                        "since the run; rescoring needs the same weights")
+        raise UserError(
+            f"model {encoder.spec.model} does not give the text embeddings {source.url} recorded "
+            f"(least cosine {cos:.4f} over its {len(recorded)} concepts{scale}): its weights changed "
+            "since the run; rescoring needs the same weights"
+        )
 
 
 # -- rescore ----------------------------------------------------------------------------------------------------------
@@ -276,7 +301,7 @@ class _SlideTopK:
             rows = logits[uris == uri]
             if uri in self.best:
                 rows = np.concatenate([self.best[uri], rows])
-            self.best[uri] = -np.sort(-rows, axis=0)[:max(1, int(self.top_k.get(uri) or 1))]
+            self.best[uri] = -np.sort(-rows, axis=0)[: max(1, int(self.top_k.get(uri) or 1))]
 
 
 def _rescored_slides(slides: pa.Table, tops: _SlideTopK) -> pa.Table:
@@ -298,15 +323,24 @@ def _prepare_out2(out2: OutputDir, record: dict) -> list[str]:
     refuse it meanwhile) and returns its old shard paths."""
     old = sorted(out2.shard_units().values())
     if out2.read_json("_dataset.json") is not None or (old and out2.read_json("_rescore.json") is None):
-        raise UserError(f"{out2.url} holds another featurised output; --out needs an empty folder or an earlier "
-                        "rescore's OUT2")
+        raise UserError(
+            f"{out2.url} holds another featurised output; --out needs an empty folder or an earlier rescore's OUT2"
+        )
     out2.write_json({**record, "state": "running"}, "_rescore.json")
     return old
 
 
-def rescore(output: str, prompts: str, out2: str, storage_options: dict | None = None,
-            batch_rows: int = BATCH_ROWS, rows_per_shard: int = ROWS_PER_SHARD, trust_remote_code: bool = False,
-            device: str = "auto", echo=print) -> dict:
+def rescore(
+    output: str,
+    prompts: str,
+    out2: str,
+    storage_options: dict | None = None,
+    batch_rows: int = BATCH_ROWS,
+    rows_per_shard: int = ROWS_PER_SHARD,
+    trust_remote_code: bool = False,
+    device: str = "auto",
+    echo=print,
+) -> dict:
     """New concept logits for OUTPUT's current rows with the prompt set in `prompts`, into OUT2; returns the
     _rescore.json record."""
     from .prompts import load_prompts
@@ -329,28 +363,44 @@ def rescore(output: str, prompts: str, out2: str, storage_options: dict | None =
     run_id = new_run_id()
     identity = {**source.identity, "prompt_set_hash": prompt_set.set_hash}
     record = {
-        "source": {"output": output, "dataset_version": source.version,
-                   "prompt_set_hash": source.identity.get("prompt_set_hash")},
-        "identity": identity, "prompt_set_hash": prompt_set.set_hash, "concepts": prompt_set.names,
-        "logit_scale": scale, "logit_bias": bias, "run_id": run_id, "started_at": _iso(started), "output": out2,
+        "source": {
+            "output": output,
+            "dataset_version": source.version,
+            "prompt_set_hash": source.identity.get("prompt_set_hash"),
+        },
+        "identity": identity,
+        "prompt_set_hash": prompt_set.set_hash,
+        "concepts": prompt_set.names,
+        "logit_scale": scale,
+        "logit_bias": bias,
+        "run_id": run_id,
+        "started_at": _iso(started),
+        "output": out2,
     }
     with Lease.acquire(out2, storage_options, run_id):  # one writer per OUT2, as for every OUTPUT
         target = OutputDir(out2, storage_options)
         old_shards = _prepare_out2(target, record)
-        prov = provenance(spec.identity(), prompt_set.set_hash, run_id,
-                          {"rescore_of": output, "source_dataset_version": source.version, "logit_scale": scale,
-                           "logit_bias": bias})
+        prov = provenance(
+            spec.identity(),
+            prompt_set.set_hash,
+            run_id,
+            {"rescore_of": output, "source_dataset_version": source.version, "logit_scale": scale, "logit_bias": bias},
+        )
         sink = _ShardSink(target, rows_per_shard, metadata_bytes(prov))
         slides = source.current_slides()
-        tops = _SlideTopK(dict(zip(slides.column("uri").to_pylist(), slides.column("top_k").to_pylist()))) \
-            if slides is not None else None
+        tops = (
+            _SlideTopK(dict(zip(slides.column("uri").to_pylist(), slides.column("top_k").to_pylist())))
+            if slides is not None
+            else None
+        )
         counts = {"rows": 0, "ok": 0, "error": 0}
         t = time.perf_counter()
         for chunk in source.chunks([*source.keys, "status", "image_features", "run_id"]):
             for start in range(0, chunk.num_rows, batch_rows):
                 part = chunk.slice(start, batch_rows).combine_chunks()
-                ok = pc.fill_null(pc.and_(pc.equal(part.column("status"), "ok"),
-                                          pc.is_valid(part.column("image_features"))), False)
+                ok = pc.fill_null(
+                    pc.and_(pc.equal(part.column("status"), "ok"), pc.is_valid(part.column("image_features"))), False
+                )
                 ok_np = ok.to_numpy(zero_copy_only=False)
                 logits = np.zeros((part.num_rows, len(text)), np.float32)
                 if ok_np.any():
@@ -358,25 +408,40 @@ def rescore(output: str, prompts: str, out2: str, storage_options: dict | None =
                     logits[ok_np] = encoder.logits(features, text)
                     if tops is not None:
                         tops.add(np.asarray(part.column("uri").filter(ok).to_pylist(), dtype=object), logits[ok_np])
-                sink.add(pa.table({
-                    **{k: part.column(k) for k in source.keys},
-                    "status": pa.array(np.where(ok_np, "ok", "error").tolist(), pa.string()),
-                    "concept_logits": fixed_list(logits, pa.float32(), ok_np),
-                    "run_id": part.column("run_id"),  # the source row that was rescored
-                }))
+                sink.add(
+                    pa.table(
+                        {
+                            **{k: part.column(k) for k in source.keys},
+                            "status": pa.array(np.where(ok_np, "ok", "error").tolist(), pa.string()),
+                            "concept_logits": fixed_list(logits, pa.float32(), ok_np),
+                            "run_id": part.column("run_id"),  # the source row that was rescored
+                        }
+                    )
+                )
                 counts["rows"] += part.num_rows
                 counts["ok"] += int(ok_np.sum())
                 counts["error"] += int((~ok_np).sum())
         sink.close()
         for path in old_shards:  # an earlier rescore's shards beyond this one's
             if path.rsplit("/", 1)[-1] not in sink.written:
-                with_retries(lambda: target.fs.rm(path))
-        target.write_table(prompts_table(prompt_set, text, {**prov, "logit_scale": scale, "logit_bias": bias}),
-                           "_prompts.parquet")
+                with_retries(lambda path=path: target.fs.rm(path))
+        target.write_table(
+            prompts_table(prompt_set, text, {**prov, "logit_scale": scale, "logit_bias": bias}), "_prompts.parquet"
+        )
         if slides is not None:
-            target.write_table(_rescored_slides(slides, tops).replace_schema_metadata(
-                metadata_bytes({**prov, "concepts": prompt_set.names})), "_slides.parquet")
-        record.update(state="complete", counts=counts, shards=len(sink.written), ended_at=_iso(time.time()),
-                      score_s=round(time.perf_counter() - t, 3), versions=package_versions())
+            target.write_table(
+                _rescored_slides(slides, tops).replace_schema_metadata(
+                    metadata_bytes({**prov, "concepts": prompt_set.names})
+                ),
+                "_slides.parquet",
+            )
+        record.update(
+            state="complete",
+            counts=counts,
+            shards=len(sink.written),
+            ended_at=_iso(time.time()),
+            score_s=round(time.perf_counter() - t, 3),
+            versions=package_versions(),
+        )
         target.write_json(record, "_rescore.json")  # last: OUT2 is complete
         return record

@@ -17,19 +17,42 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .config import JobConfig, RunConfig
+from .console import Progress, hide_native_log_lines, stderr_is_terminal
 from .decode import decode_batch
 from .encode import EncodeBatch, RunBoard
-from .lease import LEASE_NAME, Lease
 from .errors import ENVIRONMENT_ERROR_CLASSES, EnvironmentFailure, UserError, first_line
-from .models import (VISION_ONLY_KINDS, FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec,
-                     resolve_model)
-from .console import Progress, hide_native_log_lines, stderr_is_terminal
+from .lease import LEASE_NAME, Lease
+from .models import (
+    VISION_ONLY_KINDS,
+    FeatureSpec,
+    ModelSpec,
+    hidden_shape,
+    parse_features,
+    preprocess_spec,
+    resolve_model,
+    row_widths,
+)
+from .plan import (
+    Listing,
+    Workspace,
+    classify,
+    committed_view,
+    contiguous_units,
+    next_unit,
+    open_listing,
+    plan_ranges,
+    plan_unit_counts,
+    planned_kinds,
+    post_plan,
+    read_plan_range,
+    shard_rows,
+    unfinished_run,
+    upload_plan,
+    write_listing_uris,
+    write_plan,
+)
 from .prompts import PromptSet, load_prompts
 from .schema import package_versions, prompts_table, provenance
-from .models import row_widths
-from .plan import (Listing, Workspace, classify, committed_view, contiguous_units, next_unit,
-                   open_listing, plan_ranges, plan_unit_counts, planned_kinds, post_plan, read_plan_range,
-                   shard_rows, unfinished_run, upload_plan, write_listing_uris, write_plan)
 from .sources import IMAGE_SUFFIXES, check_local_input, lists_with_ray, write_listing
 from .storage import exists, is_remote, local_path, only_driver_node, working_nodes
 from .write import OutputDir, ShardWriter, check_identity, image_table_builder, unit_first_rows
@@ -78,8 +101,13 @@ def init_ray(verbose: bool = False) -> bool:
     level = logging.WARNING if verbose else logging.ERROR
     for name in ("ray", "ray.data"):  # before init: a new local Ray announces its token authentication at WARNING
         logging.getLogger(name).setLevel(level)
-    ray.init(address=address or "local", include_dashboard=False, logging_level=level, log_to_driver=verbose,
-             configure_logging=False)
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        logging_level=level,
+        log_to_driver=verbose,
+        configure_logging=False,
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose and stderr_is_terminal()
     ctx.print_on_execution_start = False
@@ -112,8 +140,12 @@ def cluster_shape() -> dict:
 
     res = ray.cluster_resources()
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0)]
-    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)), "nodes": len(nodes),
-            "node_cpus": int(min(nodes)) if nodes else int(res.get("CPU", 0))}
+    return {
+        "cpus": int(res.get("CPU", 0)),
+        "gpus": int(res.get("GPU", 0)),
+        "nodes": len(nodes),
+        "node_cpus": int(min(nodes)) if nodes else int(res.get("CPU", 0)),
+    }
 
 
 # On CPUs, a decode task reserves one CPU; an actor at most half its node, so decoding can never be starved there.
@@ -161,11 +193,14 @@ def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) 
         device = "cuda" if gpus else "cpu"
     if device == "cuda":
         if not gpus and not cfg.num_actors:
-            raise UserError("device cuda was asked for, but the Ray cluster has no GPUs up; on an autoscaling "
-                            "cluster pass --num-actors N so the autoscaler starts GPU workers for them")
+            raise UserError(
+                "device cuda was asked for, but the Ray cluster has no GPUs up; on an autoscaling "
+                "cluster pass --num-actors N so the autoscaler starts GPU workers for them"
+            )
         size = cfg.num_actors or gpus  # pending actors make an autoscaler add GPU nodes
-        return Layout("cuda", size, 1, 1, cfg.torch_threads, cfg.batch_size or 256, cfg.torch_compile,
-                      actor_calls=GPU_ACTOR_CALLS)
+        return Layout(
+            "cuda", size, 1, 1, cfg.torch_threads, cfg.batch_size or 256, cfg.torch_compile, actor_calls=GPU_ACTOR_CALLS
+        )
     cpus = max(1, shape["cpus"])
     size = cfg.num_actors or max(1, cpus // 8)
     if size >= cpus and cpus > 1:
@@ -201,7 +236,6 @@ class ModelJob:
     feature_shape: tuple[int, ...] | None  # hidden-state features: one row's shape before flattening
     fast_decode: bool = False  # approximate JPEG decoding changes the numbers a little
 
-
     def identity(self) -> dict:
         """What the numbers depend on (features only when not the default, so older OUTPUTs keep theirs)."""
         identity = {**self.spec.identity(), "prompt_set_hash": self.prompt_set.set_hash if self.prompt_set else None}
@@ -225,11 +259,15 @@ def resolve_job(cfg: JobConfig) -> ModelJob:
     prompt_set = load_prompts(cfg.prompts) if cfg.prompts else None
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
     if prompt_set is not None and spec.kind in VISION_ONLY_KINDS:
-        raise UserError(f"model {cfg.model} is an image tower without a text tower: it cannot score prompts; drop "
-                        "--prompts for a features-only run")
+        raise UserError(
+            f"model {cfg.model} is an image tower without a text tower: it cannot score prompts; drop "
+            "--prompts for a features-only run"
+        )
     if prompt_set is not None and features.kind != "embedding":
-        raise UserError(f"--prompts scores concepts against the model's embedding, so it cannot go with --features "
-                        f"{features.name}: drop one of them")
+        raise UserError(
+            f"--prompts scores concepts against the model's embedding, so it cannot go with --features "
+            f"{features.name}: drop one of them"
+        )
     shape = hidden_shape(spec, features) if features.kind == "hidden" else None
     return ModelJob(spec, prompt_set, features, shape, bool(getattr(cfg, "fast_decode", False)))
 
@@ -237,8 +275,7 @@ def resolve_job(cfg: JobConfig) -> ModelJob:
 def placed_spec(spec: ModelSpec, layout: Layout) -> ModelSpec:
     """The model spec with the layout's device and a concrete dtype (auto: bfloat16 on GPUs, float32 on CPUs)."""
     dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if layout.device == "cuda" else "float32")
-    return ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout.device,
-                     spec.token)
+    return ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout.device, spec.token)
 
 
 # -- where the work runs --------------------------------------------------------------------------------------------
@@ -248,12 +285,16 @@ def refuse_process_local(cfg: JobConfig) -> None:
     working dir, deleted with the job)."""
     for name in ("input", "output"):
         if str(getattr(cfg, name)).startswith("memory://"):
-            raise UserError(f"{name.upper()} {getattr(cfg, name)} is in this process's memory, which Ray's workers "
-                            "cannot see: use a local folder or object storage")
+            raise UserError(
+                f"{name.upper()} {getattr(cfg, name)} is in this process's memory, which Ray's workers "
+                "cannot see: use a local folder or object storage"
+            )
     if not is_remote(cfg.output) and not os.path.isabs(local_path(cfg.output)) and _in_job_working_dir():
-        raise UserError(f"OUTPUT {cfg.output} is a relative path inside a Ray job, i.e. inside Ray's temporary copy "
-                        "of the job's working dir, which is deleted with the job: give an absolute path on shared "
-                        "storage, or an object store URL")
+        raise UserError(
+            f"OUTPUT {cfg.output} is a relative path inside a Ray job, i.e. inside Ray's temporary copy "
+            "of the job's working dir, which is deleted with the job: give an absolute path on shared "
+            "storage, or an object store URL"
+        )
 
 
 def _in_job_working_dir() -> bool:
@@ -289,13 +330,19 @@ def probe_nodes(cfg: JobConfig, sample: list[str], echo=print, timeout_s: float 
     if not needs:
         return True
     task = ray.remote(num_cpus=0, max_retries=0)(_readable)
-    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-        sorted(needs)): n for n in nodes}
+    refs = {
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            sorted(needs)
+        ): n
+        for n in nodes
+    }
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     everywhere = not pending
     for ref in pending:
-        echo(f"featurize: warning: node {refs[ref]['NodeManagerAddress']} did not answer the path probe in "
-             f"{timeout_s:.0f} s; not checked")
+        echo(
+            f"featurize: warning: node {refs[ref]['NodeManagerAddress']} did not answer the path probe in "
+            f"{timeout_s:.0f} s; not checked"
+        )
     for ref in ready:
         node = refs[ref]["NodeManagerAddress"]
         try:
@@ -309,13 +356,16 @@ def probe_nodes(cfg: JobConfig, sample: list[str], echo=print, timeout_s: float 
                 everywhere = False
                 continue
             if needs[path] == "INPUT":
-                raise EnvironmentFailure(f"INPUT {cfg.input} is a local path the worker nodes cannot read (node "
-                                         f"{node} cannot read {path}): put it on shared or object storage")
-            raise EnvironmentFailure(f"--model {cfg.model} is a local folder that node {node} cannot read: put "
-                                     "it at the same path on every node (shared storage), or use a hub id")
+                raise EnvironmentFailure(
+                    f"INPUT {cfg.input} is a local path the worker nodes cannot read (node "
+                    f"{node} cannot read {path}): put it on shared or object storage"
+                )
+            raise EnvironmentFailure(
+                f"--model {cfg.model} is a local folder that node {node} cannot read: put "
+                "it at the same path on every node (shared storage), or use a hub id"
+            )
     if not is_remote(cfg.output):
-        echo(f"featurize: note: OUTPUT {cfg.output} is a local path: shards are written on the driver's node "
-             "only")
+        echo(f"featurize: note: OUTPUT {cfg.output} is a local path: shards are written on the driver's node only")
     return everywhere
 
 
@@ -336,12 +386,15 @@ def environment_failure(batch: dict, cfg: JobConfig) -> EnvironmentFailure | Non
         return None
     for i, cls in enumerate(classes):
         if cls in ENVIRONMENT_ERROR_CLASSES:
-            return EnvironmentFailure(f"{batch['uri'][i]}: {batch['error'][i]}; {ENVIRONMENT_FIXES[cls]}, then "
-                                      "rerun to resume")
+            return EnvironmentFailure(
+                f"{batch['uri'][i]}: {batch['error'][i]}; {ENVIRONMENT_FIXES[cls]}, then rerun to resume"
+            )
         if cls == "missing" and exists(str(batch["uri"][i]), cfg.storage_options):
-            return EnvironmentFailure(f"a worker could not find {batch['uri'][i]}, which the driver can read: INPUT "
-                                      f"{cfg.input} is a local path the worker nodes cannot read; put it on "
-                                      "shared or object storage")
+            return EnvironmentFailure(
+                f"a worker could not find {batch['uri'][i]}, which the driver can read: INPUT "
+                f"{cfg.input} is a local path the worker nodes cannot read; put it on "
+                "shared or object storage"
+            )
     return None
 
 
@@ -385,14 +438,15 @@ class Stream:
             if close is not None:
                 close()  # a generator's close ends Ray Data's streaming executor and frees its actors
 
-    def start(self) -> "Stream":
+    def start(self) -> Stream:
         self.started_at, self.started_wall = time.perf_counter(), time.time()
         self.thread = threading.Thread(target=self._pull, name="featurize-pull", daemon=True)
         self.thread.start()
         return self
 
-    def consume(self, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit,
-                progress: Progress | None = None) -> None:
+    def consume(
+        self, writer: ShardWriter, cfg: JobConfig, stats: dict, on_commit, progress: Progress | None = None
+    ) -> None:
         """Commit result batches until the stream ends; fail the run if nothing progresses for stall_timeout_s, or
         when a row failed through no fault of its input (environment_failure)."""
         stall_timeout_s = cfg.stall_timeout_s
@@ -403,7 +457,8 @@ class Stream:
                 raise EnvironmentFailure(
                     f"no progress for {stall_timeout_s:.0f} s ({writer.pending} work units unfinished); the cluster "
                     "may have lost its actors or nodes. Rerun the same command to resume (raise stall_timeout_s if "
-                    "batches are legitimately this slow)") from None
+                    "batches are legitimately this slow)"
+                ) from None
             if item is self.done:
                 return
             if isinstance(item, BaseException):
@@ -505,12 +560,23 @@ class ImagesJob:
 
     def rows_per_shard(self) -> int:
         prompts = self.model.prompt_set
-        return shard_rows(self.cfg.rows_per_shard, row_widths(self.model.spec, self.model.features,
-                                                              self.model.feature_shape,
-                                                              len(prompts.names) if prompts else 0))
+        return shard_rows(
+            self.cfg.rows_per_shard,
+            row_widths(
+                self.model.spec, self.model.features, self.model.feature_shape, len(prompts.names) if prompts else 0
+            ),
+        )
 
-    def plan(self, ws: Workspace, out: OutputDir, listing: Listing, version: int, run_id: str,
-             runs: list[dict], dry: bool = False) -> Planned:
+    def plan(
+        self,
+        ws: Workspace,
+        out: OutputDir,
+        listing: Listing,
+        version: int,
+        run_id: str,
+        runs: list[dict],
+        dry: bool = False,
+    ) -> Planned:
         """Resume the unfinished run over this input, or plan the inputs not yet committed (with incremental, also
         the changed ones; with retry_errors, those whose newest row is an error row). A dry run counts, and writes
         no plan file."""
@@ -525,18 +591,30 @@ class ImagesJob:
         kinds = planned_kinds(self.cfg.incremental, self.cfg.retry_errors)
         if dry:
             local = None
-            rows = int(ws.con.execute("SELECT count(*) FROM classified WHERE kind IN ("
-                                      + ", ".join(repr(k) for k in kinds) + ")").fetchone()[0])
+            rows = int(
+                ws.con.execute(
+                    "SELECT count(*) FROM classified WHERE kind IN (" + ", ".join(repr(k) for k in kinds) + ")"
+                ).fetchone()[0]
+            )
         else:
             local, rows = write_plan(ws, kinds, first_unit, rows_per_shard)
-        return Planned(run_id, False, {**counts, "planned": rows, "rows_per_shard": rows_per_shard},
-                       contiguous_units(rows, first_unit, rows_per_shard), local_plan=local)
+        return Planned(
+            run_id,
+            False,
+            {**counts, "planned": rows, "rows_per_shard": rows_per_shard},
+            contiguous_units(rows, first_unit, rows_per_shard),
+            local_plan=local,
+        )
 
     def stage(self):
         """The CPU stage: Ray Data batch function and its keyword arguments."""
         cfg = self.cfg
-        return decode_batch, {"spec": self.preprocess, "max_pixels": cfg.max_image_pixels,
-                              "storage_options": cfg.storage_options, "fast": cfg.fast_decode}
+        return decode_batch, {
+            "spec": self.preprocess,
+            "max_pixels": cfg.max_image_pixels,
+            "storage_options": cfg.storage_options,
+            "fast": cfg.fast_decode,
+        }
 
     def encode_kwargs(self) -> dict:
         return {}
@@ -554,8 +632,10 @@ class ImagesJob:
         c = planned.counts
         if planned.resumed:
             return f"resuming run {planned.run_id}"
-        return (f"{c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('error', 0)} error rows, "
-                f"{c.get('unchanged', 0)} unchanged")
+        return (
+            f"{c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('error', 0)} error rows, "
+            f"{c.get('unchanged', 0)} unchanged"
+        )
 
 
 def run_images(cfg: RunConfig, echo=print, command_started: float | None = None) -> dict:
@@ -584,8 +664,9 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
 
         t_prepare = time.perf_counter()
         # An input listed in Ray tasks (list files read by Ray Data, object-store prefixes) waits for Ray.
-        started_ray, (listing, listing_s) = while_ray_starts(prepare, cfg.verbose,
-                                                             overlap=not lists_with_ray(cfg.input))
+        started_ray, (listing, listing_s) = while_ray_starts(
+            prepare, cfg.verbose, overlap=not lists_with_ray(cfg.input)
+        )
         ray_start_s = time.perf_counter() - t_prepare
         record: dict = {}
         with finishing(cfg, record, lease, started_ray):
@@ -598,8 +679,11 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             version = check_identity(out, identity, cfg.new_version)
             runs = out.runs()
             board = stream = None
-            early = bool(kind.start_before_plan and not out.shard_units()
-                         and unfinished_run(out, runs, version, cfg.input) is None)
+            early = bool(
+                kind.start_before_plan
+                and not out.shard_units()
+                and unfinished_run(out, runs, version, cfg.input) is None
+            )
             if early:
                 # A first run over OUTPUT: the model actors load while the driver plans (at most every unique
                 # input listed is planned; a resumed plan may hold more, so it plans first). Other runs plan
@@ -612,31 +696,55 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                 if planned.resumed:
                     lease.update(run_id=planned.run_id)
                 run_id = planned.run_id
-                prov = provenance(model.spec.identity(), identity["prompt_set_hash"], run_id,
-                                  {"dataset_version": version, **kind.provenance_extra(), **model.described()})
+                prov = provenance(
+                    model.spec.identity(),
+                    identity["prompt_set_hash"],
+                    run_id,
+                    {"dataset_version": version, **kind.provenance_extra(), **model.described()},
+                )
                 done_units = set(out.shard_units())
                 pending = {u: n for u, n in planned.units.items() if u not in done_units}
-                record.update({
-                    "run_id": run_id, "command": kind.command, "state": "running", "input": cfg.input,
-                    "output": cfg.output, "command_line": prov["command"], **identity, "dataset_version": version,
-                    "resumed": planned.resumed, "started_at": _iso(started), "versions": package_versions(),
-                    **model.described(),
-                    "counts": {"listed": listing.rows, "duplicates": listing.duplicates, **planned.counts,
-                               "skipped": listing.unique - planned.counts["planned"]},
-                    "last_unit": max(planned.units, default=-1), "layout": layout.as_dict(),
-                })
+                record.update(
+                    {
+                        "run_id": run_id,
+                        "command": kind.command,
+                        "state": "running",
+                        "input": cfg.input,
+                        "output": cfg.output,
+                        "command_line": prov["command"],
+                        **identity,
+                        "dataset_version": version,
+                        "resumed": planned.resumed,
+                        "started_at": _iso(started),
+                        "versions": package_versions(),
+                        **model.described(),
+                        "counts": {
+                            "listed": listing.rows,
+                            "duplicates": listing.duplicates,
+                            **planned.counts,
+                            "skipped": listing.unique - planned.counts["planned"],
+                        },
+                        "last_unit": max(planned.units, default=-1),
+                        "layout": layout.as_dict(),
+                    }
+                )
                 if planned.local_plan is not None and planned.units:
                     planned.plan_path = upload_plan(planned.local_plan, out, run_id)
                 current = out.read_json("_dataset.json") or {}
                 readable = current.get("readable_version", current.get("version"))
-                out.write_json({"identity": identity, "version": version,
-                                **({"readable_version": readable} if readable else {})}, "_dataset.json")
+                out.write_json(
+                    {"identity": identity, "version": version, **({"readable_version": readable} if readable else {})},
+                    "_dataset.json",
+                )
                 write_listing_uris(ws, out)
                 out.write_json(record, "_runs", f"{run_id}.json")
                 if listing.duplicates:
                     echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
-                echo(f"featurize: {listing.rows} {kind.inputs} listed in {listing_s:.1f} s; {kind.summary(listing, planned)}; "
-                     f"{len(pending)} work unit(s) to process on {layout.size} {layout.device} actor(s)")
+                echo(
+                    f"featurize: {listing.rows} {kind.inputs} listed in {listing_s:.1f} s; "
+                    f"{kind.summary(listing, planned)}; "
+                    f"{len(pending)} work unit(s) to process on {layout.size} {layout.device} actor(s)"
+                )
 
                 stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
                 processed = sum(pending.values())
@@ -644,11 +752,16 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                 first_commit = [None]
                 if pending:
                     if stream is None:
-                        board, stream = open_stream(kind, cfg, layout, sum(planned.units.values()),
-                                                    processed)
-                    stream.held = post_plan(board, out, planned.plan_path, kind.stage_columns,
-                                            None if len(pending) == len(planned.units) else sorted(pending),
-                                            processed, everywhere)
+                        board, stream = open_stream(kind, cfg, layout, sum(planned.units.values()), processed)
+                    stream.held = post_plan(
+                        board,
+                        out,
+                        planned.plan_path,
+                        kind.stage_columns,
+                        None if len(pending) == len(planned.units) else sorted(pending),
+                        processed,
+                        everywhere,
+                    )
 
                     def before_commit():
                         lease.check()
@@ -657,9 +770,15 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                             first_commit[0] = time.time() - command_started
 
                     os.makedirs(ws.path("units"), exist_ok=True)
-                    writer = ShardWriter(out, pending, kind.table_builder(run_id, version), prov,
-                                         before_commit=before_commit, spill_dir=ws.path("units"),
-                                         first_rows=unit_first_rows(planned.units))
+                    writer = ShardWriter(
+                        out,
+                        pending,
+                        kind.table_builder(run_id, version),
+                        prov,
+                        before_commit=before_commit,
+                        spill_dir=ws.path("units"),
+                        first_rows=unit_first_rows(planned.units),
+                    )
                     progress = Progress(processed, kind.noun, cfg.progress_interval_s)
                     try:
                         stream.consume(writer, cfg, stats, lambda unit: None, progress)
@@ -668,7 +787,8 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
                     if writer.pending:  # never recorded complete with work missing
                         raise EnvironmentFailure(
                             f"the stream ended with {writer.pending} work unit(s) unfinished "
-                            f"({writer.missing_rows} rows missing); rerun the same command to resume")
+                            f"({writer.missing_rows} rows missing); rerun the same command to resume"
+                        )
             finally:
                 if stream is not None:
                     board.put.remote("plan", None)  # (ignored once the plan is posted) frees waiting readers
@@ -679,19 +799,27 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             record["counts"].update(processed=processed, **finished_counts(writer))
             kind.finish(ws, out, planned, prov, record)
             ended = time.time()
-            record.update(state="complete", ended_at=_iso(ended), wall_s=round(ended - started, 3),
-                          per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
-                          first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
-                          stages={"listing_s": round(listing_s, 3), "ray_start_and_prepare_s": round(ray_start_s, 3),
-                                  "planning_s": round(plan_s, 3), "stream_s": round(stream_s, 3),
-                                  "actors_started_before_plan": early, **stage_summary(stats, t_stream)})
+            record.update(
+                state="complete",
+                ended_at=_iso(ended),
+                wall_s=round(ended - started, 3),
+                per_s=round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0,
+                first_shard_s=round(first_commit[0], 3) if first_commit[0] else None,
+                stages={
+                    "listing_s": round(listing_s, 3),
+                    "ray_start_and_prepare_s": round(ray_start_s, 3),
+                    "planning_s": round(plan_s, 3),
+                    "stream_s": round(stream_s, 3),
+                    "actors_started_before_plan": early,
+                    **stage_summary(stats, t_stream),
+                },
+            )
             actor_start = actor_start_record(board, stream) if stream is not None else None
             if actor_start:
                 record["stages"]["actor_start"] = actor_start
             record[f"{kind.noun}_per_s"] = record.pop("per_s")
             if layout.device == "cuda" and stream_s > 0:
-                record["stages"]["gpu_busy_fraction"] = round(
-                    min(1.0, stats["model_s"] / (stream_s * layout.size)), 4)
+                record["stages"]["gpu_busy_fraction"] = round(min(1.0, stats["model_s"] / (stream_s * layout.size)), 4)
             out.write_json({"identity": identity, "version": version, "readable_version": version}, "_dataset.json")
             save_run_record(out, record)
             return record
@@ -724,18 +852,27 @@ def dry_run(cfg: JobConfig, kind, echo=print) -> dict:
 
                 ray.shutdown()
     done = set(out.shard_units())
-    counts = {"listed": listing.rows, "duplicates": listing.duplicates, "unique": listing.unique,
-              **{k: 0 for k in ("new", "changed", "error", "unchanged")}, **planned.counts,
-              "work_units": sum(1 for u in planned.units if u not in done), "resumes_run": planned.resumed and
-              planned.run_id or None, "dataset_version": version, "listing_s": round(listing_s, 3),
-              "seconds": round(time.perf_counter() - t, 3)}
+    counts = {
+        "listed": listing.rows,
+        "duplicates": listing.duplicates,
+        "unique": listing.unique,
+        **{k: 0 for k in ("new", "changed", "error", "unchanged")},
+        **planned.counts,
+        "work_units": sum(1 for u in planned.units if u not in done),
+        "resumes_run": planned.resumed and planned.run_id or None,
+        "dataset_version": version,
+        "listing_s": round(listing_s, 3),
+        "seconds": round(time.perf_counter() - t, 3),
+    }
     if not cfg.incremental and counts["changed"]:
         echo(f"featurize: {counts['changed']} committed input(s) changed since; only --incremental reprocesses them")
     if counts["error"] and not getattr(cfg, "retry_errors", False):
         echo(f"featurize: {counts['error']} input(s) have an error row; --retry-errors reprocesses them")
-    echo(f"featurize: dry run: {listing.rows} {kind.inputs} listed ({listing.duplicates} duplicate(s)); "
-         f"{kind.summary(listing, planned)}; {kind.planned_text(planned)} in {counts['work_units']} work unit(s); "
-         "nothing written")
+    echo(
+        f"featurize: dry run: {listing.rows} {kind.inputs} listed ({listing.duplicates} duplicate(s)); "
+        f"{kind.summary(listing, planned)}; {kind.planned_text(planned)} in {counts['work_units']} work unit(s); "
+        "nothing written"
+    )
     print(json.dumps(counts, sort_keys=True), flush=True)
     return counts
 
@@ -785,9 +922,11 @@ def record_failure(cfg: JobConfig, record: dict, exc: BaseException, lease) -> N
     writes nothing once another run holds OUTPUT."""
     if not record or getattr(lease, "lost", None):
         return
-    record.update(state="failed", ended_at=_iso(time.time()),
-                  failure=f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, UserError)
-                  else first_line(exc, 1000))
+    record.update(
+        state="failed",
+        ended_at=_iso(time.time()),
+        failure=f"{type(exc).__name__}: {first_line(exc)}" if not isinstance(exc, UserError) else first_line(exc, 1000),
+    )
     try:
         save_run_record(OutputDir(cfg.output, cfg.storage_options), record)
     except Exception:
@@ -809,13 +948,34 @@ def open_stream(kind, cfg: JobConfig, layout: Layout, plan_rows: int, rows: int)
     ranges = plan_ranges(plan_rows)
     readers = min(ranges, max(2, min(16, 2 * shape["nodes"])))  # at once: two per node
     block_rows = stage_block_rows(rows, cfg.decode_batch_size, kind.preprocess.out_shape, shape["cpus"])
-    source = ray.data.from_items([{"id": i} for i in range(ranges)], override_num_blocks=ranges).map_batches(
-        read_plan_range, fn_kwargs={"board": board, "columns": kind.stage_columns}, batch_size=1,
-        batch_format="pyarrow", num_cpus=0, concurrency=readers).repartition(target_num_rows_per_block=block_rows)
+    source = (
+        ray.data.from_items([{"id": i} for i in range(ranges)], override_num_blocks=ranges)
+        .map_batches(
+            read_plan_range,
+            fn_kwargs={"board": board, "columns": kind.stage_columns},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0,
+            concurrency=readers,
+        )
+        .repartition(target_num_rows_per_block=block_rows)
+    )
     stage_fn, stage_kwargs = kind.stage()
-    ds = build_dataset(source, stage_fn, stage_kwargs, cfg.decode_batch_size,
-                       {"model_spec": model.spec, "preprocess": kind.preprocess, "prompt_set": model.prompt_set,
-                        "board": board, "features": model.features, **kind.encode_kwargs()}, layout)
+    ds = build_dataset(
+        source,
+        stage_fn,
+        stage_kwargs,
+        cfg.decode_batch_size,
+        {
+            "model_spec": model.spec,
+            "preprocess": kind.preprocess,
+            "prompt_set": model.prompt_set,
+            "board": board,
+            "features": model.features,
+            **kind.encode_kwargs(),
+        },
+        layout,
+    )
     return board, Stream(ds).start()
 
 
@@ -834,26 +994,37 @@ def _write_prompts(out: OutputDir, board, prompt_set, prov: dict) -> None:
         return
     value = ray.get(board.get.remote("prompts"), timeout=60)
     if value is None:  # the actor hands them over before its first batch: this is a broken actor, not a race
-        raise EnvironmentFailure("the model actor returned results without handing over the prompt embeddings; "
-                                 "rerun to resume")
-    table = prompts_table(prompt_set, value["text_embeddings"], {**prov, "logit_scale": value["logit_scale"],
-                                                                 "logit_bias": value["logit_bias"]})
+        raise EnvironmentFailure(
+            "the model actor returned results without handing over the prompt embeddings; rerun to resume"
+        )
+    table = prompts_table(
+        prompt_set,
+        value["text_embeddings"],
+        {**prov, "logit_scale": value["logit_scale"], "logit_bias": value["logit_bias"]},
+    )
     out.write_table(table, "_prompts.parquet")
 
 
-def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict,
-                  layout: Layout):
+def build_dataset(source, decode_fn, decode_kwargs: dict, decode_batch_size: int, encode_kwargs: dict, layout: Layout):
     """plan rows -> CPU stage tasks -> model actors; nothing runs until the driver iterates.
 
     decode_fn(batch, **decode_kwargs) must add `pixels` (uint8 [N,H,W,3]), `status` and `error` to each batch;
     encode_kwargs are EncodeBatch's constructor arguments (model_spec, preprocess, prompt_set, board...).
     """
-    ds = source.map_batches(decode_fn, fn_kwargs=decode_kwargs, batch_size=decode_batch_size, batch_format="numpy",
-                            num_cpus=layout.decode_cpus, memory=DECODE_TASK_MEMORY)
+    ds = source.map_batches(
+        decode_fn,
+        fn_kwargs=decode_kwargs,
+        batch_size=decode_batch_size,
+        batch_format="numpy",
+        num_cpus=layout.decode_cpus,
+        memory=DECODE_TASK_MEMORY,
+    )
     return ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"torch_threads": layout.torch_threads, "compile": layout.compile, **encode_kwargs},
-        batch_size=layout.batch_size, batch_format="numpy", **actor_pool_options(layout),
+        batch_size=layout.batch_size,
+        batch_format="numpy",
+        **actor_pool_options(layout),
     )
 
 

@@ -23,18 +23,43 @@ import pyarrow.parquet as pq
 
 from .config import SlidesConfig
 from .errors import UserError, first_line
-from .plan import (CHANGED_SQL, PLAN_ROW_GROUP, Listing, Workspace, contiguous_units, duckdb_path, fetch_table,
-                   next_unit, plan_unit_counts, shard_rows, sql_list, unfinished_run)
 from .models import row_widths
+from .plan import (
+    CHANGED_SQL,
+    PLAN_ROW_GROUP,
+    Listing,
+    Workspace,
+    contiguous_units,
+    duckdb_path,
+    fetch_table,
+    next_unit,
+    plan_unit_counts,
+    shard_rows,
+    sql_list,
+    unfinished_run,
+)
 from .run import ImagesJob, Planned, refuse_process_local, resolve_job, run_job
-from .schema import (CONCEPT_MAPS_FIELD, PLAN_TILE_SCHEMA, SLIDE_SCHEMA, TILE_SCHEMA, current_names, error_column,
-                     fixed_list, logits_column, metadata_bytes, nullable, source_columns, without_absent_logits)
+from .schema import (
+    CONCEPT_MAPS_FIELD,
+    PLAN_TILE_SCHEMA,
+    SLIDE_SCHEMA,
+    TILE_SCHEMA,
+    current_names,
+    error_column,
+    fixed_list,
+    logits_column,
+    metadata_bytes,
+    nullable,
+    source_columns,
+    without_absent_logits,
+)
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
 from .storage import filesystem, is_remote, join, only_driver_node, remove_tree, write_bytes_atomic
 from .summary import summarise_slides
 from .write import OutputDir, parquet_bytes
 
 log = logging.getLogger(__name__)
+
 
 def make_tiling(cfg: SlidesConfig, model_input_px: int) -> Tiling:
     tile_px = cfg.tile_px or model_input_px
@@ -51,8 +76,9 @@ def done_slides(ws: Workspace, out: OutputDir, version: int, incremental: bool) 
     previous = out.read_table("_slides.parquet")
     if previous is None or previous.num_rows == 0:
         return pa.table({"uri": pa.array([], pa.string())})
-    previous = previous.filter(pc.and_(pc.equal(previous.column("dataset_version"), version),
-                                       pc.equal(previous.column("status"), "ok")))
+    previous = previous.filter(
+        pc.and_(pc.equal(previous.column("dataset_version"), version), pc.equal(previous.column("status"), "ok"))
+    )
     ws.con.register("previous_slides", previous.select(["uri", "run_id", "n_tiles", "size", "mtime", "etag"]))
     shards = sorted(out.shard_units().values())
     if shards:
@@ -63,8 +89,11 @@ def done_slides(ws: Workspace, out: OutputDir, version: int, incremental: bool) 
     else:
         tiles = "(SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS run_id, 0 AS n WHERE false)"
     changed = f"AND NOT ({CHANGED_SQL})" if incremental else ""
-    return fetch_table(ws.con, f"""SELECT c.uri FROM previous_slides c JOIN {tiles} t ON c.uri = t.uri
-        AND c.run_id = t.run_id JOIN listed l ON l.uri = c.uri WHERE t.n = c.n_tiles {changed}""")
+    return fetch_table(
+        ws.con,
+        f"""SELECT c.uri FROM previous_slides c JOIN {tiles} t ON c.uri = t.uri
+        AND c.run_id = t.run_id JOIN listed l ON l.uri = c.uri WHERE t.n = c.n_tiles {changed}""",
+    )
 
 
 def _as_completed(refs: list, stall_timeout_s: float):
@@ -79,8 +108,13 @@ def _as_completed(refs: list, stall_timeout_s: float):
         if not ready:
             for ref, i in waiting.items():
                 ray.cancel(ref, force=True)
-                yield i, TimeoutError(f"planning made no progress for {stall_timeout_s:.0f} s (a read that hangs?); "
-                                      "rerun to retry this slide")
+                yield (
+                    i,
+                    TimeoutError(
+                        f"planning made no progress for {stall_timeout_s:.0f} s (a read that hangs?); "
+                        "rerun to retry this slide"
+                    ),
+                )
             return
         ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
         for ref in ready:
@@ -95,16 +129,39 @@ def tile_plan_table(row: dict, tiles: dict, slide_id: str, part: int, sources: d
     """One slide's tiles as plan rows (PLAN_TILE_SCHEMA, the slide's values repeated on every tile) with their part
     (the slide's index in the run's plan) and tile (position in the slide): the driver numbers rows by both."""
     n = len(tiles["x"])
-    per_slide = {"slide_id": slide_id, "uri": row["uri"], "reader": row["reader"], "level": row["level"],
-                 "read_px": row["read_px"], "tile_mpp": row["tile_mpp"], **sources}
-    table = pa.table({f.name: tiles[f.name] if f.name in tiles else pa.repeat(pa.scalar(per_slide[f.name], f.type), n)
-                      for f in PLAN_TILE_SCHEMA}, schema=PLAN_TILE_SCHEMA)
-    return (table.append_column("part", pa.array(np.full(n, part, np.int32)))
-            .append_column("tile", pa.array(np.arange(n, dtype=np.int64))))
+    per_slide = {
+        "slide_id": slide_id,
+        "uri": row["uri"],
+        "reader": row["reader"],
+        "level": row["level"],
+        "read_px": row["read_px"],
+        "tile_mpp": row["tile_mpp"],
+        **sources,
+    }
+    table = pa.table(
+        {
+            f.name: tiles[f.name] if f.name in tiles else pa.repeat(pa.scalar(per_slide[f.name], f.type), n)
+            for f in PLAN_TILE_SCHEMA
+        },
+        schema=PLAN_TILE_SCHEMA,
+    )
+    return table.append_column("part", pa.array(np.full(n, part, np.int32))).append_column(
+        "tile", pa.array(np.arange(n, dtype=np.int64))
+    )
 
 
-def plan_slide_tiles(uri: str, slide_id: str, part: int, sources: dict, tiling: Tiling, reader: str,
-                     slide_mpp: float | None, storage_options: dict | None, dest: str | None, count_only: bool):
+def plan_slide_tiles(
+    uri: str,
+    slide_id: str,
+    part: int,
+    sources: dict,
+    tiling: Tiling,
+    reader: str,
+    slide_mpp: float | None,
+    storage_options: dict | None,
+    dest: str | None,
+    count_only: bool,
+):
     """(A Ray task per slide.) Plan one slide and write its tiles as a plan part file under dest: (the slide row,
     where its tiles are). That is the part file's path; the tiles themselves when dest is None (the workers cannot
     write where the driver reads) or the write failed (the driver writes them); None with no tiles or count_only (the
@@ -123,9 +180,20 @@ def plan_slide_tiles(uri: str, slide_id: str, part: int, sources: dict, tiling: 
     return row, path
 
 
-def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: SlidesConfig, run_id: str,
-                version: int, first_unit: int, rows_per_shard: int, ws: Workspace, out: OutputDir | None,
-                dest: str | None, count_only: bool = False) -> tuple[pa.Table, int, str | None, int]:
+def plan_slides(
+    pending: pa.Table,
+    ids: dict[str, str],
+    tiling: Tiling,
+    cfg: SlidesConfig,
+    run_id: str,
+    version: int,
+    first_unit: int,
+    rows_per_shard: int,
+    ws: Workspace,
+    out: OutputDir | None,
+    dest: str | None,
+    count_only: bool = False,
+) -> tuple[pa.Table, int, str | None, int]:
     """One Ray task per slide (open, microns per pixel, tissue, grid) writes its tiles as a part file under dest
     (see plan_slide_tiles); the driver keeps a row per slide, never the tiles. DuckDB then numbers the tiles in slide
     order (slides by uri, tiles in grid order) into work units and writes the plan file in the workspace: the plan is
@@ -136,16 +204,27 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
     task = ray.remote(num_cpus=1, max_retries=1)(plan_slide_tiles)
     uris = pending.column("uri").to_pylist()
     sources = pending.select(["size", "mtime", "etag"]).to_pylist()
-    refs = [task.remote(uri, ids[uri], i, sources[i], tiling, cfg.reader, cfg.slide_mpp, cfg.storage_options,
-                        dest, count_only) for i, uri in enumerate(uris)]
+    refs = [
+        task.remote(
+            uri, ids[uri], i, sources[i], tiling, cfg.reader, cfg.slide_mpp, cfg.storage_options, dest, count_only
+        )
+        for i, uri in enumerate(uris)
+    ]
     rows: list[dict] = [{} for _ in uris]
     parts: dict[int, str] = {}
     by_driver = 0
     for i, planned in _as_completed(refs, cfg.stall_timeout_s):
         uri = uris[i]
         row, where = planned if isinstance(planned, tuple) else (_crashed_row(uri, planned), None)
-        row.update(slide_id=ids[uri], tile_px=tiling.tile_px, top_k=cfg.top_k, n_tile_errors=0, run_id=run_id,
-                   dataset_version=version, **sources[i])
+        row.update(
+            slide_id=ids[uri],
+            tile_px=tiling.tile_px,
+            top_k=cfg.top_k,
+            n_tile_errors=0,
+            run_id=run_id,
+            dataset_version=version,
+            **sources[i],
+        )
         rows[i] = row
         if isinstance(where, pa.Table):  # the driver writes what the worker could not
             os.makedirs(ws.path("tiles"), exist_ok=True)
@@ -154,8 +233,9 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
             by_driver += 1
         elif where is not None:
             parts[i] = where
-    slides = pa.Table.from_pylist([{f.name: row.get(f.name) for f in SLIDE_SCHEMA} for row in rows],
-                                  schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [{f.name: row.get(f.name) for f in SLIDE_SCHEMA} for row in rows], schema=SLIDE_SCHEMA
+    )
     n_tiles = sum(int(r["n_tiles"] or 0) for r in rows)
     if count_only:
         return slides, n_tiles, None, 0
@@ -163,8 +243,14 @@ def plan_slides(pending: pa.Table, ids: dict[str, str], tiling: Tiling, cfg: Sli
     return slides, n_tiles, plan, by_driver
 
 
-def write_tile_plan(ws: Workspace, out: OutputDir | None, parts: dict[int, str], n_tiles: dict[int, int],
-                    first_unit: int, rows_per_shard: int) -> str:
+def write_tile_plan(
+    ws: Workspace,
+    out: OutputDir | None,
+    parts: dict[int, str],
+    n_tiles: dict[int, int],
+    first_unit: int,
+    rows_per_shard: int,
+) -> str:
     """The plan file from the slides' part files: row = the slide's first row (slides in part order) + the tile's
     position in it; units of rows_per_shard rows from first_unit. DuckDB reads the parts (OUTPUT's filesystem for
     remote ones) and writes the plan sorted by row, in row groups the plan readers take one at a time."""
@@ -201,8 +287,11 @@ def tile_parts_destination(ws: Workspace, out: OutputDir, run_id: str) -> str | 
 
 
 def _crashed_row(uri: str, exc: BaseException) -> dict:
-    reason = first_line(exc) if isinstance(exc, TimeoutError) else \
-        f"planning this slide crashed its worker ({type(exc).__name__}: {first_line(exc)})"
+    reason = (
+        first_line(exc)
+        if isinstance(exc, TimeoutError)
+        else f"planning this slide crashed its worker ({type(exc).__name__}: {first_line(exc)})"
+    )
     return {"uri": uri, "status": "error", "n_tiles": 0, "plan_s": 0.0, "error": reason}
 
 
@@ -216,16 +305,21 @@ def tile_table_builder(tile_px: int, run_id: str, dataset_version: int, concept_
         n = len(cols["row"])
         ok = cols["status"] == "ok"
         arrays = [
-            pa.array([str(v) for v in cols["slide_id"]], pa.string()), pa.array([str(v) for v in cols["uri"]], pa.string()),
-            pa.array(cols["x"], pa.int64()), pa.array(cols["y"], pa.int64()), pa.array(cols["level"], pa.int32()),
-            pa.array(np.full(n, tile_px), pa.int32()), nullable(cols["tile_mpp"], pa.float64()),
+            pa.array([str(v) for v in cols["slide_id"]], pa.string()),
+            pa.array([str(v) for v in cols["uri"]], pa.string()),
+            pa.array(cols["x"], pa.int64()),
+            pa.array(cols["y"], pa.int64()),
+            pa.array(cols["level"], pa.int32()),
+            pa.array(np.full(n, tile_px), pa.int32()),
+            nullable(cols["tile_mpp"], pa.float64()),
             pa.array(cols["tissue_fraction"], pa.float32()),
             pa.array([str(s) for s in cols["status"]], pa.string()),
             error_column(cols["error"]),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
             logits_column(cols, ok),
             *source_columns(cols),
-            pa.array([run_id] * n, pa.string()), pa.array([dataset_version] * n, pa.int32()),
+            pa.array([run_id] * n, pa.string()),
+            pa.array([dataset_version] * n, pa.int32()),
         ]
         if concept_maps:
             maps = np.asarray(cols["concept_maps"], np.float16)
@@ -256,8 +350,22 @@ class SlidesJob(ImagesJob):
     suffixes = SLIDE_SUFFIXES
     plan_needs_ray = True
     start_before_plan = False  # the tiling tasks plan on the CPUs the model actors would take
-    stage_columns = ["slide_id", "uri", "reader", "x", "y", "level", "read_px", "tile_mpp", "tissue_fraction",
-                     "size", "mtime", "etag", "unit", "row"]
+    stage_columns = [
+        "slide_id",
+        "uri",
+        "reader",
+        "x",
+        "y",
+        "level",
+        "read_px",
+        "tile_mpp",
+        "tissue_fraction",
+        "size",
+        "mtime",
+        "etag",
+        "unit",
+        "row",
+    ]
 
     def prepare(self, ws: Workspace) -> Listing:
         listing = super().prepare(ws)
@@ -269,23 +377,45 @@ class SlidesJob(ImagesJob):
         # The keys keep their first names (`mpp` is target_mpp, `overlap` is overlap_px) although the options were
         # renamed: the identity is compared with the one an existing OUTPUT recorded, and new keys would refuse
         # every OUTPUT written before the rename as changed (needing --new-version for the same tiling).
-        return {**self.model.identity(),
-                "tiling": {"mpp": tiling.target_mpp, "tile_px": tiling.tile_px, "overlap": tiling.overlap_px,
-                           "min_tissue": tiling.min_tissue, "slide_mpp": cfg.slide_mpp, "reader": cfg.reader},
-                "concept_maps": cfg.concept_maps}
+        return {
+            **self.model.identity(),
+            "tiling": {
+                "mpp": tiling.target_mpp,
+                "tile_px": tiling.tile_px,
+                "overlap": tiling.overlap_px,
+                "min_tissue": tiling.min_tissue,
+                "slide_mpp": cfg.slide_mpp,
+                "reader": cfg.reader,
+            },
+            "concept_maps": cfg.concept_maps,
+        }
 
     def provenance_extra(self) -> dict:
         return {"tiling": self.identity()["tiling"]}
 
     def rows_per_shard(self) -> int:
         prompts = self.model.prompt_set
-        return shard_rows(self.cfg.rows_per_shard, row_widths(self.model.spec, self.model.features,
-                                                              self.model.feature_shape,
-                                                              len(prompts.names) if prompts else 0,
-                                                              self.cfg.concept_maps))
+        return shard_rows(
+            self.cfg.rows_per_shard,
+            row_widths(
+                self.model.spec,
+                self.model.features,
+                self.model.feature_shape,
+                len(prompts.names) if prompts else 0,
+                self.cfg.concept_maps,
+            ),
+        )
 
-    def plan(self, ws: Workspace, out: OutputDir, listing: Listing, version: int, run_id: str,
-             runs: list[dict], dry: bool = False) -> Planned:
+    def plan(
+        self,
+        ws: Workspace,
+        out: OutputDir,
+        listing: Listing,
+        version: int,
+        run_id: str,
+        runs: list[dict],
+        dry: bool = False,
+    ) -> Planned:
         """Resume the unfinished run, or plan the slides not done yet into tiles (a dry run too)."""
         cfg = self.cfg
         resumable = unfinished_run(out, runs, version, cfg.input)
@@ -293,15 +423,20 @@ class SlidesJob(ImagesJob):
             run_id, path = resumable
             slides = current_names(out.read_table("_runs", f"{run_id}.slides.parquet"), "slides")
             if slides is None:
-                raise UserError(f"run {run_id} in {out.url} has a plan but no slide table; "
-                                "remove its files under _runs to start afresh")
+                raise UserError(
+                    f"run {run_id} in {out.url} has a plan but no slide table; "
+                    "remove its files under _runs to start afresh"
+                )
             units = plan_unit_counts(ws, out, path)
-            return Planned(run_id, True, self._counts(slides, sum(units.values())), units, plan_path=path,
-                           extra={"slides": slides})
+            return Planned(
+                run_id, True, self._counts(slides, sum(units.values())), units, plan_path=path, extra={"slides": slides}
+            )
         done = done_slides(ws, out, version, cfg.incremental)
         ws.con.register("done_slides", done)
-        pending = fetch_table(ws.con, "SELECT uri, size, mtime, etag FROM listed WHERE uri NOT IN "
-                                      "(SELECT uri FROM done_slides) ORDER BY uri")
+        pending = fetch_table(
+            ws.con,
+            "SELECT uri, size, mtime, etag FROM listed WHERE uri NOT IN (SELECT uri FROM done_slides) ORDER BY uri",
+        )
         uris = fetch_table(ws.con, "SELECT uri FROM listed ORDER BY uri").column("uri").to_pylist()
         ids = dict(zip(uris, slide_ids(uris)))
         first_unit, rows_per_shard = next_unit(out, runs), self.rows_per_shard()
@@ -310,25 +445,55 @@ class SlidesJob(ImagesJob):
         # it only counts the tiles (it writes nothing to OUTPUT, and pulls no tiles to the driver).
         count_only = dry and dest != ws.path("tiles")
         try:
-            slides, n_tiles, local, by_driver = plan_slides(pending, ids, self.tiling, cfg, run_id, version, first_unit,
-                                                 rows_per_shard, ws, out, None if count_only else dest, count_only)
+            slides, n_tiles, local, by_driver = plan_slides(
+                pending,
+                ids,
+                self.tiling,
+                cfg,
+                run_id,
+                version,
+                first_unit,
+                rows_per_shard,
+                ws,
+                out,
+                None if count_only else dest,
+                count_only,
+            )
         finally:
             if dest is not None and is_remote(dest):  # the plan file holds the tiles now
                 remove_tree(dest, cfg.storage_options)
-        counts = {**self._counts(slides, n_tiles), "rows_per_shard": rows_per_shard,
-                  "new": pending.num_rows, "unchanged": done.num_rows, "tile_parts_by_driver": by_driver}
-        return Planned(run_id, False, counts, contiguous_units(n_tiles, first_unit, rows_per_shard),
-                       local_plan=local, extra={"slides": slides})
+        counts = {
+            **self._counts(slides, n_tiles),
+            "rows_per_shard": rows_per_shard,
+            "new": pending.num_rows,
+            "unchanged": done.num_rows,
+            "tile_parts_by_driver": by_driver,
+        }
+        return Planned(
+            run_id,
+            False,
+            counts,
+            contiguous_units(n_tiles, first_unit, rows_per_shard),
+            local_plan=local,
+            extra={"slides": slides},
+        )
 
     @staticmethod
     def _counts(slides: pa.Table, tiles: int) -> dict:
         errors = int(pc.sum(pc.equal(slides.column("status"), "error")).as_py() or 0)
-        return {"planned": slides.num_rows, "slides": slides.num_rows, "slide_errors_at_planning": errors,
-                "tiles": tiles}
+        return {
+            "planned": slides.num_rows,
+            "slides": slides.num_rows,
+            "slide_errors_at_planning": errors,
+            "tiles": tiles,
+        }
 
     def stage(self):
-        return read_tiles, {"spec": self.preprocess, "tile_px": self.tiling.tile_px,
-                            "storage_options": self.cfg.storage_options}
+        return read_tiles, {
+            "spec": self.preprocess,
+            "tile_px": self.tiling.tile_px,
+            "storage_options": self.cfg.storage_options,
+        }
 
     def encode_kwargs(self) -> dict:
         return {"concept_maps": True} if self.cfg.concept_maps else {}
@@ -344,8 +509,12 @@ class SlidesJob(ImagesJob):
             out.write_table(slides, "_runs", f"{planned.run_id}.slides.parquet")
         slides = summarise_slides(out, slides, sorted(planned.units), self.cfg.top_k, logits=prompt_set is not None)
         merged = merge_slides(out.read_table("_slides.parquet"), slides)
-        out.write_table(merged.replace_schema_metadata(metadata_bytes(
-            {**prov, "concepts": prompt_set.names if prompt_set else []})), "_slides.parquet")
+        out.write_table(
+            merged.replace_schema_metadata(
+                metadata_bytes({**prov, "concepts": prompt_set.names if prompt_set else []})
+            ),
+            "_slides.parquet",
+        )
         statuses = slides.column("status").to_pylist()
         record["counts"].update(slides_ok=statuses.count("ok"), slides_error=statuses.count("error"))
 
@@ -354,10 +523,15 @@ class SlidesJob(ImagesJob):
 
     def summary(self, listing: Listing, planned: Planned) -> str:
         c = planned.counts
-        head = f"resuming run {planned.run_id}: " if planned.resumed else \
-            f"{c.get('unchanged', 0)} slide(s) already done; "
-        return (f"{head}{c['tiles']} tissue tiles from {c['slides'] - c['slide_errors_at_planning']} slides "
-                f"({c['slide_errors_at_planning']} unreadable)")
+        head = (
+            f"resuming run {planned.run_id}: "
+            if planned.resumed
+            else f"{c.get('unchanged', 0)} slide(s) already done; "
+        )
+        return (
+            f"{head}{c['tiles']} tissue tiles from {c['slides'] - c['slide_errors_at_planning']} slides "
+            f"({c['slide_errors_at_planning']} unreadable)"
+        )
 
 
 def run_slides(cfg: SlidesConfig, echo=print, command_started: float | None = None) -> dict:
@@ -368,6 +542,7 @@ def run_slides(cfg: SlidesConfig, echo=print, command_started: float | None = No
     if cfg.concept_maps and model.prompt_set is None:
         raise UserError("--concept-maps scores concepts: it needs --prompts")
     if cfg.concept_maps and model.spec.kind != "remote":
-        raise UserError(f"--concept-maps needs a model with ConceptCLIP's concept head; {cfg.model} is a "
-                        f"{model.spec.kind} model")
+        raise UserError(
+            f"--concept-maps needs a model with ConceptCLIP's concept head; {cfg.model} is a {model.spec.kind} model"
+        )
     return run_job(cfg, SlidesJob(cfg, model), echo, command_started)

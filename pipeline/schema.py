@@ -50,37 +50,51 @@ TILE_COLUMNS = [
 TILE_SCHEMA = pa.schema(TILE_COLUMNS + RESULT_COLUMNS + SOURCE_COLUMNS)
 CONCEPT_MAPS_FIELD = pa.field("concept_maps", pa.list_(pa.float16()))  # [K, P, P] per tile, flattened
 
-SLIDE_SCHEMA = pa.schema([
-    ("slide_id", pa.string()),
-    ("uri", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("reader", pa.string()),
-    ("slide_mpp", pa.float64()),  # level-0 microns per pixel
-    ("mpp_source", pa.string()),  # slide_mpp | aperio.MPP | tiff.XResolution | <reader>.mpp-x
-    ("width", pa.int64()),  # level-0 pixels
-    ("height", pa.int64()),
-    ("level_count", pa.int32()),
-    ("n_tiles", pa.int64()),
-    ("n_tile_errors", pa.int64()),
-    ("level", pa.int32()),
-    ("read_px", pa.int32()),
-    ("footprint_px", pa.int32()),  # a tile's side in level-0 pixels
-    ("step_px", pa.int32()),  # level-0 pixels between neighbouring tiles
-    ("tile_px", pa.int32()),
-    ("tile_mpp", pa.float64()),  # a tile's microns per pixel at tile_px
-    ("top_k", pa.int32()),
-    ("concept_max", pa.list_(pa.float32())),  # per concept (the order of _prompts.parquet): the highest tile logit
-    ("concept_topk_mean", pa.list_(pa.float32())),  # and the mean of the top_k highest
-    ("plan_s", pa.float64()),
-] + SOURCE_COLUMNS)
+SLIDE_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("reader", pa.string()),
+        ("slide_mpp", pa.float64()),  # level-0 microns per pixel
+        ("mpp_source", pa.string()),  # slide_mpp | aperio.MPP | tiff.XResolution | <reader>.mpp-x
+        ("width", pa.int64()),  # level-0 pixels
+        ("height", pa.int64()),
+        ("level_count", pa.int32()),
+        ("n_tiles", pa.int64()),
+        ("n_tile_errors", pa.int64()),
+        ("level", pa.int32()),
+        ("read_px", pa.int32()),
+        ("footprint_px", pa.int32()),  # a tile's side in level-0 pixels
+        ("step_px", pa.int32()),  # level-0 pixels between neighbouring tiles
+        ("tile_px", pa.int32()),
+        ("tile_mpp", pa.float64()),  # a tile's microns per pixel at tile_px
+        ("top_k", pa.int32()),
+        ("concept_max", pa.list_(pa.float32())),  # per concept (the order of _prompts.parquet): the highest tile logit
+        ("concept_topk_mean", pa.list_(pa.float32())),  # and the mean of the top_k highest
+        ("plan_s", pa.float64()),
+    ]
+    + SOURCE_COLUMNS
+)
 
 # The run's tiles in work-unit order (plus `unit` and `row`): what read_tiles needs and the shards repeat.
-PLAN_TILE_SCHEMA = pa.schema([
-    ("slide_id", pa.string()), ("uri", pa.string()), ("reader", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
-    ("level", pa.int32()), ("read_px", pa.int32()), ("tile_mpp", pa.float64()), ("tissue_fraction", pa.float32()),
-    ("size", pa.int64()), ("mtime", pa.float64()), ("etag", pa.string()),
-])
+PLAN_TILE_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("uri", pa.string()),
+        ("reader", pa.string()),
+        ("x", pa.int64()),
+        ("y", pa.int64()),
+        ("level", pa.int32()),
+        ("read_px", pa.int32()),
+        ("tile_mpp", pa.float64()),
+        ("tissue_fraction", pa.float32()),
+        ("size", pa.int64()),
+        ("mtime", pa.float64()),
+        ("etag", pa.string()),
+    ]
+)
 
 # Columns renamed since OUTPUTs were first written, per table: old name -> today's. The files of an OUTPUT are never
 # rewritten, so every reader passes what it read through `current_names` (or DuckDB SQL through `current_names_sql`)
@@ -148,8 +162,9 @@ def provenance(model_identity: dict, prompt_hash: str, run_id: str, extra: dict 
 
 
 MASK = "****"
-_SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "key", "keys", "credential",
-                           "credentials"})
+_SECRET_WORDS = frozenset(
+    {"token", "secret", "secrets", "password", "passwd", "key", "keys", "credential", "credentials"}
+)
 _COMMAND: str | None = None
 
 
@@ -181,9 +196,13 @@ def _safe_argv() -> list[str]:
             continue
         key = arg.split("=", 1)[0]
         name = key.lstrip("-")
-        if key.startswith("-") and name and (is_secret_dest(name) or
-                                             (key.startswith("--") and "storage-options".startswith(
-                                                 name.replace("_", "-")))):
+        if (
+            key.startswith("-")
+            and name
+            and (
+                is_secret_dest(name) or (key.startswith("--") and "storage-options".startswith(name.replace("_", "-")))
+            )
+        ):
             out.append(key + ("=" + MASK if "=" in arg else ""))
             mask_next = "=" not in arg
             continue
@@ -199,8 +218,9 @@ def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -
     """[N,D] numpy -> list<value_type> with nulls where not valid (error rows)."""
     n, d = values.shape
     if n * d > 2**31 - 1:  # int32 offsets would wrap: shards are sized to stay below (plan.shard_rows)
-        raise ValueError(f"a list column of {n} rows x {d} values passes Arrow's 2^31 list offsets; use fewer "
-                         "rows per shard")
+        raise ValueError(
+            f"a list column of {n} rows x {d} values passes Arrow's 2^31 list offsets; use fewer rows per shard"
+        )
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
     offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
     mask = pa.array(~np.asarray(valid, dtype=bool))
@@ -210,8 +230,9 @@ def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -
 def error_column(errors) -> pa.Array:
     """The `error` column: the reason, or null. Ray Data hands an all-None object column back as float NaN, which
     must become null, never the string "nan"."""
-    return pa.array([None if e is None or (isinstance(e, (float, np.floating)) and e != e) else str(e) for e in errors],
-                    pa.string())
+    return pa.array(
+        [None if e is None or (isinstance(e, (float, np.floating)) and e != e) else str(e) for e in errors], pa.string()
+    )
 
 
 def nullable(values, type_: pa.DataType) -> pa.Array:
@@ -222,14 +243,24 @@ def nullable(values, type_: pa.DataType) -> pa.Array:
         return pa.array(np.where(missing, 0, values).astype(type_.to_pandas_dtype()), type_, mask=missing)
     if values.dtype.kind in "iu":
         return pa.array(values, type_)
-    return pa.array([None if v is None or (isinstance(v, (float, np.floating)) and v != v) else
-                     (str(v) if pa.types.is_string(type_) else v) for v in values], type_)
+    return pa.array(
+        [
+            None
+            if v is None or (isinstance(v, (float, np.floating)) and v != v)
+            else (str(v) if pa.types.is_string(type_) else v)
+            for v in values
+        ],
+        type_,
+    )
 
 
 def source_columns(cols: dict) -> list[pa.Array]:
     """size, mtime and etag of each row, as the listing knew them."""
-    return [nullable(cols["size"], pa.int64()), nullable(cols["mtime"], pa.float64()),
-            nullable(cols["etag"], pa.string())]
+    return [
+        nullable(cols["size"], pa.int64()),
+        nullable(cols["mtime"], pa.float64()),
+        nullable(cols["etag"], pa.string()),
+    ]
 
 
 def logits_column(cols: dict, ok: np.ndarray) -> pa.Array:
@@ -246,11 +277,14 @@ def without_absent_logits(cols: dict, table: pa.Table) -> pa.Table:
 
 
 def prompts_table(prompt_set: PromptSet, text_embeddings: np.ndarray, prov: dict) -> pa.Table:
-    table = pa.table({
-        "concept": pa.array(prompt_set.names, pa.string()),
-        "prompts": pa.array([list(c.prompts) for c in prompt_set.concepts], pa.list_(pa.string())),
-        "text_embedding": fixed_list(np.asarray(text_embeddings, np.float32), pa.float32(),
-                                     np.ones(len(prompt_set.concepts), bool)),
-        "prompt_set_hash": pa.array([prompt_set.set_hash] * len(prompt_set.concepts), pa.string()),
-    })
+    table = pa.table(
+        {
+            "concept": pa.array(prompt_set.names, pa.string()),
+            "prompts": pa.array([list(c.prompts) for c in prompt_set.concepts], pa.list_(pa.string())),
+            "text_embedding": fixed_list(
+                np.asarray(text_embeddings, np.float32), pa.float32(), np.ones(len(prompt_set.concepts), bool)
+            ),
+            "prompt_set_hash": pa.array([prompt_set.set_hash] * len(prompt_set.concepts), pa.string()),
+        }
+    )
     return table.replace_schema_metadata(metadata_bytes(prov))

@@ -50,10 +50,16 @@ class Tiling:
     min_tissue: float = 0.25
 
     def __post_init__(self):
-        if not self.target_mpp > 0 or self.tile_px < 1 or not 0 <= self.overlap_px < self.tile_px \
-                or not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"invalid tiling {self}: need target_mpp > 0, tile_px >= 1, "
-                             "0 <= overlap_px < tile_px, 0 <= min_tissue <= 1")
+        if (
+            not self.target_mpp > 0
+            or self.tile_px < 1
+            or not 0 <= self.overlap_px < self.tile_px
+            or not 0 <= self.min_tissue <= 1
+        ):
+            raise ValueError(
+                f"invalid tiling {self}: need target_mpp > 0, tile_px >= 1, "
+                "0 <= overlap_px < tile_px, 0 <= min_tissue <= 1"
+            )
 
 
 # -- readers --------------------------------------------------------------------------------------------------------
@@ -86,8 +92,9 @@ class SlideReader:
         """The region whose top-left corner is level-0 pixel (x, y), `width` x `height` pixels at `level`,
         as HxWx3 uint8 RGB (openslide: transparent pixels on white; tiffslide: pixels outside the slide black)."""
         if self.name == "tiffslide":
-            arr = np.asarray(self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)),
-                                                     as_array=True))
+            arr = np.asarray(
+                self.handle.read_region((int(x), int(y)), int(level), (int(width), int(height)), as_array=True)
+            )
             if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
                 return arr
             return np.asarray(to_rgb(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)))
@@ -127,15 +134,16 @@ class SlideReader:
         except Exception:
             pass
 
-    def __enter__(self) -> "SlideReader":
+    def __enter__(self) -> SlideReader:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
 
     def __reduce__(self):
-        raise TypeError("a slide handle belongs to the process that opened it; pass the uri and open it there "
-                        "(slides.cached_slide)")
+        raise TypeError(
+            "a slide handle belongs to the process that opened it; pass the uri and open it there (slides.cached_slide)"
+        )
 
 
 def _open_tiffslide(uri: str, storage_options: dict | None) -> SlideReader:
@@ -174,9 +182,15 @@ def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = No
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; expected one of {', '.join(READERS)}")
     suffix = os.path.splitext(uri.rstrip("/"))[1].lower()
-    attempts = [reader] if reader != "auto" else (
-        ["openslide"] if suffix in OPENSLIDE_ONLY_SUFFIXES else
-        ["tiffslide"] + (["openslide"] if not is_remote(uri) and openslide_available() else []))
+    attempts = (
+        [reader]
+        if reader != "auto"
+        else (
+            ["openslide"]
+            if suffix in OPENSLIDE_ONLY_SUFFIXES
+            else ["tiffslide"] + (["openslide"] if not is_remote(uri) and openslide_available() else [])
+        )
+    )
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise ValueError("file not found")
     reasons = []
@@ -223,8 +237,10 @@ def resolve_mpp(properties: dict, slide_mpp: float | None = None) -> tuple[float
         if value is None:
             raise ValueError(f"slide_mpp must be a positive number, got {slide_mpp!r}")
         return value, "slide_mpp"
-    named = [("aperio.MPP", _positive(properties.get("aperio.MPP"))),
-             ("tiff.XResolution", _mpp_from_resolution(properties))]
+    named = [
+        ("aperio.MPP", _positive(properties.get("aperio.MPP"))),
+        ("tiff.XResolution", _mpp_from_resolution(properties)),
+    ]
     for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
         value = _positive(properties.get(key))
         if value is not None:
@@ -281,13 +297,16 @@ def mask_level(level_dimensions, level_downsamples, footprint_px: float) -> int:
     fits = [i for i, (w, h) in enumerate(level_dimensions) if w * h <= MAX_MASK_PIXELS]
     if not fits:
         w, h = level_dimensions[-1]
-        raise ValueError(f"no pyramid level small enough for a tissue mask (smallest is {w}x{h}); "
-                         "the slide needs a reduced-resolution level")
+        raise ValueError(
+            f"no pyramid level small enough for a tissue mask (smallest is {w}x{h}); "
+            "the slide needs a reduced-resolution level"
+        )
     return min(fits, key=lambda i: level_downsamples[i])
 
 
-def tissue_fractions(mask: np.ndarray, dimensions: tuple[int, int], xs: np.ndarray, ys: np.ndarray,
-                     footprint_px: int) -> np.ndarray:
+def tissue_fractions(
+    mask: np.ndarray, dimensions: tuple[int, int], xs: np.ndarray, ys: np.ndarray, footprint_px: int
+) -> np.ndarray:
     """The fraction of tissue under each tile (level-0 corners xs, ys), measured on the mask with a summed-area
     table; the mask covers the whole slide at its own scale."""
     mh, mw = mask.shape
@@ -322,8 +341,10 @@ def tile_geometry(slide_mpp: float, level_downsamples, tiling: Tiling) -> TileGe
     of that level so every tile starts on a pixel of the level it is read from (both readers then agree)."""
     target_ds = tiling.target_mpp / slide_mpp
     if target_ds < 1 / MAX_UPSAMPLING:
-        raise ValueError(f"level 0 is {slide_mpp:g} um/px, coarser than target_mpp {tiling.target_mpp:g} um/px; "
-                         "pass a larger --target-mpp (tiles are never upsampled)")
+        raise ValueError(
+            f"level 0 is {slide_mpp:g} um/px, coarser than target_mpp {tiling.target_mpp:g} um/px; "
+            "pass a larger --target-mpp (tiles are never upsampled)"
+        )
     usable = [i for i, ds in enumerate(level_downsamples) if ds <= target_ds * (1 + 1e-3)] or [0]
     level = max(usable, key=lambda i: level_downsamples[i])
     ds = float(level_downsamples[level])
@@ -338,8 +359,9 @@ def tile_geometry(slide_mpp: float, level_downsamples, tiling: Tiling) -> TileGe
     return TileGeometry(level, ds, read_px, footprint, step, footprint * slide_mpp / tiling.tile_px)
 
 
-def tile_grid(dimensions: tuple[int, int], level_dimensions, geometry: TileGeometry, mask: np.ndarray,
-              min_tissue: float) -> dict[str, np.ndarray]:
+def tile_grid(
+    dimensions: tuple[int, int], level_dimensions, geometry: TileGeometry, mask: np.ndarray, min_tissue: float
+) -> dict[str, np.ndarray]:
     """Tiles lying wholly inside the slide (and inside the level they are read from) whose tissue fraction is at
     least `min_tissue` and above zero, in row-major order: {"x", "y", "tissue_fraction"}."""
     w0, h0 = dimensions
@@ -359,31 +381,55 @@ def tile_grid(dimensions: tuple[int, int], level_dimensions, geometry: TileGeome
 
 
 # -- planning one slide (runs in a Ray task) ------------------------------------------------------------------------
-def plan_slide(uri: str, tiling: Tiling, reader: str = "auto", slide_mpp: float | None = None,
-               storage_options: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def plan_slide(
+    uri: str, tiling: Tiling, reader: str = "auto", slide_mpp: float | None = None, storage_options: dict | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Open one slide, resolve its level-0 microns per pixel, find its tissue and lay the grid: (slide row, tile
     columns).
 
     Never raises for a bad slide: the row then has status "error" and a reason, and no tiles.
     """
     t = time.perf_counter()
-    row = {"uri": uri, "status": "ok", "error": None, "reader": None, "slide_mpp": None, "mpp_source": None,
-           "width": None, "height": None, "level_count": None, "n_tiles": 0, "level": None, "read_px": None,
-           "footprint_px": None, "step_px": None, "tile_mpp": None, "plan_s": 0.0}
+    row = {
+        "uri": uri,
+        "status": "ok",
+        "error": None,
+        "reader": None,
+        "slide_mpp": None,
+        "mpp_source": None,
+        "width": None,
+        "height": None,
+        "level_count": None,
+        "n_tiles": 0,
+        "level": None,
+        "read_px": None,
+        "footprint_px": None,
+        "step_px": None,
+        "tile_mpp": None,
+        "plan_s": 0.0,
+    }
     empty = {"x": np.zeros(0, np.int64), "y": np.zeros(0, np.int64), "tissue_fraction": np.zeros(0, np.float32)}
     slide = None
     try:
         slide = open_slide(uri, reader, storage_options)
-        row.update(reader=slide.name, width=slide.dimensions[0], height=slide.dimensions[1],
-                   level_count=slide.level_count)
+        row.update(
+            reader=slide.name, width=slide.dimensions[0], height=slide.dimensions[1], level_count=slide.level_count
+        )
         level0_mpp, source = resolve_mpp(slide.properties, slide_mpp)
         if level0_mpp is None:
-            raise ValueError("slide has no microns-per-pixel (mpp) metadata (no reader mpp property, Aperio MPP "
-                             "or centimetre resolution tags); pass --slide-mpp with its level-0 um/px")
+            raise ValueError(
+                "slide has no microns-per-pixel (mpp) metadata (no reader mpp property, Aperio MPP "
+                "or centimetre resolution tags); pass --slide-mpp with its level-0 um/px"
+            )
         row.update(slide_mpp=level0_mpp, mpp_source=source)
         geometry = tile_geometry(level0_mpp, slide.level_downsamples, tiling)
-        row.update(level=geometry.level, read_px=geometry.read_px, footprint_px=geometry.footprint_px,
-                   step_px=geometry.step_px, tile_mpp=geometry.tile_mpp)
+        row.update(
+            level=geometry.level,
+            read_px=geometry.read_px,
+            footprint_px=geometry.footprint_px,
+            step_px=geometry.step_px,
+            tile_mpp=geometry.tile_mpp,
+        )
         level = mask_level(slide.level_dimensions, slide.level_downsamples, geometry.footprint_px)
         lw, lh = slide.level_dimensions[level]
         mask = tissue_mask(slide.read(0, 0, level, lw, lh))
@@ -458,8 +504,9 @@ def tile_pixels(region: np.ndarray, tile_px: int, spec: PreprocessSpec) -> np.nd
     return resize_for_model(img, spec)
 
 
-def read_tiles(batch: dict[str, np.ndarray], spec: PreprocessSpec, tile_px: int,
-               storage_options: dict | None = None) -> dict[str, np.ndarray]:
+def read_tiles(
+    batch: dict[str, np.ndarray], spec: PreprocessSpec, tile_px: int, storage_options: dict | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: tile rows (uri, reader, x, y, level, read_px) -> the same rows plus `pixels`,
     `status` and `error`. A tile that cannot be read becomes an error row with a reason."""
     t = time.perf_counter()
@@ -477,8 +524,13 @@ def read_tiles(batch: dict[str, np.ndarray], spec: PreprocessSpec, tile_px: int,
         except Exception as exc:  # a bad tile must not sink its batch
             status[i], error[i], error_class[i] = "error", f"cannot read tile: {_reason(exc)}", _tile_error_class(exc)
     out = dict(batch)
-    out.update(pixels=pixels, status=status, error=error, error_class=error_class,
-               decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))
+    out.update(
+        pixels=pixels,
+        status=status,
+        error=error,
+        error_class=error_class,
+        decode_s=np.full(n, (time.perf_counter() - t) / max(n, 1)),
+    )
     return out
 
 

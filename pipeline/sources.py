@@ -25,14 +25,34 @@ import pyarrow.parquet as pq
 from .errors import UserError, first_line
 from .storage import exists, filesystem, is_remote, local_path, only_driver_node, with_retries
 
-IMAGE_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic",
-})
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".bmp",
+        ".dib",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".ico",
+        ".jp2",
+        ".j2k",
+        ".avif",
+        ".heic",
+    }
+)
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".parquet", ".lst"})
 INVENTORY_MANIFEST = "manifest.json"  # an S3 Inventory's manifest: its data files are the list
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                            ("etag", pa.string())])
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("etag", pa.string())])
 
 
 def image_id(uri: str) -> str:
@@ -60,8 +80,9 @@ def check_local_input(source: str) -> None:
 CHUNK_ROWS = 100_000
 
 
-def iter_listing(source: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES,
-                 in_ray: bool = False) -> Iterator[pa.Table]:
+def iter_listing(
+    source: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES, in_ray: bool = False
+) -> Iterator[pa.Table]:
     """The inputs SOURCE names (folder, glob, list file or manifest) as LISTING_SCHEMA tables of at most CHUNK_ROWS
     rows, in no particular order and not deduplicated. in_ray: list object-store prefixes in Ray tasks (Ray is up)."""
     if is_list_input(source):
@@ -115,8 +136,9 @@ def list_inputs(source: str, storage_options: dict | None = None, suffixes=IMAGE
     return pa.concat_tables(chunks).sort_by("uri")
 
 
-def write_listing(source: str, folder: str, storage_options: dict | None = None,
-                  suffixes=IMAGE_SUFFIXES) -> tuple[list[str], int]:
+def write_listing(
+    source: str, folder: str, storage_options: dict | None = None, suffixes=IMAGE_SUFFIXES
+) -> tuple[list[str], int]:
     """Stream the listing into Parquet chunk files under the local FOLDER: (their paths, rows listed). In a run (Ray
     up), list files that lists_with_ray names are read by Ray Data (_ray_list_files) when its tasks can see them: on
     object storage, or local on a one-node Ray; otherwise, and in tools, on the driver in chunks."""
@@ -143,8 +165,7 @@ def write_listing(source: str, folder: str, storage_options: dict | None = None,
 
 def _table(rows: list[tuple]) -> pa.Table:
     cols = list(zip(*rows)) if rows else [[], [], [], []]
-    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, LISTING_SCHEMA)],
-                                schema=LISTING_SCHEMA)
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
 
 
 def _threaded(work, items: list, max_workers: int = 16) -> Iterator:
@@ -227,9 +248,15 @@ def _remote_row(protocol: str, info: dict) -> tuple:
 
 
 def _remote_files(protocol: str, found: dict, suffixes) -> pa.Table:
-    return _table([_remote_row(protocol, info) for name, info in found.items()
-                   if info.get("type", "file") == "file" and os.path.splitext(name)[1].lower() in suffixes
-                   and not name.rsplit("/", 1)[-1].startswith(".")])
+    return _table(
+        [
+            _remote_row(protocol, info)
+            for name, info in found.items()
+            if info.get("type", "file") == "file"
+            and os.path.splitext(name)[1].lower() in suffixes
+            and not name.rsplit("/", 1)[-1].startswith(".")
+        ]
+    )
 
 
 def _iter_folder(source: str, storage_options: dict | None, suffixes, in_ray: bool = False) -> Iterator[pa.Table]:
@@ -239,8 +266,11 @@ def _iter_folder(source: str, storage_options: dict | None, suffixes, in_ray: bo
     if not is_remote(source):
         path = local_path(source)
         if not os.path.isdir(path):
-            raise UserError(f"input {source} does not exist" if not os.path.exists(path)
-                            else f"input {source} is a file; pass a folder, a glob or a list file (.txt/.csv/.parquet)")
+            raise UserError(
+                f"input {source} does not exist"
+                if not os.path.exists(path)
+                else f"input {source} is a file; pass a folder, a glob or a list file (.txt/.csv/.parquet)"
+            )
         subdirs: list[str] = []
         chunks: list[pa.Table] = []
         _scan_dir(os.path.abspath(path), suffixes, False, chunks.append, subdirs)
@@ -258,23 +288,28 @@ def _iter_folder(source: str, storage_options: dict | None, suffixes, in_ray: bo
         if in_ray:  # a run: one Ray task per prefix, spread over the cluster
             yield from _ray_list_prefixes(source, prefixes, storage_options, suffixes)
         else:  # tools: threads on this process
-            yield from _threaded(lambda p, emit: [emit(chunk) for chunk in _prefix_chunks(
-                source, p, storage_options, suffixes, CHUNK_ROWS)], prefixes)
+            yield from _threaded(
+                lambda p, emit: [
+                    emit(chunk) for chunk in _prefix_chunks(source, p, storage_options, suffixes, CHUNK_ROWS)
+                ],
+                prefixes,
+            )
     except FileNotFoundError:
         raise UserError(f"input {source} does not exist") from None
     except PermissionError:
         raise UserError(f"input {source}: access denied (check credentials / storage_options)") from None
 
 
-def _prefix_chunks(source: str, prefix: str, storage_options: dict | None, suffixes,
-                   chunk_rows: int) -> Iterator[pa.Table]:
+def _prefix_chunks(
+    source: str, prefix: str, storage_options: dict | None, suffixes, chunk_rows: int
+) -> Iterator[pa.Table]:
     """One object-store prefix, listed (paginated by the store) with its image files in chunks of chunk_rows."""
     fs, _ = filesystem(source, storage_options)
     protocol = source.split("://", 1)[0]
     found = with_retries(lambda: fs.find(prefix, detail=True))
     names = list(found)
     for i in range(0, len(names), chunk_rows):
-        yield _remote_files(protocol, {n: found[n] for n in names[i:i + chunk_rows]}, suffixes)
+        yield _remote_files(protocol, {n: found[n] for n in names[i : i + chunk_rows]}, suffixes)
 
 
 # Prefix-listing tasks in flight at once: listing waits on the store, so more tasks than cores keep it busy; each
@@ -282,8 +317,7 @@ def _prefix_chunks(source: str, prefix: str, storage_options: dict | None, suffi
 PREFIX_TASKS = 32
 
 
-def _ray_list_prefixes(source: str, prefixes: list[str], storage_options: dict | None,
-                       suffixes) -> Iterator[pa.Table]:
+def _ray_list_prefixes(source: str, prefixes: list[str], storage_options: dict | None, suffixes) -> Iterator[pa.Table]:
     """A run's object-store listing: one Ray task per top-level prefix (streaming its chunks back as it lists), at
     most PREFIX_TASKS in flight, chunks yielded as they arrive. A task's failure comes back as its own exception
     (PermissionError, FileNotFoundError: the caller names INPUT)."""
@@ -344,8 +378,13 @@ def _iter_glob(source: str, storage_options: dict | None, suffixes) -> Iterator[
     fs, path = filesystem(source, storage_options)
     protocol = source.split("://", 1)[0]
     found = with_retries(lambda: fs.glob(path, detail=True))
-    yield _table([_remote_row(protocol, info) for name, info in found.items()
-                  if info.get("type", "file") == "file" and os.path.splitext(name)[1].lower() in suffixes])
+    yield _table(
+        [
+            _remote_row(protocol, info)
+            for name, info in found.items()
+            if info.get("type", "file") == "file" and os.path.splitext(name)[1].lower() in suffixes
+        ]
+    )
 
 
 # -- list files: one or many .txt/.csv/.parquet lists, or an S3 Inventory ------------------------------------------
@@ -389,8 +428,11 @@ def list_files(source: str, storage_options: dict | None = None) -> ListFiles:
     if not is_remote(source):
         import glob as globmod
 
-        found = sorted(os.path.abspath(p) for p in globmod.iglob(local_path(source), recursive=True)
-                       if os.path.isfile(p) and os.path.splitext(p)[1].lower() == suffix)
+        found = sorted(
+            os.path.abspath(p)
+            for p in globmod.iglob(local_path(source), recursive=True)
+            if os.path.isfile(p) and os.path.splitext(p)[1].lower() == suffix
+        )
     else:
         fs, path = filesystem(source, storage_options)
         protocol = source.split("://", 1)[0]
@@ -398,8 +440,11 @@ def list_files(source: str, storage_options: dict | None = None) -> ListFiles:
             matched = with_retries(lambda: fs.glob(path, detail=True))
         except PermissionError:
             raise UserError(f"input {source}: access denied (check credentials / storage_options)") from None
-        found = sorted(f"{protocol}://{n}" for n, info in matched.items()
-                       if info.get("type", "file") == "file" and os.path.splitext(n)[1].lower() == suffix)
+        found = sorted(
+            f"{protocol}://{n}"
+            for n, info in matched.items()
+            if info.get("type", "file") == "file" and os.path.splitext(n)[1].lower() == suffix
+        )
     if not found:
         raise UserError(f"input {source} matches no list file (looked for {suffix} files)")
     return ListFiles(source, tuple(found), fmt)
@@ -419,11 +464,15 @@ def _inventory_files(source: str, storage_options: dict | None) -> ListFiles:
         bucket = str(manifest["destinationBucket"]).rsplit(":", 1)[-1]
         keys = [str(f["key"]) for f in manifest["files"]]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"input {source} is not an S3 Inventory manifest ({first_line(exc) or 'no files'}): it "
-                        "needs fileFormat, destinationBucket and files[].key") from None
+        raise UserError(
+            f"input {source} is not an S3 Inventory manifest ({first_line(exc) or 'no files'}): it "
+            "needs fileFormat, destinationBucket and files[].key"
+        ) from None
     if fmt not in ("parquet", "csv"):
-        raise UserError(f"input {source}: S3 Inventory format {manifest.get('fileFormat')!r} is not supported; "
-                        "configure the inventory as Parquet or CSV")
+        raise UserError(
+            f"input {source}: S3 Inventory format {manifest.get('fileFormat')!r} is not supported; "
+            "configure the inventory as Parquet or CSV"
+        )
     columns = [_snake(c.strip()) for c in str(manifest.get("fileSchema", "")).split(",") if c.strip()]
     if fmt == "csv" and not {"bucket", "key"} <= set(columns):
         raise UserError(f"input {source}: its fileSchema ({manifest.get('fileSchema')!r}) names no Bucket and Key")
@@ -454,9 +503,12 @@ def _csv_options(spec: ListFiles) -> dict:
     """pyarrow.csv options: an inventory's headerless CSV gets its manifest's column names, every column a string."""
     if not spec.inventory:
         return {"read_options": pacsv.ReadOptions(block_size=8 << 20)}
-    return {"read_options": pacsv.ReadOptions(block_size=8 << 20, column_names=list(spec.inventory)),
-            "convert_options": pacsv.ConvertOptions(column_types={c: pa.string() for c in spec.inventory},
-                                                    strings_can_be_null=True)}
+    return {
+        "read_options": pacsv.ReadOptions(block_size=8 << 20, column_names=list(spec.inventory)),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in spec.inventory}, strings_can_be_null=True
+        ),
+    }
 
 
 def _existing_list_file(spec: ListFiles, uri: str, storage_options: dict | None):
@@ -468,8 +520,11 @@ def _existing_list_file(spec: ListFiles, uri: str, storage_options: dict | None)
 
 
 def _missing_list_file(spec: ListFiles, uri: str) -> UserError:
-    return UserError(f"input list {uri} does not exist" if uri == _absolute(spec.source) else
-                     f"input {spec.source}: its list file {uri} does not exist")
+    return UserError(
+        f"input list {uri} does not exist"
+        if uri == _absolute(spec.source)
+        else f"input {spec.source}: its list file {uri} does not exist"
+    )
 
 
 def _no_uri_column(spec: ListFiles, uri: str, names) -> UserError:
@@ -526,8 +581,9 @@ def _text_table(table: pa.Table) -> pa.Table:
     return table.append_column("uri", lines).drop_columns(["text"]).filter(keep)
 
 
-def _normalise(table: pa.Table, spec: ListFiles, base, storage_options: dict | None, suffixes,
-               name: str | None = None) -> pa.Table:
+def _normalise(
+    table: pa.Table, spec: ListFiles, base, storage_options: dict | None, suffixes, name: str | None = None
+) -> pa.Table:
     """One chunk of any list file as LISTING_SCHEMA: the code both paths (driver chunks, Ray Data batches) share.
     `name`: the list file as messages name it (INPUT where unknown)."""
     if spec.inventory is not None:
@@ -551,14 +607,16 @@ def _list_chunk(table: pa.Table, source: str, base: str, storage_options: dict |
     uris = table.column("uri").cast(pa.string())
     absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
     if not pc.all(absolute).as_py():
-        bases = (table.column("_base").to_pylist() if "_base" in table.column_names
-                 else [base] * table.num_rows)
+        bases = table.column("_base").to_pylist() if "_base" in table.column_names else [base] * table.num_rows
         uris = pa.array([_resolve(u, b) for u, b in zip(uris.to_pylist(), bases)], pa.string())
     columns = {"uri": uris}
     for name in ("size", "mtime", "etag"):
         field = LISTING_SCHEMA.field(name)
-        columns[name] = (table.column(name).cast(pa.string() if name == "etag" else field.type)
-                         if name in names else pa.nulls(table.num_rows, field.type))
+        columns[name] = (
+            table.column(name).cast(pa.string() if name == "etag" else field.type)
+            if name in names
+            else pa.nulls(table.num_rows, field.type)
+        )
     if stat and table.num_rows:
         columns["size"], columns["mtime"] = _stat_all(columns["uri"].to_pylist(), storage_options)
     return pa.table(columns, schema=LISTING_SCHEMA)
@@ -587,8 +645,10 @@ def _inventory_chunk(table: pa.Table, spec: ListFiles, suffixes) -> pa.Table:
     Parquet ones are not), size, mtime, etag; only keys with one of `suffixes`, no delete markers, no old
     versions."""
     if not {"bucket", "key"} <= set(table.column_names):
-        raise UserError(f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
-                        f"{', '.join(table.column_names)})")
+        raise UserError(
+            f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
+            f"{', '.join(table.column_names)})"
+        )
     keys = table.column("key").cast(pa.string()).combine_chunks()
     if spec.fmt == "csv":
         from urllib.parse import unquote_plus
@@ -602,15 +662,25 @@ def _inventory_chunk(table: pa.Table, spec: ListFiles, suffixes) -> pa.Table:
     if "is_latest" in table.column_names:
         keep = pc.and_(keep, _flag(table.column("is_latest")).fill_null(True))
     table = table.filter(keep)
-    columns = {"uri": pc.binary_join_element_wise("s3://", table.column("bucket").cast(pa.string()), "/",
-                                                  table.column("key"), "")}
+    columns = {
+        "uri": pc.binary_join_element_wise(
+            "s3://", table.column("bucket").cast(pa.string()), "/", table.column("key"), ""
+        )
+    }
     n = table.num_rows
-    columns["size"] = (pc.cast(table.column("size"), pa.int64()) if "size" in table.column_names
-                       else pa.nulls(n, pa.int64()))
-    columns["mtime"] = (_epoch_seconds(table.column("last_modified_date"))
-                        if "last_modified_date" in table.column_names else pa.nulls(n, pa.float64()))
-    columns["etag"] = (pc.utf8_trim(table.column("e_tag").cast(pa.string()), '"')
-                       if "e_tag" in table.column_names else pa.nulls(n, pa.string()))
+    columns["size"] = (
+        pc.cast(table.column("size"), pa.int64()) if "size" in table.column_names else pa.nulls(n, pa.int64())
+    )
+    columns["mtime"] = (
+        _epoch_seconds(table.column("last_modified_date"))
+        if "last_modified_date" in table.column_names
+        else pa.nulls(n, pa.float64())
+    )
+    columns["etag"] = (
+        pc.utf8_trim(table.column("e_tag").cast(pa.string()), '"')
+        if "e_tag" in table.column_names
+        else pa.nulls(n, pa.string())
+    )
     return pa.table(columns, schema=LISTING_SCHEMA)
 
 
@@ -659,8 +729,9 @@ def _check_first_file(spec: ListFiles, storage_options: dict | None) -> list[str
         raise _unreadable_list_file(spec, first, exc) from None
     wanted = _INVENTORY_COLUMNS if spec.inventory is not None else ("uri", "size", "mtime", "etag")
     if spec.inventory is not None and not {"bucket", "key"} <= set(names):
-        raise UserError(f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
-                        f"{', '.join(names)})")
+        raise UserError(
+            f"input {spec.source}: its inventory data has no bucket and key columns (columns: {', '.join(names)})"
+        )
     if spec.inventory is None and "uri" not in names:
         raise _no_uri_column(spec, first, names)
     if spec.fmt == "parquet" and spec.inventory is None and len(spec.files) > 1:
@@ -676,6 +747,7 @@ def _parquet_names(fs, path: str) -> list[str]:
 def _later_parquet_names(spec: ListFiles, storage_options: dict | None) -> list[list[str]]:
     """The column names of every Parquet list file but the first, read 32 footers at a time; each must have a uri
     column (the first failing file in the list's order is the one named)."""
+
     def names(uri: str) -> list[str]:
         fs, path = filesystem(uri, storage_options)
         try:
@@ -712,8 +784,9 @@ def _ray_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> 
             _no_uri_files(batch, spec, uris)  # a later file without the column reads as nulls
         if "path" in batch.column_names:
             if bases is not None:
-                batch = batch.append_column("_base", pa.array([bases[p] for p in batch.column("path").to_pylist()],
-                                                              pa.string()))
+                batch = batch.append_column(
+                    "_base", pa.array([bases[p] for p in batch.column("path").to_pylist()], pa.string())
+                )
             batch = batch.drop_columns(["path"])
         if spec.fmt == "text":
             batch = _text_table(batch)
@@ -721,14 +794,13 @@ def _ray_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> 
 
     try:
         if spec.fmt == "parquet":
-            ds = ray.data.read_parquet(paths, filesystem=pafs, include_paths=several, file_extensions=None,
-                                       num_cpus=cpus).select_columns(columns + (["path"] if several else []))
+            ds = ray.data.read_parquet(
+                paths, filesystem=pafs, include_paths=several, file_extensions=None, num_cpus=cpus
+            ).select_columns(columns + (["path"] if several else []))
         elif spec.fmt == "csv":
-            ds = ray.data.read_csv(paths, filesystem=pafs, include_paths=several, num_cpus=cpus,
-                                   **_csv_options(spec))
+            ds = ray.data.read_csv(paths, filesystem=pafs, include_paths=several, num_cpus=cpus, **_csv_options(spec))
         else:
-            ds = ray.data.read_text(paths, filesystem=pafs, encoding="utf-8-sig", include_paths=several,
-                                    num_cpus=cpus)
+            ds = ray.data.read_text(paths, filesystem=pafs, encoding="utf-8-sig", include_paths=several, num_cpus=cpus)
         # batch_size=None: whole blocks, so the map fuses into the read task (no second pass through the store)
         ds = ds.map_batches(normalise, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=cpus)
         ds.context.raise_original_map_exception = True  # a UserError raised in a task comes back as itself
@@ -736,10 +808,10 @@ def _ray_list_files(spec: ListFiles, storage_options: dict | None, suffixes) -> 
         # a small budget of blocks in flight keep that bounded, whatever the list's size.
         ds.context.target_max_block_size = LIST_BLOCK_BYTES
         ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
-            object_store_memory=LIST_STORE_BYTES)
+            object_store_memory=LIST_STORE_BYTES
+        )
         with _quiet_ray_data():
-            for batch in ds.iter_batches(batch_size=CHUNK_ROWS, batch_format="pyarrow", prefetch_batches=1):
-                yield batch
+            yield from ds.iter_batches(batch_size=CHUNK_ROWS, batch_format="pyarrow", prefetch_batches=1)
     except Exception as exc:  # noqa: BLE001 - Ray Data wraps what failed in its own exceptions
         mapped = _ray_list_error(exc, spec)
         if mapped is exc:
@@ -758,8 +830,11 @@ def _no_uri_files(batch: pa.Table, spec: ListFiles, uris: dict) -> None:
         missing = sorted(set(paths.filter(null).to_pylist()) - set(paths.filter(pc.invert(null)).to_pylist()))
     if missing:
         where = uris.get(missing[0], missing[0])
-        raise UserError(f"input list {where} has no 'uri' column or no uri values" if where == spec.source else
-                        f"input {spec.source}: its list file {where} has no 'uri' column or no uri values")
+        raise UserError(
+            f"input list {where} has no 'uri' column or no uri values"
+            if where == spec.source
+            else f"input {spec.source}: its list file {where} has no 'uri' column or no uri values"
+        )
 
 
 @contextmanager
@@ -804,6 +879,7 @@ def _ray_list_error(exc: BaseException, spec: ListFiles) -> BaseException:
 
 def _stat_all(uris: list[str], storage_options: dict | None) -> tuple[pa.Array, pa.Array]:
     """Size and mtime of each uri (null where it cannot be looked up: the run makes it an error row)."""
+
     def one(uri: str) -> tuple:
         try:
             if not is_remote(uri):

@@ -7,16 +7,31 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 
 T = TypeVar("T")
 
 _RETRY_ATTEMPTS = 5
-_TRANSIENT_WORDS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "502", "504",
-                    "connection reset", "temporarily", "too many requests", "internal error", "serviceunavailable")
+_TRANSIENT_WORDS = (
+    "timeout",
+    "timed out",
+    "throttl",
+    "slowdown",
+    "slow down",
+    "503",
+    "500",
+    "502",
+    "504",
+    "connection reset",
+    "temporarily",
+    "too many requests",
+    "internal error",
+    "serviceunavailable",
+)
 
 
 def is_remote(url: str) -> bool:
@@ -63,13 +78,13 @@ def with_retries(fn: Callable[[], T], attempts: int = _RETRY_ATTEMPTS, base_dela
         except Exception as exc:
             if attempt == attempts - 1 or not is_transient(exc):
                 raise
-            time.sleep(base_delay_s * (2 ** attempt) * (0.5 + random.random()))
+            time.sleep(base_delay_s * (2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
 
 def local_path(uri: str) -> str:
     """A local uri as a path (file:// dropped)."""
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
@@ -101,6 +116,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     """Write so that readers see the whole file or nothing: temp name + rename locally, one PUT on object stores."""
     fs, path = filesystem(url, storage_options)
     if not is_remote(url):
+
         def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -145,8 +161,9 @@ def read_text(url: str, storage_options: dict | None = None) -> str:
 
 
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
-    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"),
-                       storage_options)
+    write_bytes_atomic(
+        url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"), storage_options
+    )
 
 
 # -- which disks a cluster's tasks see ------------------------------------------------------------------------------

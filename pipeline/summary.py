@@ -51,8 +51,14 @@ def shard_partial(table: pa.Table, top_k: int, logits: bool = True) -> dict:
     order, each the uri's top min(top_k, its ok tiles with logits) logits per concept, sorted descending."""
     n = table.num_rows
     if n == 0:
-        return {"uris": [], "n_errors": np.zeros(0, np.int64), "first_error_row": np.zeros(0, np.int64),
-                "first_error": [], "counts": np.zeros(0, np.int64), "top": np.zeros((0, 0), np.float32)}
+        return {
+            "uris": [],
+            "n_errors": np.zeros(0, np.int64),
+            "first_error_row": np.zeros(0, np.int64),
+            "first_error": [],
+            "counts": np.zeros(0, np.int64),
+            "top": np.zeros((0, 0), np.float32),
+        }
     encoded = pc.dictionary_encode(table.column("uri").combine_chunks(), null_encoding="encode")
     uris = encoded.dictionary.to_pylist()
     codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -95,8 +101,14 @@ def shard_partial(table: pa.Table, top_k: int, logits: bool = True) -> dict:
             keep = (np.arange(len(rows)) - starts) < top_k
             top = np.ascontiguousarray(ranked[keep])
             counts = np.bincount(g_sorted[keep], minlength=groups).astype(np.int64)
-    return {"uris": uris, "n_errors": n_errors, "first_error_row": first_error_row, "first_error": first_error,
-            "counts": counts, "top": top}
+    return {
+        "uris": uris,
+        "n_errors": n_errors,
+        "first_error_row": first_error_row,
+        "first_error": first_error,
+        "counts": counts,
+        "top": top,
+    }
 
 
 def read_shard_partial(url: str, storage_options: dict | None, path: str, top_k: int, logits: bool) -> dict:
@@ -130,11 +142,10 @@ class _Merger:
                 key = (unit, int(partial["first_error_row"][g]), partial["first_error"][g])
                 if uri not in self.first_error or key[:2] < self.first_error[uri][:2]:
                     self.first_error[uri] = key
-            block = top[offsets[g]:offsets[g + 1]]
+            block = top[offsets[g] : offsets[g + 1]]
             if len(block):
                 held = self.top.get(uri)
-                self.top[uri] = block.copy() if held is None else \
-                    _top_rows(np.concatenate([held, block]), self.top_k)
+                self.top[uri] = block.copy() if held is None else _top_rows(np.concatenate([held, block]), self.top_k)
 
 
 def _partials(out: OutputDir, todo: list[tuple[int, str]], top_k: int, logits: bool, max_in_flight: int | None):
@@ -170,10 +181,17 @@ def _partials(out: OutputDir, todo: list[tuple[int, str]], top_k: int, logits: b
             ray.cancel(ref)
 
 
-def summarise_slides(out: OutputDir, slides: pa.Table, units: list[int], top_k: int, logits: bool = True,
-                     max_in_flight: int | None = None) -> pa.Table:
+def summarise_slides(
+    out: OutputDir,
+    slides: pa.Table,
+    units: list[int],
+    top_k: int,
+    logits: bool = True,
+    max_in_flight: int | None = None,
+) -> pa.Table:
     """Fill each planned-ok slide's tile error count, status and concept scores (with logits: not in features-only
-    runs) from the committed shards of the run's work units `units`; the same table as a plain loop over every tile gives.
+    runs) from the committed shards of the run's work units `units`; the same table as a plain loop over every tile
+    gives.
 
     One Ray task per shard (num_cpus=TASK_CPUS, at most max_in_flight -- default 4 per cluster CPU -- at once) reads
     uri, status, error (and concept_logits) and returns per-uri partials; the driver merges them per slide. Without
@@ -206,8 +224,9 @@ def summarise_slides(out: OutputDir, slides: pa.Table, units: list[int], top_k: 
         if errors:
             first = merger.first_error[uri][2]
             patched["status"][i] = "error"
-            patched["error"][i] = (f"{errors} of {count} tiles could not be scored (first: {first}); "
-                                   "rerun to retry this slide")
+            patched["error"][i] = (
+                f"{errors} of {count} tiles could not be scored (first: {first}); rerun to retry this slide"
+            )
     arrays = []
     for field in schema:
         if field.name in patched:

@@ -171,18 +171,56 @@ def _conceptclip_config(
 
 
 _SIZED = {
-    "tiny": dict(image_size=64, patch_size=16, vision_width=32, vision_layers=2, vision_heads=2, embed_dim=32,
-                 text_width=32, text_layers=2, text_heads=2),
+    "tiny": dict(
+        image_size=64,
+        patch_size=16,
+        vision_width=32,
+        vision_layers=2,
+        vision_heads=2,
+        embed_dim=32,
+        text_width=32,
+        text_layers=2,
+        text_heads=2,
+    ),
     # ViT-B/16-sized SigLIP tower at 224.
-    "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
-                 vision_mlp=3072, embed_dim=768, text_width=128, text_layers=2, text_heads=2),
+    "base": dict(
+        image_size=224,
+        patch_size=16,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        vision_mlp=3072,
+        embed_dim=768,
+        text_width=128,
+        text_layers=2,
+        text_heads=2,
+    ),
     # ConceptCLIP's input geometry (384 x 384 squash, patch 14: 27 x 27 = 729 patch tokens) through a narrow,
     # shallow random-weight tower that runs on CPU: a stand-in whose decode and model costs are both visible.
-    "cclip": dict(image_size=384, patch_size=14, vision_width=64, vision_layers=2, vision_heads=2, embed_dim=64,
-                  text_width=128, text_layers=2, text_heads=2),
+    "cclip": dict(
+        image_size=384,
+        patch_size=14,
+        vision_width=64,
+        vision_layers=2,
+        vision_heads=2,
+        embed_dim=64,
+        text_width=128,
+        text_layers=2,
+        text_heads=2,
+    ),
     # ConceptCLIP's real image tower: SigLIP so400m/14 at 384 (27 x 27 = 729 patch tokens).
-    "so400m": dict(image_size=384, patch_size=14, vision_width=1152, vision_layers=27, vision_heads=16,
-                   vision_mlp=4304, embed_dim=1152, text_width=128, text_layers=2, text_heads=2),
+    "so400m": dict(
+        image_size=384,
+        patch_size=14,
+        vision_width=1152,
+        vision_layers=27,
+        vision_heads=16,
+        vision_mlp=4304,
+        embed_dim=1152,
+        text_width=128,
+        text_layers=2,
+        text_heads=2,
+    ),
 }
 
 
@@ -307,7 +345,16 @@ def build_tiny_clip(
 
 
 def build_tiny_siglip(
-    folder, *, image_size=64, patch_size=16, width=32, layers=2, heads=2, seed=0, logit_scale=2.3, logit_bias=-3.0,
+    folder,
+    *,
+    image_size=64,
+    patch_size=16,
+    width=32,
+    layers=2,
+    heads=2,
+    seed=0,
+    logit_scale=2.3,
+    logit_bias=-3.0,
     text_length=16,
 ) -> Path:
     """A `SiglipModel` folder with `logit_scale` (log space) and `logit_bias` set, and a `SiglipProcessor`.

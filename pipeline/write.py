@@ -22,11 +22,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .schema import IMAGE_SCHEMA, error_column, source_columns, fixed_list, logits_column, metadata_bytes, without_absent_logits
+from .schema import (
+    IMAGE_SCHEMA,
+    error_column,
+    fixed_list,
+    logits_column,
+    metadata_bytes,
+    source_columns,
+    without_absent_logits,
+)
 from .sources import image_id
 from .storage import filesystem, is_remote, join, put_file_atomic, with_retries, write_bytes_atomic, write_json_atomic
 
 SHARD_RE = re.compile(r"part-(\d+)\.parquet$")
+
 
 def shard_name(unit: int) -> str:
     return f"part-{unit:05d}.parquet"
@@ -82,8 +91,9 @@ class OutputDir:
                 units[int(m.group(1))] = name
         return units
 
-    def committed_index(self, columns=("uri", "status", "size", "mtime", "etag", "run_id",
-                                       "dataset_version")) -> pa.Table:
+    def committed_index(
+        self, columns=("uri", "status", "size", "mtime", "etag", "run_id", "dataset_version")
+    ) -> pa.Table:
         """Selected columns of every committed shard (one column read, not the features)."""
         paths = sorted(self.shard_units().values())
         if not paths:
@@ -240,8 +250,16 @@ class ShardWriter:
     sorted by plan row (uri order for images), however they arrived.
     """
 
-    def __init__(self, out: OutputDir, unit_counts: dict[int, int], build_table, prov: dict, before_commit=None,
-                 spill_dir: str | None = None, first_rows: dict[int, int] | None = None):
+    def __init__(
+        self,
+        out: OutputDir,
+        unit_counts: dict[int, int],
+        build_table,
+        prov: dict,
+        before_commit=None,
+        spill_dir: str | None = None,
+        first_rows: dict[int, int] | None = None,
+    ):
         self.out = out
         self.build_table = build_table
         self.before_commit = before_commit
@@ -285,7 +303,7 @@ class ShardWriter:
             state.counts["ok"] += int((~failed).sum())
             state.counts["error"] += int(failed.sum())
             classes = cols.get("error_class")
-            for cls in (classes[failed] if classes is not None else np.full(int(failed.sum()), None)):
+            for cls in classes[failed] if classes is not None else np.full(int(failed.sum()), None):
                 key = str(cls or "other")
                 state.error_classes[key] = state.error_classes.get(key, 0) + 1
             if state.taken == state.expected:
@@ -362,19 +380,25 @@ def image_table_builder(run_id: str, dataset_version: int):
         ok = cols["status"] == "ok"
         uris = [str(u) for u in cols["uri"]]
         n = len(uris)
-        return without_absent_logits(cols, pa.Table.from_arrays([
-            pa.array([image_id(u) for u in uris], pa.string()),
-            pa.array(uris, pa.string()),
-            pa.array([str(s) for s in cols["status"]], pa.string()),
-            error_column(cols["error"]),
-            pa.array(cols["width"], pa.int32()),
-            pa.array(cols["height"], pa.int32()),
-            fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
-            logits_column(cols, ok),
-            *source_columns(cols),
-            pa.array([run_id] * n, pa.string()),
-            pa.array([dataset_version] * n, pa.int32()),
-        ], schema=IMAGE_SCHEMA))
+        return without_absent_logits(
+            cols,
+            pa.Table.from_arrays(
+                [
+                    pa.array([image_id(u) for u in uris], pa.string()),
+                    pa.array(uris, pa.string()),
+                    pa.array([str(s) for s in cols["status"]], pa.string()),
+                    error_column(cols["error"]),
+                    pa.array(cols["width"], pa.int32()),
+                    pa.array(cols["height"], pa.int32()),
+                    fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
+                    logits_column(cols, ok),
+                    *source_columns(cols),
+                    pa.array([run_id] * n, pa.string()),
+                    pa.array([dataset_version] * n, pa.int32()),
+                ],
+                schema=IMAGE_SCHEMA,
+            ),
+        )
 
     return build
 
@@ -390,6 +414,8 @@ def check_identity(out: OutputDir, identity: dict, new_version: bool) -> int:
     changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if not new_version:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed)
-        raise UserError(f"output {out.url} was made with a different {', '.join(changed)} ({detail}); "
-                        "pass --new-version to start a new dataset version there, or use another OUTPUT")
+        raise UserError(
+            f"output {out.url} was made with a different {', '.join(changed)} ({detail}); "
+            "pass --new-version to start a new dataset version there, or use another OUTPUT"
+        )
     return int(current.get("version", 1)) + 1

@@ -26,8 +26,14 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": a private Ray, never a cluster that another process's address file names.
-        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING",
-                 configure_logging=False, object_store_memory=512 * 1024**2)
+        ray.init(
+            address="local",
+            num_cpus=3,
+            include_dashboard=False,
+            logging_level="WARNING",
+            configure_logging=False,
+            object_store_memory=512 * 1024**2,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
@@ -94,8 +100,11 @@ def s3_server():
     import urllib.request
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -107,14 +116,22 @@ def s3_server():
         proc.kill()
         raise RuntimeError("moto server did not start")
     # Distinctive credentials so tests can check they never reach an output or a log.
-    options = {"key": "AKIAFEATURIZETEST", "secret": "sEcReT-do-not-leak-42",
-               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    options = {
+        "key": "AKIAFEATURIZETEST",
+        "secret": "sEcReT-do-not-leak-42",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
 
     def create_bucket(name: str) -> None:
         import boto3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=options["key"],
-                     aws_secret_access_key=options["secret"]).create_bucket(Bucket=name)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=options["key"],
+            aws_secret_access_key=options["secret"],
+        ).create_bucket(Bucket=name)
 
     yield {"endpoint": endpoint, "storage_options": options, "create_bucket": create_bucket}
     proc.terminate()

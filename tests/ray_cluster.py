@@ -145,8 +145,10 @@ class Submission:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(self.proc.pid)
-            raise AssertionError(f"job {self.submission_id} did not end within {timeout:.0f} s:\n"
-                                 f"{self.output.read_text(errors='replace')[-4000:]}") from None
+            raise AssertionError(
+                f"job {self.submission_id} did not end within {timeout:.0f} s:\n"
+                f"{self.output.read_text(errors='replace')[-4000:]}"
+            ) from None
         text = self.output.read_text(errors="replace")
         return subprocess.CompletedProcess(self.args, self.proc.returncode, text, "")
 
@@ -169,17 +171,25 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, HF_HUB_OFFLINE="1", HF_TOKEN=SECRET_MARKER,
-                   PATH=BIN + os.pathsep + env.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0",
-                   TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
-                   # A killed raylet is declared dead after ~4 s instead of ~15 s (the GCS health check): node-loss
-                   # tests wait less. A live node still answers within the default timeout.
-                   RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="4",
-                   # Ray Data (2.60) reserves each dataset's share of the cluster in a detached coordinator actor; a
-                   # driver that dies without shutting its dataset down keeps its share until the request expires
-                   # (default 180 s), so a job resubmitted sooner is starved on a 4-CPU cluster. Live drivers renew
-                   # every 10 s.
-                   RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S="30")
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            HF_HUB_OFFLINE="1",
+            HF_TOKEN=SECRET_MARKER,
+            PATH=BIN + os.pathsep + env.get("PATH", ""),
+            RAY_USAGE_STATS_ENABLED="0",
+            TOKENIZERS_PARALLELISM="false",
+            TRANSFORMERS_VERBOSITY="error",
+            # A killed raylet is declared dead after ~4 s instead of ~15 s (the GCS health check): node-loss
+            # tests wait less. A live node still answers within the default timeout.
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_failure_threshold="4",
+            # Ray Data (2.60) reserves each dataset's share of the cluster in a detached coordinator actor; a
+            # driver that dies without shutting its dataset down keeps its share until the request expires
+            # (default 180 s), so a job resubmitted sooner is starved on a 4-CPU cluster. Live drivers renew
+            # every 10 s.
+            RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S="30",
+        )
         env.pop("HUGGING_FACE_HUB_TOKEN", None)
         self.env = env
         self.nodes: list[Node] = []
@@ -195,9 +205,17 @@ class RayCluster:
 
     # -- nodes ------------------------------------------------------------------------------------------------------
     def _node_ports(self) -> dict:
-        ports = {name: self.ports.one() for name in ("node-manager-port", "object-manager-port",
-                                                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port")}
+        ports = {
+            name: self.ports.one()
+            for name in (
+                "node-manager-port",
+                "object-manager-port",
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+            )
+        }
         low = self.ports.block(WORKER_PORTS)
         ports.update({"min-worker-port": low, "max-worker-port": low + WORKER_PORTS - 1})
         return ports
@@ -207,18 +225,42 @@ class RayCluster:
         # runtime env's working_dir copies, and adding a node mid-job removed the copy the job driver ran in (its
         # cwd vanished: FileNotFoundError from os.getcwd()).
         temp_dir = self.base / f"n{len(self.nodes)}"
-        cmd = [os.path.join(BIN, "ray"), "start", *args, "--node-ip-address", "127.0.0.1",
-               "--temp-dir", str(temp_dir), "--object-store-memory", str(OBJECT_STORE_BYTES),
-               "--disable-usage-stats", "--block", *(f"--{k}={v}" for k, v in ports.items())]
+        cmd = [
+            os.path.join(BIN, "ray"),
+            "start",
+            *args,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            str(temp_dir),
+            "--object-store-memory",
+            str(OBJECT_STORE_BYTES),
+            "--disable-usage-stats",
+            "--block",
+            *(f"--{k}={v}" for k, v in ports.items()),
+        ]
         if hide:
             # exec keeps the `ray start` process the Popen's pid; unshare without --fork does not fork either.
-            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(self.hidden_dir))} && exec "
-                   + shlex.join(cmd)]
+            cmd = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(self.hidden_dir))} && exec " + shlex.join(cmd),
+            ]
         log = self.logs_dir / f"{name}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=self.base, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.base,
+                start_new_session=True,
+            )
         node = Node(name, proc, ports, log, temp_dir, head=head, hidden=hide)
         self.nodes.append(node)
         return node
@@ -230,11 +272,20 @@ class RayCluster:
                 self.address = f"127.0.0.1:{self.gcs_port}"
                 self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
             ports = self._node_ports()
-            ports.update({"port": self.gcs_port, "dashboard-port": self.dashboard_port,
-                          "ray-client-server-port": self.ports.one()})
-            return self._spawn(f"head{'-retry%d' % attempt if attempt else ''}",
-                               ["--head", "--num-cpus", "0", "--dashboard-host", "127.0.0.1"], ports, head=True,
-                               hide=False)
+            ports.update(
+                {
+                    "port": self.gcs_port,
+                    "dashboard-port": self.dashboard_port,
+                    "ray-client-server-port": self.ports.one(),
+                }
+            )
+            return self._spawn(
+                f"head{f'-retry{attempt}' if attempt else ''}",
+                ["--head", "--num-cpus", "0", "--dashboard-host", "127.0.0.1"],
+                ports,
+                head=True,
+                hide=False,
+            )
 
         self.head = self._start(spawn, head=True)
         return self.head
@@ -246,9 +297,14 @@ class RayCluster:
         number = sum(not n.head and not n.failed for n in self.nodes) + 1
 
         def spawn(attempt: int) -> Node:
-            name = f"worker{number}{'-hidden' if hide else ''}{'-retry%d' % attempt if attempt else ''}"
-            return self._spawn(name, ["--address", self.address, "--num-cpus", str(num_cpus)], self._node_ports(),
-                               head=False, hide=hide)
+            name = f"worker{number}{'-hidden' if hide else ''}{f'-retry{attempt}' if attempt else ''}"
+            return self._spawn(
+                name,
+                ["--address", self.address, "--num-cpus", str(num_cpus)],
+                self._node_ports(),
+                head=False,
+                hide=hide,
+            )
 
         node = self._start(spawn, head=False)
         if hide:
@@ -318,8 +374,9 @@ class RayCluster:
             except (urllib.error.URLError, ConnectionError, OSError, KeyError, ValueError) as exc:
                 last = exc
             time.sleep(0.25)
-        raise NodeStartError(f"{node.name} did not join within {JOIN_TIMEOUT_S} s (last error: {last!r}):\n"
-                             f"{node.log_tail()}")
+        raise NodeStartError(
+            f"{node.name} did not join within {JOIN_TIMEOUT_S} s (last error: {last!r}):\n{node.log_tail()}"
+        )
 
     @property
     def workers(self) -> list[Node]:
@@ -381,8 +438,19 @@ class RayCluster:
 
     # -- jobs -------------------------------------------------------------------------------------------------------
     def _submit_cmd(self, entrypoint_args, submission_id: str) -> list[str]:
-        return [os.path.join(BIN, "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir",
-                str(REPO), "--submission-id", submission_id, "--", *map(str, entrypoint_args)]
+        return [
+            os.path.join(BIN, "ray"),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--working-dir",
+            str(REPO),
+            "--submission-id",
+            submission_id,
+            "--",
+            *map(str, entrypoint_args),
+        ]
 
     def submit(self, entrypoint_args, submission_id: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """`ray job submit ... -- ENTRYPOINT` from the repository root; waits for the job; stdout and stderr."""
@@ -392,15 +460,28 @@ class RayCluster:
         cmd = self._submit_cmd(entrypoint_args, submission_id)
         output = self.logs_dir / f"submit-{submission_id}.log"
         with open(output, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=REPO, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=REPO,
+                start_new_session=True,
+            )
         sub = Submission(submission_id, proc, output, cmd)
         self._submissions.append(sub)
         return sub
 
     def logs(self, submission_id: str) -> str:
-        done = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", self.dashboard_url,
-                               submission_id], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [os.path.join(BIN, "ray"), "job", "logs", "--address", self.dashboard_url, submission_id],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout + done.stderr
 
@@ -445,8 +526,13 @@ class RayCluster:
             for node in self.nodes:
                 session = node.temp_dir / "session_latest" / "logs"
                 if session.is_dir():
-                    shutil.copytree(session, Path(keep) / self.base.name / node.name, dirs_exist_ok=True,
-                                    ignore_dangling_symlinks=True, symlinks=True)
+                    shutil.copytree(
+                        session,
+                        Path(keep) / self.base.name / node.name,
+                        dirs_exist_ok=True,
+                        ignore_dangling_symlinks=True,
+                        symlinks=True,
+                    )
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -483,9 +569,19 @@ def _unshare_works(base: Path) -> bool:
     target = base / "unshare-probe"
     target.mkdir(exist_ok=True)
     try:
-        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               f"mount -t tmpfs tmpfs {shlex.quote(str(target))}"],
-                              capture_output=True, timeout=30)
+        done = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs tmpfs {shlex.quote(str(target))}",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
         return done.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False

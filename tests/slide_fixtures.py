@@ -63,9 +63,17 @@ def pyramid(rgb: np.ndarray, levels: int) -> list[np.ndarray]:
     return out
 
 
-def write_slide(path, slide: SyntheticSlide | np.ndarray, slide_mpp: float | None = 0.25, *,
-                compression: str = "jpeg", aperio: bool = False, resolution_tags: bool = True, levels: int = 3,
-                tile: int = 256) -> Path:
+def write_slide(
+    path,
+    slide: SyntheticSlide | np.ndarray,
+    slide_mpp: float | None = 0.25,
+    *,
+    compression: str = "jpeg",
+    aperio: bool = False,
+    resolution_tags: bool = True,
+    levels: int = 3,
+    tile: int = 256,
+) -> Path:
     """Write a pyramidal slide of `slide_mpp` level-0 microns per pixel. `aperio`: an Aperio-style description
     carries it as `MPP` (and no resolution tags); otherwise resolution tags in CENTIMETER carry it (unless
     `resolution_tags` is False or slide_mpp is None)."""
@@ -106,13 +114,13 @@ def truncate(src, dst, fraction: float = 0.6) -> Path:
     """A copy of `src` cut off after `fraction` of its bytes (a failed upload or copy)."""
     data = Path(src).read_bytes()
     dst = Path(dst)
-    dst.write_bytes(data[:int(len(data) * fraction)])
+    dst.write_bytes(data[: int(len(data) * fraction)])
     return dst
 
 
 def true_fraction(truth: np.ndarray, x: int, y: int, footprint: int) -> float:
     """The tissue fraction of the level-0 square at (x, y) according to the drawing."""
-    return float(truth[y:y + footprint, x:x + footprint].mean())
+    return float(truth[y : y + footprint, x : x + footprint].mean())
 
 
 def grid_plan(slide_id: str, uri: str, width: int, height: int, footprint_px: int = 128, every: int = 1):
@@ -120,22 +128,34 @@ def grid_plan(slide_id: str, uri: str, width: int, height: int, footprint_px: in
     every `every`-th tile, read from level 1 at 0.5 um/px, all tissue: for shard tests that need no planning."""
     import pyarrow as pa
 
-    xs, ys = np.meshgrid(np.arange(0, width - footprint_px + 1, footprint_px),
-                         np.arange(0, height - footprint_px + 1, footprint_px))
+    xs, ys = np.meshgrid(
+        np.arange(0, width - footprint_px + 1, footprint_px), np.arange(0, height - footprint_px + 1, footprint_px)
+    )
     xs, ys = xs.reshape(-1)[::every], ys.reshape(-1)[::every]
     n = len(xs)
-    return pa.table({
-        "slide_id": [slide_id] * n, "uri": [uri] * n, "x": pa.array(xs, pa.int64()), "y": pa.array(ys, pa.int64()),
-        "level": pa.array(np.ones(n), pa.int32()), "tile_mpp": pa.array(np.full(n, 0.5)),
-        "tissue_fraction": pa.array(np.ones(n), pa.float32()), "size": pa.array([1] * n, pa.int64()),
-        "mtime": pa.array([0.0] * n), "etag": pa.array([None] * n, pa.string())})
+    return pa.table(
+        {
+            "slide_id": [slide_id] * n,
+            "uri": [uri] * n,
+            "x": pa.array(xs, pa.int64()),
+            "y": pa.array(ys, pa.int64()),
+            "level": pa.array(np.ones(n), pa.int32()),
+            "tile_mpp": pa.array(np.full(n, 0.5)),
+            "tissue_fraction": pa.array(np.ones(n), pa.float32()),
+            "size": pa.array([1] * n, pa.int64()),
+            "mtime": pa.array([0.0] * n),
+            "etag": pa.array([None] * n, pa.string()),
+        }
+    )
 
 
 def with_plan(cols: dict, plan) -> dict:
     """Result columns plus the plan's columns, as they reach tile_table_builder through the stages (by `row`)."""
     rows = np.asarray(cols["row"])
-    return {**{name: np.asarray(plan.column(name).to_numpy(zero_copy_only=False))[rows] for name in plan.column_names},
-            **cols}
+    return {
+        **{name: np.asarray(plan.column(name).to_numpy(zero_copy_only=False))[rows] for name in plan.column_names},
+        **cols,
+    }
 
 
 def with_old_column_names(src, dst) -> Path:

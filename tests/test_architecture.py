@@ -24,7 +24,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "pipeline"
 FACADE = "pipeline/__init__.py"
@@ -90,7 +89,7 @@ def imports_in(source: str, rel: Path, unit: str) -> list[Import]:
                 add(alias.name, node.lineno)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
                 assert base, f"{rel}:{node.lineno}: a relative import above the package"
                 base_name = ".".join(base)
                 dotted = f"{base_name}.{node.module}" if node.module else base_name
@@ -144,8 +143,11 @@ def test_the_table_names_every_module_and_only_modules_that_exist():
 
 
 def test_every_import_names_a_module_that_exists():
-    missing = [f"{i.file}:{i.line}: imports {i.module}, which is no module of the package"
-               for i in all_imports() if i.target is None]
+    missing = [
+        f"{i.file}:{i.line}: imports {i.module}, which is no module of the package"
+        for i in all_imports()
+        if i.target is None
+    ]
     assert not missing, "\n".join(missing)
 
 
@@ -158,17 +160,24 @@ def test_no_module_imports_a_later_one():
         if i.target != FACADE and (i.source not in rank or i.target not in rank):
             continue  # test_the_table_names_every_module_and_only_modules_that_exist says which
         if i.target == FACADE:
-            wrong.append(f"{i.file}:{i.line}: {i.source} imports {i.module} through the package's facade "
-                         f"({FACADE}); import the module that defines it")
+            wrong.append(
+                f"{i.file}:{i.line}: {i.source} imports {i.module} through the package's facade "
+                f"({FACADE}); import the module that defines it"
+            )
         elif rank[i.target] > rank[i.source]:
-            wrong.append(f"{i.file}:{i.line}: {i.source} imports {i.module}, which README.md's architecture table "
-                         f"lists after it (row {rank[i.target] + 1} > row {rank[i.source] + 1})")
+            wrong.append(
+                f"{i.file}:{i.line}: {i.source} imports {i.module}, which README.md's architecture table "
+                f"lists after it (row {rank[i.target] + 1} > row {rank[i.source] + 1})"
+            )
     assert not wrong, "imports against the README's architecture order:\n" + "\n".join(wrong)
 
 
 def test_only_cli_imports_cli():
-    wrong = [f"{i.file}:{i.line}: imports {i.module}" for i in all_imports()
-             if i.target == "pipeline/cli.py" and i.source != "pipeline/cli.py"]
+    wrong = [
+        f"{i.file}:{i.line}: imports {i.module}"
+        for i in all_imports()
+        if i.target == "pipeline/cli.py" and i.source != "pipeline/cli.py"
+    ]
     assert not wrong, "the library modules never import the command line:\n" + "\n".join(wrong)
 
 
@@ -179,32 +188,59 @@ def test_every_command_is_defined_in_cli():
         if unit == "pipeline/cli.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr in ("add_parser", "add_subparsers", "add_argument"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("add_parser", "add_subparsers", "add_argument")
+            ):
                 wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.func.attr}(...)")
     assert not wrong, "command-line parsing outside cli.py:\n" + "\n".join(wrong)
 
 
 def test_the_collector_sees_imports_inside_functions_relative_absolute_and_through_the_facade():
-    source = ("import numpy\nfrom .errors import UserError\n\n\ndef f():\n    from .cli import _echo\n"
-              "    from . import run, top_k\n    import pipeline.report as r\n    from pipeline.read import x\n")
+    source = (
+        "import numpy\nfrom .errors import UserError\n\n\ndef f():\n    from .cli import _echo\n"
+        "    from . import run, top_k\n    import pipeline.report as r\n    from pipeline.read import x\n"
+    )
     found = imports_in(source, Path("pipeline/labels.py"), "pipeline/labels.py")
     assert [(i.line, i.module, i.target) for i in found] == [
-        (2, "pipeline.errors", "pipeline/errors.py"), (6, "pipeline.cli", "pipeline/cli.py"),
-        (7, "pipeline.run", "pipeline/run.py"), (7, "pipeline.top_k", FACADE),
-        (8, "pipeline.report", "pipeline/report.py"), (9, "pipeline.read", "pipeline/read.py")]
-    sibling = imports_in("from .configuration_conceptclip import C\n",
-                         Path("pipeline/tiny_conceptclip/modeling_conceptclip.py"), "pipeline/tiny_conceptclip/")
-    assert [(i.module, i.target) for i in sibling] == [("pipeline.tiny_conceptclip.configuration_conceptclip",
-                                                        "pipeline/tiny_conceptclip/")]
+        (2, "pipeline.errors", "pipeline/errors.py"),
+        (6, "pipeline.cli", "pipeline/cli.py"),
+        (7, "pipeline.run", "pipeline/run.py"),
+        (7, "pipeline.top_k", FACADE),
+        (8, "pipeline.report", "pipeline/report.py"),
+        (9, "pipeline.read", "pipeline/read.py"),
+    ]
+    sibling = imports_in(
+        "from .configuration_conceptclip import C\n",
+        Path("pipeline/tiny_conceptclip/modeling_conceptclip.py"),
+        "pipeline/tiny_conceptclip/",
+    )
+    assert [(i.module, i.target) for i in sibling] == [
+        ("pipeline.tiny_conceptclip.configuration_conceptclip", "pipeline/tiny_conceptclip/")
+    ]
 
 
 def test_help_loads_no_driver_or_analysis_module():
     """`featurize --help` builds every parser without importing what the commands run."""
-    heavy = ["run", "run_slides", "read", "heatmap", "rescore", "labels", "probe", "report", "demo", "tiny", "plan",
-             "summary"]
-    code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith('pipeline.'))))")
+    heavy = [
+        "run",
+        "run_slides",
+        "read",
+        "heatmap",
+        "rescore",
+        "labels",
+        "probe",
+        "report",
+        "demo",
+        "tiny",
+        "plan",
+        "summary",
+    ]
+    code = (
+        "import sys; from pipeline.cli import build_parser; build_parser(); "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('pipeline.'))))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     modules = set(loaded.stdout.split())
     assert not modules & {f"pipeline.{m}" for m in heavy}, sorted(modules)

@@ -8,13 +8,21 @@ from benchmarks import common, targets
 
 
 def test_each_check_becomes_a_row_with_its_bound():
-    cpu = {"targets": {"whole_over_loop": {"value": 1.52, "minimum": 1.5, "pass": True},
-                       "first_shard_s": {"value": 11.0, "maximum": 10.0, "pass": False},
-                       "limit": "a note, not a check"}}
-    assert targets.rows("cclip", cpu) == [("cclip", "whole_over_loop >= 1.5", 1.52, True),
-                                          ("cclip", "first_shard_s < 10.0", 11.0, False)]
-    gpu = {"checks": {"busy_streaming": {"value": 0.953, "minimum": 0.95, "pass": True}},
-           "targets": {"images_per_s": 1000.0}}
+    cpu = {
+        "targets": {
+            "whole_over_loop": {"value": 1.52, "minimum": 1.5, "pass": True},
+            "first_shard_s": {"value": 11.0, "maximum": 10.0, "pass": False},
+            "limit": "a note, not a check",
+        }
+    }
+    assert targets.rows("cclip", cpu) == [
+        ("cclip", "whole_over_loop >= 1.5", 1.52, True),
+        ("cclip", "first_shard_s < 10.0", 11.0, False),
+    ]
+    gpu = {
+        "checks": {"busy_streaming": {"value": 0.953, "minimum": 0.95, "pass": True}},
+        "targets": {"images_per_s": 1000.0},
+    }
     assert targets.rows("gpu", gpu) == [("gpu", "busy_streaming >= 0.95", 0.953, True)]
     assert targets.rows("base", {}) == []
 

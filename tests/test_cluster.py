@@ -28,8 +28,14 @@ from pipeline.sources import list_inputs
 
 SMALL = ((64, 48), (96, 72))
 N_IMAGES = 48  # 12 work units of 4; with the paced model a kill after 1-2 units leaves seconds of work
-FAST = {"rows_per_shard": 4, "batch_size": 2, "decode_batch_size": 2, "device": "cpu", "trust_remote_code": True,
-        "torch_threads": 1}
+FAST = {
+    "rows_per_shard": 4,
+    "batch_size": 2,
+    "decode_batch_size": 2,
+    "device": "cpu",
+    "trust_remote_code": True,
+    "torch_threads": 1,
+}
 JOB_TIMEOUT_S = 300
 # The run's no-progress watchdog also covers the wait for the first batch (the actors' start-up), which takes 20-37 s
 # on a busy 2-core machine: a shorter stall timeout can fail the run before anything could be killed.
@@ -53,13 +59,30 @@ def paced_model(models_dir) -> Path:
     64 px model the whole input takes under a second once the actor is up."""
     from pipeline.tiny import build_tiny_conceptclip
 
-    return build_tiny_conceptclip(models_dir / "conceptclip-paced", image_size=224, patch_size=16, vision_width=384,
-                                  vision_layers=6, vision_heads=6)
+    return build_tiny_conceptclip(
+        models_dir / "conceptclip-paced",
+        image_size=224,
+        patch_size=16,
+        vision_width=384,
+        vision_layers=6,
+        vision_heads=6,
+    )
 
 
 def _config(path: Path, input_dir: Path, output: Path, model: Path, prompts: Path, **options) -> Path:
-    path.write_text(yaml.safe_dump({"input": str(input_dir), "output": str(output), "model": str(model),
-                                    "prompts": str(prompts), **FAST, **options}), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(input_dir),
+                "output": str(output),
+                "model": str(model),
+                "prompts": str(prompts),
+                **FAST,
+                **options,
+            }
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -90,8 +113,9 @@ def _run_record(output: Path) -> dict:
 def _assert_exactly_once(output: Path, expected_uris: set[str]) -> pa.Table:
     table = _rows(output)
     counts = Counter(table.column("uri").to_pylist())
-    assert set(counts) == expected_uris, (f"missing {sorted(expected_uris - set(counts))[:5]}, "
-                                          f"unexpected {sorted(set(counts) - expected_uris)[:5]}")
+    assert set(counts) == expected_uris, (
+        f"missing {sorted(expected_uris - set(counts))[:5]}, unexpected {sorted(set(counts) - expected_uris)[:5]}"
+    )
     twice = sorted(u for u, c in counts.items() if c != 1)
     assert not twice, f"{len(twice)} inputs have more than one row, e.g. {twice[:3]}"
     assert set(table.column("status").to_pylist()) == {"ok"}
@@ -108,8 +132,10 @@ def _wait_until(condition, submission, timeout: float, what: str) -> None:
     while not condition():
         if submission.done():
             out = submission.wait(1).stdout
-            pytest.fail(f"job {submission.submission_id} ended (exit {submission.proc.returncode}) before {what}: "
-                        f"the workload is too small for the kill to land mid-run\n{out[-4000:]}")
+            pytest.fail(
+                f"job {submission.submission_id} ended (exit {submission.proc.returncode}) before {what}: "
+                f"the workload is too small for the kill to land mid-run\n{out[-4000:]}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"not {what} within {timeout} s:\n{submission.output.read_text(errors='replace')[-4000:]}")
         time.sleep(0.05)
@@ -161,8 +187,9 @@ def test_hidden_dir_is_seen_by_the_head_only(ray_cluster):
         probe.unlink()
 
 
-def test_local_input_a_worker_node_cannot_read_is_refused_by_the_probe(ray_cluster, conceptclip_model,
-                                                                        prompts_file, tmp_path):
+def test_local_input_a_worker_node_cannot_read_is_refused_by_the_probe(
+    ray_cluster, conceptclip_model, prompts_file, tmp_path
+):
     """INPUT under the directory the hidden worker cannot see: the driver lists it, the probe task on that node
     cannot read it, and the job fails with one line naming INPUT and the fix, before any model starts."""
     if not ray_cluster.hide_works:
@@ -173,14 +200,16 @@ def test_local_input_a_worker_node_cannot_read_is_refused_by_the_probe(ray_clust
     config = _config(tmp_path / "job.yaml", images, output, conceptclip_model, prompts_file)
     done = ray_cluster.submit(_job("featurize.py", config), _sid("probe"), timeout=JOB_TIMEOUT_S)
     assert done.returncode != 0, done.stdout[-3000:]
-    assert f"featurize: error: INPUT {images} is a local path the worker nodes cannot read" in done.stdout, \
-        done.stdout[-3000:]
+    assert f"featurize: error: INPUT {images} is a local path the worker nodes cannot read" in done.stdout, done.stdout[
+        -3000:
+    ]
     assert "put it on shared or object storage" in done.stdout
     assert not list(output.glob("part-*.parquet"))
 
 
-def test_job_submit_featurizes_every_image_once_and_leaks_no_secret(ray_cluster, images, conceptclip_model,
-                                                                    prompts_file, tmp_path):
+def test_job_submit_featurizes_every_image_once_and_leaks_no_secret(
+    ray_cluster, images, conceptclip_model, prompts_file, tmp_path
+):
     output = tmp_path / "out"
     config = _config(tmp_path / "job.yaml", images, output, conceptclip_model, prompts_file)
     sid = _sid("featurize")
@@ -225,14 +254,17 @@ def test_job_submit_featurizes_every_image_once_and_leaks_no_secret(ray_cluster,
         assert noise not in logs, noise
 
 
-def test_actor_killed_mid_run_loses_and_duplicates_no_row(ray_cluster, images, paced_model, prompts_file,
-                                                         tmp_path):
+def test_actor_killed_mid_run_loses_and_duplicates_no_row(ray_cluster, images, paced_model, prompts_file, tmp_path):
     output = tmp_path / "out"
     config = _config(tmp_path / "job.yaml", images, output, paced_model, prompts_file, stall_timeout_s=120)
     sub = ray_cluster.submit_background(_job("featurize.py", config), _sid("actor-loss"))
     units = math.ceil(N_IMAGES / 4)
-    _wait_until(lambda: len(_shards(output)) >= 1 and _model_actor(ray_cluster) is not None, sub, 180,
-                "a shard was committed while the model actor runs")
+    _wait_until(
+        lambda: len(_shards(output)) >= 1 and _model_actor(ray_cluster) is not None,
+        sub,
+        180,
+        "a shard was committed while the model actor runs",
+    )
     proc, node = _model_actor(ray_cluster)
     proc.send_signal(signal.SIGKILL)
     at_kill = len(_shards(output))
@@ -256,8 +288,9 @@ def test_nightly_job_processes_only_new_and_changed_images(ray_cluster, conceptc
     _ok(ray_cluster.submit(_job("nightly.py", config), _sid("nightly-1"), timeout=JOB_TIMEOUT_S), "first night")
     first = _run_record(output)
     assert first["counts"]["processed"] == first["counts"]["ok"] == 10
-    before = {u: f for u, f in zip(*(read_features(str(output)).column(c).to_pylist()
-                                     for c in ("uri", "image_features")))}
+    before = {
+        u: f for u, f in zip(*(read_features(str(output)).column(c).to_pylist() for c in ("uri", "image_features")))
+    }
 
     new = make_images(tmp_path / "new", 5, seed=22, sizes=SMALL)
     for i, p in enumerate(new):
@@ -282,14 +315,19 @@ def test_nightly_job_processes_only_new_and_changed_images(ray_cluster, conceptc
     assert differ == {str(p) for p in changed}
 
 
-def test_node_with_the_model_actor_lost_mid_run_then_a_new_node_joins(ray_cluster, images, paced_model,
-                                                                      prompts_file, tmp_path):
+def test_node_with_the_model_actor_lost_mid_run_then_a_new_node_joins(
+    ray_cluster, images, paced_model, prompts_file, tmp_path
+):
     output = tmp_path / "out"
     config = _config(tmp_path / "job.yaml", images, output, paced_model, prompts_file, stall_timeout_s=120)
     sub = ray_cluster.submit_background(_job("featurize.py", config), _sid("node-loss"))
     units = math.ceil(N_IMAGES / 4)
-    _wait_until(lambda: len(_shards(output)) >= 2 and _model_actor(ray_cluster) is not None, sub, 180,
-                "2 shards were committed while the model actor runs")
+    _wait_until(
+        lambda: len(_shards(output)) >= 2 and _model_actor(ray_cluster) is not None,
+        sub,
+        180,
+        "2 shards were committed while the model actor runs",
+    )
     proc, node = _model_actor(ray_cluster)
     ray_cluster.kill_node_raylet(node)
     committed = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in _shards(output)}
@@ -306,16 +344,21 @@ def test_node_with_the_model_actor_lost_mid_run_then_a_new_node_joins(ray_cluste
     _assert_two_workers(ray_cluster)
 
 
-def test_no_cpu_node_left_fails_clearly_then_resubmission_resumes(ray_cluster, images, paced_model,
-                                                                  prompts_file, tmp_path):
+def test_no_cpu_node_left_fails_clearly_then_resubmission_resumes(
+    ray_cluster, images, paced_model, prompts_file, tmp_path
+):
     stall = STALL_S
     output = tmp_path / "out"
     config = _config(tmp_path / "job.yaml", images, output, paced_model, prompts_file, stall_timeout_s=stall)
     sid = _sid("no-node")
     sub = ray_cluster.submit_background(_job("featurize.py", config), sid)
     units = math.ceil(N_IMAGES / 4)
-    _wait_until(lambda: len(_shards(output)) >= 1 and _model_actor(ray_cluster) is not None, sub, 180,
-                "a shard was committed while the model actor runs")
+    _wait_until(
+        lambda: len(_shards(output)) >= 1 and _model_actor(ray_cluster) is not None,
+        sub,
+        180,
+        "a shard was committed while the model actor runs",
+    )
     lost = list(ray_cluster.workers)
     for node in lost:
         ray_cluster.kill_node_raylet(node)
@@ -338,16 +381,19 @@ def test_no_cpu_node_left_fails_clearly_then_resubmission_resumes(ray_cluster, i
     # The same job again; only its stall limit is roomier, since fresh nodes start every worker process anew
     # (slow on a loaded 2-core machine) and the failure detection above is what this test times.
     rerun = _config(tmp_path / "rerun.yaml", images, output, paced_model, prompts_file, stall_timeout_s=180)
-    _ok(ray_cluster.submit(_job("featurize.py", rerun), _sid("no-node-rerun"), timeout=JOB_TIMEOUT_S),
-        "the resubmitted job")
+    _ok(
+        ray_cluster.submit(_job("featurize.py", rerun), _sid("no-node-rerun"), timeout=JOB_TIMEOUT_S),
+        "the resubmitted job",
+    )
     _assert_exactly_once(output, _uris(images))
     record = _run_record(output)
     assert record["resumed"] is True and record["state"] == "complete"
     assert record["counts"]["processed"] == N_IMAGES - 4 * kept  # the committed units were not redone
 
 
-def test_slides_job_plans_on_the_worker_nodes_into_an_object_store(ray_cluster, conceptclip_model, prompts_file,
-                                                                   s3_server, s3_bucket, tmp_path):
+def test_slides_job_plans_on_the_worker_nodes_into_an_object_store(
+    ray_cluster, conceptclip_model, prompts_file, s3_server, s3_bucket, tmp_path
+):
     """`featurize slides` submitted to the cluster with OUTPUT on S3: the planning tasks run on the worker nodes (the
     head has no CPUs) and write each slide's tiles to OUTPUT themselves (none handed to the driver); the run removes
     those part files once its plan is written, and every tile of the plan is scored exactly once."""
@@ -361,10 +407,37 @@ def test_slides_job_plans_on_the_worker_nodes_into_an_object_store(ray_cluster, 
     write_slide(slides / "b.svs", draw_slide(1024, 768, seed=6), 0.5, aperio=True)
     options = s3_server["storage_options"]
     output = f"s3://{s3_bucket}/out"
-    args = ["python", "-m", "pipeline.cli", "slides", str(slides), output, "--storage-options", json.dumps(options),
-            "--model", str(conceptclip_model), "--prompts", str(prompts_file), "--trust-remote-code",
-            "--target-mpp", "0.5", "--tile-px", "64", "--rows-per-shard", "40", "--batch-size", "8",
-            "--decode-batch-size", "8", "--device", "cpu", "--torch-threads", "1", "--stall-timeout-s", "120"]
+    args = [
+        "python",
+        "-m",
+        "pipeline.cli",
+        "slides",
+        str(slides),
+        output,
+        "--storage-options",
+        json.dumps(options),
+        "--model",
+        str(conceptclip_model),
+        "--prompts",
+        str(prompts_file),
+        "--trust-remote-code",
+        "--target-mpp",
+        "0.5",
+        "--tile-px",
+        "64",
+        "--rows-per-shard",
+        "40",
+        "--batch-size",
+        "8",
+        "--decode-batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--torch-threads",
+        "1",
+        "--stall-timeout-s",
+        "120",
+    ]
     _ok(ray_cluster.submit(args, _sid("slides"), timeout=JOB_TIMEOUT_S), "the slides job")
 
     fs = s3fs.S3FileSystem(**options)
@@ -372,7 +445,9 @@ def test_slides_job_plans_on_the_worker_nodes_into_an_object_store(ray_cluster, 
     assert record["state"] == "complete" and record["counts"]["slides_ok"] == 2
     assert record["counts"]["tile_parts_by_driver"] == 0  # the worker nodes wrote every part themselves
     assert not [p for p in fs.ls(f"{s3_bucket}/out/_runs") if p.endswith(".tiles")]
-    tiles = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in sorted(fs.glob(f"{s3_bucket}/out/part-*.parquet"))])
+    tiles = pa.concat_tables(
+        [pq.read_table(p, filesystem=fs) for p in sorted(fs.glob(f"{s3_bucket}/out/part-*.parquet"))]
+    )
     tiling = Tiling(target_mpp=0.5, tile_px=64, overlap_px=0, min_tissue=0.25)
     for name, file in (("a", "a.tif"), ("b", "b.svs")):
         _, grid = plan_slide(str(slides / file), tiling)

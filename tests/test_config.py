@@ -50,13 +50,18 @@ def test_missing_several_required():
     assert "--prompts" not in msg  # optional: without it, a features-only run
 
 
-@pytest.mark.parametrize("value, expected", [
-    ('{"anon": true, "client_kwargs": {"endpoint_url": "http://localhost:9000"}}',
-     {"anon": True, "client_kwargs": {"endpoint_url": "http://localhost:9000"}}),
-    ("", {}),
-    ("   ", {}),
-    ({"key": "v"}, {"key": "v"}),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (
+            '{"anon": true, "client_kwargs": {"endpoint_url": "http://localhost:9000"}}',
+            {"anon": True, "client_kwargs": {"endpoint_url": "http://localhost:9000"}},
+        ),
+        ("", {}),
+        ("   ", {}),
+        ({"key": "v"}, {"key": "v"}),
+    ],
+)
 def test_storage_options_json_string(value, expected):
     assert make_config(RunConfig, {**REQUIRED, "storage_options": value}).storage_options == expected
 
@@ -67,8 +72,16 @@ def test_storage_options_bad_json_is_named():
     assert "storage_options" in str(info.value) and "JSON" in str(info.value)
 
 
-@pytest.mark.parametrize("key, value", [("dtype", "float64"), ("batch_size", -1), ("device", "tpu"),
-                                        ("max_image_pixels", 0), ("decode_batch_size", "many")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("dtype", "float64"),
+        ("batch_size", -1),
+        ("device", "tpu"),
+        ("max_image_pixels", 0),
+        ("decode_batch_size", "many"),
+    ],
+)
 def test_bad_values_are_named(key, value):
     with pytest.raises(UserError) as info:
         make_config(RunConfig, {**REQUIRED, key: value})
@@ -77,8 +90,9 @@ def test_bad_values_are_named(key, value):
 
 def test_config_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("input: /a\noutput: /b\nmodel: /m\nprompts: /p.yaml\nbatch-size: 8\ntrust-remote-code: true\n",
-                    encoding="utf-8")
+    path.write_text(
+        "input: /a\noutput: /b\nmodel: /m\nprompts: /p.yaml\nbatch-size: 8\ntrust-remote-code: true\n", encoding="utf-8"
+    )
     options = load_config_file(path)
     assert options["batch_size"] == 8 and options["trust_remote_code"] is True
     cfg = make_config(RunConfig, options)
@@ -124,9 +138,14 @@ def test_slides_options_carry_their_units():
     assert "--target-mpp" in usage and not re.search(r"--mpp\b|--overlap\b(?!-)", usage)  # nor are they shown
 
 
-@pytest.mark.parametrize("argv, old, new", [(["--mpp", "0.5"], "--mpp", "--target-mpp"),
-                                            (["--mpp=0.5"], "--mpp", "--target-mpp"),
-                                            (["--overlap", "16"], "--overlap", "--overlap-px")])
+@pytest.mark.parametrize(
+    "argv, old, new",
+    [
+        (["--mpp", "0.5"], "--mpp", "--target-mpp"),
+        (["--mpp=0.5"], "--mpp", "--target-mpp"),
+        (["--overlap", "16"], "--overlap", "--overlap-px"),
+    ],
+)
 def test_old_slides_option_is_refused_naming_the_new_one(argv, old, new, capsys):
     with pytest.raises(SystemExit) as info:
         main(["slides", "/in", "/out", "--model", "/m", *argv])
@@ -141,12 +160,15 @@ def test_old_slides_keys_in_a_config_file_are_refused_naming_the_new_ones(tmp_pa
     path.write_text("model: /m\nmpp: 0.5\noverlap: 16\n", encoding="utf-8")
     with pytest.raises(UserError) as info:
         make_config(SlidesConfig, {**load_config_file(path), "input": "/in", "output": "/out"})
-    assert str(info.value) == ("option mpp is now target_mpp (--target-mpp); "
-                               "option overlap is now overlap_px (--overlap-px)")
+    assert str(info.value) == (
+        "option mpp is now target_mpp (--target-mpp); option overlap is now overlap_px (--overlap-px)"
+    )
     assert main(["slides", "/in", "/out", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == "featurize: error: option mpp is now target_mpp (--target-mpp); option overlap is now " \
-                  "overlap_px (--overlap-px)\n"
+    assert (
+        err == "featurize: error: option mpp is now target_mpp (--target-mpp); option overlap is now "
+        "overlap_px (--overlap-px)\n"
+    )
     with pytest.raises(UserError, match="unknown option"):  # `featurize images` never had them
         make_config(RunConfig, {**REQUIRED, "mpp": 0.5})
 
@@ -161,8 +183,7 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     for name in ("RAY_ADDRESS", "FEATURIZE_DEBUG"):
         env.pop(name, None)
-    return subprocess.run(featurize_command() + args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(featurize_command() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -199,8 +220,9 @@ def test_cli_misspelt_key_in_config_file(tmp_path, images_dir, clip_model, promp
 def test_cli_missing_model_folder(tmp_path, images_dir, prompts_file):
     missing = tmp_path / "models" / "nope"
     out = tmp_path / "out"
-    proc = run_cli(["images", str(images_dir), str(out), "--model", str(missing), "--prompts", str(prompts_file)],
-                   tmp_path)
+    proc = run_cli(
+        ["images", str(images_dir), str(out), "--model", str(missing), "--prompts", str(prompts_file)], tmp_path
+    )
     assert_one_line_error(proc, str(missing))
     assert not out.exists()
 
@@ -210,8 +232,9 @@ def test_cli_model_folder_without_config_json(tmp_path, images_dir, prompts_file
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"\x00" * 16)
     out = tmp_path / "out"
-    proc = run_cli(["images", str(images_dir), str(out), "--model", str(folder), "--prompts", str(prompts_file)],
-                   tmp_path)
+    proc = run_cli(
+        ["images", str(images_dir), str(out), "--model", str(folder), "--prompts", str(prompts_file)], tmp_path
+    )
     assert_one_line_error(proc, str(folder), "config.json")
     assert not out.exists()
 
@@ -219,8 +242,9 @@ def test_cli_model_folder_without_config_json(tmp_path, images_dir, prompts_file
 def test_cli_missing_prompt_file(tmp_path, images_dir, clip_model):
     prompts = tmp_path / "missing_prompts.yaml"
     out = tmp_path / "out"
-    proc = run_cli(["images", str(images_dir), str(out), "--model", str(clip_model), "--prompts", str(prompts)],
-                   tmp_path)
+    proc = run_cli(
+        ["images", str(images_dir), str(out), "--model", str(clip_model), "--prompts", str(prompts)], tmp_path
+    )
     assert_one_line_error(proc, str(prompts), "does not exist")
     assert not out.exists()
 
@@ -229,8 +253,9 @@ def test_cli_malformed_prompt_file(tmp_path, images_dir, clip_model):
     prompts = tmp_path / "bad_prompts.yaml"
     prompts.write_text("concepts: [tumor, stroma\ntemplates: [\n", encoding="utf-8")
     out = tmp_path / "out"
-    proc = run_cli(["images", str(images_dir), str(out), "--model", str(clip_model), "--prompts", str(prompts)],
-                   tmp_path)
+    proc = run_cli(
+        ["images", str(images_dir), str(out), "--model", str(clip_model), "--prompts", str(prompts)], tmp_path
+    )
     assert_one_line_error(proc, str(prompts), "YAML")
     assert not out.exists()
 
@@ -238,24 +263,39 @@ def test_cli_malformed_prompt_file(tmp_path, images_dir, clip_model):
 def test_cli_input_folder_does_not_exist(tmp_path, clip_model, prompts_file):
     missing = tmp_path / "no_such_images"
     out = tmp_path / "out"
-    proc = run_cli(["images", str(missing), str(out), "--model", str(clip_model), "--prompts", str(prompts_file)],
-                   tmp_path)
+    proc = run_cli(
+        ["images", str(missing), str(out), "--model", str(clip_model), "--prompts", str(prompts_file)], tmp_path
+    )
     assert_one_line_error(proc, str(missing), "does not exist")
     assert not out.exists()
 
 
 def test_cli_bad_storage_options(tmp_path, images_dir, clip_model, prompts_file):
     out = tmp_path / "out"
-    proc = run_cli(["images", str(images_dir), str(out), "--model", str(clip_model), "--prompts", str(prompts_file),
-                    "--storage-options", "{not json"], tmp_path)
+    proc = run_cli(
+        [
+            "images",
+            str(images_dir),
+            str(out),
+            "--model",
+            str(clip_model),
+            "--prompts",
+            str(prompts_file),
+            "--storage-options",
+            "{not json",
+        ],
+        tmp_path,
+    )
     assert_one_line_error(proc, "storage_options")
     assert not out.exists()
 
 
 def test_cli_remote_code_needs_trust_remote_code(tmp_path, images_dir, conceptclip_model, prompts_file):
     out = tmp_path / "out"
-    proc = run_cli(["images", str(images_dir), str(out), "--model", str(conceptclip_model),
-                    "--prompts", str(prompts_file)], tmp_path)
+    proc = run_cli(
+        ["images", str(images_dir), str(out), "--model", str(conceptclip_model), "--prompts", str(prompts_file)],
+        tmp_path,
+    )
     assert_one_line_error(proc, str(conceptclip_model), "--trust-remote-code")
     assert not out.exists()
 
@@ -265,8 +305,24 @@ def test_cli_module_entry_point_agrees(tmp_path, images_dir, clip_model):
     prompts = tmp_path / "missing.txt"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("FEATURIZE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "images", str(images_dir), str(tmp_path / "out"),
-                           "--model", str(clip_model), "--prompts", str(prompts)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "images",
+            str(images_dir),
+            str(tmp_path / "out"),
+            "--model",
+            str(clip_model),
+            "--prompts",
+            str(prompts),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert_one_line_error(proc, str(prompts))
     assert not (tmp_path / "out").exists()

@@ -29,8 +29,9 @@ def listed_twice(tmp_path_factory):
     return folder
 
 
-def test_versions_duplicates_prompts_and_fast_decode(ray_session, conceptclip_model, prompts_file, listed_twice,
-                                                     tmp_path):
+def test_versions_duplicates_prompts_and_fast_decode(
+    ray_session, conceptclip_model, prompts_file, listed_twice, tmp_path
+):
     out = tmp_path / "out"
     common = dict(output=str(out), model=str(conceptclip_model), trust_remote_code=True, rows_per_shard=4)
     first = run_images(RunConfig(input=str(listed_twice / "list.txt"), prompts=str(prompts_file), **common), **QUIET)
@@ -45,19 +46,29 @@ def test_versions_duplicates_prompts_and_fast_decode(ray_session, conceptclip_mo
 
     # --fast-decode changes the numbers: the same OUTPUT refuses it without --new-version
     with pytest.raises(UserError, match="fast_decode.*--new-version"):
-        run_images(RunConfig(input=str(listed_twice / "list.txt"), prompts=str(prompts_file), fast_decode=True,
-                             **common), **QUIET)
+        run_images(
+            RunConfig(input=str(listed_twice / "list.txt"), prompts=str(prompts_file), fast_decode=True, **common),
+            **QUIET,
+        )
 
     # A --new-version run (another prompt set) that fails: version 1 stays what readers get.
     other_prompts = tmp_path / "other.txt"
     other_prompts.write_text("a photo of a cat\na photo of a dog\n", encoding="utf-8")
     manifest = tmp_path / "dead.parquet"
     pq.write_table(pa.table({"uri": ["s3://nowhere/a.jpg", "s3://nowhere/b.jpg"]}), manifest)
-    dead = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "x"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    dead = {
+        "key": "k",
+        "secret": "s",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "x"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
     with pytest.raises(EnvironmentFailure):
-        run_images(RunConfig(input=str(manifest), prompts=str(other_prompts), new_version=True, storage_options=dead,
-                             **common), **QUIET)
+        run_images(
+            RunConfig(
+                input=str(manifest), prompts=str(other_prompts), new_version=True, storage_options=dead, **common
+            ),
+            **QUIET,
+        )
     dataset = json.loads((out / "_dataset.json").read_text())
     assert (dataset["version"], dataset["readable_version"]) == (2, 1)
     assert read_features(str(out)).equals(v1)

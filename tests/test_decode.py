@@ -76,12 +76,14 @@ def batch_of(paths) -> dict:
 
 def png_with_header(width: int, height: int) -> bytes:
     """A syntactically valid PNG whose IHDR declares width x height (8-bit RGB) with a token IDAT."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def exif_jpeg(path: Path, orientation: int) -> Path:
@@ -171,9 +173,12 @@ def test_custom_rectangular_configs_match_processor(size):
     """Non-square crop and squash targets, bilinear: still the processor's pixels."""
     from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
-    for proc in (CLIPImageProcessorPil(size={"shortest_edge": 50}, crop_size={"height": 32, "width": 48},
-                                       do_center_crop=True, resample=2),
-                 SiglipImageProcessorPil(size={"height": 40, "width": 72}, resample=2)):
+    for proc in (
+        CLIPImageProcessorPil(
+            size={"shortest_edge": 50}, crop_size={"height": 32, "width": 48}, do_center_crop=True, resample=2
+        ),
+        SiglipImageProcessorPil(size={"height": 40, "width": 72}, resample=2),
+    ):
         spec = spec_from_image_processor(proc)
         img = noise(*size, seed=3)
         pixels, _, _ = decode_one(encode(img, "PNG"), spec, BIG)
@@ -196,8 +201,9 @@ def test_nearest_resample_is_kept():
 def test_crop_larger_than_resized_image_pads_like_processor():
     from transformers import CLIPImageProcessorPil
 
-    proc = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 48, "width": 56},
-                                 do_center_crop=True, resample=3)
+    proc = CLIPImageProcessorPil(
+        size={"shortest_edge": 40}, crop_size={"height": 48, "width": 56}, do_center_crop=True, resample=3
+    )
     spec = spec_from_image_processor(proc)
     img = noise(120, 90, seed=9)  # resized to 53x40: 3 columns and 8 rows of padding
     pixels, _, _ = decode_one(encode(img, "PNG"), spec, BIG)
@@ -312,8 +318,12 @@ def test_exif_rotated_jpeg(orientation, corner, tmp_path, squash, specs):
     path = exif_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
     pixels, w, h = decode_one(path.read_bytes(), squash, BIG)
     assert (w, h) == (60, 120)  # the rotated size, not the stored 120x60
-    where = {"top_left": pixels[5, 5], "top_right": pixels[5, 58], "bottom_left": pixels[58, 5],
-             "bottom_right": pixels[58, 58]}
+    where = {
+        "top_left": pixels[5, 5],
+        "top_right": pixels[5, 58],
+        "bottom_left": pixels[58, 5],
+        "bottom_right": pixels[58, 58],
+    }
     for name, px in where.items():
         assert is_red(px) if name == corner else is_grey(px), (name, px)
     out = decode_batch(batch_of([path]), specs["clip"], BIG)
@@ -367,8 +377,16 @@ def broken_dir(tmp_path) -> Path:
 
 
 def test_broken_inputs_become_error_rows(broken_dir, specs):
-    names = ["good1.jpg", "empty.jpg", "truncated.jpg", "truncated.png", "text.jpg", "huge_header.png",
-             "missing.jpg", "good2.png"]
+    names = [
+        "good1.jpg",
+        "empty.jpg",
+        "truncated.jpg",
+        "truncated.png",
+        "text.jpg",
+        "huge_header.png",
+        "missing.jpg",
+        "good2.png",
+    ]
     spec = specs["clip"]
     batch = batch_of([broken_dir / n for n in names])
     batch["extra"] = np.arange(len(names))  # other columns ride along untouched
@@ -412,8 +430,18 @@ def test_decode_batch_never_raises_on_garbage(tmp_path, squash):
     """Every single-byte prefix and random bytes: error rows, no exceptions."""
     good = encode(noise(30, 30), "PNG")
     paths = []
-    for i, data in enumerate([good[:1], good[:8], good[:40], bytes(range(256)), b"\xff\xd8\xff" + b"\x00" * 50,
-                              b"GIF89a" + b"\x00" * 10, b"BM" + b"\x00" * 60, b"RIFF\x00\x00\x00\x00WEBP"]):
+    for i, data in enumerate(
+        [
+            good[:1],
+            good[:8],
+            good[:40],
+            bytes(range(256)),
+            b"\xff\xd8\xff" + b"\x00" * 50,
+            b"GIF89a" + b"\x00" * 10,
+            b"BM" + b"\x00" * 60,
+            b"RIFF\x00\x00\x00\x00WEBP",
+        ]
+    ):
         path = tmp_path / f"garbage{i}.png"
         path.write_bytes(data)
         paths.append(path)
@@ -424,12 +452,15 @@ def test_decode_batch_never_raises_on_garbage(tmp_path, squash):
 
 
 # ------------------------------------------------------------------------------------ unsupported processors
-@pytest.mark.parametrize("model, changes", [
-    ("siglip", {"do_resize": False}),
-    ("clip", {"do_resize": False}),
-    ("clip", {"do_center_crop": False}),  # shortest edge without a crop: no fixed size
-    ("siglip", {"do_center_crop": True, "crop_size": {"height": 32, "width": 32}}),  # squash then crop
-])
+@pytest.mark.parametrize(
+    "model, changes",
+    [
+        ("siglip", {"do_resize": False}),
+        ("clip", {"do_resize": False}),
+        ("clip", {"do_center_crop": False}),  # shortest edge without a crop: no fixed size
+        ("siglip", {"do_center_crop": True, "crop_size": {"height": 32, "width": 32}}),  # squash then crop
+    ],
+)
 def test_unsupported_processor_config_is_user_error(model, changes, processors):
     ip = copy.deepcopy(processors[model].image_processor)
     for key, value in changes.items():

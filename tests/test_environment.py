@@ -81,9 +81,11 @@ def test_a_storage_fault_fails_the_rest_of_its_batch_fast(monkeypatch, tmp_path)
 def test_a_file_the_driver_sees_but_a_worker_did_not_is_an_environment_failure(tmp_path):
     present = tmp_path / "there.jpg"
     present.write_bytes(b"x")
-    batch = {"uri": np.array([str(tmp_path / "gone.jpg"), str(present)], dtype=object),
-             "error": np.array(["file not found", "file not found"], dtype=object),
-             "error_class": np.array(["missing", "missing"], dtype=object)}
+    batch = {
+        "uri": np.array([str(tmp_path / "gone.jpg"), str(present)], dtype=object),
+        "error": np.array(["file not found", "file not found"], dtype=object),
+        "error_class": np.array(["missing", "missing"], dtype=object),
+    }
     failure = environment_failure(batch, RunConfig(**{**CFG, "input": str(tmp_path)}))
     assert isinstance(failure, EnvironmentFailure)
     assert f"INPUT {tmp_path} is a local path the worker nodes cannot read" in str(failure)
@@ -100,9 +102,12 @@ def test_a_device_fault_is_not_blamed_on_the_images(conceptclip_model, prompts_f
     preprocess = preprocess_spec(spec)
     actor = EncodeBatch(spec, preprocess, load_prompts(str(prompts_file)))
     n = 3
-    batch = {"uri": np.array([f"u{i}" for i in range(n)], dtype=object),
-             "pixels": np.zeros((n, *preprocess.out_shape), np.uint8),
-             "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object)}
+    batch = {
+        "uri": np.array([f"u{i}" for i in range(n)], dtype=object),
+        "pixels": np.zeros((n, *preprocess.out_shape), np.uint8),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+    }
 
     def cuda_fault(pixels):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -123,19 +128,30 @@ def test_a_device_fault_is_not_blamed_on_the_images(conceptclip_model, prompts_f
 
 
 # -- runs --------------------------------------------------------------------------------------------------------------
-def test_storage_down_stops_the_run_and_commits_nothing(ray_session, s3_server, conceptclip_model, prompts_file,
-                                                         tmp_path):
+def test_storage_down_stops_the_run_and_commits_nothing(
+    ray_session, s3_server, conceptclip_model, prompts_file, tmp_path
+):
     """Objects listed in a manifest on a storage endpoint that is down: no error rows, no shard, one line."""
     import pyarrow as pa
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"uri": [f"s3://nowhere/img_{i}.jpg" for i in range(4)]}), manifest)
-    dead = {**s3_server["storage_options"], "client_kwargs": {"endpoint_url": "http://127.0.0.1:9",
-                                                               "region_name": "us-east-1"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    dead = {
+        **s3_server["storage_options"],
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
     out = tmp_path / "out"
-    cfg = RunConfig(input=str(manifest), output=str(out), model=str(conceptclip_model), prompts=str(prompts_file),
-                    trust_remote_code=True, storage_options=dead, rows_per_shard=2, decode_batch_size=4)
+    cfg = RunConfig(
+        input=str(manifest),
+        output=str(out),
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+        storage_options=dead,
+        rows_per_shard=2,
+        decode_batch_size=4,
+    )
     with pytest.raises(EnvironmentFailure, match="s3://nowhere/img_0.jpg.*storage kept failing.*rerun to resume"):
         run_images(cfg, **QUIET)
     assert not list(out.glob("part-*.parquet"))
@@ -150,8 +166,14 @@ def test_retry_errors_reprocesses_committed_error_rows(ray_session, conceptclip_
     broken = images / "img_00002.jpg"
     good_bytes = broken.read_bytes()
     broken.write_bytes(b"not a jpeg")
-    common = dict(input=str(images), output=str(tmp_path / "out"), model=str(conceptclip_model),
-                  prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=10)
+    common = dict(
+        input=str(images),
+        output=str(tmp_path / "out"),
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+        rows_per_shard=10,
+    )
     first = run_images(RunConfig(**common), **QUIET)
     assert first["counts"]["error"] == 1 and first["counts"]["error_classes"] == {"unsupported": 1}
 
@@ -166,18 +188,37 @@ def test_retry_errors_reprocesses_committed_error_rows(ray_session, conceptclip_
 
 def test_memory_urls_are_refused_before_anything_starts(conceptclip_model, prompts_file, photo_dir):
     with pytest.raises(UserError, match="OUTPUT memory://out is in this process's memory.*object storage"):
-        run_images(RunConfig(input=str(photo_dir), output="memory://out", model=str(conceptclip_model),
-                             prompts=str(prompts_file), trust_remote_code=True), **QUIET)
+        run_images(
+            RunConfig(
+                input=str(photo_dir),
+                output="memory://out",
+                model=str(conceptclip_model),
+                prompts=str(prompts_file),
+                trust_remote_code=True,
+            ),
+            **QUIET,
+        )
 
 
-def test_output_that_is_a_file_is_one_line_before_anything_starts(conceptclip_model, prompts_file, photo_dir,
-                                                                   tmp_path, capsys):
+def test_output_that_is_a_file_is_one_line_before_anything_starts(
+    conceptclip_model, prompts_file, photo_dir, tmp_path, capsys
+):
     from pipeline.cli import main
 
     taken = tmp_path / "results.parquet"
     taken.write_bytes(b"not a folder")
-    code = main(["images", str(photo_dir), str(taken), "--model", str(conceptclip_model), "--prompts",
-                 str(prompts_file), "--trust-remote-code"])
+    code = main(
+        [
+            "images",
+            str(photo_dir),
+            str(taken),
+            "--model",
+            str(conceptclip_model),
+            "--prompts",
+            str(prompts_file),
+            "--trust-remote-code",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{taken} is a file, not a folder" in err[0], err
     assert taken.read_bytes() == b"not a folder"
@@ -185,10 +226,11 @@ def test_output_that_is_a_file_is_one_line_before_anything_starts(conceptclip_mo
 
 def test_relative_output_inside_a_ray_job_is_refused(monkeypatch, conceptclip_model, prompts_file, photo_dir):
     """Inside `ray job submit --working-dir .` a relative OUTPUT would be written into Ray's temporary copy."""
-    common = dict(input=str(photo_dir), model=str(conceptclip_model), prompts=str(prompts_file),
-                  trust_remote_code=True)
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}))
+    common = dict(input=str(photo_dir), model=str(conceptclip_model), prompts=str(prompts_file), trust_remote_code=True)
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+        json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}),
+    )
     with pytest.raises(UserError, match="OUTPUT out/ is a relative path inside a Ray job.*absolute path"):
         run_images(RunConfig(output="out/", **common), **QUIET)
 
@@ -209,10 +251,32 @@ def test_stale_address_file_ignored_and_a_run_is_quiet(conceptclip_model, prompt
     try:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FEATURIZE_DEBUG")}
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "images", str(images), str(tmp_path / "out"), "--model",
-             str(conceptclip_model), "--prompts", str(prompts_file), "--trust-remote-code", "--rows-per-shard", "3",
-             "--batch-size", "2", "--decode-batch-size", "2", "--progress-interval-s", "0.01"],
-            env=env, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "images",
+                str(images),
+                str(tmp_path / "out"),
+                "--model",
+                str(conceptclip_model),
+                "--prompts",
+                str(prompts_file),
+                "--trust-remote-code",
+                "--rows-per-shard",
+                "3",
+                "--batch-size",
+                "2",
+                "--decode-batch-size",
+                "2",
+                "--progress-interval-s",
+                "0.01",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         if saved is None:
             RAY_ADDRESS_FILE.unlink(missing_ok=True)

@@ -44,8 +44,12 @@ def assert_parity(ours: np.ndarray, ref: np.ndarray) -> None:
 
 def run(photo_dir, model, tmp_path, name, **options) -> tuple[np.ndarray, dict, dict]:
     out = tmp_path / name
-    record = run_images(RunConfig(input=str(photo_dir), output=str(out), model=str(model), dtype="float32",
-                                  rows_per_shard=50, **options), **QUIET)
+    record = run_images(
+        RunConfig(
+            input=str(photo_dir), output=str(out), model=str(model), dtype="float32", rows_per_shard=50, **options
+        ),
+        **QUIET,
+    )
     table = rows(out)
     assert table.num_rows == record["counts"]["ok"]
     meta = json.loads(pq.read_metadata(sorted(out.glob("part-*.parquet"))[0]).metadata[b"pipeline.provenance"])
@@ -82,8 +86,9 @@ def test_hidden_states_of_clip_follow_the_recipe_for_every_pool(ray_session, cli
     assert abs(np.linalg.norm(feats[0]) - np.linalg.norm(ref[0])) / np.linalg.norm(ref[0]) < 1e-2
 
 
-def test_hidden_states_of_siglip_and_conceptclip_and_no_class_token(ray_session, siglip_model, conceptclip_model,
-                                                                    photo_dir, tmp_path):
+def test_hidden_states_of_siglip_and_conceptclip_and_no_class_token(
+    ray_session, siglip_model, conceptclip_model, photo_dir, tmp_path
+):
     from transformers import AutoModel, AutoProcessor, SiglipVisionModel
 
     paths = sorted(photo_dir.glob("*.jpg"))
@@ -95,21 +100,32 @@ def test_hidden_states_of_siglip_and_conceptclip_and_no_class_token(ray_session,
     remote = AutoModel.from_pretrained(conceptclip_model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(conceptclip_model, trust_remote_code=True)
     ref = recipe_hidden(remote.vision_model, processor.image_processor, paths, -2)
-    feats, record, _ = run(photo_dir, conceptclip_model, tmp_path, "remote", features="hidden:-2:patch",
-                           trust_remote_code=True)
+    feats, record, _ = run(
+        photo_dir, conceptclip_model, tmp_path, "remote", features="hidden:-2:patch", trust_remote_code=True
+    )
     assert_parity(feats, ref)
     assert record["feature_shape"] == list(ref.shape[1:])
 
     for model, remote_code in ((siglip_model, False), (conceptclip_model, True)):
         with pytest.raises(UserError, match="has no class token; use mean, patch or cls_patch"):
-            run_images(RunConfig(input=str(photo_dir), output=str(tmp_path / "cls"), model=str(model),
-                                 trust_remote_code=remote_code, features="hidden:-2:cls"), **QUIET)
+            run_images(
+                RunConfig(
+                    input=str(photo_dir),
+                    output=str(tmp_path / "cls"),
+                    model=str(model),
+                    trust_remote_code=remote_code,
+                    features="hidden:-2:cls",
+                ),
+                **QUIET,
+            )
 
 
-def test_features_only_runs_and_vision_only_checkpoints(ray_session, conceptclip_model, clip_vision, prompts_file,
-                                                        photo_dir, tmp_path, capsys):
-    scored, _, _ = run(photo_dir, conceptclip_model, tmp_path, "scored", prompts=str(prompts_file),
-                       trust_remote_code=True)
+def test_features_only_runs_and_vision_only_checkpoints(
+    ray_session, conceptclip_model, clip_vision, prompts_file, photo_dir, tmp_path, capsys
+):
+    scored, _, _ = run(
+        photo_dir, conceptclip_model, tmp_path, "scored", prompts=str(prompts_file), trust_remote_code=True
+    )
     plain, record, _ = run(photo_dir, conceptclip_model, tmp_path, "plain", trust_remote_code=True)
     np.testing.assert_array_equal(plain, scored)  # the same embedding, without the concept logits
     assert record["prompt_set_hash"] is None and record["features"] == "embedding"
@@ -119,18 +135,24 @@ def test_features_only_runs_and_vision_only_checkpoints(ray_session, conceptclip
     from transformers import CLIPVisionModel
 
     feats, _, _ = run(photo_dir, clip_vision, tmp_path, "vision")
-    ref = recipe_hidden(CLIPVisionModel.from_pretrained(clip_vision).eval(),
-                        __import__("transformers").AutoImageProcessor.from_pretrained(clip_vision),
-                        sorted(photo_dir.glob("*.jpg")), -1)
+    ref = recipe_hidden(
+        CLIPVisionModel.from_pretrained(clip_vision).eval(),
+        __import__("transformers").AutoImageProcessor.from_pretrained(clip_vision),
+        sorted(photo_dir.glob("*.jpg")),
+        -1,
+    )
     assert feats.shape[1] == ref.shape[2]  # the pooled output of an image tower, L2-normalised
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=2e-3)
 
     common = ["images", str(photo_dir), str(tmp_path / "refused"), "--prompts", str(prompts_file)]
     assert main([*common, "--model", str(clip_vision)]) == 2
-    assert main([*common, "--model", str(conceptclip_model), "--trust-remote-code",
-                 "--features", "hidden:-2:mean"]) == 2
-    assert main([*common[:3], "--model", str(conceptclip_model), "--trust-remote-code", "--features",
-                 "hidden:99:mean"]) == 2
+    assert (
+        main([*common, "--model", str(conceptclip_model), "--trust-remote-code", "--features", "hidden:-2:mean"]) == 2
+    )
+    assert (
+        main([*common[:3], "--model", str(conceptclip_model), "--trust-remote-code", "--features", "hidden:99:mean"])
+        == 2
+    )
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("featurize: error:")]
     assert len(err) == 3
     assert "image tower without a text tower" in err[0] and "drop --prompts" in err[0]

@@ -11,17 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from slide_fixtures import draw_slide, grid_plan, with_old_column_names, with_plan, write_slide
 
 from pipeline import open_features, read_features
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.heatmap import SlideOutput, tile_grid_values, write_all, write_heatmap
-from pipeline.run_slides import tile_table_builder
-from pipeline.schema import SLIDE_SCHEMA, TILE_SCHEMA
-from pipeline.schema import prompts_table
 from pipeline.prompts import Concept, PromptSet
+from pipeline.run_slides import tile_table_builder
+from pipeline.schema import SLIDE_SCHEMA, TILE_SCHEMA, prompts_table
 from pipeline.write import OutputDir
-from slide_fixtures import draw_slide, grid_plan, with_old_column_names, with_plan, write_slide
 
 CONCEPTS = ["tumor", "stroma", "necrotic tissue"]
 MAP_SIDE = 4
@@ -36,16 +35,35 @@ def _fake_output(root, slides: dict, concept_maps: bool = False):
         fp = 128
         plan_parts.append(grid_plan(slide_id, str(path), width, height, fp, every=2))  # gaps stay transparent
         n = plan_parts[-1].num_rows
-        rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide", "slide_mpp": 0.25,
-                     "mpp_source": "tiff.XResolution", "width": width, "height": height, "n_tiles": n,
-                     "footprint_px": fp, "step_px": fp, "tile_px": 64, "run_id": run_id, "dataset_version": 1})
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "uri": str(path),
+                "status": "ok",
+                "reader": "tiffslide",
+                "slide_mpp": 0.25,
+                "mpp_source": "tiff.XResolution",
+                "width": width,
+                "height": height,
+                "n_tiles": n,
+                "footprint_px": fp,
+                "step_px": fp,
+                "tile_px": 64,
+                "run_id": run_id,
+                "dataset_version": 1,
+            }
+        )
     plan = pa.concat_tables(plan_parts)
     n = plan.num_rows
     xs = plan.column("x").to_numpy().astype(np.float32)
     logits = np.stack([xs, -xs, np.zeros(n, np.float32)], axis=1)
-    cols = {"row": np.arange(n), "status": np.array(["ok"] * n, dtype=object),
-            "error": np.array([None] * n, dtype=object), "image_features": np.zeros((n, 8), np.float16),
-            "concept_logits": logits}
+    cols = {
+        "row": np.arange(n),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "image_features": np.zeros((n, 8), np.float16),
+        "concept_logits": logits,
+    }
     if concept_maps:  # the map of concept 0 rises left to right inside each tile
         maps = np.zeros((n, len(CONCEPTS), MAP_SIDE, MAP_SIDE), np.float16)
         maps[:, 0] = np.arange(MAP_SIDE, dtype=np.float16)[None, None, :]
@@ -61,10 +79,8 @@ def _fake_output(root, slides: dict, concept_maps: bool = False):
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
     root = tmp_path_factory.mktemp("heat")
-    wide = write_slide(root / "wide.tif", draw_slide(1024, 512, shapes=[("rect", 128, 128, 768, 384)]), 0.25,
-                       levels=2)
-    tall = write_slide(root / "tall.tif", draw_slide(512, 1024, shapes=[("rect", 64, 128, 448, 896)]), 0.25,
-                       levels=2)
+    wide = write_slide(root / "wide.tif", draw_slide(1024, 512, shapes=[("rect", 128, 128, 768, 384)]), 0.25, levels=2)
+    tall = write_slide(root / "tall.tif", draw_slide(512, 1024, shapes=[("rect", 64, 128, 448, 896)]), 0.25, levels=2)
     return _fake_output(root, {"wide": (wide, 1024, 512), "tall": (tall, 512, 1024)})
 
 
@@ -88,8 +104,9 @@ def test_values_sit_on_their_tiles():
 
 
 def test_concept_maps_are_drawn_patch_by_patch(tmp_path):
-    slide_path = write_slide(tmp_path / "m.tif", draw_slide(512, 256, shapes=[("rect", 0, 0, 512, 256)]), 0.25,
-                             levels=1)
+    slide_path = write_slide(
+        tmp_path / "m.tif", draw_slide(512, 256, shapes=[("rect", 0, 0, 512, 256)]), 0.25, levels=1
+    )
     url = _fake_output(tmp_path, {"m": (slide_path, 512, 256)}, concept_maps=True)
     result = SlideOutput(url)
     tiles = result.tiles(result.slide("m"))
@@ -116,8 +133,9 @@ def test_cli_all_writes_one_per_slide_and_concept(output, tmp_path, capsys):
     assert names == sorted(f"{s}.{c.replace(' ', '_')}.png" for s in ("wide", "tall") for c in CONCEPTS)
     assert main(["heatmap", output, "--slide", "wide", "--concept", "lymph", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("featurize: error: no concept 'lymph' in " + output +
-                       "; available: tumor, stroma, necrotic tissue")
+    assert err[-1] == (
+        "featurize: error: no concept 'lymph' in " + output + "; available: tumor, stroma, necrotic tissue"
+    )
     assert main(["heatmap", str(tmp_path), "--slide", "wide", "--concept", "tumor", "--out", "x.png"]) == 2
     assert "has no _slides.parquet" in capsys.readouterr().err
 
@@ -145,8 +163,10 @@ def test_heatmap_reads_an_output_with_the_old_mpp_columns(output, tmp_path):
     result = SlideOutput(str(old))
     slide = result.slide("wide")
     assert slide["slide_mpp"] == 0.25 and "mpp" not in slide
-    drawn = [np.asarray(Image.open(write_heatmap(SlideOutput(source), "wide", "tumor", tmp_path / f"{name}.png")))
-             for name, source in (("new", output), ("old", str(old)))]
+    drawn = [
+        np.asarray(Image.open(write_heatmap(SlideOutput(source), "wide", "tumor", tmp_path / f"{name}.png")))
+        for name, source in (("new", output), ("old", str(old)))
+    ]
     np.testing.assert_array_equal(drawn[0], drawn[1])
     assert main(["heatmap", str(old), "--all", "--out", str(tmp_path / "maps")]) == 0
     assert len(list((tmp_path / "maps").glob("*.png"))) == 2 * len(CONCEPTS)
@@ -170,6 +190,6 @@ def test_read_features_gives_shards_with_the_old_mpp_column_todays_name(output, 
             read_features(str(old), columns=["mpp"])
         rel = open_features(str(old))
         assert "mpp" not in rel.columns
-        assert rel.query("f", "SELECT count(*), min(tile_mpp), max(tile_mpp) FROM f").fetchall() == \
-            [(expected.num_rows, 0.5, 0.5)]
-
+        assert rel.query("f", "SELECT count(*), min(tile_mpp), max(tile_mpp) FROM f").fetchall() == [
+            (expected.num_rows, 0.5, 0.5)
+        ]

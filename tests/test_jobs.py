@@ -87,10 +87,20 @@ def test_entry_point_forwards_its_arguments_to_featurize_images(script, added, m
 # -- entry points: real runs ----------------------------------------------------------------------------------------
 def _write_config(tmp_path: Path, name: str, model: Path, photo_dir: Path, prompts_file: Path, output: Path) -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump({
-        "input": str(photo_dir), "output": str(output), "model": str(model), "prompts": str(prompts_file),
-        "trust_remote_code": True, "device": "cpu", "rows_per_shard": 100,
-    }), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(photo_dir),
+                "output": str(output),
+                "model": str(model),
+                "prompts": str(prompts_file),
+                "trust_remote_code": True,
+                "device": "cpu",
+                "rows_per_shard": 100,
+            }
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -98,8 +108,14 @@ def _run_job(script: str, *args: str) -> subprocess.CompletedProcess:
     """`python jobs/SCRIPT ARGS` from the repository root, as `ray job submit` would, starting its own local Ray."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEATURIZE_DEBUG": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(Path("jobs") / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path("jobs") / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return proc
 

@@ -11,20 +11,25 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from test_rescore import colour_outputs, slides_output
 
 import pipeline
 from pipeline import read_features
 from pipeline.cli import main
 from pipeline.errors import UserError
-from test_rescore import colour_outputs, slides_output
 
 CONCEPTS = ["a", "b", "c", "d"]
 
 
 def _table(logits, status=None) -> pa.Table:
     n = len(logits)
-    return pa.table({"uri": [f"u{i}" for i in range(n)], "status": status or ["ok"] * n,
-                     "concept_logits": pa.array(logits, pa.list_(pa.float32()))})
+    return pa.table(
+        {
+            "uri": [f"u{i}" for i in range(n)],
+            "status": status or ["ok"] * n,
+            "concept_logits": pa.array(logits, pa.list_(pa.float32())),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +50,16 @@ def test_ranks_follow_the_logits_and_rank_one_is_the_argmax():
         pipeline.top_k(_table(logits[:2]), 0, CONCEPTS, kind="clip")
 
 
-@pytest.mark.parametrize("kind,softmax,expect", [("clip", False, "softmax"), ("siglip", False, "sigmoid"),
-                                                 ("remote", False, "sigmoid"), ("remote", True, "softmax"),
-                                                 ("siglip", True, "softmax")])
+@pytest.mark.parametrize(
+    "kind,softmax,expect",
+    [
+        ("clip", False, "softmax"),
+        ("siglip", False, "sigmoid"),
+        ("remote", False, "sigmoid"),
+        ("remote", True, "softmax"),
+        ("siglip", True, "softmax"),
+    ],
+)
 def test_probabilities_per_family(kind, softmax, expect):
     rng = np.random.default_rng(0)
     logits = (rng.normal(size=(5, 4)) * 20).astype(np.float32)
@@ -70,19 +82,28 @@ def test_cli_writes_csv_and_parquet_from_a_real_output(colours, tmp_path, capsys
     from_csv, from_parquet = pacsv.read_csv(out_csv), pq.read_table(out_parquet)
     assert from_csv.column_names == from_parquet.column_names == ["uri", "rank", "concept", "logit", "probability"]
     assert from_csv.column("concept").to_pylist() == from_parquet.column("concept").to_pylist()
-    np.testing.assert_allclose(from_csv.column("probability").to_numpy(), from_parquet.column("probability").to_numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        from_csv.column("probability").to_numpy(), from_parquet.column("probability").to_numpy(), rtol=1e-6
+    )
 
     rows = read_features(colours["output"])
     concepts = pq.read_table(Path(colours["output"]) / "_prompts.parquet").column("concept").to_pylist()
-    ok = [(u, v) for u, s, v in zip(rows.column("uri").to_pylist(), rows.column("status").to_pylist(),
-                                    rows.column("concept_logits").to_pylist()) if s == "ok"]
+    ok = [
+        (u, v)
+        for u, s, v in zip(
+            rows.column("uri").to_pylist(), rows.column("status").to_pylist(), rows.column("concept_logits").to_pylist()
+        )
+        if s == "ok"
+    ]
     first = from_parquet.filter(pa.compute.equal(from_parquet.column("rank"), 1))
     assert first.column("uri").to_pylist() == [u for u, _ in ok]
     assert first.column("concept").to_pylist() == [concepts[int(np.argmax(v))] for _, v in ok]
     # ConceptCLIP-style: a sigmoid per concept.
-    np.testing.assert_allclose(first.column("probability").to_numpy(),
-                               1 / (1 + np.exp(-first.column("logit").to_numpy().astype(np.float64))), atol=1e-6)
+    np.testing.assert_allclose(
+        first.column("probability").to_numpy(),
+        1 / (1 + np.exp(-first.column("logit").to_numpy().astype(np.float64))),
+        atol=1e-6,
+    )
 
 
 def test_clip_outputs_get_a_softmax_and_features_only_outputs_are_refused(colours, tmp_path, capsys):
@@ -104,8 +125,7 @@ def test_clip_outputs_get_a_softmax_and_features_only_outputs_are_refused(colour
     assert "write a .parquet or .csv file" in capsys.readouterr().err
 
 
-def test_slides_and_rescored_outputs(ray_session, colours, tmp_path_factory, conceptclip_model, prompts_file,
-                                     tmp_path):
+def test_slides_and_rescored_outputs(ray_session, colours, tmp_path_factory, conceptclip_model, prompts_file, tmp_path):
     from pipeline.rescore import rescore
 
     slides = slides_output(tmp_path_factory, conceptclip_model, prompts_file)
@@ -117,5 +137,9 @@ def test_slides_and_rescored_outputs(ray_session, colours, tmp_path_factory, con
     rescore(colours["output"], colours["new_prompts"], str(tmp_path / "out2"), trust_remote_code=True)
     assert main(["labels", str(tmp_path / "out2"), "--top-k", "1", "--out", str(tmp_path / "new.csv")]) == 0
     labels = pacsv.read_csv(tmp_path / "new.csv")
-    assert labels.num_rows == 60 and set(labels.column("concept").to_pylist()) <= {"red things", "sky", "grass",
-                                                                                   "glass"}
+    assert labels.num_rows == 60 and set(labels.column("concept").to_pylist()) <= {
+        "red things",
+        "sky",
+        "grass",
+        "glass",
+    }

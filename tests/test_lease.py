@@ -30,12 +30,20 @@ def poll(condition, what: str, deadline_s: float = DEADLINE_S):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def lease_record(run_id: str, host: str = "other-host", pid: int = 4242, age_s: float = 0.0,
-                 pid_start: int | None = None) -> dict:
+def lease_record(
+    run_id: str, host: str = "other-host", pid: int = 4242, age_s: float = 0.0, pid_start: int | None = None
+) -> dict:
     beat = time.time() - age_s
-    return {"run_id": run_id, "holder": uuid.uuid4().hex, "host": host, "pid": pid, "pid_start": pid_start,
-            "started_at": "2026-01-01T00:00:00.000Z", "heartbeat_at": "2026-01-01T00:00:00.000Z",
-            "heartbeat_unix": beat}
+    return {
+        "run_id": run_id,
+        "holder": uuid.uuid4().hex,
+        "host": host,
+        "pid": pid,
+        "pid_start": pid_start,
+        "started_at": "2026-01-01T00:00:00.000Z",
+        "heartbeat_at": "2026-01-01T00:00:00.000Z",
+        "heartbeat_unix": beat,
+    }
 
 
 def write_lease(out, record: dict, storage_options=None) -> None:
@@ -117,8 +125,9 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
         assert read_lease(out)["holder"] == lease.holder
 
     # A live process on this host holds it: refused.
-    write_lease(out, lease_record("run-alive", host=socket.gethostname(), pid=os.getpid(),
-                                  pid_start=_proc_stat(os.getpid())[1]))
+    write_lease(
+        out, lease_record("run-alive", host=socket.gethostname(), pid=os.getpid(), pid_start=_proc_stat(os.getpid())[1])
+    )
     with pytest.raises(UserError, match="run-alive"):
         Lease.acquire(out, None, "run-mine")
 
@@ -137,8 +146,12 @@ def test_dead_pid_from_another_boot_or_pid_namespace_is_judged_by_heartbeat_only
 @pytest.mark.skipif(_proc_stat(os.getpid())[1] is None, reason="needs /proc/<pid>/stat")
 def test_reused_pid_counts_as_dead(tmp_path):
     out = str(tmp_path / "out")
-    write_lease(out, lease_record("run-old", host=socket.gethostname(), pid=os.getpid(),
-                                  pid_start=_proc_stat(os.getpid())[1] + 12345))
+    write_lease(
+        out,
+        lease_record(
+            "run-old", host=socket.gethostname(), pid=os.getpid(), pid_start=_proc_stat(os.getpid())[1] + 12345
+        ),
+    )
     with Lease.acquire(out, None, "run-mine") as lease:
         assert lease.previous["run_id"] == "run-old"
 
@@ -146,10 +159,19 @@ def test_reused_pid_counts_as_dead(tmp_path):
 def test_acquisition_sweeps_temp_files_but_nothing_else(tmp_path):
     out = tmp_path / "out"
     (out / "_runs").mkdir(parents=True)
-    temps = [out / ".tmp-0123abcd-part-00003.parquet", out / ".tmp-ffff-_run.json",
-             out / "_runs" / ".tmp-9999-r1.plan.parquet"]
-    keep = [out / "part-00000.parquet", out / "_dataset.json", out / ".hidden", out / "tmp-not-a-temp",
-            out / "_runs" / "r1.json", out / "_runs" / "r1.plan.parquet"]
+    temps = [
+        out / ".tmp-0123abcd-part-00003.parquet",
+        out / ".tmp-ffff-_run.json",
+        out / "_runs" / ".tmp-9999-r1.plan.parquet",
+    ]
+    keep = [
+        out / "part-00000.parquet",
+        out / "_dataset.json",
+        out / ".hidden",
+        out / "tmp-not-a-temp",
+        out / "_runs" / "r1.json",
+        out / "_runs" / "r1.plan.parquet",
+    ]
     for p in temps + keep:
         p.write_bytes(b"x")
     (out / ".tmp-dir").mkdir()  # only files are swept
@@ -410,8 +432,9 @@ def test_s3_two_simultaneous_takers_one_wins(s3_server, s3_bucket):
 
 # -- two real commands into one OUTPUT ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_second_command_into_a_busy_output_is_refused(where, s3_server, s3_bucket, conceptclip_model, prompts_file,
-                                                      photo_dir, tmp_path, capsys):
+def test_second_command_into_a_busy_output_is_refused(
+    where, s3_server, s3_bucket, conceptclip_model, prompts_file, photo_dir, tmp_path, capsys
+):
     """Run A holds OUTPUT; run B, started meanwhile, exits 2 with one line naming A's run id and its heartbeat, and
     writes nothing. A finishes with exactly one row per input."""
     import yaml
@@ -423,11 +446,29 @@ def test_second_command_into_a_busy_output_is_refused(where, s3_server, s3_bucke
     output = f"s3://{s3_bucket}/out" if where == "s3" else str(tmp_path / "out")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"storage_options": options}), encoding="utf-8")
-    args = ["images", str(photo_dir), output, "--model", str(conceptclip_model), "--prompts", str(prompts_file),
-            "--trust-remote-code", "--rows-per-shard", "4", "--config", str(config)]
+    args = [
+        "images",
+        str(photo_dir),
+        output,
+        "--model",
+        str(conceptclip_model),
+        "--prompts",
+        str(prompts_file),
+        "--trust-remote-code",
+        "--rows-per-shard",
+        "4",
+        "--config",
+        str(config),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         fs, path = filesystem(output, options)
         lease_path = f"{path}/{LEASE_NAME}"

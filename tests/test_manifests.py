@@ -16,8 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.sources import (CHUNK_ROWS, LISTING_SCHEMA, is_list_input, list_files, list_inputs,
-                              lists_with_ray, write_listing)
+from pipeline.sources import (
+    CHUNK_ROWS,
+    LISTING_SCHEMA,
+    is_list_input,
+    list_files,
+    list_inputs,
+    lists_with_ray,
+    write_listing,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +76,14 @@ def one_line_user_error(info) -> str:
 
 
 def test_what_counts_as_a_list_input():
-    for source in ("l.txt", "s3://b/x/list.parquet", "lists/part-*.csv", "s3://b/inv/data/*.parquet",
-                   "s3://inv/b/cfg/2024-01-01T00-00Z/manifest.json", "x.LST"):
+    for source in (
+        "l.txt",
+        "s3://b/x/list.parquet",
+        "lists/part-*.csv",
+        "s3://b/inv/data/*.parquet",
+        "s3://inv/b/cfg/2024-01-01T00-00Z/manifest.json",
+        "x.LST",
+    ):
         assert is_list_input(source), source
     for source in ("images/", "images/*.jpg", "s3://b/images", "photos/**/*", "a/b.png"):
         assert not is_list_input(source), source
@@ -83,16 +96,31 @@ def two_manifests(tmp_path) -> tuple[str, list[dict]]:
     a, b = tmp_path / "lists" / "a", tmp_path / "lists" / "b"
     a.mkdir(parents=True)
     b.mkdir(parents=True)
-    pq.write_table(pa.table({"uri": ["x.jpg", "/data/abs.png", "s3://bkt/k/1.jpg"], "size": [1, 2, 3],
-                             "mtime": [1.5, 2.5, 3.5], "etag": ["e1", None, "e3"]}), a / "part-0.parquet")
-    pq.write_table(pa.table({"label": [7, 8], "uri": ["x.jpg", "sub/y.tif"], "size": [4, 5], "mtime": [4.5, 5.5],
-                             "etag": [None, "e5"]}), b / "part-1.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "uri": ["x.jpg", "/data/abs.png", "s3://bkt/k/1.jpg"],
+                "size": [1, 2, 3],
+                "mtime": [1.5, 2.5, 3.5],
+                "etag": ["e1", None, "e3"],
+            }
+        ),
+        a / "part-0.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {"label": [7, 8], "uri": ["x.jpg", "sub/y.tif"], "size": [4, 5], "mtime": [4.5, 5.5], "etag": [None, "e5"]}
+        ),
+        b / "part-1.parquet",
+    )
     (b / "notes.txt").write_text("not matched by the glob\n")
-    expected = [{"uri": str(a / "x.jpg"), "size": 1, "mtime": 1.5, "etag": "e1"},
-                {"uri": "/data/abs.png", "size": 2, "mtime": 2.5, "etag": None},
-                {"uri": "s3://bkt/k/1.jpg", "size": 3, "mtime": 3.5, "etag": "e3"},
-                {"uri": str(b / "x.jpg"), "size": 4, "mtime": 4.5, "etag": None},
-                {"uri": str(b / "sub/y.tif"), "size": 5, "mtime": 5.5, "etag": "e5"}]
+    expected = [
+        {"uri": str(a / "x.jpg"), "size": 1, "mtime": 1.5, "etag": "e1"},
+        {"uri": "/data/abs.png", "size": 2, "mtime": 2.5, "etag": None},
+        {"uri": "s3://bkt/k/1.jpg", "size": 3, "mtime": 3.5, "etag": "e3"},
+        {"uri": str(b / "x.jpg"), "size": 4, "mtime": 4.5, "etag": None},
+        {"uri": str(b / "sub/y.tif"), "size": 5, "mtime": 5.5, "etag": "e5"},
+    ]
     return str(tmp_path / "lists" / "*" / "part-*.parquet"), expected
 
 
@@ -109,10 +137,12 @@ def test_a_column_only_a_later_parquet_list_has_is_kept_as_the_driver_path_keeps
     pq.write_table(pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"]}), tmp_path / "part-0.parquet")
     pq.write_table(pa.table({"uri": ["s3://b/c.jpg"], "size": [7], "etag": ["e7"]}), tmp_path / "part-1.parquet")
     pq.write_table(pa.table({"uri": ["s3://b/d.jpg"], "mtime": [4.5]}), tmp_path / "part-2.parquet")
-    expected = [{"uri": "s3://b/a.jpg", "size": None, "mtime": None, "etag": None},
-                {"uri": "s3://b/b.jpg", "size": None, "mtime": None, "etag": None},
-                {"uri": "s3://b/c.jpg", "size": 7, "mtime": None, "etag": "e7"},
-                {"uri": "s3://b/d.jpg", "size": None, "mtime": 4.5, "etag": None}]
+    expected = [
+        {"uri": "s3://b/a.jpg", "size": None, "mtime": None, "etag": None},
+        {"uri": "s3://b/b.jpg", "size": None, "mtime": None, "etag": None},
+        {"uri": "s3://b/c.jpg", "size": 7, "mtime": None, "etag": "e7"},
+        {"uri": "s3://b/d.jpg", "size": None, "mtime": 4.5, "etag": None},
+    ]
     source = str(tmp_path / "part-*.parquet")
     assert ray_listing(source, tmp_path / "chunks").to_pylist() == expected
     assert list_inputs(source).sort_by("uri").to_pylist() == expected
@@ -121,8 +151,18 @@ def test_a_column_only_a_later_parquet_list_has_is_kept_as_the_driver_path_keeps
 def test_one_manifest_through_ray_data_keeps_its_columns_and_stays_in_bounded_chunks(ray_session, tmp_path):
     n = CHUNK_ROWS + 2_345  # more than one chunk
     uris = [f"s3://bkt/d{i // 1000:03d}/img_{i:07d}.jpg" for i in range(n)]
-    pq.write_table(pa.table({"uri": uris, "size": list(range(n)), "mtime": [float(i) for i in range(n)],
-                             "etag": [f"e{i}" for i in range(n)]}), tmp_path / "m.parquet", row_group_size=30_000)
+    pq.write_table(
+        pa.table(
+            {
+                "uri": uris,
+                "size": list(range(n)),
+                "mtime": [float(i) for i in range(n)],
+                "etag": [f"e{i}" for i in range(n)],
+            }
+        ),
+        tmp_path / "m.parquet",
+        row_group_size=30_000,
+    )
     table = ray_listing(str(tmp_path / "m.parquet"), tmp_path / "chunks")
     assert len(os.listdir(tmp_path / "chunks")) >= 2
     assert table.column("uri").to_pylist() == sorted(uris)
@@ -135,13 +175,15 @@ def test_a_txt_list_read_by_ray_data_gets_size_and_mtime_from_stat(ray_session, 
     touch(lists / "local.jpg", 11)
     touch(tmp_path / "data" / "b.jpg", 22)
     os.utime(tmp_path / "data" / "b.jpg", (1_600_000_000, 1_600_000_000))
-    (lists / "inputs.txt").write_bytes(("\ufeff# comment\r\nlocal.jpg\r\n  ../data/b.jpg  \r\n\r\n   \n"
-                                        "missing.jpg\n# another\n").encode("utf-8"))
+    (lists / "inputs.txt").write_bytes(
+        ("\ufeff# comment\r\nlocal.jpg\r\n  ../data/b.jpg  \r\n\r\n   \nmissing.jpg\n# another\n").encode("utf-8")
+    )
     table = ray_listing(str(lists / "inputs.txt"), tmp_path / "chunks")
     assert rows_of(table) == rows_of(list_inputs(str(lists / "inputs.txt")))
     found = {r["uri"]: r for r in table.to_pylist()}
-    assert sorted(found) == sorted([str(lists / "local.jpg"), str(tmp_path / "data" / "b.jpg"),
-                                    str(lists / "missing.jpg")])
+    assert sorted(found) == sorted(
+        [str(lists / "local.jpg"), str(tmp_path / "data" / "b.jpg"), str(lists / "missing.jpg")]
+    )
     assert found[str(lists / "local.jpg")]["size"] == 11
     assert found[str(tmp_path / "data" / "b.jpg")]["mtime"] == 1_600_000_000
     assert found[str(lists / "missing.jpg")]["size"] is None  # the run makes it an error row
@@ -153,18 +195,26 @@ def test_a_glob_of_csv_and_txt_lists(ray_session, tmp_path):
     (tmp_path / "l2").mkdir()
     (tmp_path / "l2" / "part-2.csv").write_text("label,uri\n3,gs://b/x.jpg\n4,a.jpg\n", encoding="utf-8")
     table = ray_listing(str(tmp_path / "l*" / "part-*.csv"), tmp_path / "chunks")
-    assert table.column("uri").to_pylist() == sorted([str(tmp_path / "l1" / "a.jpg"),
-                                                      str(tmp_path / "l1" / "with, comma.png"), "gs://b/x.jpg",
-                                                      str(tmp_path / "l2" / "a.jpg")])
+    assert table.column("uri").to_pylist() == sorted(
+        [
+            str(tmp_path / "l1" / "a.jpg"),
+            str(tmp_path / "l1" / "with, comma.png"),
+            "gs://b/x.jpg",
+            str(tmp_path / "l2" / "a.jpg"),
+        ]
+    )
     assert rows_of(table) == rows_of(list_inputs(str(tmp_path / "l*" / "part-*.csv")))
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "1.txt").write_text("a.jpg\n", encoding="utf-8")
     (tmp_path / "t" / "2.txt").write_text(f"{tmp_path / 'l1' / 'a.jpg'}\nb.jpg\n", encoding="utf-8")
     table = ray_listing(str(tmp_path / "t" / "*.txt"), tmp_path / "chunks-t")
-    assert table.column("uri").to_pylist() == sorted([str(tmp_path / "t" / "a.jpg"), str(tmp_path / "l1" / "a.jpg"),
-                                                      str(tmp_path / "t" / "b.jpg")])
-    assert dict(zip(table.column("uri").to_pylist(), table.column("size").to_pylist()))[
-        str(tmp_path / "l1" / "a.jpg")] == 3
+    assert table.column("uri").to_pylist() == sorted(
+        [str(tmp_path / "t" / "a.jpg"), str(tmp_path / "l1" / "a.jpg"), str(tmp_path / "t" / "b.jpg")]
+    )
+    assert (
+        dict(zip(table.column("uri").to_pylist(), table.column("size").to_pylist()))[str(tmp_path / "l1" / "a.jpg")]
+        == 3
+    )
 
 
 def test_overlapping_manifests_count_a_uri_once(ray_session, tmp_path):
@@ -193,13 +243,17 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def test_manifests_on_object_storage(ray_session, s3_server, s3_bucket, tmp_path):
     options = s3_server["storage_options"]
     base = f"s3://{s3_bucket}/lists"
-    put(s3_server, f"{base}/a/m.parquet", parquet_bytes(pa.table({"uri": ["x.jpg", "s3://o/abs.jpg"],
-                                                                   "size": [1, 2], "etag": ["e1", "e2"]})))
-    put(s3_server, f"{base}/b/m.parquet", parquet_bytes(pa.table({"uri": ["y.png"], "size": [3],
-                                                                   "etag": ["e3"]})))
-    expected = [{"uri": f"{base}/a/x.jpg", "size": 1, "mtime": None, "etag": "e1"},
-                {"uri": "s3://o/abs.jpg", "size": 2, "mtime": None, "etag": "e2"},
-                {"uri": f"{base}/b/y.png", "size": 3, "mtime": None, "etag": "e3"}]
+    put(
+        s3_server,
+        f"{base}/a/m.parquet",
+        parquet_bytes(pa.table({"uri": ["x.jpg", "s3://o/abs.jpg"], "size": [1, 2], "etag": ["e1", "e2"]})),
+    )
+    put(s3_server, f"{base}/b/m.parquet", parquet_bytes(pa.table({"uri": ["y.png"], "size": [3], "etag": ["e3"]})))
+    expected = [
+        {"uri": f"{base}/a/x.jpg", "size": 1, "mtime": None, "etag": "e1"},
+        {"uri": "s3://o/abs.jpg", "size": 2, "mtime": None, "etag": "e2"},
+        {"uri": f"{base}/b/y.png", "size": 3, "mtime": None, "etag": "e3"},
+    ]
     glob = f"{base}/*/m.parquet"
     assert rows_of(ray_listing(glob, tmp_path / "c1", options)) == rows_of(pa.Table.from_pylist(expected))
     assert rows_of(list_inputs(glob, options)) == rows_of(pa.Table.from_pylist(expected))
@@ -207,7 +261,9 @@ def test_manifests_on_object_storage(ray_session, s3_server, s3_bucket, tmp_path
     put(s3_server, f"s3://{s3_bucket}/img/one.jpg", b"x" * 17)
     put(s3_server, f"s3://{s3_bucket}/l.txt", b"img/one.jpg\n")
     rows = ray_listing(f"s3://{s3_bucket}/l.txt", tmp_path / "c2", options).to_pylist()
-    assert [(r["uri"], r["size"], r["mtime"] is not None) for r in rows] == [(f"s3://{s3_bucket}/img/one.jpg", 17, True)]
+    assert [(r["uri"], r["size"], r["mtime"] is not None) for r in rows] == [
+        (f"s3://{s3_bucket}/img/one.jpg", 17, True)
+    ]
     for chunk in (tmp_path / "c2").iterdir():  # the credentials never reach the listing
         assert options["secret"].encode() not in chunk.read_bytes()
 
@@ -224,8 +280,10 @@ INVENTORY_ROWS = [  # key, is_latest, is_delete_marker, size, last modified (ms)
 
 
 def inventory_expected(source_bucket: str) -> list[dict]:
-    return [{"uri": f"s3://{source_bucket}/{k}", "size": s, "mtime": t / 1000, "etag": e}
-            for k, latest, deleted, s, t, e in INVENTORY_ROWS[:3]]
+    return [
+        {"uri": f"s3://{source_bucket}/{k}", "size": s, "mtime": t / 1000, "etag": e}
+        for k, latest, deleted, s, t, e in INVENTORY_ROWS[:3]
+    ]
 
 
 def write_inventory(s3_server, bucket: str, fmt: str, source_bucket: str = "photos") -> str:
@@ -236,12 +294,19 @@ def write_inventory(s3_server, bucket: str, fmt: str, source_bucket: str = "phot
     for i, rows in enumerate(halves):
         if fmt == "Parquet":
             key = f"{prefix}/data/part-{i}.parquet"
-            table = pa.table({
-                "bucket": [source_bucket] * len(rows), "key": [r[0] for r in rows],
-                "version_id": [f"v{j}" for j in range(len(rows))], "is_latest": [r[1] for r in rows],
-                "is_delete_marker": [r[2] for r in rows], "size": pa.array([r[3] for r in rows], pa.int64()),
-                "last_modified_date": pa.array([r[4] for r in rows], pa.timestamp("ms", tz="UTC")),
-                "e_tag": [r[5] for r in rows], "storage_class": ["STANDARD"] * len(rows)})
+            table = pa.table(
+                {
+                    "bucket": [source_bucket] * len(rows),
+                    "key": [r[0] for r in rows],
+                    "version_id": [f"v{j}" for j in range(len(rows))],
+                    "is_latest": [r[1] for r in rows],
+                    "is_delete_marker": [r[2] for r in rows],
+                    "size": pa.array([r[3] for r in rows], pa.int64()),
+                    "last_modified_date": pa.array([r[4] for r in rows], pa.timestamp("ms", tz="UTC")),
+                    "e_tag": [r[5] for r in rows],
+                    "storage_class": ["STANDARD"] * len(rows),
+                }
+            )
             data = parquet_bytes(table)
         else:
             from urllib.parse import quote_plus
@@ -249,18 +314,41 @@ def write_inventory(s3_server, bucket: str, fmt: str, source_bucket: str = "phot
             key = f"{prefix}/data/part-{i}.csv.gz"
             lines = []
             for k, latest, deleted, size, t, etag in rows:
-                when = datetime.fromtimestamp(t / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t % 1000:03d}Z"
-                lines.append(",".join(f'"{v}"' for v in (source_bucket, quote_plus(k, safe="/"), "v", str(latest).lower(),
-                                                         str(deleted).lower(), "" if size is None else size, when,
-                                                         etag or "", "STANDARD")))
+                when = (
+                    datetime.fromtimestamp(t / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t % 1000:03d}Z"
+                )
+                lines.append(
+                    ",".join(
+                        f'"{v}"'
+                        for v in (
+                            source_bucket,
+                            quote_plus(k, safe="/"),
+                            "v",
+                            str(latest).lower(),
+                            str(deleted).lower(),
+                            "" if size is None else size,
+                            when,
+                            etag or "",
+                            "STANDARD",
+                        )
+                    )
+                )
             data = gzip.compress(("\n".join(lines) + "\n").encode())
         put(s3_server, f"s3://{bucket}/{key}", data)
         keys.append(key)
-    schema = ("message s3.inventory { required binary bucket (UTF8); ... }" if fmt == "Parquet" else
-              "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass")
-    manifest = {"sourceBucket": source_bucket, "destinationBucket": f"arn:aws:s3:::{bucket}", "version": "2016-11-30",
-                "fileFormat": fmt, "fileSchema": schema,
-                "files": [{"key": k, "size": 1, "MD5checksum": "x"} for k in keys]}
+    schema = (
+        "message s3.inventory { required binary bucket (UTF8); ... }"
+        if fmt == "Parquet"
+        else "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass"
+    )
+    manifest = {
+        "sourceBucket": source_bucket,
+        "destinationBucket": f"arn:aws:s3:::{bucket}",
+        "version": "2016-11-30",
+        "fileFormat": fmt,
+        "fileSchema": schema,
+        "files": [{"key": k, "size": 1, "MD5checksum": "x"} for k in keys],
+    }
     url = f"s3://{bucket}/{prefix}/2024-01-01T01-00Z/manifest.json"
     put(s3_server, url, json.dumps(manifest).encode())
     return url
@@ -276,9 +364,20 @@ def test_an_s3_inventory(fmt, ray_session, s3_server, s3_bucket, tmp_path):
     assert rows_of(list_inputs(url, options)) == expected
 
 
-@pytest.mark.parametrize("case", ["no_uri_parquet", "no_uri_csv", "no_uri_in_the_second_file", "corrupt",
-                                  "corrupt_second", "missing", "glob_matches_nothing", "empty_uris",
-                                  "empty_uris_in_second"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_uri_parquet",
+        "no_uri_csv",
+        "no_uri_in_the_second_file",
+        "corrupt",
+        "corrupt_second",
+        "missing",
+        "glob_matches_nothing",
+        "empty_uris",
+        "empty_uris_in_second",
+    ],
+)
 def test_list_errors_are_one_line_user_errors(case, ray_session, tmp_path):
     good = tmp_path / "a" / "m.parquet"
     good.parent.mkdir()
@@ -331,8 +430,13 @@ def test_list_errors_are_one_line_user_errors(case, ray_session, tmp_path):
 def test_s3_inventory_errors(ray_session, s3_server, s3_bucket, tmp_path):
     options = s3_server["storage_options"]
     url = f"s3://{s3_bucket}/inv/manifest.json"
-    put(s3_server, url, json.dumps({"fileFormat": "ORC", "destinationBucket": f"arn:aws:s3:::{s3_bucket}",
-                                    "files": [{"key": "x.orc"}]}).encode())
+    put(
+        s3_server,
+        url,
+        json.dumps(
+            {"fileFormat": "ORC", "destinationBucket": f"arn:aws:s3:::{s3_bucket}", "files": [{"key": "x.orc"}]}
+        ).encode(),
+    )
     with pytest.raises(UserError, match="ORC.*not supported") as info:
         write_listing(url, str(tmp_path / "c"), options)
     one_line_user_error(info)
@@ -341,8 +445,17 @@ def test_s3_inventory_errors(ray_session, s3_server, s3_bucket, tmp_path):
         write_listing(url, str(tmp_path / "c"), options)
     one_line_user_error(info)
     # A data file the manifest names is gone.
-    put(s3_server, url, json.dumps({"fileFormat": "Parquet", "destinationBucket": f"arn:aws:s3:::{s3_bucket}",
-                                    "files": [{"key": "inv/data/gone.parquet"}]}).encode())
+    put(
+        s3_server,
+        url,
+        json.dumps(
+            {
+                "fileFormat": "Parquet",
+                "destinationBucket": f"arn:aws:s3:::{s3_bucket}",
+                "files": [{"key": "inv/data/gone.parquet"}],
+            }
+        ).encode(),
+    )
     with pytest.raises(UserError, match="does not exist") as info:
         write_listing(url, str(tmp_path / "c"), options)
     assert "inv/data/gone.parquet" in one_line_user_error(info)
@@ -358,8 +471,14 @@ def test_featurize_images_over_a_glob_of_two_manifests(ray_session, clip_model, 
     pq.write_table(pa.table({"uri": [str(p) for p in photos[:3]]}), tmp_path / "lists" / "part-0.parquet")
     pq.write_table(pa.table({"uri": [str(p) for p in photos[1:5]]}), tmp_path / "lists" / "part-1.parquet")
     out = tmp_path / "out"
-    cfg = RunConfig(input=str(tmp_path / "lists" / "part-*.parquet"), output=str(out), model=str(clip_model),
-                    prompts=str(prompts_file), dtype="float32", batch_size=8)
+    cfg = RunConfig(
+        input=str(tmp_path / "lists" / "part-*.parquet"),
+        output=str(out),
+        model=str(clip_model),
+        prompts=str(prompts_file),
+        dtype="float32",
+        batch_size=8,
+    )
     run_images(cfg, echo=lambda m: None)
     run = json.loads((out / "_run.json").read_text())
     assert run["counts"]["listed"] == 7 and run["counts"]["duplicates"] == 2 and run["counts"]["ok"] == 5
@@ -367,8 +486,9 @@ def test_featurize_images_over_a_glob_of_two_manifests(ray_session, clip_model, 
     assert uris == [str(p) for p in photos]
 
 
-def test_object_store_prefixes_are_listed_in_ray_tasks_as_threads_list_them(ray_session, s3_server, s3_bucket,
-                                                                             tmp_path, monkeypatch):
+def test_object_store_prefixes_are_listed_in_ray_tasks_as_threads_list_them(
+    ray_session, s3_server, s3_bucket, tmp_path, monkeypatch
+):
     """An S3 folder with files at its top and under several prefixes (nested too): a run lists each prefix in a Ray
     task (streaming chunks back), tools in threads; the rows are the same, sizes and etags included, non-images and
     hidden files left out. Chunks stay within CHUNK_ROWS however big a prefix is."""
@@ -376,8 +496,17 @@ def test_object_store_prefixes_are_listed_in_ray_tasks_as_threads_list_them(ray_
 
     options = s3_server["storage_options"]
     root = f"s3://{s3_bucket}/in"
-    names = ["top.jpg", "notes.txt", "a/1.jpg", "a/2.png", "a/.hidden.jpg", "b/c/3.jpg", "b/c/d/4.webp",
-             "b/readme.md", *(f"many/{i:03d}.jpg" for i in range(7))]
+    names = [
+        "top.jpg",
+        "notes.txt",
+        "a/1.jpg",
+        "a/2.png",
+        "a/.hidden.jpg",
+        "b/c/3.jpg",
+        "b/c/d/4.webp",
+        "b/readme.md",
+        *(f"many/{i:03d}.jpg" for i in range(7)),
+    ]
     for i, name in enumerate(names):
         put(s3_server, f"{root}/{name}", b"x" * (10 + i))
     assert lists_with_ray(root) and lists_with_ray(root + "/") and not lists_with_ray(root + "/*.jpg")
@@ -420,9 +549,9 @@ def test_small_local_lists_are_read_on_the_driver_while_ray_starts(ray_session, 
     monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", size + 1)
     assert not lists_with_ray(str(tmp_path / "l.txt")) and lists_with_ray("s3://b/l.txt")
     assert not lists_with_ray(str(tmp_path / "missing.txt"))  # the listing reports it
-    assert rows_of(pa.concat_tables(pq.read_table(f) for f in write_listing(str(tmp_path / "l.txt"),
-                                                                            str(tmp_path / "c1"))[0])) == \
-        [{"uri": str(tmp_path / "a.jpg"), "size": 5, "mtime": (tmp_path / "a.jpg").stat().st_mtime, "etag": None}]
+    assert rows_of(
+        pa.concat_tables(pq.read_table(f) for f in write_listing(str(tmp_path / "l.txt"), str(tmp_path / "c1"))[0])
+    ) == [{"uri": str(tmp_path / "a.jpg"), "size": 5, "mtime": (tmp_path / "a.jpg").stat().st_mtime, "etag": None}]
     assert RAY_READS == []
     monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", size)
     assert lists_with_ray(str(tmp_path / "l.txt"))

@@ -13,8 +13,12 @@ from pipeline.errors import UserError
 from pipeline.models import Encoder, Secret, preprocess_spec, resolve_model
 from pipeline.prompts import Concept, PromptSet
 
-PROMPTS = PromptSet((Concept("tumor", ("a histopathology image of tumor", "tumor tissue")),
-                     Concept("stroma", ("a histopathology image of stroma",))))
+PROMPTS = PromptSet(
+    (
+        Concept("tumor", ("a histopathology image of tumor", "tumor tissue")),
+        Concept("stroma", ("a histopathology image of stroma",)),
+    )
+)
 
 
 def test_families_are_recognised_from_the_config(conceptclip_model, clip_model, siglip_model):
@@ -59,8 +63,12 @@ def test_pixels_are_normalised_in_a_reused_buffer_batch_after_batch(kind, reques
     """pixel_values reuses one float buffer: each batch, smaller or larger than the last, is normalised exactly
     as the processor's formula says, and a batch's features do not depend on the batch before it. CLIP's mean and
     std differ per channel: a factor applied to the wrong channel fails here."""
-    spec = resolve_model(str(request.getfixturevalue(f"{kind}_model")), trust_remote_code=kind == "conceptclip",
-                         dtype="float32", device="cpu")
+    spec = resolve_model(
+        str(request.getfixturevalue(f"{kind}_model")),
+        trust_remote_code=kind == "conceptclip",
+        dtype="float32",
+        device="cpu",
+    )
     pre = preprocess_spec(spec)
     assert kind == "conceptclip" or len(set(pre.mean)) == 3 and len(set(pre.std)) == 3
     encoder = Encoder(spec, pre)
@@ -73,7 +81,7 @@ def test_pixels_are_normalised_in_a_reused_buffer_batch_after_batch(kind, reques
         np.testing.assert_allclose(encoder.pixel_values(pixels).numpy(), expected, atol=1e-6)
         alone[n] = (pixels, encoder.encode_images(pixels))
     fresh = Encoder(spec, pre)
-    for n, (pixels, features) in alone.items():
+    for pixels, features in alone.values():
         np.testing.assert_array_equal(fresh.encode_images(pixels), features)
 
 
@@ -90,7 +98,7 @@ def test_a_batch_encoded_in_pieces_equals_the_batch_at_once(conceptclip_model):
     pieces = encoder.encode_images(pixels)
     np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-6)
     assert pieces.shape == whole.shape and not np.allclose(pieces[:3], pieces[3:6])  # distinct rows, in order
-    per_row = np.concatenate([encoder.encode_images(pixels[i:i + 1]) for i in range(7)])
+    per_row = np.concatenate([encoder.encode_images(pixels[i : i + 1]) for i in range(7)])
     np.testing.assert_allclose(pieces, per_row, rtol=1e-5, atol=1e-6)
 
 
@@ -144,8 +152,9 @@ def test_saved_siglip_config_is_read_without_loading_the_processor(siglip_model,
     assert (spec.mode, spec.height, spec.width, spec.mean) == ("squash", 64, 64, (0.5, 0.5, 0.5))
 
 
-def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(tmp_path, monkeypatch, caplog,
-                                                                              conceptclip_model):
+def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(
+    tmp_path, monkeypatch, caplog, conceptclip_model
+):
     """A hub id is read through huggingface_hub's own cache (offline here); remote code at a branch warns."""
     import shutil
 

@@ -34,15 +34,22 @@ def reference_outputs(model_dir: Path, kind: str, image_paths: list[Path], promp
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=remote).eval()
     with torch.no_grad():
         if remote:
-            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, truncation=True,
-                               max_length=77)
+            inputs = processor(
+                images=images, text=prompts, return_tensors="pt", padding=True, truncation=True, max_length=77
+            )
             out = model(**inputs)
             feats, text = out["image_features"], out["text_features"]
             logits = out["logit_scale"] * feats @ text.T + out["logit_bias"]
         else:
             padding = "max_length" if kind == "siglip" else True
-            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=padding, truncation=True,
-                               max_length=model.config.text_config.max_position_embeddings)
+            inputs = processor(
+                images=images,
+                text=prompts,
+                return_tensors="pt",
+                padding=padding,
+                truncation=True,
+                max_length=model.config.text_config.max_position_embeddings,
+            )
             out = model(**inputs)
             feats = out.image_embeds
             logits = out.logits_per_image
@@ -51,11 +58,19 @@ def reference_outputs(model_dir: Path, kind: str, image_paths: list[Path], promp
 
 @pytest.mark.parametrize("kind", ["remote", "clip", "siglip"])
 def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, photo_dir, prompts_file, tmp_path):
-    model_dir = request.getfixturevalue({"remote": "conceptclip_model", "clip": "clip_model",
-                                         "siglip": "siglip_model"}[kind])
-    cfg = RunConfig(input=str(photo_dir), output=str(tmp_path / "out"), model=str(model_dir),
-                    prompts=str(prompts_file), trust_remote_code=kind == "remote", dtype="float32",
-                    rows_per_shard=10, batch_size=7)
+    model_dir = request.getfixturevalue(
+        {"remote": "conceptclip_model", "clip": "clip_model", "siglip": "siglip_model"}[kind]
+    )
+    cfg = RunConfig(
+        input=str(photo_dir),
+        output=str(tmp_path / "out"),
+        model=str(model_dir),
+        prompts=str(prompts_file),
+        trust_remote_code=kind == "remote",
+        dtype="float32",
+        rows_per_shard=10,
+        batch_size=7,
+    )
     record = run_images(cfg, echo=lambda m: None)
     table = read_output(tmp_path / "out")
     paths = sorted(photo_dir.glob("*.jpg"))
@@ -90,13 +105,22 @@ def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, ph
     assert start["constructor_began_after_stream_s"] + start["constructor_s"] <= run["stages"]["startup_s"] + 0.05
 
 
-def test_same_input_gives_identical_features_whatever_the_batching(ray_session, conceptclip_model, photo_dir,
-                                                                  prompts_file, tmp_path):
+def test_same_input_gives_identical_features_whatever_the_batching(
+    ray_session, conceptclip_model, photo_dir, prompts_file, tmp_path
+):
     outputs = []
     for i, (batch_size, actors, decode_batch) in enumerate([(1, 1, 1), (16, 2, 5)]):
-        cfg = RunConfig(input=str(photo_dir), output=str(tmp_path / f"out{i}"), model=str(conceptclip_model),
-                        prompts=str(prompts_file), trust_remote_code=True, batch_size=batch_size,
-                        num_actors=actors, decode_batch_size=decode_batch, rows_per_shard=5 + 7 * i)
+        cfg = RunConfig(
+            input=str(photo_dir),
+            output=str(tmp_path / f"out{i}"),
+            model=str(conceptclip_model),
+            prompts=str(prompts_file),
+            trust_remote_code=True,
+            batch_size=batch_size,
+            num_actors=actors,
+            decode_batch_size=decode_batch,
+            rows_per_shard=5 + 7 * i,
+        )
         run_images(cfg, echo=lambda m: None)
         outputs.append(read_output(tmp_path / f"out{i}"))
     a, b = outputs
@@ -106,8 +130,12 @@ def test_same_input_gives_identical_features_whatever_the_batching(ray_session, 
     # Different batch shapes change float summation order in the matmuls; fp16 storage absorbs it (at most 1 ulp).
     np.testing.assert_allclose(fa, fb, rtol=0, atol=2.0**-11)
     assert (fa == fb).mean() > 0.99
-    np.testing.assert_allclose(np.array(a.column("concept_logits").to_pylist()),
-                               np.array(b.column("concept_logits").to_pylist()), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(a.column("concept_logits").to_pylist()),
+        np.array(b.column("concept_logits").to_pylist()),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
 def _mixed_folder(folder: Path) -> tuple[set[str], set[str]]:
@@ -134,8 +162,12 @@ def _mixed_folder(folder: Path) -> tuple[set[str], set[str]]:
         write(folder / name)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG")
-    broken = {"empty.jpg": b"", "truncated.jpg": buf.getvalue()[:200], "notes.png": b"not an image at all",
-              "huge.png": _png_header(200_000, 200_000)}
+    broken = {
+        "empty.jpg": b"",
+        "truncated.jpg": buf.getvalue()[:200],
+        "notes.png": b"not an image at all",
+        "huge.png": _png_header(200_000, 200_000),
+    }
     for name, data in broken.items():
         (folder / name).write_bytes(data)
     return set(good), set(broken)
@@ -161,15 +193,29 @@ def _png_header(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def test_cli_run_with_broken_and_unusual_files(ray_session, conceptclip_model, prompts_file, tmp_path, capfd,
-                                               monkeypatch):
+def test_cli_run_with_broken_and_unusual_files(
+    ray_session, conceptclip_model, prompts_file, tmp_path, capfd, monkeypatch
+):
     from pipeline.cli import main
 
     monkeypatch.setenv("HF_TOKEN", "hf_TOKEN_must_not_leak_987")
     good, broken = _mixed_folder(tmp_path / "in")
     out = tmp_path / "out"
-    code = main(["images", str(tmp_path / "in"), str(out), "--model", str(conceptclip_model), "--prompts",
-                 str(prompts_file), "--trust-remote-code", "--rows-per-shard", "6", "--fail-on-error"])
+    code = main(
+        [
+            "images",
+            str(tmp_path / "in"),
+            str(out),
+            "--model",
+            str(conceptclip_model),
+            "--prompts",
+            str(prompts_file),
+            "--trust-remote-code",
+            "--rows-per-shard",
+            "6",
+            "--fail-on-error",
+        ]
+    )
     assert code == 1  # --fail-on-error: some inputs are error rows
     table = read_output(out)
     rows = {Path(r["uri"]).name: r for r in table.to_pylist()}

@@ -12,8 +12,20 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import RunConfig
-from pipeline.plan import (MAX_LIST_VALUES, SHARD_BYTES, Workspace, classify, committed_view, contiguous_units,
-                           normalised_input, open_listing, planned_kinds, shard_rows, unfinished_run, write_plan)
+from pipeline.plan import (
+    MAX_LIST_VALUES,
+    SHARD_BYTES,
+    Workspace,
+    classify,
+    committed_view,
+    contiguous_units,
+    normalised_input,
+    open_listing,
+    planned_kinds,
+    shard_rows,
+    unfinished_run,
+    write_plan,
+)
 from pipeline.run import resolve_job
 from pipeline.schema import IMAGE_SCHEMA, fixed_list
 from pipeline.sources import LISTING_SCHEMA, write_listing
@@ -24,10 +36,14 @@ def listing_chunks(ws: Workspace, rows: list[tuple], chunk: int = 3) -> list[str
     """rows (uri, size, mtime, etag) as listing chunk files, `chunk` rows each (several files, like a big listing)."""
     paths = []
     for i in range(0, len(rows), chunk):
-        part = rows[i:i + chunk]
+        part = rows[i : i + chunk]
         paths.append(ws.path(f"listing-{i:06d}.parquet"))
-        pq.write_table(pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(zip(*part), LISTING_SCHEMA)],
-                                            schema=LISTING_SCHEMA), paths[-1])
+        pq.write_table(
+            pa.Table.from_arrays(
+                [pa.array(c, f.type) for c, f in zip(zip(*part), LISTING_SCHEMA)], schema=LISTING_SCHEMA
+            ),
+            paths[-1],
+        )
     return paths
 
 
@@ -35,56 +51,119 @@ def committed_shard(out: OutputDir, unit: int, rows: list[dict], run_id: str, ve
     """A committed shard holding what planning reads (the feature columns are nulls)."""
     n = len(rows)
     columns = {
-        "image_id": ["x"] * n, "uri": [r["uri"] for r in rows], "status": [r.get("status", "ok") for r in rows],
-        "error": [None] * n, "width": [1] * n, "height": [1] * n,
-        "image_features": pa.nulls(n, pa.list_(pa.float16())), "concept_logits": pa.nulls(n, pa.list_(pa.float32())),
-        "size": [r.get("size") for r in rows], "mtime": [r.get("mtime") for r in rows],
-        "etag": [r.get("etag") for r in rows], "run_id": [run_id] * n, "dataset_version": [version] * n,
+        "image_id": ["x"] * n,
+        "uri": [r["uri"] for r in rows],
+        "status": [r.get("status", "ok") for r in rows],
+        "error": [None] * n,
+        "width": [1] * n,
+        "height": [1] * n,
+        "image_features": pa.nulls(n, pa.list_(pa.float16())),
+        "concept_logits": pa.nulls(n, pa.list_(pa.float32())),
+        "size": [r.get("size") for r in rows],
+        "mtime": [r.get("mtime") for r in rows],
+        "etag": [r.get("etag") for r in rows],
+        "run_id": [run_id] * n,
+        "dataset_version": [version] * n,
     }
-    out.write_table(pa.table({f.name: pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], pa.Array)
-                              else columns[f.name] for f in IMAGE_SCHEMA}, schema=IMAGE_SCHEMA), shard_name(unit))
+    out.write_table(
+        pa.table(
+            {
+                f.name: pa.array(columns[f.name], f.type)
+                if not isinstance(columns[f.name], pa.Array)
+                else columns[f.name]
+                for f in IMAGE_SCHEMA
+            },
+            schema=IMAGE_SCHEMA,
+        ),
+        shard_name(unit),
+    )
 
 
 def test_new_changed_error_and_unchanged_are_told_apart_against_each_inputs_newest_row(tmp_path):
     out = OutputDir(str(tmp_path / "out"))
-    committed_shard(out, 0, [{"uri": "/d/same", "size": 5, "mtime": 1.0},
-                             {"uri": "/d/grown", "size": 5, "mtime": 1.0},
-                             {"uri": "/d/touched", "size": 5, "mtime": 1.0},
-                             {"uri": "/d/etag", "size": 5, "mtime": 1.0, "etag": "a"},
-                             {"uri": "/d/broken", "size": 5, "mtime": 1.0, "status": "error"},
-                             {"uri": "/d/fixed", "size": 5, "mtime": 1.0, "status": "error"},
-                             {"uri": "/d/repaired", "size": 5, "mtime": 1.0, "status": "error"}], "20260101T000000Z-a")
+    committed_shard(
+        out,
+        0,
+        [
+            {"uri": "/d/same", "size": 5, "mtime": 1.0},
+            {"uri": "/d/grown", "size": 5, "mtime": 1.0},
+            {"uri": "/d/touched", "size": 5, "mtime": 1.0},
+            {"uri": "/d/etag", "size": 5, "mtime": 1.0, "etag": "a"},
+            {"uri": "/d/broken", "size": 5, "mtime": 1.0, "status": "error"},
+            {"uri": "/d/fixed", "size": 5, "mtime": 1.0, "status": "error"},
+            {"uri": "/d/repaired", "size": 5, "mtime": 1.0, "status": "error"},
+        ],
+        "20260101T000000Z-a",
+    )
     # a newer run redid /d/fixed (ok now) and /d/grown at its new size: the newest row is what counts
-    committed_shard(out, 1, [{"uri": "/d/fixed", "size": 5, "mtime": 1.0},
-                             {"uri": "/d/grown", "size": 9, "mtime": 1.0}], "20260102T000000Z-b")
+    committed_shard(
+        out,
+        1,
+        [{"uri": "/d/fixed", "size": 5, "mtime": 1.0}, {"uri": "/d/grown", "size": 9, "mtime": 1.0}],
+        "20260102T000000Z-b",
+    )
     committed_shard(out, 2, [{"uri": "/d/new", "size": 1, "mtime": 1.0}], "20260102T000000Z-b", version=2)
-    listed = [("/d/same", 5, 1.0, None), ("/d/grown", 9, 1.0, None), ("/d/touched", 5, 2.0, None),
-              ("/d/etag", 5, 1.0, "b"), ("/d/broken", 5, 1.0, None), ("/d/fixed", 5, 1.0, None),
-              ("/d/new", 1, 1.0, None), ("/d/repaired", 6, 1.0, None),
-              ("/d/same", 5, 1.0, None)]  # /d/same listed twice
+    listed = [
+        ("/d/same", 5, 1.0, None),
+        ("/d/grown", 9, 1.0, None),
+        ("/d/touched", 5, 2.0, None),
+        ("/d/etag", 5, 1.0, "b"),
+        ("/d/broken", 5, 1.0, None),
+        ("/d/fixed", 5, 1.0, None),
+        ("/d/new", 1, 1.0, None),
+        ("/d/repaired", 6, 1.0, None),
+        ("/d/same", 5, 1.0, None),
+    ]  # /d/same listed twice
     with Workspace() as ws:
         listing = open_listing(ws, listing_chunks(ws, listed), len(listed))
         assert (listing.rows, listing.unique, listing.duplicates) == (9, 8, 1)
         committed_view(ws, out, version=1)
         counts = classify(ws)
         kinds = dict(ws.con.execute("SELECT uri, kind FROM classified").fetchall())
-    assert kinds == {"/d/same": "unchanged", "/d/grown": "unchanged", "/d/touched": "changed", "/d/etag": "changed",
-                     "/d/broken": "error", "/d/fixed": "unchanged", "/d/new": "new",  # /d/new is only in version 2
-                     "/d/repaired": "error_changed"}
+    assert kinds == {
+        "/d/same": "unchanged",
+        "/d/grown": "unchanged",
+        "/d/touched": "changed",
+        "/d/etag": "changed",
+        "/d/broken": "error",
+        "/d/fixed": "unchanged",
+        "/d/new": "new",  # /d/new is only in version 2
+        "/d/repaired": "error_changed",
+    }
     assert counts == {"new": 1, "changed": 2, "error": 2, "unchanged": 3}
 
 
-@pytest.mark.parametrize("incremental,retry,expected", [
-    (False, False, ["/d/c"]), (True, False, ["/d/a", "/d/c", "/d/d"]), (False, True, ["/d/b", "/d/c", "/d/d"]),
-    (True, True, ["/d/a", "/d/b", "/d/c", "/d/d"])])
-def test_the_plan_is_sorted_cut_into_units_and_holds_only_what_the_options_ask_for(tmp_path, incremental, retry,
-                                                                                   expected):
+@pytest.mark.parametrize(
+    "incremental,retry,expected",
+    [
+        (False, False, ["/d/c"]),
+        (True, False, ["/d/a", "/d/c", "/d/d"]),
+        (False, True, ["/d/b", "/d/c", "/d/d"]),
+        (True, True, ["/d/a", "/d/b", "/d/c", "/d/d"]),
+    ],
+)
+def test_the_plan_is_sorted_cut_into_units_and_holds_only_what_the_options_ask_for(
+    tmp_path, incremental, retry, expected
+):
     out = OutputDir(str(tmp_path / "out"))
-    committed_shard(out, 0, [{"uri": "/d/a", "size": 1}, {"uri": "/d/b", "size": 1, "status": "error"},
-                             {"uri": "/d/d", "size": 1, "status": "error"}], "r1")
+    committed_shard(
+        out,
+        0,
+        [
+            {"uri": "/d/a", "size": 1},
+            {"uri": "/d/b", "size": 1, "status": "error"},
+            {"uri": "/d/d", "size": 1, "status": "error"},
+        ],
+        "r1",
+    )
     with Workspace() as ws:  # a changed, b an error row, c new, d an error row whose file changed (repaired)
-        open_listing(ws, listing_chunks(ws, [("/d/c", 1, None, None), ("/d/b", 1, None, None),
-                                             ("/d/a", 2, None, None), ("/d/d", 2, None, None)]), 4)
+        open_listing(
+            ws,
+            listing_chunks(
+                ws, [("/d/c", 1, None, None), ("/d/b", 1, None, None), ("/d/a", 2, None, None), ("/d/d", 2, None, None)]
+            ),
+            4,
+        )
         committed_view(ws, out, 1)
         classify(ws)
         path, rows = write_plan(ws, planned_kinds(incremental, retry), first_unit=7, rows_per_shard=2)
@@ -119,8 +198,13 @@ def test_a_big_listing_streams_in_chunks_and_plans_every_input_once(tmp_path, mo
 def test_runs_are_matched_by_the_normalised_input(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    assert normalised_input("data") == normalised_input("data/") == normalised_input("./data") \
-        == normalised_input(f"file://{tmp_path}/data") == str(tmp_path / "data")
+    assert (
+        normalised_input("data")
+        == normalised_input("data/")
+        == normalised_input("./data")
+        == normalised_input(f"file://{tmp_path}/data")
+        == str(tmp_path / "data")
+    )
     assert normalised_input("s3://b/data/") == "s3://b/data"
     out = OutputDir(str(tmp_path / "out"))
     out.write_table(pa.table({"uri": ["x"]}), "_runs", "r1.plan.parquet")
@@ -153,8 +237,9 @@ def dry_run(capsys, *args) -> tuple[dict, str]:
     return json.loads(captured.out.strip().splitlines()[-1]), captured.err
 
 
-def test_dry_run_counts_against_the_output_and_writes_nothing(tmp_path, capsys, conceptclip_model, prompts_file,
-                                                              ray_session):
+def test_dry_run_counts_against_the_output_and_writes_nothing(
+    tmp_path, capsys, conceptclip_model, prompts_file, ray_session
+):
     import ray
 
     manifest = tmp_path / "manifest.parquet"
@@ -164,21 +249,39 @@ def test_dry_run_counts_against_the_output_and_writes_nothing(tmp_path, capsys, 
 
     ray_was_up = ray.is_initialized()  # (the session's Ray: a list INPUT is read by Ray Data, so Ray is up)
     counts, text = dry_run(capsys, "images", manifest, tmp_path / "empty", "--dry-run", *model)
-    assert {k: counts[k] for k in ("listed", "duplicates", "new", "changed", "unchanged", "planned", "work_units")} \
-        == {"listed": 12, "duplicates": 2, "new": 10, "changed": 0, "unchanged": 0, "planned": 10, "work_units": 3}
+    assert {k: counts[k] for k in ("listed", "duplicates", "new", "changed", "unchanged", "planned", "work_units")} == {
+        "listed": 12,
+        "duplicates": 2,
+        "new": 10,
+        "changed": 0,
+        "unchanged": 0,
+        "planned": 10,
+        "work_units": 3,
+    }
     assert "nothing written" in text and not (tmp_path / "empty").exists()
     assert ray.is_initialized() == ray_was_up  # a dry run leaves Ray as it found it
 
     out = OutputDir(str(tmp_path / "out"))
-    cfg = RunConfig(input=str(manifest), output=out.url, model=str(conceptclip_model), prompts=str(prompts_file),
-                    trust_remote_code=True)
+    cfg = RunConfig(
+        input=str(manifest),
+        output=out.url,
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+    )
     out.write_json({"identity": {**resolve_job(cfg).identity(), "dtype": "float32"}, "version": 1}, "_dataset.json")
     committed_shard(out, 0, [{"uri": u, "size": 1, "mtime": 0.0} for u in uris[:6]], "20260101T000000Z-a")
     committed_shard(out, 1, [{"uri": uris[6], "size": 2, "mtime": 0.0}], "20260101T000000Z-a")
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     counts, text = dry_run(capsys, "images", manifest, out.url, "--dry-run", "--incremental", *model)
-    assert {k: counts[k] for k in ("new", "changed", "unchanged", "planned", "work_units", "dataset_version")} \
-        == {"new": 3, "changed": 1, "unchanged": 6, "planned": 4, "work_units": 1, "dataset_version": 1}
+    assert {k: counts[k] for k in ("new", "changed", "unchanged", "planned", "work_units", "dataset_version")} == {
+        "new": 3,
+        "changed": 1,
+        "unchanged": 6,
+        "planned": 4,
+        "work_units": 1,
+        "dataset_version": 1,
+    }
     counts, text = dry_run(capsys, "images", manifest, out.url, "--dry-run", *model)
     assert counts["planned"] == 3 and "only --incremental reprocesses them" in text
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_rescore import colour_outputs, slides_output
 
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.probe import load_probe, stratified_split
-from test_rescore import colour_outputs, slides_output
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,23 @@ def probed(colours, labels_csv, tmp_path_factory):
     """The same probe twice (seed 3), to compare; each writes MODEL_DIR and predictions."""
     root = tmp_path_factory.mktemp("probe")
     for name in ("a", "b"):
-        assert main(["probe", colours["output"], "--labels", str(labels_csv), "--seed", "3",
-                     "--out", str(root / name), "--predict", str(root / f"{name}.parquet")]) == 0
+        assert (
+            main(
+                [
+                    "probe",
+                    colours["output"],
+                    "--labels",
+                    str(labels_csv),
+                    "--seed",
+                    "3",
+                    "--out",
+                    str(root / name),
+                    "--predict",
+                    str(root / f"{name}.parquet"),
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -96,8 +111,9 @@ def test_cli_prints_the_table(colours, labels_csv, capsys):
     assert "1 of 61 labelled uris are not ok rows" in captured.err
 
 
-def test_bad_inputs_are_one_line_errors(colours, labels_csv, tmp_path, tmp_path_factory, conceptclip_model,
-                                        prompts_file, capsys):
+def test_bad_inputs_are_one_line_errors(
+    colours, labels_csv, tmp_path, tmp_path_factory, conceptclip_model, prompts_file, capsys
+):
     def refused(args, message):
         assert main(["probe", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -110,11 +126,15 @@ def test_bad_inputs_are_one_line_errors(colours, labels_csv, tmp_path, tmp_path_
     unknown.write_text("uri,label\n/x.jpg,a\n/y.jpg,b\n")
     refused([colours["output"], "--labels", str(unknown)], "none of the 2 labelled uris")
     few = tmp_path / "few.csv"
-    few.write_text("uri,label\n" + "".join(f"{u},{'odd' if i < 2 else lab}\n"
-                                           for i, (u, lab) in enumerate(colours["labels"].items())))
+    few.write_text(
+        "uri,label\n"
+        + "".join(f"{u},{'odd' if i < 2 else lab}\n" for i, (u, lab) in enumerate(colours["labels"].items()))
+    )
     refused([colours["output"], "--labels", str(few)], "class 'odd' has 2 labelled ok row(s)")
     refused([colours["output"], "--labels", str(tmp_path / "absent.csv")], "does not exist")
-    refused([colours["output"], "--labels", str(labels_csv), "--predict", str(tmp_path / "p.json")],
-            "write a .parquet or .csv file")
+    refused(
+        [colours["output"], "--labels", str(labels_csv), "--predict", str(tmp_path / "p.json")],
+        "write a .parquet or .csv file",
+    )
     slides = slides_output(tmp_path_factory, conceptclip_model, prompts_file)
     refused([slides["output"], "--labels", str(labels_csv)], "is a slides OUTPUT")

@@ -18,13 +18,19 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_yaml_concepts_times_templates(tmp_path):
-    path = write(tmp_path, "p.yaml", 'concepts: [tumor, stroma]\ntemplates: ["a histopathology image of {}", "{} tissue"]\n')
+    path = write(
+        tmp_path, "p.yaml", 'concepts: [tumor, stroma]\ntemplates: ["a histopathology image of {}", "{} tissue"]\n'
+    )
     ps = load_prompts(str(path))
     assert isinstance(ps, PromptSet)
     assert ps.names == ["tumor", "stroma"]
     assert ps.concepts[0] == Concept("tumor", ("a histopathology image of tumor", "tumor tissue"))
-    assert ps.all_prompts == ["a histopathology image of tumor", "tumor tissue",
-                              "a histopathology image of stroma", "stroma tissue"]
+    assert ps.all_prompts == [
+        "a histopathology image of tumor",
+        "tumor tissue",
+        "a histopathology image of stroma",
+        "stroma tissue",
+    ]
     assert ps.counts == [2, 2]
 
 
@@ -34,14 +40,18 @@ def test_yaml_without_templates_uses_the_name(tmp_path):
 
 
 def test_yaml_per_concept_prompts(tmp_path):
-    path = write(tmp_path, "p.yaml", """\
+    path = write(
+        tmp_path,
+        "p.yaml",
+        """\
 concepts:
   - tumor
   - name: necrosis
     prompts: ["necrotic tissue", "an image of necrosis", "dead cells"]
   - {name: stroma}
 templates: ["a photo of {}", "{}"]
-""")
+""",
+    )
     ps = load_prompts(str(path))
     assert ps.names == ["tumor", "necrosis", "stroma"]
     assert ps.counts == [2, 3, 2]
@@ -57,28 +67,56 @@ def test_text_file_one_prompt_per_line(tmp_path):
 
 
 def test_non_ascii_prompts(tmp_path):
-    ps = load_prompts(str(write(tmp_path, "p.yaml", 'concepts: [tumeur, "nécrose", 腫瘍]\ntemplates: ["image de {}"]\n')))
+    ps = load_prompts(
+        str(write(tmp_path, "p.yaml", 'concepts: [tumeur, "nécrose", 腫瘍]\ntemplates: ["image de {}"]\n'))
+    )
     assert ps.all_prompts == ["image de tumeur", "image de nécrose", "image de 腫瘍"]
     assert len(ps.set_hash) == 16
 
 
 def test_set_hash(tmp_path):
     a = load_prompts(str(write(tmp_path, "a.yaml", 'concepts: [tumor, stroma]\ntemplates: ["a photo of {}"]\n')))
-    same = load_prompts(str(write(tmp_path, "same.yaml",
-                                  '# reformatted, same prompts\nconcepts:\n  - tumor\n  - stroma\n'
-                                  'templates:\n  - "a photo of {}"\n')))
-    explicit = load_prompts(str(write(tmp_path, "explicit.yaml",
-                                      'concepts: [{name: tumor, prompts: ["a photo of tumor"]},\n'
-                                      '           {name: stroma, prompts: ["a photo of stroma"]}]\n')))
+    same = load_prompts(
+        str(
+            write(
+                tmp_path,
+                "same.yaml",
+                '# reformatted, same prompts\nconcepts:\n  - tumor\n  - stroma\ntemplates:\n  - "a photo of {}"\n',
+            )
+        )
+    )
+    explicit = load_prompts(
+        str(
+            write(
+                tmp_path,
+                "explicit.yaml",
+                'concepts: [{name: tumor, prompts: ["a photo of tumor"]},\n'
+                '           {name: stroma, prompts: ["a photo of stroma"]}]\n',
+            )
+        )
+    )
     assert a.set_hash == same.set_hash == explicit.set_hash
     assert a.set_hash == load_prompts(str(tmp_path / "a.yaml")).set_hash  # stable across loads
     assert len(a.set_hash) == 16 and all(c in "0123456789abcdef" for c in a.set_hash)
-    changed_prompt = load_prompts(str(write(tmp_path, "b.yaml", 'concepts: [tumor, stroma]\ntemplates: ["an image of {}"]\n')))
-    changed_order = load_prompts(str(write(tmp_path, "c.yaml", 'concepts: [stroma, tumor]\ntemplates: ["a photo of {}"]\n')))
-    changed_concept = load_prompts(str(write(tmp_path, "d.yaml", 'concepts: [tumor, fat]\ntemplates: ["a photo of {}"]\n')))
-    renamed = load_prompts(str(write(tmp_path, "e.yaml",
-                                     'concepts: [{name: cancer, prompts: ["a photo of tumor"]},\n'
-                                     '           {name: stroma, prompts: ["a photo of stroma"]}]\n')))
+    changed_prompt = load_prompts(
+        str(write(tmp_path, "b.yaml", 'concepts: [tumor, stroma]\ntemplates: ["an image of {}"]\n'))
+    )
+    changed_order = load_prompts(
+        str(write(tmp_path, "c.yaml", 'concepts: [stroma, tumor]\ntemplates: ["a photo of {}"]\n'))
+    )
+    changed_concept = load_prompts(
+        str(write(tmp_path, "d.yaml", 'concepts: [tumor, fat]\ntemplates: ["a photo of {}"]\n'))
+    )
+    renamed = load_prompts(
+        str(
+            write(
+                tmp_path,
+                "e.yaml",
+                'concepts: [{name: cancer, prompts: ["a photo of tumor"]},\n'
+                '           {name: stroma, prompts: ["a photo of stroma"]}]\n',
+            )
+        )
+    )
     hashes = {a.set_hash, changed_prompt.set_hash, changed_order.set_hash, changed_concept.set_hash, renamed.set_hash}
     assert len(hashes) == 5
 
@@ -92,21 +130,24 @@ def test_set_hash_is_deterministic_value():
     assert ps.set_hash == hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("name, text, match", [
-    ("malformed.yaml", "concepts: [tumor, stroma\ntemplates: [\n", "not valid YAML"),
-    ("empty_concepts.yaml", "concepts: []\n", "concepts"),
-    ("no_concepts.yaml", "templates: ['{}']\n", "concepts"),
-    ("no_placeholder.yaml", "concepts: [tumor]\ntemplates: ['a photo of tumor']\n", r"\{\}"),
-    ("duplicate.yaml", "concepts: [tumor, stroma, tumor]\n", "twice"),
-    ("duplicate_mixed.yaml", "concepts: [tumor, {name: tumor, prompts: [x]}]\n", "twice"),
-    ("duplicate.txt", "tumor\nstroma\ntumor\n", "twice"),
-    ("unknown_key.yaml", "concepts: [tumor]\ntemplate: ['{}']\n", "template"),
-    ("not_mapping.yaml", "- tumor\n- stroma\n", "mapping"),
-    ("empty_prompts.yaml", "concepts: [{name: tumor, prompts: []}]\n", "prompts"),
-    ("bad_concept.yaml", "concepts: [42]\n", "concept"),
-    ("empty.txt", "# only a comment\n\n", "no prompts"),
-    ("empty.yaml", "", "mapping"),
-])
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("malformed.yaml", "concepts: [tumor, stroma\ntemplates: [\n", "not valid YAML"),
+        ("empty_concepts.yaml", "concepts: []\n", "concepts"),
+        ("no_concepts.yaml", "templates: ['{}']\n", "concepts"),
+        ("no_placeholder.yaml", "concepts: [tumor]\ntemplates: ['a photo of tumor']\n", r"\{\}"),
+        ("duplicate.yaml", "concepts: [tumor, stroma, tumor]\n", "twice"),
+        ("duplicate_mixed.yaml", "concepts: [tumor, {name: tumor, prompts: [x]}]\n", "twice"),
+        ("duplicate.txt", "tumor\nstroma\ntumor\n", "twice"),
+        ("unknown_key.yaml", "concepts: [tumor]\ntemplate: ['{}']\n", "template"),
+        ("not_mapping.yaml", "- tumor\n- stroma\n", "mapping"),
+        ("empty_prompts.yaml", "concepts: [{name: tumor, prompts: []}]\n", "prompts"),
+        ("bad_concept.yaml", "concepts: [42]\n", "concept"),
+        ("empty.txt", "# only a comment\n\n", "no prompts"),
+        ("empty.yaml", "", "mapping"),
+    ],
+)
 def test_prompt_file_errors(tmp_path, name, text, match):
     path = write(tmp_path, name, text)
     with pytest.raises(UserError, match=match) as info:
@@ -160,7 +201,7 @@ def test_ensemble_several_prompts_normalise_average_renormalise():
     expected = []
     start = 0
     for n in counts:
-        mean = unit(emb[start:start + n]).mean(axis=0)
+        mean = unit(emb[start : start + n]).mean(axis=0)
         expected.append(mean / np.linalg.norm(mean))
         start += n
     np.testing.assert_allclose(out, np.stack(expected), rtol=0, atol=1e-6)

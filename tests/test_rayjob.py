@@ -34,8 +34,11 @@ SCHEMA = Path(__file__).resolve().parent / "kuberay" / "rayjob-v1.schema.json"
 ENTRY_POINT = ["python", "jobs/featurize.py"]
 SECRET_ENV = "HF_TOKEN"
 # Words that must not appear anywhere in runtimeEnvYAML, nor as the name of an env var with a literal value.
-SECRET_WORDS = re.compile(r"hf_token|token|secret|passw(or)?d|credential|api[_-]?key|private[_-]?key|"
-                          r"aws_access_key|aws_session", re.IGNORECASE)
+SECRET_WORDS = re.compile(
+    r"hf_token|token|secret|passw(or)?d|credential|api[_-]?key|private[_-]?key|"
+    r"aws_access_key|aws_session",
+    re.IGNORECASE,
+)
 # Remote URI schemes Ray's runtime env can download a working_dir from (ray/_private/runtime_env/protocol.py).
 REMOTE_SCHEMES = ("http://", "https://", "s3://", "gs://", "azure://", "abfss://")
 MAX_RAYJOB_NAME = 47  # KubeRay: 53 (RayCluster name limit) minus the 6 characters it appends
@@ -53,8 +56,10 @@ def load_schema() -> dict:
 
 def schema_errors(doc: Any) -> list[str]:
     validator = jsonschema.Draft7Validator(load_schema())
-    return [f"{'/'.join(str(p) for p in err.absolute_path) or '(document)'}: {err.message}"
-            for err in validator.iter_errors(doc)]
+    return [
+        f"{'/'.join(str(p) for p in err.absolute_path) or '(document)'}: {err.message}"
+        for err in validator.iter_errors(doc)
+    ]
 
 
 def unknown_fields(doc: Any, schema: dict | None = None, path: str = "") -> list[str]:
@@ -124,13 +129,17 @@ def _entrypoint_config(entrypoint: Any, repo: Path) -> tuple[RunConfig | None, l
 
 def _runtime_env_problems(text: Any) -> list[str]:
     if text is None:
-        return ["runtimeEnvYAML is missing: the stock Ray image has neither the project's code (working_dir) nor "
-                "its dependencies (pip)"]
+        return [
+            "runtimeEnvYAML is missing: the stock Ray image has neither the project's code (working_dir) nor "
+            "its dependencies (pip)"
+        ]
     if not isinstance(text, str):
         return ["runtimeEnvYAML must be a YAML string"]
-    problems = [f"runtimeEnvYAML mentions {m.group(0)!r}: `ray job list` and the dashboard show the runtime env; "
-                "secrets belong in a Kubernetes Secret through the containers' env"
-                for m in SECRET_WORDS.finditer(text)]
+    problems = [
+        f"runtimeEnvYAML mentions {m.group(0)!r}: `ray job list` and the dashboard show the runtime env; "
+        "secrets belong in a Kubernetes Secret through the containers' env"
+        for m in SECRET_WORDS.finditer(text)
+    ]
     try:
         env = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -139,8 +148,10 @@ def _runtime_env_problems(text: Any) -> list[str]:
         return problems + ["runtimeEnvYAML must be a mapping"]
     working_dir = env.get("working_dir")
     if not isinstance(working_dir, str) or not working_dir.startswith(REMOTE_SCHEMES):
-        problems.append(f"runtimeEnvYAML working_dir must be a remote zip URI (the submitter pod has no copy of "
-                        f"the repository, and the entrypoint's paths are relative to it), not {working_dir!r}")
+        problems.append(
+            f"runtimeEnvYAML working_dir must be a remote zip URI (the submitter pod has no copy of "
+            f"the repository, and the entrypoint's paths are relative to it), not {working_dir!r}"
+        )
     pip = env.get("pip")
     packages = pip.get("packages") if isinstance(pip, dict) else pip
     if not isinstance(packages, list) or not any(str(p).startswith("pipeline-featurize") for p in packages):
@@ -197,8 +208,10 @@ def manifest_problems(doc: Any, repo: Path = REPO) -> list[str]:
             hf = [e for e in env if e.get("name") == SECRET_ENV]
             ref = ((hf[0].get("valueFrom") or {}).get("secretKeyRef") or {}) if len(hf) == 1 else {}
             if len(hf) != 1 or "value" in hf[0] or not ref.get("name") or not ref.get("key"):
-                problems.append(f"{where}: {SECRET_ENV} must be set once, from a Secret (valueFrom.secretKeyRef "
-                                "with name and key), never as a literal value")
+                problems.append(
+                    f"{where}: {SECRET_ENV} must be set once, from a Secret (valueFrom.secretKeyRef "
+                    "with name and key), never as a literal value"
+                )
             else:
                 refs.add((ref["name"], ref["key"]))
             for e in env:
@@ -265,8 +278,11 @@ def test_rayjob_follows_the_rules_the_schema_cannot_express():
 def test_rayjob_image_is_cluster_yaml_image():
     doc = load_manifest()
     spec = doc["spec"]["rayClusterSpec"]
-    images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     assert images == {cluster_image()} == {f"rayproject/ray:{ray.__version__}-py311-gpu"}
 
 
@@ -274,7 +290,8 @@ def test_rayjob_image_is_cluster_yaml_image():
 def _schema_has_additional_properties_false(node: Any) -> bool:
     if isinstance(node, dict):
         return node.get("additionalProperties") is False or any(
-            _schema_has_additional_properties_false(v) for v in node.values())
+            _schema_has_additional_properties_false(v) for v in node.values()
+        )
     if isinstance(node, list):
         return any(_schema_has_additional_properties_false(v) for v in node)
     return False
@@ -289,8 +306,10 @@ def test_schema_lets_misspelt_fields_through_but_unknown_fields_does_not():
     doc["spec"]["shutdownAfterJobFinish"] = doc["spec"].pop("shutdownAfterJobFinishes")
     doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["envv"] = []
     assert schema_errors(doc) == []
-    assert unknown_fields(doc) == ["/spec/rayClusterSpec/workerGroupSpecs/0/template/spec/containers/0/envv",
-                                   "/spec/shutdownAfterJobFinish"]
+    assert unknown_fields(doc) == [
+        "/spec/rayClusterSpec/workerGroupSpecs/0/template/spec/containers/0/envv",
+        "/spec/shutdownAfterJobFinish",
+    ]
     assert any("shutdownAfterJobFinishes must be true" in p for p in manifest_problems(doc))
 
 
@@ -311,14 +330,22 @@ WORKER = "spec/rayClusterSpec/workerGroupSpecs/0"
 HEAD = "spec/rayClusterSpec/headGroupSpec"
 
 
-@pytest.mark.parametrize("path, value, expected", [
-    ("spec/shutdownAfterJobFinishes", "true", "spec/shutdownAfterJobFinishes: 'true' is not of type 'boolean'"),
-    ("spec/backoffLimit", "2", "spec/backoffLimit: '2' is not of type 'integer'"),
-    (f"{WORKER}/replicas", 4.5, "replicas: 4.5 is not of type 'integer'"),
-    (f"{WORKER}/groupName", _DELETE, "'groupName' is a required property"),
-    (f"{HEAD}/rayStartParams/num-cpus", 0, "num-cpus: 0 is not of type 'string'"),
-    (f"{HEAD}/template/spec/containers/0/env/0/valueFrom/secretKeyRef/key", _DELETE, "'key' is a required property"),
-], ids=["bool-as-string", "int-as-string", "float-replicas", "missing-required", "num-cpus-int", "secret-no-key"])
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("spec/shutdownAfterJobFinishes", "true", "spec/shutdownAfterJobFinishes: 'true' is not of type 'boolean'"),
+        ("spec/backoffLimit", "2", "spec/backoffLimit: '2' is not of type 'integer'"),
+        (f"{WORKER}/replicas", 4.5, "replicas: 4.5 is not of type 'integer'"),
+        (f"{WORKER}/groupName", _DELETE, "'groupName' is a required property"),
+        (f"{HEAD}/rayStartParams/num-cpus", 0, "num-cpus: 0 is not of type 'string'"),
+        (
+            f"{HEAD}/template/spec/containers/0/env/0/valueFrom/secretKeyRef/key",
+            _DELETE,
+            "'key' is a required property",
+        ),
+    ],
+    ids=["bool-as-string", "int-as-string", "float-replicas", "missing-required", "num-cpus-int", "secret-no-key"],
+)
 def test_schema_rejects_wrong_types_and_missing_fields(path, value, expected):
     errors = schema_errors(_set(load_manifest(), path, value))
     assert any(expected in e for e in errors), errors
@@ -341,38 +368,80 @@ def test_rules_reject_hf_token_moved_into_runtime_env():
 
 def _worker_limits(doc: dict) -> dict:
     return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
-        "limits"]
+        "limits"
+    ]
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda d: _set(d, "spec/shutdownAfterJobFinishes", False),
-     "ttlSecondsAfterFinished requires shutdownAfterJobFinishes: true"),
-    (lambda d: _set(d, "spec/activeDeadlineSeconds", 0), "activeDeadlineSeconds must be set to an integer > 0"),
-    (lambda d: _set(d, "spec/activeDeadlineSeconds", _DELETE), "activeDeadlineSeconds must be set"),
-    (lambda d: _set(d, "spec/backoffLimit", -1), "backoffLimit must be set to an integer >= 0"),
-    (lambda d: _set(d, "spec/entrypoint", "python jobs/featurize.py --config jobs/missing.yaml"),
-     "is not a file of the repository"),
-    (lambda d: _set(d, "spec/entrypoint", "python jobs/featurize.py --config pyproject.toml"),
-     "is not a valid RunConfig"),
-    (lambda d: _set(d, "spec/entrypoint", "python -m pipeline.cli images --config jobs/featurize.yaml"),
-     "entrypoint must be"),
-    (lambda d: _set(d, "spec/entrypoint", "python jobs/featurize.py --config jobs/featurize.yaml --num-actors 8"),
-     "must equal the entrypoint's num_actors (8)"),
-    (lambda d: _set(d, "spec/runtimeEnvYAML", "working_dir: .\npip: [pipeline-featurize]\n"),
-     "working_dir must be a remote zip URI"),
-    (lambda d: _set(d, "spec/runtimeEnvYAML", "working_dir: s3://b/r.zip\nenv_vars: {AWS_SECRET_ACCESS_KEY: x}\n"),
-     "runtimeEnvYAML mentions 'SECRET'"),
-    (lambda d: _set(d, f"{HEAD}/template/spec/containers/0/env/0", {"name": "HF_TOKEN", "value": "hf_x"}),
-     "never as a literal value"),
-    (lambda d: _set(d, f"{HEAD}/rayStartParams/num-cpus", "1"), 'num-cpus must be "0"'),
-    (lambda d: _set(d, f"{WORKER}/replicas", 3), "replicas, minReplicas and maxReplicas must be equal"),
-    (lambda d: _worker_limits(d).update({"nvidia.com/gpu": 2}), "nvidia.com/gpu: 1"),
-    (lambda d: _set(d, f"{WORKER}/template/spec/containers/0/image", "rayproject/ray:2.9.0-py311-gpu"),
-     "is not cluster.yaml's"),
-    (lambda d: _set(d, "metadata/name", "Featurize_Pathology"), "DNS-1035"),
-], ids=["ttl-without-shutdown", "deadline-zero", "deadline-missing", "backoff-negative", "config-missing",
-        "config-invalid", "other-entrypoint", "num-actors-override", "local-working-dir", "aws-key-in-runtime-env",
-        "literal-hf-token", "head-cpus", "autoscaling-pool", "two-gpus", "other-image", "bad-name"])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda d: _set(d, "spec/shutdownAfterJobFinishes", False),
+            "ttlSecondsAfterFinished requires shutdownAfterJobFinishes: true",
+        ),
+        (lambda d: _set(d, "spec/activeDeadlineSeconds", 0), "activeDeadlineSeconds must be set to an integer > 0"),
+        (lambda d: _set(d, "spec/activeDeadlineSeconds", _DELETE), "activeDeadlineSeconds must be set"),
+        (lambda d: _set(d, "spec/backoffLimit", -1), "backoffLimit must be set to an integer >= 0"),
+        (
+            lambda d: _set(d, "spec/entrypoint", "python jobs/featurize.py --config jobs/missing.yaml"),
+            "is not a file of the repository",
+        ),
+        (
+            lambda d: _set(d, "spec/entrypoint", "python jobs/featurize.py --config pyproject.toml"),
+            "is not a valid RunConfig",
+        ),
+        (
+            lambda d: _set(d, "spec/entrypoint", "python -m pipeline.cli images --config jobs/featurize.yaml"),
+            "entrypoint must be",
+        ),
+        (
+            lambda d: _set(
+                d, "spec/entrypoint", "python jobs/featurize.py --config jobs/featurize.yaml --num-actors 8"
+            ),
+            "must equal the entrypoint's num_actors (8)",
+        ),
+        (
+            lambda d: _set(d, "spec/runtimeEnvYAML", "working_dir: .\npip: [pipeline-featurize]\n"),
+            "working_dir must be a remote zip URI",
+        ),
+        (
+            lambda d: _set(
+                d, "spec/runtimeEnvYAML", "working_dir: s3://b/r.zip\nenv_vars: {AWS_SECRET_ACCESS_KEY: x}\n"
+            ),
+            "runtimeEnvYAML mentions 'SECRET'",
+        ),
+        (
+            lambda d: _set(d, f"{HEAD}/template/spec/containers/0/env/0", {"name": "HF_TOKEN", "value": "hf_x"}),
+            "never as a literal value",
+        ),
+        (lambda d: _set(d, f"{HEAD}/rayStartParams/num-cpus", "1"), 'num-cpus must be "0"'),
+        (lambda d: _set(d, f"{WORKER}/replicas", 3), "replicas, minReplicas and maxReplicas must be equal"),
+        (lambda d: _worker_limits(d).update({"nvidia.com/gpu": 2}), "nvidia.com/gpu: 1"),
+        (
+            lambda d: _set(d, f"{WORKER}/template/spec/containers/0/image", "rayproject/ray:2.9.0-py311-gpu"),
+            "is not cluster.yaml's",
+        ),
+        (lambda d: _set(d, "metadata/name", "Featurize_Pathology"), "DNS-1035"),
+    ],
+    ids=[
+        "ttl-without-shutdown",
+        "deadline-zero",
+        "deadline-missing",
+        "backoff-negative",
+        "config-missing",
+        "config-invalid",
+        "other-entrypoint",
+        "num-actors-override",
+        "local-working-dir",
+        "aws-key-in-runtime-env",
+        "literal-hf-token",
+        "head-cpus",
+        "autoscaling-pool",
+        "two-gpus",
+        "other-image",
+        "bad-name",
+    ],
+)
 def test_rules_reject(mutate, expected):
     doc = load_manifest()
     mutate(doc)

@@ -21,39 +21,75 @@ from pipeline.errors import UserError
 from pipeline.read import open_features, read_features
 from pipeline.schema import IMAGE_SCHEMA, RESULT_COLUMNS, SOURCE_COLUMNS, fixed_list
 
-TILE_SCHEMA = pa.schema([("slide_id", pa.string()), ("uri", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
-                         ("level", pa.int32()), ("status", pa.string()), ("error", pa.string())]
-                        + RESULT_COLUMNS + SOURCE_COLUMNS)
+TILE_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("uri", pa.string()),
+        ("x", pa.int64()),
+        ("y", pa.int64()),
+        ("level", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+    + RESULT_COLUMNS
+    + SOURCE_COLUMNS
+)
 
 
 def _results(n: int, value: float) -> list[pa.Array]:
     ok = np.ones(n, bool)
-    return [fixed_list(np.full((n, 2), value, np.float16), pa.float16(), ok),
-            fixed_list(np.full((n, 1), value, np.float32), pa.float32(), ok)]
+    return [
+        fixed_list(np.full((n, 2), value, np.float16), pa.float16(), ok),
+        fixed_list(np.full((n, 1), value, np.float32), pa.float32(), ok),
+    ]
 
 
 def _source(n: int, run_id: str, version: int) -> list[pa.Array]:
-    return [pa.array([1] * n, pa.int64()), pa.array([0.0] * n), pa.array([None] * n, pa.string()),
-            pa.array([run_id] * n), pa.array([version] * n, pa.int32())]
+    return [
+        pa.array([1] * n, pa.int64()),
+        pa.array([0.0] * n),
+        pa.array([None] * n, pa.string()),
+        pa.array([run_id] * n),
+        pa.array([version] * n, pa.int32()),
+    ]
 
 
 def images(uris: list[str], run_id: str, version: int = 1, width: int = 4, logits: bool = True) -> pa.Table:
     """An image shard: IMAGE_SCHEMA rows; `width` and the features tell runs apart."""
     n = len(uris)
-    table = pa.Table.from_arrays([
-        pa.array([u.rsplit("/", 1)[-1] for u in uris]), pa.array(uris), pa.array(["ok"] * n),
-        pa.array([None] * n, pa.string()), pa.array([width] * n, pa.int32()), pa.array([4] * n, pa.int32()),
-        *_results(n, width), *_source(n, run_id, version)], schema=IMAGE_SCHEMA)
+    table = pa.Table.from_arrays(
+        [
+            pa.array([u.rsplit("/", 1)[-1] for u in uris]),
+            pa.array(uris),
+            pa.array(["ok"] * n),
+            pa.array([None] * n, pa.string()),
+            pa.array([width] * n, pa.int32()),
+            pa.array([4] * n, pa.int32()),
+            *_results(n, width),
+            *_source(n, run_id, version),
+        ],
+        schema=IMAGE_SCHEMA,
+    )
     return table if logits else table.drop_columns(["concept_logits"])
 
 
 def tiles(slide_id: str, xy: list[tuple[int, int]], run_id: str, value: float = 1.0) -> pa.Table:
     """A slide shard: one row per (x, y) tile of the slide, level 0."""
     n = len(xy)
-    return pa.Table.from_arrays([
-        pa.array([slide_id] * n), pa.array([f"/slides/{slide_id}.svs"] * n), pa.array([x for x, _ in xy], pa.int64()),
-        pa.array([y for _, y in xy], pa.int64()), pa.array([0] * n, pa.int32()), pa.array(["ok"] * n),
-        pa.array([None] * n, pa.string()), *_results(n, value), *_source(n, run_id, 1)], schema=TILE_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            pa.array([slide_id] * n),
+            pa.array([f"/slides/{slide_id}.svs"] * n),
+            pa.array([x for x, _ in xy], pa.int64()),
+            pa.array([y for _, y in xy], pa.int64()),
+            pa.array([0] * n, pa.int32()),
+            pa.array(["ok"] * n),
+            pa.array([None] * n, pa.string()),
+            *_results(n, value),
+            *_source(n, run_id, 1),
+        ],
+        schema=TILE_SCHEMA,
+    )
 
 
 def make_output(folder: Path, shards: list[pa.Table], dataset: dict | None = None) -> str:
@@ -74,11 +110,14 @@ def _sorted_rows(relation: duckdb.DuckDBPyRelation, *columns: str) -> list[tuple
 
 # -- images -----------------------------------------------------------------------------------------------------------
 def test_an_image_featurised_again_comes_back_once_from_its_newest_run(tmp_path):
-    output = make_output(tmp_path / "out", [
-        images(["/in/c.jpg", "/in/a.jpg", "/in/b.jpg"], "20240101T000000-r1", width=1),
-        images(["/in/b.jpg"], "20240201T000000-r2", width=2),  # b changed and was featurised again
-        images(["/in/b.jpg"], "20240201T000000-r2", width=2),  # ...and its shard is there twice
-    ])
+    output = make_output(
+        tmp_path / "out",
+        [
+            images(["/in/c.jpg", "/in/a.jpg", "/in/b.jpg"], "20240101T000000-r1", width=1),
+            images(["/in/b.jpg"], "20240201T000000-r2", width=2),  # b changed and was featurised again
+            images(["/in/b.jpg"], "20240201T000000-r2", width=2),  # ...and its shard is there twice
+        ],
+    )
     table = read_features(output)
     assert _rows(table, "uri", "width") == [("/in/a.jpg", 1), ("/in/b.jpg", 2), ("/in/c.jpg", 1)]  # sorted by uri
     assert table.schema.field("image_features").type == pa.list_(pa.float16())  # the features as stored
@@ -99,8 +138,10 @@ def test_a_shard_whose_rows_were_all_superseded_is_read_for_its_keys_only(tmp_pa
     old = images(["/in/a.jpg", "/in/b.jpg"], "r1")
     old = old.set_column(old.schema.get_field_index("width"), "width", pa.array(["wide", "wide"]))
     output = make_output(tmp_path / "out", [old, images(["/in/a.jpg", "/in/b.jpg"], "r2", width=3)])
-    assert _rows(read_features(output, columns=["uri", "width"]), "uri", "width") == [("/in/a.jpg", 3),
-                                                                                      ("/in/b.jpg", 3)]
+    assert _rows(read_features(output, columns=["uri", "width"]), "uri", "width") == [
+        ("/in/a.jpg", 3),
+        ("/in/b.jpg", 3),
+    ]
 
 
 def test_exclude_removed_drops_inputs_the_newest_listing_no_longer_had(tmp_path):
@@ -114,12 +155,15 @@ def test_exclude_removed_drops_inputs_the_newest_listing_no_longer_had(tmp_path)
 
 # -- slides -----------------------------------------------------------------------------------------------------------
 def test_a_slide_rerun_replaces_all_of_its_tiles_and_a_tile_its_new_grid_lacks_is_gone(tmp_path):
-    output = make_output(tmp_path / "out", [
-        tiles("s1", [(0, 0), (256, 0), (0, 256)], "r1", value=1.0),
-        tiles("s2", [(0, 0), (256, 0)], "r1", value=1.0),
-        # s1 changed: its rerun's grid has (0, 0) again and (512, 512), not (256, 0) nor (0, 256); one tile twice
-        tiles("s1", [(512, 512), (0, 0), (0, 0)], "r2", value=2.0),
-    ])
+    output = make_output(
+        tmp_path / "out",
+        [
+            tiles("s1", [(0, 0), (256, 0), (0, 256)], "r1", value=1.0),
+            tiles("s2", [(0, 0), (256, 0)], "r1", value=1.0),
+            # s1 changed: its rerun's grid has (0, 0) again and (512, 512), not (256, 0) nor (0, 256); one tile twice
+            tiles("s1", [(512, 512), (0, 0), (0, 0)], "r2", value=2.0),
+        ],
+    )
     table = read_features(output)
     expected = [("s1", 0, 0, "r2"), ("s1", 512, 512, "r2"), ("s2", 0, 0, "r1"), ("s2", 256, 0, "r1")]
     assert _rows(table, "slide_id", "x", "y", "run_id") == expected  # sorted by slide_id, y, x, level
@@ -128,8 +172,11 @@ def test_a_slide_rerun_replaces_all_of_its_tiles_and_a_tile_its_new_grid_lacks_i
 
 def test_a_rerun_that_wrote_no_tiles_of_a_slide_leaves_that_slide_as_it_was(tmp_path):
     output = make_output(tmp_path / "out", [tiles("s1", [(0, 0), (256, 0)], "r1"), tiles("s2", [(0, 0)], "r2")])
-    assert _rows(read_features(output), "slide_id", "x", "run_id") == [("s1", 0, "r1"), ("s1", 256, "r1"),
-                                                                       ("s2", 0, "r2")]
+    assert _rows(read_features(output), "slide_id", "x", "run_id") == [
+        ("s1", 0, "r1"),
+        ("s1", 256, "r1"),
+        ("s2", 0, "r2"),
+    ]
 
 
 # -- dataset versions -------------------------------------------------------------------------------------------------
@@ -149,8 +196,11 @@ def test_the_readable_version_is_read_unless_a_version_is_asked_for(tmp_path):
 
 
 def test_a_version_without_rows_is_refused_naming_the_versions_present(tmp_path):
-    output = make_output(tmp_path / "out", [images(["/in/a.jpg"], "r1", version=1),
-                                            images(["/in/a.jpg"], "r2", version=3)], {"version": 3})
+    output = make_output(
+        tmp_path / "out",
+        [images(["/in/a.jpg"], "r1", version=1), images(["/in/a.jpg"], "r2", version=3)],
+        {"version": 3},
+    )
     for read in (read_features, open_features):
         with pytest.raises(UserError, match="no rows of dataset version 2; versions present: 1, 3"):
             read(output, version=2)
@@ -165,8 +215,13 @@ def test_an_output_without_shards_is_refused(tmp_path):
 
 # -- open_features ----------------------------------------------------------------------------------------------------
 def test_open_features_is_a_lazy_snapshot_that_duckdb_queries(tmp_path):
-    output = make_output(tmp_path / "out", [images([f"/in/{i}.jpg" for i in range(10)], "r1", width=1),
-                                            images([f"/in/{i}.jpg" for i in range(5)], "r2", width=2)])
+    output = make_output(
+        tmp_path / "out",
+        [
+            images([f"/in/{i}.jpg" for i in range(10)], "r1", width=1),
+            images([f"/in/{i}.jpg" for i in range(5)], "r2", width=2),
+        ],
+    )
     relation = open_features(output)
     assert isinstance(relation, duckdb.DuckDBPyRelation)
     counts = relation.query("f", "SELECT width, count(*), count(DISTINCT uri) FROM f GROUP BY width ORDER BY width")
@@ -183,8 +238,9 @@ def test_open_and_read_features_over_s3(s3_server, s3_bucket):
 
     options = s3_server["storage_options"]
     fs = s3fs.S3FileSystem(**options)
-    for unit, table in enumerate([images(["s3://in/a.jpg", "s3://in/b.jpg"], "r1", width=1),
-                                  images(["s3://in/b.jpg"], "r2", width=2)]):
+    for unit, table in enumerate(
+        [images(["s3://in/a.jpg", "s3://in/b.jpg"], "r1", width=1), images(["s3://in/b.jpg"], "r2", width=2)]
+    ):
         sink = io.BytesIO()
         pq.write_table(table, sink)
         fs.pipe_file(f"{s3_bucket}/out/part-{unit:05d}.parquet", sink.getvalue())
@@ -193,8 +249,10 @@ def test_open_and_read_features_over_s3(s3_server, s3_bucket):
     output = f"s3://{s3_bucket}/out"
     assert _rows(read_features(output, options), "uri", "width") == [("s3://in/a.jpg", 1), ("s3://in/b.jpg", 2)]
     relation = open_features(output, options)
-    assert relation.query("f", "SELECT uri, width FROM f ORDER BY uri").fetchall() == [("s3://in/a.jpg", 1),
-                                                                                       ("s3://in/b.jpg", 2)]
+    assert relation.query("f", "SELECT uri, width FROM f ORDER BY uri").fetchall() == [
+        ("s3://in/a.jpg", 1),
+        ("s3://in/b.jpg", 2),
+    ]
     assert _rows(open_features(output, options, exclude_removed=True).to_arrow_table(), "uri") == [("s3://in/b.jpg",)]
 
 
@@ -233,7 +291,12 @@ def test_five_thousand_shards_read_with_256_file_descriptors(tmp_path):
         relation = open_features({output!r})
         print(relation.query("f", "SELECT count(*), count(DISTINCT uri), count_if(run_id = 'r2') FROM f").fetchall())
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == f"[({UNIQUE}, {UNIQUE}, {SHARDS - UNIQUE})]"  # after DuckDB's progress

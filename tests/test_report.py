@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline.cli import main
 from slide_fixtures import with_old_column_names
 from test_rescore import colour_outputs, slides_output
+
+from pipeline.cli import main
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "source", "wbr"}
 
@@ -86,8 +86,9 @@ def test_images_report(colours, tmp_path):
         assert png_pixels(img).std() > 0
 
 
-def test_slides_report_escapes_and_draws_a_heatmap_per_slide(ray_session, tmp_path_factory, conceptclip_model,
-                                                             prompts_file, tmp_path):
+def test_slides_report_escapes_and_draws_a_heatmap_per_slide(
+    ray_session, tmp_path_factory, conceptclip_model, prompts_file, tmp_path
+):
     slides = slides_output(tmp_path_factory, conceptclip_model, prompts_file)
     path = tmp_path / "slides.html"
     assert main(["report", slides["output"], "--out", str(path), "--concept", "stroma"]) == 0
@@ -105,8 +106,9 @@ def test_slides_report_escapes_and_draws_a_heatmap_per_slide(ray_session, tmp_pa
     assert main(["report", slides["output"], "--out", str(tmp_path / "x.html"), "--concept", "nope"]) == 2
 
 
-def test_slides_report_reads_an_output_with_the_old_mpp_columns(ray_session, tmp_path_factory, conceptclip_model,
-                                                                prompts_file, tmp_path):
+def test_slides_report_reads_an_output_with_the_old_mpp_columns(
+    ray_session, tmp_path_factory, conceptclip_model, prompts_file, tmp_path
+):
     """An OUTPUT written before `mpp` became tile_mpp (shards) and slide_mpp (_slides.parquet): the same slides."""
     slides = slides_output(tmp_path_factory, conceptclip_model, prompts_file)
     old = with_old_column_names(slides["output"], tmp_path / "old")
@@ -117,7 +119,7 @@ def test_slides_report_reads_an_output_with_the_old_mpp_columns(ray_session, tmp
         page = check_page(path)
         raw = path.read_text(encoding="utf-8")
         start = raw.index("<h2>Slides</h2>")
-        sections[name] = raw[start:raw.index("</table>", start)]
+        sections[name] = raw[start : raw.index("</table>", start)]
         assert len([i for i in page.images if i.get("class") == "slide"]) == 2
     assert "slide_mpp (µm/px)" in sections["new"] and re.search(r">0\.25<", sections["new"])
     assert sections["old"] == sections["new"]

@@ -63,13 +63,25 @@ def colour_outputs(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         new_prompts.write_text(NEW_PROMPTS_YAML, encoding="utf-8")
         outputs = {}
         for name, prompts in (("output", prompts_file), ("fresh", new_prompts)):
-            cfg = RunConfig(input=str(root / "images"), output=str(root / name), model=str(conceptclip_model),
-                            prompts=str(prompts), trust_remote_code=True, dtype="float32", rows_per_shard=25,
-                            batch_size=16)
+            cfg = RunConfig(
+                input=str(root / "images"),
+                output=str(root / name),
+                model=str(conceptclip_model),
+                prompts=str(prompts),
+                trust_remote_code=True,
+                dtype="float32",
+                rows_per_shard=25,
+                batch_size=16,
+            )
             run_images(cfg, echo=lambda m: None)
             outputs[name] = str(root / name)
-        _CACHE["colours"] = {**outputs, "labels": labels, "new_prompts": str(new_prompts), "root": root,
-                             "images": root / "images"}
+        _CACHE["colours"] = {
+            **outputs,
+            "labels": labels,
+            "new_prompts": str(new_prompts),
+            "root": root,
+            "images": root / "images",
+        }
     return _CACHE["colours"]
 
 
@@ -81,8 +93,7 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
 
         from pipeline.prompts import load_prompts
         from pipeline.run_slides import tile_table_builder
-        from pipeline.schema import SLIDE_SCHEMA
-        from pipeline.schema import prompts_table
+        from pipeline.schema import SLIDE_SCHEMA, prompts_table
         from pipeline.write import OutputDir
 
         root = tmp_path_factory.mktemp("slides")
@@ -92,20 +103,47 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         slides = {"wide": (1024, 512), "tall": (512, 768)}
         plan_parts, rows = [], []
         for slide_id, (width, height) in slides.items():
-            path = write_slide(root / f"{slide_id}.tif",
-                               draw_slide(width, height, shapes=[("rect", 64, 64, width - 64, height - 64)]), 0.25,
-                               levels=2)
+            path = write_slide(
+                root / f"{slide_id}.tif",
+                draw_slide(width, height, shapes=[("rect", 64, 64, width - 64, height - 64)]),
+                0.25,
+                levels=2,
+            )
             fp = 128
             plan_parts.append(grid_plan(slide_id, str(path), width, height, fp))
             n = plan_parts[-1].num_rows
-            rows.append({"slide_id": slide_id, "uri": str(path), "status": "ok", "reader": "tiffslide",
-                         "slide_mpp": 0.25, "mpp_source": "tiff.XResolution", "width": width, "height": height,
-                         "n_tiles": n, "n_tile_errors": 0, "footprint_px": fp, "step_px": fp, "tile_px": 64,
-                         "top_k": 4, "run_id": run_id, "dataset_version": 1})
+            rows.append(
+                {
+                    "slide_id": slide_id,
+                    "uri": str(path),
+                    "status": "ok",
+                    "reader": "tiffslide",
+                    "slide_mpp": 0.25,
+                    "mpp_source": "tiff.XResolution",
+                    "width": width,
+                    "height": height,
+                    "n_tiles": n,
+                    "n_tile_errors": 0,
+                    "footprint_px": fp,
+                    "step_px": fp,
+                    "tile_px": 64,
+                    "top_k": 4,
+                    "run_id": run_id,
+                    "dataset_version": 1,
+                }
+            )
         rows[0].update(status="error", n_tile_errors=1, error="1 of 32 tiles could not be scored (first: boom)")
-        rows.append({"slide_id": "broken", "uri": str(root / "broken.svs"), "status": "error",
-                     "error": "cannot open slide <b>broken</b>", "n_tiles": 0, "run_id": run_id,
-                     "dataset_version": 1})
+        rows.append(
+            {
+                "slide_id": "broken",
+                "uri": str(root / "broken.svs"),
+                "status": "error",
+                "error": "cannot open slide <b>broken</b>",
+                "n_tiles": 0,
+                "run_id": run_id,
+                "dataset_version": 1,
+            }
+        )
         plan = pa.concat_tables(plan_parts)
         n = plan.num_rows
         features = rng.normal(size=(n, 32)).astype(np.float32)
@@ -113,9 +151,13 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         status = np.array(["ok"] * n, dtype=object)
         error = np.array([None] * n, dtype=object)
         status[3], error[3] = "error", "boom"
-        cols = {"row": np.arange(n), "status": status, "error": error,
-                "image_features": features.astype(np.float16),
-                "concept_logits": rng.normal(size=(n, 4)).astype(np.float32)}
+        cols = {
+            "row": np.arange(n),
+            "status": status,
+            "error": error,
+            "image_features": features.astype(np.float16),
+            "concept_logits": rng.normal(size=(n, 4)).astype(np.float32),
+        }
         from pipeline.summary import slide_scores
 
         uris = np.array(plan.column("uri").to_pylist())
@@ -131,15 +173,35 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32")
         encoder = Encoder(spec, preprocess_spec(spec))
         text = encoder.encode_prompts(prompt_set)
-        out.write_table(prompts_table(prompt_set, text, {"logit_scale": encoder.logit_scale,
-                                                         "logit_bias": encoder.logit_bias}), "_prompts.parquet")
-        identity = {**spec.identity(), "prompt_set_hash": prompt_set.set_hash,
-                    "tiling": {"mpp": 0.5, "tile_px": 64}, "concept_maps": False}
+        out.write_table(
+            prompts_table(prompt_set, text, {"logit_scale": encoder.logit_scale, "logit_bias": encoder.logit_bias}),
+            "_prompts.parquet",
+        )
+        identity = {
+            **spec.identity(),
+            "prompt_set_hash": prompt_set.set_hash,
+            "tiling": {"mpp": 0.5, "tile_px": 64},
+            "concept_maps": False,
+        }
         out.write_json({"identity": identity, "version": 1}, "_dataset.json")
-        record = {"run_id": run_id, "command": "slides", "state": "complete", "counts": {
-            "listed": 3, "planned": 3, "tiles": n, "processed": n, "ok": n - 1, "error": 1, "slides_ok": 1,
-            "slides_error": 2}, "tiles_per_s": 12.5, "wall_s": 9.0,
-            "stages": {"listing_s": 0.1, "planning_s": 1.0, "stream_s": 6.0, "decode_s": 2.0, "model_s": 3.0}}
+        record = {
+            "run_id": run_id,
+            "command": "slides",
+            "state": "complete",
+            "counts": {
+                "listed": 3,
+                "planned": 3,
+                "tiles": n,
+                "processed": n,
+                "ok": n - 1,
+                "error": 1,
+                "slides_ok": 1,
+                "slides_error": 2,
+            },
+            "tiles_per_s": 12.5,
+            "wall_s": 9.0,
+            "stages": {"listing_s": 0.1, "planning_s": 1.0, "stream_s": 6.0, "decode_s": 2.0, "model_s": 3.0},
+        }
         out.write_json(record, "_run.json")
         out.write_json(record, "_runs", f"{run_id}.json")
         _CACHE["slides"] = {"output": str(root / "out"), "root": root, "features": features, "status": status}
@@ -154,8 +216,24 @@ def colours(ray_session, tmp_path_factory, conceptclip_model, prompts_file):
 @pytest.fixture(scope="module")
 def rescored(colours, tmp_path_factory):
     out2 = tmp_path_factory.mktemp("rescored") / "out2"
-    assert main(["rescore", colours["output"], "--prompts", colours["new_prompts"], "--out", str(out2),
-                 "--trust-remote-code", "--rows-per-shard", "25", "--batch-size", "7"]) == 0
+    assert (
+        main(
+            [
+                "rescore",
+                colours["output"],
+                "--prompts",
+                colours["new_prompts"],
+                "--out",
+                str(out2),
+                "--trust-remote-code",
+                "--rows-per-shard",
+                "25",
+                "--batch-size",
+                "7",
+            ]
+        )
+        == 0
+    )
     return out2
 
 
@@ -217,7 +295,7 @@ def test_a_fresh_run_with_the_new_prompts_agrees_within_the_float16_bound(colour
     record = json.loads((Path(rescored) / "_rescore.json").read_text())
     dim = len(fresh.column("image_features")[0].as_py())
     bound = float16_logit_bound(record["logit_scale"], dim)
-    assert bound <= record["logit_scale"] * 2.0 ** -11 * np.sqrt(dim)  # tighter than the per-component bound
+    assert bound <= record["logit_scale"] * 2.0**-11 * np.sqrt(dim)  # tighter than the per-component bound
     worst = float(np.abs(a - b).max())
     assert 0 < worst <= bound + 1e-5, (worst, bound)
     fresh_prompts = pq.read_table(Path(colours["fresh"]) / "_prompts.parquet")
@@ -227,8 +305,15 @@ def test_a_fresh_run_with_the_new_prompts_agrees_within_the_float16_bound(colour
 
 def test_rescoring_again_replaces_out2(colours, tmp_path):
     out2 = tmp_path / "again"
-    args = ["rescore", colours["output"], "--prompts", colours["new_prompts"], "--out", str(out2),
-            "--trust-remote-code"]
+    args = [
+        "rescore",
+        colours["output"],
+        "--prompts",
+        colours["new_prompts"],
+        "--out",
+        str(out2),
+        "--trust-remote-code",
+    ]
     assert main([*args, "--rows-per-shard", "10"]) == 0
     assert len(list(out2.glob("part-*.parquet"))) == 7
     assert main(args) == 0  # one shard now; the six others are gone
@@ -237,8 +322,9 @@ def test_rescoring_again_replaces_out2(colours, tmp_path):
     assert ScoredOutput(str(out2)).identity["model"] == dataset["identity"]["model"]
 
 
-def test_slides_output_gets_slide_scores_from_the_new_logits(ray_session, tmp_path_factory, conceptclip_model,
-                                                            prompts_file, tmp_path):
+def test_slides_output_gets_slide_scores_from_the_new_logits(
+    ray_session, tmp_path_factory, conceptclip_model, prompts_file, tmp_path
+):
     from pipeline.heatmap import SlideOutput
     from pipeline.summary import slide_scores
 
@@ -246,8 +332,10 @@ def test_slides_output_gets_slide_scores_from_the_new_logits(ray_session, tmp_pa
     new_prompts = tmp_path / "new.yaml"
     new_prompts.write_text(NEW_PROMPTS_YAML, encoding="utf-8")
     out2 = tmp_path / "out2"
-    assert main(["rescore", slides["output"], "--prompts", str(new_prompts), "--out", str(out2),
-                 "--trust-remote-code"]) == 0
+    assert (
+        main(["rescore", slides["output"], "--prompts", str(new_prompts), "--out", str(out2), "--trust-remote-code"])
+        == 0
+    )
     table = _table(out2)
     assert table.column_names == ["slide_id", "uri", "x", "y", "level", "status", "concept_logits", "run_id"]
     text, scale, bias = _text_embeddings(conceptclip_model, str(new_prompts))
@@ -274,8 +362,20 @@ def test_slides_output_gets_slide_scores_from_the_new_logits(ray_session, tmp_pa
     from slide_fixtures import with_old_column_names
 
     old = with_old_column_names(slides["output"], tmp_path / "old")
-    assert main(["rescore", str(old), "--prompts", str(new_prompts), "--out", str(tmp_path / "old-out2"),
-                 "--trust-remote-code"]) == 0
+    assert (
+        main(
+            [
+                "rescore",
+                str(old),
+                "--prompts",
+                str(new_prompts),
+                "--out",
+                str(tmp_path / "old-out2"),
+                "--trust-remote-code",
+            ]
+        )
+        == 0
+    )
     again = pq.read_table(tmp_path / "old-out2" / "_slides.parquet")
     assert "slide_mpp" in again.column_names and "mpp" not in again.column_names
     assert again.to_pylist() == summary
@@ -319,8 +419,20 @@ def test_changed_weights_behind_the_model_path_are_refused(colours, tmp_path, ca
     dataset = json.loads((source / "_dataset.json").read_text())
     dataset["identity"]["model"] = str(other)
     (source / "_dataset.json").write_text(json.dumps(dataset))
-    assert main(["rescore", str(source), "--prompts", colours["new_prompts"], "--out", str(tmp_path / "o"),
-                 "--trust-remote-code"]) == 2
+    assert (
+        main(
+            [
+                "rescore",
+                str(source),
+                "--prompts",
+                colours["new_prompts"],
+                "--out",
+                str(tmp_path / "o"),
+                "--trust-remote-code",
+            ]
+        )
+        == 2
+    )
     assert "weights changed since the run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -332,10 +444,29 @@ def test_rescore_on_object_storage(colours, rescored, s3_server, s3_bucket, caps
     fs = s3fs.S3FileSystem(**options)
     fs.put(colours["output"] + "/", f"{s3_bucket}/out/", recursive=True)
     out2 = f"s3://{s3_bucket}/out2"
-    assert main(["rescore", f"s3://{s3_bucket}/out", "--prompts", colours["new_prompts"], "--out", out2,
-                 "--trust-remote-code", "--storage-options", json.dumps(options)]) == 0
-    remote = pa.concat_tables([pq.read_table(f"{s3_bucket}/out2/{p.rsplit('/', 1)[-1]}", filesystem=fs)
-                               for p in sorted(fs.ls(f"{s3_bucket}/out2")) if "part-" in p])
+    assert (
+        main(
+            [
+                "rescore",
+                f"s3://{s3_bucket}/out",
+                "--prompts",
+                colours["new_prompts"],
+                "--out",
+                out2,
+                "--trust-remote-code",
+                "--storage-options",
+                json.dumps(options),
+            ]
+        )
+        == 0
+    )
+    remote = pa.concat_tables(
+        [
+            pq.read_table(f"{s3_bucket}/out2/{p.rsplit('/', 1)[-1]}", filesystem=fs)
+            for p in sorted(fs.ls(f"{s3_bucket}/out2"))
+            if "part-" in p
+        ]
+    )
     local = _table(rescored)
     assert remote.column("concept_logits").to_pylist() == local.column("concept_logits").to_pylist()
     captured = capsys.readouterr()
@@ -356,6 +487,18 @@ def test_a_features_only_output_is_rescored_too(colours, rescored, tmp_path):
     dataset = json.loads((source / "_dataset.json").read_text())
     dataset["identity"]["prompt_set_hash"] = None
     (source / "_dataset.json").write_text(json.dumps(dataset))
-    assert main(["rescore", str(source), "--prompts", colours["new_prompts"], "--out", str(tmp_path / "o"),
-                 "--trust-remote-code"]) == 0
+    assert (
+        main(
+            [
+                "rescore",
+                str(source),
+                "--prompts",
+                colours["new_prompts"],
+                "--out",
+                str(tmp_path / "o"),
+                "--trust-remote-code",
+            ]
+        )
+        == 0
+    )
     assert _table(tmp_path / "o").column("concept_logits").equals(_table(rescored).column("concept_logits"))

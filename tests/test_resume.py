@@ -33,12 +33,15 @@ def all_rows(output: Path) -> pa.Table:
 
 
 def features_by_name(table: pa.Table) -> dict[str, list]:
-    return {u.rsplit("/", 1)[-1]: f for u, f in zip(table.column("uri").to_pylist(),
-                                                   table.column("image_features").to_pylist())}
+    return {
+        u.rsplit("/", 1)[-1]: f
+        for u, f in zip(table.column("uri").to_pylist(), table.column("image_features").to_pylist())
+    }
 
 
-def test_s3_in_s3_out_equals_local(ray_session, s3_server, s3_bucket, conceptclip_model, prompts_file, photo_dir,
-                                   tmp_path):
+def test_s3_in_s3_out_equals_local(
+    ray_session, s3_server, s3_bucket, conceptclip_model, prompts_file, photo_dir, tmp_path
+):
     import s3fs
 
     options = s3_server["storage_options"]
@@ -46,8 +49,9 @@ def test_s3_in_s3_out_equals_local(ray_session, s3_server, s3_bucket, conceptcli
     fs.put(str(photo_dir) + "/", f"{s3_bucket}/photos/", recursive=True)
     common = dict(model=str(conceptclip_model), prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=10)
     run_images(RunConfig(input=str(photo_dir), output=str(tmp_path / "local"), **common), **QUIET)
-    remote_cfg = RunConfig(input=f"s3://{s3_bucket}/photos", output=f"s3://{s3_bucket}-out/features",
-                           storage_options=options, **common)
+    remote_cfg = RunConfig(
+        input=f"s3://{s3_bucket}/photos", output=f"s3://{s3_bucket}-out/features", storage_options=options, **common
+    )
     s3_server["create_bucket"](f"{s3_bucket}-out")
     record = run_images(remote_cfg, **QUIET)
     assert record["counts"]["ok"] == len(list(photo_dir.glob("*.jpg")))
@@ -71,9 +75,26 @@ def many_images(tmp_path_factory) -> Path:
 
 
 def _featurize_cmd(input_dir: Path, output: Path, model: Path, prompts: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "images", str(input_dir), str(output), "--model", str(model),
-            "--prompts", str(prompts), "--trust-remote-code", "--rows-per-shard", "4", "--batch-size", "2",
-            "--decode-batch-size", "2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "images",
+        str(input_dir),
+        str(output),
+        "--model",
+        str(model),
+        "--prompts",
+        str(prompts),
+        "--trust-remote-code",
+        "--rows-per-shard",
+        "4",
+        "--batch-size",
+        "2",
+        "--decode-batch-size",
+        "2",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -85,8 +106,7 @@ def _env() -> dict:
 def test_driver_killed_then_rerun_resumes_exactly_once(many_images, conceptclip_model, prompts_file, tmp_path):
     output = tmp_path / "out"
     cmd = _featurize_cmd(many_images, output, conceptclip_model, prompts_file)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 240
         while len(shards(output)) < 2 and time.time() < deadline and proc.poll() is None:
@@ -120,8 +140,9 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def test_actor_killed_mid_run_gives_exactly_one_row_per_input(ray_session, many_images, conceptclip_model,
-                                                              prompts_file, tmp_path):
+def test_actor_killed_mid_run_gives_exactly_one_row_per_input(
+    ray_session, many_images, conceptclip_model, prompts_file, tmp_path
+):
     import psutil
 
     killed = []
@@ -139,9 +160,18 @@ def test_actor_killed_mid_run_gives_exactly_one_row_per_input(ray_session, many_
 
     killer = threading.Thread(target=kill_one_actor, daemon=True)
     killer.start()
-    cfg = RunConfig(input=str(many_images), output=str(tmp_path / "out"), model=str(conceptclip_model),
-                    prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=4, batch_size=2,
-                    decode_batch_size=2, num_actors=2, stall_timeout_s=120)
+    cfg = RunConfig(
+        input=str(many_images),
+        output=str(tmp_path / "out"),
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+        rows_per_shard=4,
+        batch_size=2,
+        decode_batch_size=2,
+        num_actors=2,
+        stall_timeout_s=120,
+    )
     record = run_images(cfg, **QUIET)
     killer.join(timeout=5)
     assert killed, "no model actor was found to kill"
@@ -153,8 +183,15 @@ def test_actor_killed_mid_run_gives_exactly_one_row_per_input(ray_session, many_
 def test_incremental_processes_only_new_and_changed(ray_session, conceptclip_model, prompts_file, tmp_path):
     images = tmp_path / "images"
     make_images(images, 30, seed=5, sizes=((64, 48), (96, 72)))
-    common = dict(input=str(images), output=str(tmp_path / "out"), model=str(conceptclip_model),
-                  prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=8, incremental=True)
+    common = dict(
+        input=str(images),
+        output=str(tmp_path / "out"),
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+        rows_per_shard=8,
+        incremental=True,
+    )
     first = run_images(RunConfig(**common), **QUIET)
     assert first["counts"]["processed"] == 30
     assert first["stages"]["actors_started_before_plan"]  # a first run loads the model while it plans
@@ -195,8 +232,9 @@ def test_incremental_processes_only_new_and_changed(ray_session, conceptclip_mod
     assert read_features(str(tmp_path / "out"), exclude_removed=True).num_rows == 49
 
 
-def test_changed_prompts_or_model_refused_without_new_version(ray_session, conceptclip_model, clip_model,
-                                                              prompts_file, photo_dir, tmp_path):
+def test_changed_prompts_or_model_refused_without_new_version(
+    ray_session, conceptclip_model, clip_model, prompts_file, photo_dir, tmp_path
+):
     out = str(tmp_path / "out")
     common = dict(input=str(photo_dir), output=out, trust_remote_code=True, rows_per_shard=50)
     run_images(RunConfig(model=str(conceptclip_model), prompts=str(prompts_file), **common), **QUIET)
@@ -207,16 +245,18 @@ def test_changed_prompts_or_model_refused_without_new_version(ray_session, conce
     with pytest.raises(UserError, match="model.*--new-version"):
         run_images(RunConfig(model=str(clip_model), prompts=str(prompts_file), **common), **QUIET)
 
-    record = run_images(RunConfig(model=str(clip_model), prompts=str(prompts_file), new_version=True, **common),
-                        **QUIET)
+    record = run_images(
+        RunConfig(model=str(clip_model), prompts=str(prompts_file), new_version=True, **common), **QUIET
+    )
     assert record["dataset_version"] == 2 and record["counts"]["processed"] == len(list(photo_dir.glob("*.jpg")))
     current = read_features(out)
     assert set(current.column("dataset_version").to_pylist()) == {2}
     assert len(current.column("image_features")[0]) == 32
 
 
-def test_manifest_input_and_object_vanished_after_listing(ray_session, s3_server, s3_bucket, conceptclip_model,
-                                                          prompts_file, photo_dir, tmp_path):
+def test_manifest_input_and_object_vanished_after_listing(
+    ray_session, s3_server, s3_bucket, conceptclip_model, prompts_file, photo_dir, tmp_path
+):
     import s3fs
 
     from pipeline.sources import write_manifest
@@ -230,8 +270,17 @@ def test_manifest_input_and_object_vanished_after_listing(ray_session, s3_server
     assert listed.num_rows == n and all(e for e in listed.column("etag").to_pylist())
     gone = listed.column("uri")[3].as_py()
     fs.rm(gone)
-    run_images(RunConfig(input=manifest, output=str(tmp_path / "out"), model=str(conceptclip_model),
-                         prompts=str(prompts_file), trust_remote_code=True, storage_options=options), **QUIET)
+    run_images(
+        RunConfig(
+            input=manifest,
+            output=str(tmp_path / "out"),
+            model=str(conceptclip_model),
+            prompts=str(prompts_file),
+            trust_remote_code=True,
+            storage_options=options,
+        ),
+        **QUIET,
+    )
     table = all_rows(tmp_path / "out")
     assert table.num_rows == n
     row = table.filter(pa.compute.equal(table.column("uri"), gone)).to_pylist()[0]

@@ -25,15 +25,18 @@ def test_cpu_pool_leaves_room_for_decoding():
         actor_layout(RunConfig(**CFG, num_actors=2), {"cpus": 2, "gpus": 0})
 
 
-@pytest.mark.parametrize("share,cpus,node_cpus,expected", [
-    (0.9, 2, 2, (1.0, 2)),  # a model-bound run: at most half of a node
-    (0.2, 2, 2, (0.5, 2)),  # a decode-bound run: the decode tasks get the rest
-    (0.5, 16, 16, (4.0, 5)),  # two actors (one per 8 CPUs), half the cores between them
-    (0.8, 8, 2, (1.0, 2)),  # four 2-CPU nodes: an actor must fit on one beside a decode task
-    (0.75, 32, 32, (6.0, 7)),  # four actors
-    (None, 3, 3, (1.5, 3)),
-    (0.5, 1, 1, (0.25, 1)),  # one CPU: never more threads than the node has
-])
+@pytest.mark.parametrize(
+    "share,cpus,node_cpus,expected",
+    [
+        (0.9, 2, 2, (1.0, 2)),  # a model-bound run: at most half of a node
+        (0.2, 2, 2, (0.5, 2)),  # a decode-bound run: the decode tasks get the rest
+        (0.5, 16, 16, (4.0, 5)),  # two actors (one per 8 CPUs), half the cores between them
+        (0.8, 8, 2, (1.0, 2)),  # four 2-CPU nodes: an actor must fit on one beside a decode task
+        (0.75, 32, 32, (6.0, 7)),  # four actors
+        (None, 3, 3, (1.5, 3)),
+        (0.5, 1, 1, (0.25, 1)),  # one CPU: never more threads than the node has
+    ],
+)
 def test_cpu_share_follows_the_measured_demand(share, cpus, node_cpus, expected):
     layout = actor_layout(RunConfig(**CFG), {"cpus": cpus, "gpus": 0, "node_cpus": node_cpus}, share)
     assert (layout.num_cpus, layout.torch_threads) == expected
@@ -52,13 +55,16 @@ def test_the_model_share_is_measured_by_the_outputs_newest_cpu_run(tmp_path):
     assert model_share(out) is None  # a GPU run says nothing about CPU demand
 
 
-@pytest.mark.parametrize("rows,side,cpus,expected", [
-    (64, 64, 2, 32),  # the demo: at least one decode batch a block
-    (10_000, 64, 2, 1024),  # small images: at most 1,024 rows
-    (10_000, 384, 2, 151),  # ConceptCLIP's 384 px: ~64 MB of decoded pixels a block, not 453 MB
-    (10_000_000, 384, 64, 151),
-    (5_000, 224, 16, 79),  # four blocks per CPU
-])
+@pytest.mark.parametrize(
+    "rows,side,cpus,expected",
+    [
+        (64, 64, 2, 32),  # the demo: at least one decode batch a block
+        (10_000, 64, 2, 1024),  # small images: at most 1,024 rows
+        (10_000, 384, 2, 151),  # ConceptCLIP's 384 px: ~64 MB of decoded pixels a block, not 453 MB
+        (10_000_000, 384, 64, 151),
+        (5_000, 224, 16, 79),  # four blocks per CPU
+    ],
+)
 def test_blocks_into_the_cpu_stage_are_bounded_by_rows_and_by_decoded_bytes(rows, side, cpus, expected):
     from pipeline.run import stage_block_rows
 
@@ -147,8 +153,13 @@ class _Endless:
 def test_a_failed_run_shuts_its_stream_down_and_leaves_no_thread_behind():
     from pipeline.errors import EnvironmentFailure
 
-    batch = {"unit": np.array([0]), "row": np.array([0]), "uri": np.array(["s3://b/x.jpg"], dtype=object),
-             "error": np.array(["device fault"], dtype=object), "error_class": np.array(["device"], dtype=object)}
+    batch = {
+        "unit": np.array([0]),
+        "row": np.array([0]),
+        "uri": np.array(["s3://b/x.jpg"], dtype=object),
+        "error": np.array(["device fault"], dtype=object),
+        "error_class": np.array(["device"], dtype=object),
+    }
     stream = _Endless(batch)
     stats = {"decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     before = set(threading.enumerate())  # (the stalled stream above keeps its thread: it never answers)

@@ -19,6 +19,7 @@ PREFIXES = [FULL[:n] for n in range(3, len(FULL))]  # --s ... --storage-option
 @pytest.fixture
 def no_run(monkeypatch):
     """Fail loudly if a command would start (and so start Ray) instead of failing in the parser."""
+
     def refuse(args):
         raise AssertionError("the command ran; the parser should have refused it")
 
@@ -46,35 +47,55 @@ def test_every_prefix_of_storage_options_is_refused_without_echoing_the_value(pr
     assert err.rstrip("\n").endswith("(see 'featurize images --help')"), err
 
 
-@pytest.mark.parametrize("argv", [
-    ["images", f'--storage-o={{"secret": "{MARKER}"}}', "out", "--model", "m", "--prompts", "p"],  # taken for INPUT
-    ["images", "in", "out", f"-k{MARKER}"],
-    ["images", "in", "out", f"stray-{MARKER}"],
-    ["images", "in", "out", f"--incremental={MARKER}"],
-    ["images", "in", "out", "--dtype", MARKER],
-    ["images", "in", "out", "--rows-per-shard", MARKER],
-    ["--storage-options", MARKER, "images", "in", "out"],
-    ["heatmap", "out", "--out", "x.png", "--storage-opt", MARKER],
-    ["manifest", "in", "m.parquet", f"--storage={MARKER}"],
-    ["slides", "in", "out", f"--storage-options-x={MARKER}"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["images", f'--storage-o={{"secret": "{MARKER}"}}', "out", "--model", "m", "--prompts", "p"],  # taken for INPUT
+        ["images", "in", "out", f"-k{MARKER}"],
+        ["images", "in", "out", f"stray-{MARKER}"],
+        ["images", "in", "out", f"--incremental={MARKER}"],
+        ["images", "in", "out", "--dtype", MARKER],
+        ["images", "in", "out", "--rows-per-shard", MARKER],
+        ["--storage-options", MARKER, "images", "in", "out"],
+        ["heatmap", "out", "--out", "x.png", "--storage-opt", MARKER],
+        ["manifest", "in", "m.parquet", f"--storage={MARKER}"],
+        ["slides", "in", "out", f"--storage-options-x={MARKER}"],
+    ],
+)
 def test_usage_errors_never_show_a_value(argv, capsys, no_run):
     _usage_error(argv, capsys)
 
 
 def test_provenance_command_masks_by_destination_not_spelling(monkeypatch):
     parser = cli.build_parser()
-    command = cli.masked_command(parser, ["images", "in", "out", "--storage-options", MARKER, "--model", "m",
-                                          f"--storage-options={MARKER}", "--prompts", "p.yaml"])
-    assert command == ("featurize images in out --storage-options **** --model m --storage-options=**** "
-                       "--prompts p.yaml")
-    assert cli.masked_command(parser, ["heatmap", "o", "--storage-options", MARKER, "--out", "x.png"]) == \
-        "featurize heatmap o --storage-options **** --out x.png"
+    command = cli.masked_command(
+        parser,
+        [
+            "images",
+            "in",
+            "out",
+            "--storage-options",
+            MARKER,
+            "--model",
+            "m",
+            f"--storage-options={MARKER}",
+            "--prompts",
+            "p.yaml",
+        ],
+    )
+    assert command == (
+        "featurize images in out --storage-options **** --model m --storage-options=**** --prompts p.yaml"
+    )
+    assert (
+        cli.masked_command(parser, ["heatmap", "o", "--storage-options", MARKER, "--out", "x.png"])
+        == "featurize heatmap o --storage-options **** --out x.png"
+    )
     assert schema.is_secret_dest("hf_token") and schema.is_secret_dest("aws_secret_access_key")
     assert not schema.is_secret_dest("keep_going") and not schema.is_secret_dest("monkey")
     # Library use (no parser): sys.argv is masked by the same rules, abbreviations of --storage-options included.
-    monkeypatch.setattr(sys, "argv", ["job.py", "--storage-o", MARKER, f"--hf-token={MARKER}", "--api-key", MARKER,
-                                      "--model", "m"])
+    monkeypatch.setattr(
+        sys, "argv", ["job.py", "--storage-o", MARKER, f"--hf-token={MARKER}", "--api-key", MARKER, "--model", "m"]
+    )
     schema.set_command(None)
     prov = schema.provenance({}, "h", "r")
     assert MARKER not in json.dumps(prov)
@@ -103,14 +124,27 @@ def _shard_command(fs, paths: list[str]) -> str:
 
 
 def test_real_run_to_s3_keeps_credentials_out_of_every_output_and_the_log(
-        ray_session, s3_server, s3_bucket, conceptclip_model, prompts_file, photo_dir, tmp_path, capfd):
+    ray_session, s3_server, s3_bucket, conceptclip_model, prompts_file, photo_dir, tmp_path, capfd
+):
     import s3fs
 
     options = s3_server["storage_options"]
     needles = [options["key"], options["secret"]]
     fs = s3fs.S3FileSystem(**options)
-    common = [str(photo_dir), "--model", str(conceptclip_model), "--prompts", str(prompts_file), "--trust-remote-code",
-              "--rows-per-shard", "8", "--batch-size", "4", "--decode-batch-size", "4"]
+    common = [
+        str(photo_dir),
+        "--model",
+        str(conceptclip_model),
+        "--prompts",
+        str(prompts_file),
+        "--trust-remote-code",
+        "--rows-per-shard",
+        "8",
+        "--batch-size",
+        "4",
+        "--decode-batch-size",
+        "4",
+    ]
     expected = {"_prompts.parquet", "_run.json", "_dataset.json", "_listing.parquet"}
 
     # 1. Credentials on the command line, spelt in full.

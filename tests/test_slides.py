@@ -14,12 +14,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from slide_fixtures import draw_slide, true_fraction, truncate, with_old_column_names, write_slide
 
 from pipeline.cli import main
+from pipeline.decode import PreprocessSpec, resize_for_model
 from pipeline.plan import shard_rows
 from pipeline.schema import PLAN_TILE_SCHEMA
-
-from pipeline.decode import PreprocessSpec, resize_for_model
 from pipeline.slides import (
     Tiling,
     open_slide,
@@ -31,7 +31,6 @@ from pipeline.slides import (
     tile_geometry,
     tissue_mask,
 )
-from slide_fixtures import draw_slide, true_fraction, truncate, with_old_column_names, write_slide
 
 READERS = ["tiffslide", "openslide"]
 TILING = Tiling(target_mpp=0.5, tile_px=64, overlap_px=0, min_tissue=0.25)
@@ -76,8 +75,12 @@ def test_resolve_mpp_order_and_sources():
 
 @pytest.mark.parametrize("reader", READERS)
 def test_mpp_from_resolution_tags_and_aperio_description(slide_files, reader):
-    expected = {"tif25": (0.25, "tiff.XResolution"), "tif50": (0.5, "tiff.XResolution"),
-                "svs": (0.25, "aperio.MPP"), "nompp": (None, None)}
+    expected = {
+        "tif25": (0.25, "tiff.XResolution"),
+        "tif50": (0.5, "tiff.XResolution"),
+        "svs": (0.25, "aperio.MPP"),
+        "nompp": (None, None),
+    }
     for name, want in expected.items():
         slide = open_slide(str(slide_files[name]), reader)
         try:
@@ -124,14 +127,15 @@ def test_otsu_and_tissue_mask_separate_stain_from_glass():
 
 
 @pytest.mark.parametrize("reader", READERS)
-@pytest.mark.parametrize("name,footprint,level,read_px", [("tif25", 128, 1, 64), ("tif50", 64, 0, 64),
-                                                          ("svs", 128, 1, 64)])
-def test_tiles_lie_on_tissue_cover_it_and_step_by_their_footprint(slide_files, drawn, reader, name, footprint,
-                                                                   level, read_px):
+@pytest.mark.parametrize(
+    "name,footprint,level,read_px", [("tif25", 128, 1, 64), ("tif50", 64, 0, 64), ("svs", 128, 1, 64)]
+)
+def test_tiles_lie_on_tissue_cover_it_and_step_by_their_footprint(
+    slide_files, drawn, reader, name, footprint, level, read_px
+):
     row, tiles = plan_slide(str(slide_files[name]), TILING, reader)
     assert row["status"] == "ok", row["error"]
-    assert (row["footprint_px"], row["step_px"], row["level"], row["read_px"]) == (footprint, footprint, level,
-                                                                                   read_px)
+    assert (row["footprint_px"], row["step_px"], row["level"], row["read_px"]) == (footprint, footprint, level, read_px)
     assert row["tile_mpp"] == pytest.approx(0.5)
     xs, ys = tiles["x"], tiles["y"]
     assert row["n_tiles"] == len(xs) > 20
@@ -152,7 +156,7 @@ def test_tiles_lie_on_tissue_cover_it_and_step_by_their_footprint(slide_files, d
                 assert (x, y) in scored, (x, y)
     covered = np.zeros_like(truth)
     for x, y in scored:
-        covered[y:y + footprint, x:x + footprint] = True
+        covered[y : y + footprint, x : x + footprint] = True
     assert (covered & truth).sum() / truth.sum() > 0.95
 
 
@@ -170,8 +174,12 @@ def test_min_tissue_and_overlap():
 
 
 def test_more_tissue_required_means_fewer_tiles(slide_files):
-    counts = [plan_slide(str(slide_files["tif25"]), Tiling(target_mpp=0.5, tile_px=64, min_tissue=m), "tiffslide")[0]
-              ["n_tiles"] for m in (0.0, 0.5, 1.0)]
+    counts = [
+        plan_slide(str(slide_files["tif25"]), Tiling(target_mpp=0.5, tile_px=64, min_tissue=m), "tiffslide")[0][
+            "n_tiles"
+        ]
+        for m in (0.0, 0.5, 1.0)
+    ]
     assert counts[0] > counts[1] > counts[2] > 0
 
 
@@ -185,9 +193,13 @@ def test_slide_ids_use_the_relative_path_only_when_names_collide():
 def test_read_tiles_resizes_like_the_processor_and_both_readers_agree(slide_files, drawn):
     row, tiles = plan_slide(str(slide_files["tif25"]), TILING, "tiffslide")
     n = 12
-    batch = {"uri": np.array([str(slide_files["tif25"])] * n, dtype=object),
-             "x": tiles["x"][:n], "y": tiles["y"][:n], "level": np.full(n, row["level"]),
-             "read_px": np.full(n, row["read_px"])}
+    batch = {
+        "uri": np.array([str(slide_files["tif25"])] * n, dtype=object),
+        "x": tiles["x"][:n],
+        "y": tiles["y"][:n],
+        "level": np.full(n, row["level"]),
+        "read_px": np.full(n, row["read_px"]),
+    }
     spec = PreprocessSpec("squash", 48, 48)  # a model input smaller than the tile: resized as the processor would
     out = {}
     for reader in READERS:
@@ -199,17 +211,43 @@ def test_read_tiles_resizes_like_the_processor_and_both_readers_agree(slide_file
     region = slide.read(int(tiles["x"][0]), int(tiles["y"][0]), 1, 64, 64)
     np.testing.assert_array_equal(out["tiffslide"][0], resize_for_model(Image.fromarray(region), spec))
     slide.close()
-    bad = read_tiles({**batch, "uri": np.array(["/nowhere.svs"] * n, dtype=object),
-                      "reader": np.array(["tiffslide"] * n, dtype=object)}, spec, tile_px=64)
+    bad = read_tiles(
+        {
+            **batch,
+            "uri": np.array(["/nowhere.svs"] * n, dtype=object),
+            "reader": np.array(["tiffslide"] * n, dtype=object),
+        },
+        spec,
+        tile_px=64,
+    )
     assert set(bad["status"]) == {"error"} and "cannot read tile" in bad["error"][0]
 
 
 # -- end to end: `featurize slides` through real Ray ----------------------------------------------------------------
 
-TILE_COLUMNS = ["slide_id", "uri", "x", "y", "level", "tile_px", "tile_mpp", "tissue_fraction", "status", "error",
-                "image_features", "concept_logits", "size", "mtime", "etag", "run_id", "dataset_version"]
-DRAWINGS = {"a": dict(seed=5), "b": dict(seed=6, shapes=[("rect", 1024, 128, 1792, 640), ("ellipse", 600, 1100,
-                                                                                            400, 300)])}
+TILE_COLUMNS = [
+    "slide_id",
+    "uri",
+    "x",
+    "y",
+    "level",
+    "tile_px",
+    "tile_mpp",
+    "tissue_fraction",
+    "status",
+    "error",
+    "image_features",
+    "concept_logits",
+    "size",
+    "mtime",
+    "etag",
+    "run_id",
+    "dataset_version",
+]
+DRAWINGS = {
+    "a": dict(seed=5),
+    "b": dict(seed=6, shapes=[("rect", 1024, 128, 1792, 640), ("ellipse", 600, 1100, 400, 300)]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +268,22 @@ def featurize(*args) -> int:
 
 
 def model_args(conceptclip_model, prompts_file, *extra):
-    return ["--model", conceptclip_model, "--prompts", prompts_file, "--trust-remote-code", "--num-actors", 1,
-            "--batch-size", 16, "--decode-batch-size", 16, "--rows-per-shard", 60, *extra]
+    return [
+        "--model",
+        conceptclip_model,
+        "--prompts",
+        prompts_file,
+        "--trust-remote-code",
+        "--num-actors",
+        1,
+        "--batch-size",
+        16,
+        "--decode-batch-size",
+        16,
+        "--rows-per-shard",
+        60,
+        *extra,
+    ]
 
 
 def read_tiles_output(output) -> pa.Table:
@@ -250,8 +302,9 @@ def local_run(ray_session, conceptclip_model, prompts_file, slide_dir, tmp_path_
     return output, args
 
 
-def test_dry_run_plans_the_tiles_and_writes_nothing(local_run, slide_dir, conceptclip_model, prompts_file, tmp_path,
-                                                    capsys):
+def test_dry_run_plans_the_tiles_and_writes_nothing(
+    local_run, slide_dir, conceptclip_model, prompts_file, tmp_path, capsys
+):
     folder, _ = slide_dir
     capsys.readouterr()
     assert featurize("slides", folder, tmp_path / "new", "--dry-run", *model_args(conceptclip_model, prompts_file)) == 0
@@ -273,10 +326,22 @@ def test_slides_end_to_end(local_run, slide_dir):
     slides = {r["slide_id"]: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
     assert sorted(slides) == ["a", "b", "nompp", "truncated"]
     a, b = slides["a"], slides["b"]
-    assert (a["status"], a["slide_mpp"], a["mpp_source"], a["footprint_px"], a["level"], a["tile_mpp"]) == \
-        ("ok", 0.25, "tiff.XResolution", 128, 1, 0.5)
-    assert (b["status"], b["slide_mpp"], b["mpp_source"], b["footprint_px"], b["level"], b["tile_mpp"]) == \
-        ("ok", 0.5, "aperio.MPP", 64, 0, 0.5)
+    assert (a["status"], a["slide_mpp"], a["mpp_source"], a["footprint_px"], a["level"], a["tile_mpp"]) == (
+        "ok",
+        0.25,
+        "tiff.XResolution",
+        128,
+        1,
+        0.5,
+    )
+    assert (b["status"], b["slide_mpp"], b["mpp_source"], b["footprint_px"], b["level"], b["tile_mpp"]) == (
+        "ok",
+        0.5,
+        "aperio.MPP",
+        64,
+        0,
+        0.5,
+    )
     assert "mpp" not in slides["a"]
     assert (a["width"], a["height"]) == (2048, 1536)
     # The slide without mpp and the truncated slide are error rows; the others finished.
@@ -300,7 +365,7 @@ def test_slides_end_to_end(local_run, slide_dir):
         assert fractions.min() >= 0.15  # every scored tile lies on tissue: none from the blank background
         covered = np.zeros_like(truth)
         for x, y in zip(xs, ys):
-            covered[y:y + fp, x:x + fp] = True
+            covered[y : y + fp, x : x + fp] = True
         assert (covered & truth).sum() / truth.sum() > 0.95  # and they cover it
         assert set(rows.column("tile_mpp").to_pylist()) == {0.5} and set(rows.column("tile_px").to_pylist()) == {64}
         logits = np.array(rows.column("concept_logits").to_pylist(), np.float32)
@@ -313,8 +378,9 @@ def test_slides_end_to_end(local_run, slide_dir):
     assert record["counts"]["ok"] == tiles.num_rows
 
 
-def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_went(ray_session, slide_dir, s3_server,
-                                                                                    s3_bucket, tmp_path):
+def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_went(
+    ray_session, slide_dir, s3_server, s3_bucket, tmp_path
+):
     """Each slide's task writes its tiles as a part file (the workspace on one node, OUTPUT on an object store, or
     handed to the driver where workers cannot write): the driver keeps a row per slide, and DuckDB numbers the tiles
     in slide order, so the plan is the same file whichever way they came and whichever task finished first."""
@@ -341,8 +407,13 @@ def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_w
             dest = {"workspace": ws.path("tiles"), "s3": f"s3://{s3_bucket}/out/_runs/r.tiles", "driver": None}[where]
             slides, n_tiles, plan, by_driver = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, dest)
             assert by_driver == (2 if where == "driver" else 0)
-            written = (sorted(Path(dest).glob("*.parquet")) if where == "workspace" else
-                       fs.ls(f"{s3_bucket}/out/_runs/r.tiles") if where == "s3" else sorted(Path(ws.path("tiles")).glob("*")))
+            written = (
+                sorted(Path(dest).glob("*.parquet"))
+                if where == "workspace"
+                else fs.ls(f"{s3_bucket}/out/_runs/r.tiles")
+                if where == "s3"
+                else sorted(Path(ws.path("tiles")).glob("*"))
+            )
             # One part per slide with tiles (a and b: index 0 and 1 by uri), written by the tasks or by the driver.
             assert [str(p).rsplit("/", 1)[-1] for p in written] == ["00000000.parquet", "00000001.parquet"]
             plans[where] = pq.read_table(plan)
@@ -351,12 +422,18 @@ def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_w
                 fs.invalidate_cache()
                 assert not fs.exists(f"{s3_bucket}/out/_runs/r.tiles")
         by_id = {r["slide_id"]: r for r in slides.to_pylist()}
-        assert {k: r["status"] for k, r in by_id.items()} == {"a": "ok", "b": "ok", "nompp": "error",
-                                                              "truncated": "error"}
+        assert {k: r["status"] for k, r in by_id.items()} == {
+            "a": "ok",
+            "b": "ok",
+            "nompp": "error",
+            "truncated": "error",
+        }
         assert n_tiles == by_id["a"]["n_tiles"] + by_id["b"]["n_tiles"] > 50
     plan = plans["workspace"]
     assert plans["s3"].equals(plan) and plans["driver"].equals(plan)
-    assert plan.column_names == [*PLAN_TILE_SCHEMA.names, "unit", "row"] and plan.schema.field("unit").type == pa.int32()
+    assert (
+        plan.column_names == [*PLAN_TILE_SCHEMA.names, "unit", "row"] and plan.schema.field("unit").type == pa.int32()
+    )
     assert plan.column("row").to_pylist() == list(range(n_tiles))
     assert plan.column("unit").to_pylist() == [7 + r // 25 for r in range(n_tiles)]
     # Slides in uri order, each slide's tiles in its grid's order (as plan_slide lays them).
@@ -369,8 +446,9 @@ def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_w
     assert set(plan.column("size").to_pylist()[:n_a]) == {a_size}
     # Counting only (a dry run where the parts would go to OUTPUT): the same tiles, nothing written.
     with Workspace() as ws:
-        slides, dry_tiles, dry_plan, _ = plan_slides(pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, None,
-                                                  count_only=True)
+        slides, dry_tiles, dry_plan, _ = plan_slides(
+            pending, ids, TILING, cfg, "r", 1, 7, 25, ws, out, None, count_only=True
+        )
         assert (dry_tiles, dry_plan, os.listdir(ws.dir)) == (n_tiles, None, [])
 
 
@@ -393,8 +471,11 @@ def test_interrupted_run_resumes_and_finished_slides_are_skipped(local_run, tmp_
     assert resumed["counts"]["processed"] == lost_rows
     after = read_tiles_output(copy)
     assert after.num_rows == before.num_rows
-    np.testing.assert_allclose(np.array(after.column("concept_logits").to_pylist()),
-                               np.array(before.column("concept_logits").to_pylist()), atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(after.column("concept_logits").to_pylist()),
+        np.array(before.column("concept_logits").to_pylist()),
+        atol=1e-4,
+    )
     assert pq.read_table(copy / "_slides.parquet").column("n_tiles").equals(slides_before.column("n_tiles"))
     # A new run of the same command skips the finished slides and retries only the failed ones.
     shards = sorted(p.name for p in copy.glob("part-*.parquet"))
@@ -418,8 +499,12 @@ def test_a_run_into_an_output_with_the_old_mpp_columns_continues_it(local_run, t
     assert (record["counts"]["skipped"], record["counts"]["planned"]) == (2, 2)  # the two failed slides again
     slides = pq.read_table(old / "_slides.parquet")
     assert "mpp" not in slides.column_names
-    assert {r["slide_id"]: r["slide_mpp"] for r in slides.to_pylist()} == {"a": 0.25, "b": 0.5, "nompp": None,
-                                                                           "truncated": None}
+    assert {r["slide_id"]: r["slide_mpp"] for r in slides.to_pylist()} == {
+        "a": 0.25,
+        "b": 0.5,
+        "nompp": None,
+        "truncated": None,
+    }
 
 
 def test_openslide_reader_and_slide_mpp_override(local_run, slide_dir, conceptclip_model, prompts_file, tmp_path):
@@ -427,23 +512,39 @@ def test_openslide_reader_and_slide_mpp_override(local_run, slide_dir, conceptcl
     listing = tmp_path / "slides.txt"
     listing.write_text(f"{folder / 'a.tif'}\n{folder / 'nompp.tif'}\n")
     output = tmp_path / "out"
-    assert featurize("slides", listing, output, "--reader", "openslide", "--slide-mpp", 0.25,
-                     *model_args(conceptclip_model, prompts_file)) == 0
+    assert (
+        featurize(
+            "slides",
+            listing,
+            output,
+            "--reader",
+            "openslide",
+            "--slide-mpp",
+            0.25,
+            *model_args(conceptclip_model, prompts_file),
+        )
+        == 0
+    )
     slides = {r["slide_id"]: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
     assert {r["status"] for r in slides.values()} == {"ok"}
-    assert {(r["reader"], r["slide_mpp"], r["mpp_source"]) for r in slides.values()} == \
-        {("openslide", 0.25, "slide_mpp")}
+    assert {(r["reader"], r["slide_mpp"], r["mpp_source"]) for r in slides.values()} == {
+        ("openslide", 0.25, "slide_mpp")
+    }
     # Same pixels through either reader: a.tif scores as the tiffslide run scored it.
     ours, theirs = read_tiles_output(output), read_tiles_output(local_run[0])
     ours = ours.filter(pc.equal(ours.column("slide_id"), "a"))
     theirs = theirs.filter(pc.equal(theirs.column("slide_id"), "a"))
     assert ours.select(["x", "y", "level"]).equals(theirs.select(["x", "y", "level"]))
-    np.testing.assert_allclose(np.array(ours.column("concept_logits").to_pylist()),
-                               np.array(theirs.column("concept_logits").to_pylist()), atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(ours.column("concept_logits").to_pylist()),
+        np.array(theirs.column("concept_logits").to_pylist()),
+        atol=1e-4,
+    )
     # nompp.tif holds the same drawing as a.tif (zlib instead of JPEG): tissue found at the same places.
     nompp = read_tiles_output(output).filter(pc.equal(read_tiles_output(output).column("slide_id"), "nompp"))
-    assert set(zip(nompp.column("x").to_pylist(), nompp.column("y").to_pylist())) == \
-        set(zip(ours.column("x").to_pylist(), ours.column("y").to_pylist()))
+    assert set(zip(nompp.column("x").to_pylist(), nompp.column("y").to_pylist())) == set(
+        zip(ours.column("x").to_pylist(), ours.column("y").to_pylist())
+    )
 
 
 def test_cli_errors_are_one_line(slide_dir, conceptclip_model, prompts_file, tmp_path, capsys):
@@ -453,45 +554,92 @@ def test_cli_errors_are_one_line(slide_dir, conceptclip_model, prompts_file, tmp
     assert featurize("slides", empty, tmp_path / "o", *model_args(conceptclip_model, prompts_file)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("featurize: error: input") and "\n" not in err and ".svs" in err
-    assert featurize("slides", folder, tmp_path / "o", "--tile-px", 64, "--overlap-px", 64,
-                     *model_args(conceptclip_model, prompts_file)) == 2
+    assert (
+        featurize(
+            "slides",
+            folder,
+            tmp_path / "o",
+            "--tile-px",
+            64,
+            "--overlap-px",
+            64,
+            *model_args(conceptclip_model, prompts_file),
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err == "featurize: error: overlap_px 64 must be smaller than the tile size 64 px"
-    assert featurize("slides", folder, tmp_path / "o", "--min-tissue", 2,
-                     *model_args(conceptclip_model, prompts_file)) == 2
+    assert (
+        featurize("slides", folder, tmp_path / "o", "--min-tissue", 2, *model_args(conceptclip_model, prompts_file))
+        == 2
+    )
     assert "min_tissue" in capsys.readouterr().err
 
 
 # -- the same slide from object storage -----------------------------------------------------------------------------
-def test_slide_on_s3_scores_as_the_local_copy(local_run, slide_dir, s3_server, s3_bucket, conceptclip_model,
-                                              prompts_file, tmp_path):
+def test_slide_on_s3_scores_as_the_local_copy(
+    local_run, slide_dir, s3_server, s3_bucket, conceptclip_model, prompts_file, tmp_path
+):
     import s3fs
 
     folder, _ = slide_dir
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     fs.put(str(folder / "a.tif"), f"{s3_bucket}/in/a.tif")
     options = json.dumps(s3_server["storage_options"])
-    assert featurize("slides", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--storage-options", options,
-                     *model_args(conceptclip_model, prompts_file)) == 0
+    assert (
+        featurize(
+            "slides",
+            f"s3://{s3_bucket}/in",
+            f"s3://{s3_bucket}/out",
+            "--storage-options",
+            options,
+            *model_args(conceptclip_model, prompts_file),
+        )
+        == 0
+    )
     fs.invalidate_cache()
     remote = read_tiles_output((fs, f"{s3_bucket}/out"))
     local = read_tiles_output(local_run[0])
     local = local.filter(pc.equal(local.column("slide_id"), "a"))
     assert remote.column("uri").to_pylist() == [f"s3://{s3_bucket}/in/a.tif"] * local.num_rows
     assert remote.select(["slide_id", "x", "y", "level", "tissue_fraction"]).equals(
-        local.select(["slide_id", "x", "y", "level", "tissue_fraction"]))
-    np.testing.assert_allclose(np.array(remote.column("image_features").to_pylist(), np.float32),
-                               np.array(local.column("image_features").to_pylist(), np.float32), atol=2.0**-11)
-    np.testing.assert_allclose(np.array(remote.column("concept_logits").to_pylist()),
-                               np.array(local.column("concept_logits").to_pylist()), atol=1e-4)
+        local.select(["slide_id", "x", "y", "level", "tissue_fraction"])
+    )
+    np.testing.assert_allclose(
+        np.array(remote.column("image_features").to_pylist(), np.float32),
+        np.array(local.column("image_features").to_pylist(), np.float32),
+        atol=2.0**-11,
+    )
+    np.testing.assert_allclose(
+        np.array(remote.column("concept_logits").to_pylist()),
+        np.array(local.column("concept_logits").to_pylist()),
+        atol=1e-4,
+    )
     with fs.open(f"{s3_bucket}/out/_slides.parquet", "rb") as f:
         row = pq.read_table(f).to_pylist()[0]
-    assert (row["slide_id"], row["status"], row["reader"], row["mpp_source"]) == ("a", "ok", "tiffslide",
-                                                                                  "tiff.XResolution")
+    assert (row["slide_id"], row["status"], row["reader"], row["mpp_source"]) == (
+        "a",
+        "ok",
+        "tiffslide",
+        "tiff.XResolution",
+    )
     # The heatmap reads the remote OUTPUT and the remote slide's thumbnail.
     png = tmp_path / "a.png"
-    assert featurize("heatmap", f"s3://{s3_bucket}/out", "--slide", "a", "--concept", "tumor", "--out", png,
-                     "--storage-options", options) == 0
+    assert (
+        featurize(
+            "heatmap",
+            f"s3://{s3_bucket}/out",
+            "--slide",
+            "a",
+            "--concept",
+            "tumor",
+            "--out",
+            png,
+            "--storage-options",
+            options,
+        )
+        == 0
+    )
     assert Image.open(png).size == (1200, 900)
 
 
@@ -510,9 +658,18 @@ def test_concept_maps_follow_the_documented_recipe(conceptclip_model, prompts_fi
     prompt_set = load_prompts(str(prompts_file))
     row, tiles = plan_slide(str(slide_files["tif25"]), TILING, "tiffslide")
     n = 5
-    batch = read_tiles({"uri": np.array([str(slide_files["tif25"])] * n, dtype=object),
-                        "reader": np.array(["tiffslide"] * n, dtype=object), "x": tiles["x"][:n],
-                        "y": tiles["y"][:n], "level": np.full(n, 1), "read_px": np.full(n, 64)}, preprocess, 64)
+    batch = read_tiles(
+        {
+            "uri": np.array([str(slide_files["tif25"])] * n, dtype=object),
+            "reader": np.array(["tiffslide"] * n, dtype=object),
+            "x": tiles["x"][:n],
+            "y": tiles["y"][:n],
+            "level": np.full(n, 1),
+            "read_px": np.full(n, 64),
+        },
+        preprocess,
+        64,
+    )
     batch["status"][3] = "error"  # a row that failed upstream keeps zero maps
     pixels = batch["pixels"].copy()
     with_maps = EncodeBatch(spec, preprocess, prompt_set, concept_maps=True)(dict(batch))
@@ -526,16 +683,25 @@ def test_concept_maps_follow_the_documented_recipe(conceptclip_model, prompts_fi
     model = AutoModel.from_pretrained(conceptclip_model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(conceptclip_model, trust_remote_code=True)
     names = prompt_set.names
-    inputs = processor(images=[Image.fromarray(p) for p in pixels], text=names, return_tensors="pt", padding=True,
-                       truncation=True, max_length=77)
+    inputs = processor(
+        images=[Image.fromarray(p) for p in pixels],
+        text=names,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=77,
+    )
     with torch.no_grad():
         out = model(**inputs)
     tokenizer = processor.tokenizer
     concepts = []
     for i in range(len(names)):  # the concept's word pieces: every position but [CLS], [SEP] and padding
         ids = inputs["input_ids"][i].tolist()
-        keep = [j for j, t in enumerate(ids) if t not in (tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                                          tokenizer.pad_token_id)]
+        keep = [
+            j
+            for j, t in enumerate(ids)
+            if t not in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+        ]
         concepts.append(out["text_token_features"][i, keep].mean(0))
     concepts = torch.nn.functional.normalize(torch.stack(concepts), dim=-1)
     patches = torch.nn.functional.normalize(out["image_token_features"], dim=-1)  # [B, 16, D]: a 4 x 4 grid
@@ -552,19 +718,22 @@ def test_concept_maps_end_to_end_and_drawn_by_the_heatmap(ray_session, slide_dir
     listing = tmp_path / "one.txt"
     listing.write_text(f"{folder / 'a.tif'}\n")
     prompts = tmp_path / "eighty.yaml"
-    prompts.write_text("concepts: [" + ", ".join(f"concept {i}" for i in range(80)) + "]\n"
-                       "templates: ['a histopathology image of {}']\n")
+    prompts.write_text(
+        "concepts: [" + ", ".join(f"concept {i}" for i in range(80)) + "]\n"
+        "templates: ['a histopathology image of {}']\n"
+    )
     output = tmp_path / "maps"
     args = model_args(conceptclip_model, prompts)
-    args[args.index("--rows-per-shard"):args.index("--rows-per-shard") + 2] = []  # sized by bytes
+    args[args.index("--rows-per-shard") : args.index("--rows-per-shard") + 2] = []  # sized by bytes
     assert featurize("slides", listing, output, "--concept-maps", "--min-tissue", 0.9, *args) == 0
     tiles = read_tiles_output(output)
     assert tiles.schema.field("concept_maps").type == pa.list_(pa.float16())
     maps = np.array(tiles.column("concept_maps").to_pylist(), np.float32)
     assert maps.shape == (tiles.num_rows, 80 * 4 * 4) and np.isfinite(maps).all() and maps.std() > 0
     record = json.loads((output / "_run.json").read_text())
-    assert record["counts"]["rows_per_shard"] == shard_rows(0, {"image_features": (32, 2), "concept_logits": (80, 4),
-                                                                  "concept_maps": (80 * 16, 2)})
+    assert record["counts"]["rows_per_shard"] == shard_rows(
+        0, {"image_features": (32, 2), "concept_logits": (80, 4), "concept_maps": (80 * 16, 2)}
+    )
     png = tmp_path / "a.png"
     assert featurize("heatmap", output, "--slide", "a", "--concept", "concept 7", "--out", png) == 0
     assert Image.open(png).size == (1200, 900)
@@ -572,8 +741,10 @@ def test_concept_maps_end_to_end_and_drawn_by_the_heatmap(ray_session, slide_dir
 
 def test_concept_maps_need_the_concept_head(clip_model, prompts_file, slide_dir, tmp_path, capsys):
     folder, _ = slide_dir
-    assert featurize("slides", folder, tmp_path / "o", "--model", clip_model, "--prompts", prompts_file,
-                     "--concept-maps") == 2
+    assert (
+        featurize("slides", folder, tmp_path / "o", "--model", clip_model, "--prompts", prompts_file, "--concept-maps")
+        == 2
+    )
     assert "--concept-maps needs a model with ConceptCLIP's concept head" in capsys.readouterr().err
 
 
@@ -619,16 +790,18 @@ def silent_server():
     server.close()
 
 
-def test_a_slide_whose_read_hangs_does_not_hold_the_run(ray_session, slide_dir, silent_server, conceptclip_model,
-                                                        prompts_file, tmp_path):
+def test_a_slide_whose_read_hangs_does_not_hold_the_run(
+    ray_session, slide_dir, silent_server, conceptclip_model, prompts_file, tmp_path
+):
     """Planning waits at most --stall-timeout-s for a slide: the hanging one becomes an error row (retried by the
     next run), the others are scored."""
     folder, _ = slide_dir
     listing = tmp_path / "slides.txt"
     listing.write_text(f"{folder / 'b.svs'}\n{silent_server}/hangs.svs\n")
     output = tmp_path / "out"
-    assert featurize("slides", listing, output, *model_args(conceptclip_model, prompts_file),
-                     "--stall-timeout-s", 30) == 0
+    assert (
+        featurize("slides", listing, output, *model_args(conceptclip_model, prompts_file), "--stall-timeout-s", 30) == 0
+    )
     slides = {Path(r["uri"]).name: r for r in pq.read_table(output / "_slides.parquet").to_pylist()}
     assert slides["b.svs"]["status"] == "ok" and slides["b.svs"]["n_tiles"] > 0
     hung = slides["hangs.svs"]

@@ -23,21 +23,48 @@ def touch(path: Path, size: int = 10) -> Path:
 def tree(tmp_path) -> Path:
     """A folder with nested images, hidden files and folders, and files that are not images."""
     root = tmp_path / "data"
-    for i, rel in enumerate([
-        "b.jpg", "a.PNG", "z.jpeg", "sub/c.tif", "sub/deeper/d.webp", "sub/deeper/e.gif", "other/f.bmp",
-        "other/g with space.jpg", "other/ünï.png",
-    ]):
+    for i, rel in enumerate(
+        [
+            "b.jpg",
+            "a.PNG",
+            "z.jpeg",
+            "sub/c.tif",
+            "sub/deeper/d.webp",
+            "sub/deeper/e.gif",
+            "other/f.bmp",
+            "other/g with space.jpg",
+            "other/ünï.png",
+        ]
+    ):
         touch(root / rel, size=10 + i)
-    for rel in [".hidden.jpg", "sub/.also_hidden.png", ".cache/h.jpg", "sub/.git/i.png", "notes.txt", "sub/data.csv",
-                "sub/deeper/model.safetensors", "noext", "sub/x.jpg.bak"]:
+    for rel in [
+        ".hidden.jpg",
+        "sub/.also_hidden.png",
+        ".cache/h.jpg",
+        "sub/.git/i.png",
+        "notes.txt",
+        "sub/data.csv",
+        "sub/deeper/model.safetensors",
+        "noext",
+        "sub/x.jpg.bak",
+    ]:
         touch(root / rel)
     (root / "empty_dir").mkdir()
     (root / "dir.jpg").mkdir()  # a folder that looks like an image
     return root
 
 
-EXPECTED = ["a.PNG", "b.jpg", "other/f.bmp", "other/g with space.jpg", "other/ünï.png", "sub/c.tif",
-            "sub/deeper/d.webp", "sub/deeper/e.gif", "z.jpeg"]
+EXPECTED = [
+    "a.PNG",
+    "b.jpg",
+    "other/f.bmp",
+    "other/g with space.jpg",
+    "other/ünï.png",
+    "sub/c.tif",
+    "sub/deeper/d.webp",
+    "sub/deeper/e.gif",
+    "z.jpeg",
+]
 
 
 def test_folder_listing(tree):
@@ -88,20 +115,32 @@ def test_txt_list(tmp_path, tree, monkeypatch):
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "local.jpg").write_bytes(b"x")
-    text = "\n".join([
-        "# a comment",
-        "",
-        "local.jpg",
-        "  ../data/b.jpg  ",
-        str(tree / "sub/c.tif"),
-        "   ",
-        "# another comment",
-        "s3://bucket/key/img.png",
-        "images/not listed yet.jpg",
-    ]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "# a comment",
+                "",
+                "local.jpg",
+                "  ../data/b.jpg  ",
+                str(tree / "sub/c.tif"),
+                "   ",
+                "# another comment",
+                "s3://bucket/key/img.png",
+                "images/not listed yet.jpg",
+            ]
+        )
+        + "\n"
+    )
     (lists / "inputs.txt").write_text(text, encoding="utf-8")
-    expected = sorted([str(lists / "local.jpg"), str(tree / "b.jpg"), str(tree / "sub/c.tif"),
-                       "s3://bucket/key/img.png", str(lists / "images/not listed yet.jpg")])
+    expected = sorted(
+        [
+            str(lists / "local.jpg"),
+            str(tree / "b.jpg"),
+            str(tree / "sub/c.tif"),
+            "s3://bucket/key/img.png",
+            str(lists / "images/not listed yet.jpg"),
+        ]
+    )
     table = list_inputs(str(lists / "inputs.txt"))
     assert table.schema == LISTING_SCHEMA
     assert table.column("uri").to_pylist() == expected
@@ -121,52 +160,64 @@ def test_txt_list(tmp_path, tree, monkeypatch):
 
 def test_txt_list_with_crlf_line_endings(tmp_path):
     (tmp_path / "l.txt").write_bytes(b"a.jpg\r\nb.jpg\r\n\r\n# c\r\n")
-    assert list_inputs(str(tmp_path / "l.txt")).column("uri").to_pylist() == [str(tmp_path / "a.jpg"),
-                                                                             str(tmp_path / "b.jpg")]
+    assert list_inputs(str(tmp_path / "l.txt")).column("uri").to_pylist() == [
+        str(tmp_path / "a.jpg"),
+        str(tmp_path / "b.jpg"),
+    ]
 
 
 def test_txt_list_with_byte_order_mark(tmp_path):
     (tmp_path / "l.txt").write_bytes("a.jpg\nb.jpg\n".encode("utf-8-sig"))
-    assert list_inputs(str(tmp_path / "l.txt")).column("uri").to_pylist() == [str(tmp_path / "a.jpg"),
-                                                                             str(tmp_path / "b.jpg")]
+    assert list_inputs(str(tmp_path / "l.txt")).column("uri").to_pylist() == [
+        str(tmp_path / "a.jpg"),
+        str(tmp_path / "b.jpg"),
+    ]
 
 
 def test_csv_list(tmp_path, tree):
     folder = tmp_path / "csv"
     folder.mkdir()
     (folder / "inputs.csv").write_text(
-        "label,uri\n"
-        "1,one.jpg\n"
-        f"2,{tree / 'b.jpg'}\n"
-        '3,"with, comma.png"\n'
-        "4,gs://bucket/x.jpg\n",
-        encoding="utf-8")
+        f'label,uri\n1,one.jpg\n2,{tree / "b.jpg"}\n3,"with, comma.png"\n4,gs://bucket/x.jpg\n', encoding="utf-8"
+    )
     table = list_inputs(str(folder / "inputs.csv"))
     assert table.schema == LISTING_SCHEMA
-    assert table.column("uri").to_pylist() == sorted([str(folder / "one.jpg"), str(tree / "b.jpg"),
-                                                      str(folder / "with, comma.png"), "gs://bucket/x.jpg"])
+    assert table.column("uri").to_pylist() == sorted(
+        [str(folder / "one.jpg"), str(tree / "b.jpg"), str(folder / "with, comma.png"), "gs://bucket/x.jpg"]
+    )
 
 
 def test_parquet_list_and_manifest(tmp_path, tree):
     folder = tmp_path / "pq"
     folder.mkdir()
-    pq.write_table(pa.table({"uri": ["z.jpg", str(tree / "b.jpg"), "a/y.png"], "other": [1, 2, 3]}),
-                   folder / "inputs.parquet")
+    pq.write_table(
+        pa.table({"uri": ["z.jpg", str(tree / "b.jpg"), "a/y.png"], "other": [1, 2, 3]}), folder / "inputs.parquet"
+    )
     table = list_inputs(str(folder / "inputs.parquet"))
-    assert table.column("uri").to_pylist() == sorted([str(folder / "z.jpg"), str(tree / "b.jpg"),
-                                                      str(folder / "a/y.png")])
+    assert table.column("uri").to_pylist() == sorted(
+        [str(folder / "z.jpg"), str(tree / "b.jpg"), str(folder / "a/y.png")]
+    )
     # A manifest carries size, mtime and etag through, row by row.
-    pq.write_table(pa.table({"uri": ["s3://b/2.jpg", "s3://b/1.jpg"], "size": [20, 10], "mtime": [2.5, 1.5],
-                             "etag": ["e2", None]}), folder / "manifest.parquet")
+    pq.write_table(
+        pa.table(
+            {"uri": ["s3://b/2.jpg", "s3://b/1.jpg"], "size": [20, 10], "mtime": [2.5, 1.5], "etag": ["e2", None]}
+        ),
+        folder / "manifest.parquet",
+    )
     rows = list_inputs(str(folder / "manifest.parquet")).to_pylist()
-    assert rows == [{"uri": "s3://b/1.jpg", "size": 10, "mtime": 1.5, "etag": None},
-                    {"uri": "s3://b/2.jpg", "size": 20, "mtime": 2.5, "etag": "e2"}]
+    assert rows == [
+        {"uri": "s3://b/1.jpg", "size": 10, "mtime": 1.5, "etag": None},
+        {"uri": "s3://b/2.jpg", "size": 20, "mtime": 2.5, "etag": "e2"},
+    ]
 
 
-@pytest.mark.parametrize("name, write", [
-    ("no_uri.csv", lambda p: p.write_text("path,label\na.jpg,1\n", encoding="utf-8")),
-    ("no_uri.parquet", lambda p: pq.write_table(pa.table({"path": ["a.jpg"]}), p)),
-])
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("no_uri.csv", lambda p: p.write_text("path,label\na.jpg,1\n", encoding="utf-8")),
+        ("no_uri.parquet", lambda p: pq.write_table(pa.table({"path": ["a.jpg"]}), p)),
+    ],
+)
 def test_list_without_uri_column(tmp_path, name, write):
     path = tmp_path / name
     write(path)
@@ -223,8 +274,10 @@ def test_image_id():
     a = image_id("/data/a.jpg")
     assert a == image_id("/data/a.jpg")
     assert len(a) == 24 and all(c in "0123456789abcdef" for c in a)
-    ids = {image_id(u) for u in ["/data/a.jpg", "/data/b.jpg", "/data/a.JPG", "s3://data/a.jpg", "/data/a.jpg ",
-                                 "/data/ü.jpg"]}
+    ids = {
+        image_id(u)
+        for u in ["/data/a.jpg", "/data/b.jpg", "/data/a.JPG", "s3://data/a.jpg", "/data/a.jpg ", "/data/ü.jpg"]
+    }
     assert len(ids) == 6
     # Stable across processes and versions: it is part of the output format.
     assert image_id("s3://bucket/x.jpg") == __import__("hashlib").sha256(b"s3://bucket/x.jpg").hexdigest()[:24]

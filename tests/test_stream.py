@@ -16,8 +16,7 @@ import pytest
 from pipeline.config import RunConfig
 from pipeline.encode import RunBoard
 from pipeline.errors import EnvironmentFailure, UserError
-from pipeline.plan import read_plan_range
-from pipeline.plan import post_plan
+from pipeline.plan import post_plan, read_plan_range
 from pipeline.run import ImagesJob, run_images
 from pipeline.write import OutputDir
 
@@ -28,8 +27,11 @@ def write_plan_file(path, units: dict[int, int], row_group: int) -> int:
     """A plan file as write_plan makes them: rows numbered from 0 in unit order, small row groups."""
     unit_col = np.concatenate([np.full(n, u, np.int32) for u, n in sorted(units.items())])
     rows = np.arange(len(unit_col), dtype=np.int64)
-    pq.write_table(pa.table({"uri": [f"s3://b/{r:05d}.jpg" for r in rows], "size": rows * 3,
-                             "unit": unit_col, "row": rows}), path, row_group_size=row_group)
+    pq.write_table(
+        pa.table({"uri": [f"s3://b/{r:05d}.jpg" for r in rows], "size": rows * 3, "unit": unit_col, "row": rows}),
+        path,
+        row_group_size=row_group,
+    )
     return len(rows)
 
 
@@ -37,13 +39,17 @@ def readers(board, ranges: int):
     import ray
 
     return ray.data.from_items([{"id": i} for i in range(ranges)], override_num_blocks=ranges).map_batches(
-        read_plan_range, fn_kwargs={"board": board, "columns": COLUMNS}, batch_size=1, batch_format="pyarrow",
-        num_cpus=0, concurrency=min(2, ranges))
+        read_plan_range,
+        fn_kwargs={"board": board, "columns": COLUMNS},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+        concurrency=min(2, ranges),
+    )
 
 
 @pytest.mark.parametrize("everywhere", [True, False])
-def test_readers_started_before_the_plan_yield_each_pending_row_once(ray_session, tmp_path, monkeypatch,
-                                                                     everywhere):
+def test_readers_started_before_the_plan_yield_each_pending_row_once(ray_session, tmp_path, monkeypatch, everywhere):
     import pipeline.plan as plan
 
     ray = ray_session
@@ -54,8 +60,9 @@ def test_readers_started_before_the_plan_yield_each_pending_row_once(ray_session
     blocks: list = []
     ranges = plan.plan_ranges(total)
     assert ranges == 14
-    pulled = threading.Thread(target=lambda: blocks.extend(
-        readers(board, ranges).iter_batches(batch_size=None, batch_format="pyarrow")))
+    pulled = threading.Thread(
+        target=lambda: blocks.extend(readers(board, ranges).iter_batches(batch_size=None, batch_format="pyarrow"))
+    )
     pulled.start()  # the readers wait on the board: the plan does not exist yet
     time.sleep(0.5)
     assert pulled.is_alive() and not blocks
@@ -79,8 +86,9 @@ def test_an_empty_plan_ends_the_readers(ray_session):
     assert readers(board, 3).take_all() == []
 
 
-def test_planning_failing_after_the_actors_started_releases_them(ray_session, conceptclip_model, prompts_file,
-                                                                 photo_dir, tmp_path, monkeypatch):
+def test_planning_failing_after_the_actors_started_releases_them(
+    ray_session, conceptclip_model, prompts_file, photo_dir, tmp_path, monkeypatch
+):
     ray = ray_session
     before = ray.available_resources().get("CPU", 0.0)
     during = []
@@ -93,8 +101,13 @@ def test_planning_failing_after_the_actors_started_releases_them(ray_session, co
         raise UserError("planning failed (test)")
 
     monkeypatch.setattr(ImagesJob, "plan", broken_plan)
-    cfg = RunConfig(input=str(photo_dir), output=str(tmp_path / "out"), model=str(conceptclip_model),
-                    prompts=str(prompts_file), trust_remote_code=True)
+    cfg = RunConfig(
+        input=str(photo_dir),
+        output=str(tmp_path / "out"),
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+    )
     with pytest.raises(UserError, match="planning failed"):
         run_images(cfg, echo=lambda m: None)
     assert during and during[0] < before  # a first run over an empty OUTPUT plans with its actors starting
@@ -106,7 +119,8 @@ def test_planning_failing_after_the_actors_started_releases_them(ray_session, co
 
 
 def test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resumes_it(
-        ray_session, conceptclip_model, prompts_file, photo_dir, tmp_path, monkeypatch):
+    ray_session, conceptclip_model, prompts_file, photo_dir, tmp_path, monkeypatch
+):
     import pipeline.run as run
 
     real = run.post_plan
@@ -115,8 +129,14 @@ def test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resume
         return real(board, out, path, columns, [], rows, everywhere)
 
     monkeypatch.setattr(run, "post_plan", nothing_pending)
-    cfg = RunConfig(input=str(photo_dir), output=str(tmp_path / "out"), model=str(conceptclip_model),
-                    prompts=str(prompts_file), trust_remote_code=True, rows_per_shard=8)
+    cfg = RunConfig(
+        input=str(photo_dir),
+        output=str(tmp_path / "out"),
+        model=str(conceptclip_model),
+        prompts=str(prompts_file),
+        trust_remote_code=True,
+        rows_per_shard=8,
+    )
     with pytest.raises(EnvironmentFailure, match=r"3 work unit\(s\) unfinished \(24 rows missing\)"):
         run_images(cfg, echo=lambda m: None)
     assert not list((tmp_path / "out").glob("part-*"))

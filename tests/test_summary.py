@@ -1,5 +1,6 @@
-"""`summary.summarise_slides` (per-shard Ray tasks, partials merged on the driver) against a plain loop over every tile (`summarise` below)
-(every tile pulled to the driver): synthetic tile shards written with pyarrow into a real OutputDir."""
+"""`summary.summarise_slides` (per-shard Ray tasks, partials merged on the driver) against a plain loop over every
+tile (`summarise` below, every tile pulled to the driver): synthetic tile shards written with pyarrow into a real
+OutputDir."""
 
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ def summarise(out: OutputDir, slides: pa.Table, plan: pa.Table, top_k: int, logi
             row.update(concept_max=maxima.tolist(), concept_topk_mean=topk.tolist())
         row["n_tile_errors"] = len(errors)
         if errors:
-            row.update(status="error", error=f"{len(errors)} of {row['n_tiles']} tiles could not be scored "
-                                             f"(first: {errors[0]}); rerun to retry this slide")
+            row.update(
+                status="error",
+                error=f"{len(errors)} of {row['n_tiles']} tiles could not be scored "
+                f"(first: {errors[0]}); rerun to retry this slide",
+            )
     return pa.Table.from_pylist(rows, schema=SLIDE_SCHEMA)
 
 
@@ -68,29 +72,56 @@ SLIDES = {
 def slide_table() -> pa.Table:
     rows = []
     for uri, (status, n_tiles, _) in SLIDES.items():
-        rows.append({"slide_id": uri.split("/")[-1], "uri": uri, "status": status, "n_tiles": n_tiles, "top_k": 4,
-                     "error": "cannot open this slide" if status == "error" else None, "reader": "tiffslide",
-                     "slide_mpp": 0.25, "plan_s": 0.1, "run_id": "r1", "dataset_version": 1,
-                     "concept_max": [9.0] * K if status == "error" else None})
+        rows.append(
+            {
+                "slide_id": uri.split("/")[-1],
+                "uri": uri,
+                "status": status,
+                "n_tiles": n_tiles,
+                "top_k": 4,
+                "error": "cannot open this slide" if status == "error" else None,
+                "reader": "tiffslide",
+                "slide_mpp": 0.25,
+                "plan_s": 0.1,
+                "run_id": "r1",
+                "dataset_version": 1,
+                "concept_max": [9.0] * K if status == "error" else None,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=SLIDE_SCHEMA)
 
 
 def tile_rows(rng, shuffle: bool) -> list[dict]:
     """The tiles in plan order (or shuffled: slides interleaved within and across shards)."""
     rows = []
-    for uri, (status, n_tiles, failed) in SLIDES.items():
+    for uri, (_status, n_tiles, failed) in SLIDES.items():
         count = 2 if uri == "s/e.svs" else (0 if uri == "s/f.svs" else n_tiles)
         for i in range(count):
             logits = rng.normal(size=K).astype(np.float32)
             if i % 2:
                 logits = np.round(logits, 1).astype(np.float32)  # ties
             bad = i in failed
-            rows.append({"slide_id": uri.split("/")[-1], "uri": uri, "x": i * 64, "y": 0, "level": 0, "tile_px": 64,
-                         "tile_mpp": 0.5, "tissue_fraction": 0.9, "status": "error" if bad else "ok",
-                         "error": failed.get(i, f"{uri} tile {i}") if bad else None,
-                         "image_features": None if bad else [0.0] * 4,
-                         "concept_logits": None if bad else logits.tolist(), "size": 1, "mtime": 1.0, "etag": None,
-                         "run_id": "r1", "dataset_version": 1})
+            rows.append(
+                {
+                    "slide_id": uri.split("/")[-1],
+                    "uri": uri,
+                    "x": i * 64,
+                    "y": 0,
+                    "level": 0,
+                    "tile_px": 64,
+                    "tile_mpp": 0.5,
+                    "tissue_fraction": 0.9,
+                    "status": "error" if bad else "ok",
+                    "error": failed.get(i, f"{uri} tile {i}") if bad else None,
+                    "image_features": None if bad else [0.0] * 4,
+                    "concept_logits": None if bad else logits.tolist(),
+                    "size": 1,
+                    "mtime": 1.0,
+                    "etag": None,
+                    "run_id": "r1",
+                    "dataset_version": 1,
+                }
+            )
     if shuffle:
         rows = [rows[i] for i in rng.permutation(len(rows))]
     return rows
@@ -104,10 +135,13 @@ def write_run(out: OutputDir, seed: int = 0, shuffle: bool = False, logits: bool
     units = []
     for start in range(0, len(rows), ROWS_PER_SHARD):
         unit = FIRST_UNIT + start // ROWS_PER_SHARD
-        write_shard(out, unit, rows[start:start + ROWS_PER_SHARD], logits)
+        write_shard(out, unit, rows[start : start + ROWS_PER_SHARD], logits)
         units.append(unit)
-    stale = [dict(r, concept_logits=[100.0] * K, status="ok", error=None)
-             for r in tile_rows(rng, False) if r["uri"] == "s/a.svs"][:3]
+    stale = [
+        dict(r, concept_logits=[100.0] * K, status="ok", error=None)
+        for r in tile_rows(rng, False)
+        if r["uri"] == "s/a.svs"
+    ][:3]
     write_shard(out, 1, stale, logits)
     return [*reversed(units), 99]  # unit 99 (s/f's) has no shard
 
@@ -226,7 +260,7 @@ def test_shard_partial_is_compact():
         assert part["first_error_row"][g] == (bad[0] if bad else -1)
         good = np.array([r["concept_logits"] for r in mine if r["status"] == "ok"], np.float32).reshape(-1, K)
         start = int(part["counts"][:g].sum())
-        block = part["top"][start:start + int(part["counts"][g])]
+        block = part["top"][start : start + int(part["counts"][g])]
         np.testing.assert_array_equal(block, -np.sort(-good, axis=0)[:2])
 
 

@@ -276,8 +276,10 @@ def test_the_demo_ships_the_tiny_conceptclip_build_tiny_conceptclip_writes(conce
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline.demo import copy_demo_model; copy_demo_model(sys.argv[1]); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from pipeline.demo import copy_demo_model; copy_demo_model(sys.argv[1]); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     shipped = tmp_path / "demo-model"
     loaded = subprocess.run([sys.executable, "-c", code, str(shipped)], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"

@@ -10,14 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from slide_fixtures import draw_slide, pyramid, write_slide
 
 from pipeline.errors import UserError
 from pipeline.slides import SlideReader, open_slide, openslide_available
 from pipeline.write import OutputDir, ShardWriter, check_identity, shard_name
-from slide_fixtures import draw_slide, pyramid, write_slide
 
-READERS = ["tiffslide", pytest.param("openslide", marks=pytest.mark.skipif(not openslide_available(),
-                                                                         reason="openslide is not installed"))]
+READERS = [
+    "tiffslide",
+    pytest.param("openslide", marks=pytest.mark.skipif(not openslide_available(), reason="openslide is not installed")),
+]
 
 
 # -- SlideReader.read_region and `with` -----------------------------------------------------------------------------
@@ -25,23 +27,24 @@ READERS = ["tiffslide", pytest.param("openslide", marks=pytest.mark.skipif(not o
 def small_slide(tmp_path_factory):
     """A 512 x 384 slide in 64-pixel tiles, lossless (zlib), so every level's pixels are known exactly."""
     drawn = draw_slide(512, 384, shapes=[("rect", 64, 48, 300, 200), ("ellipse", 380, 260, 90, 70)], seed=5)
-    path = write_slide(tmp_path_factory.mktemp("units_slide") / "small.tif", drawn, 0.25, compression="zlib",
-                       levels=2, tile=64)
+    path = write_slide(
+        tmp_path_factory.mktemp("units_slide") / "small.tif", drawn, 0.25, compression="zlib", levels=2, tile=64
+    )
     return path, pyramid(drawn.rgb, 2)
 
 
 def expected_rgba(levels, x, y, level, w, h) -> np.ndarray:
     """openslide's answer for a region whose corner lies on a pixel of `level`: the level's pixels, opaque, and
     (0, 0, 0, 0) outside the slide."""
-    ds = 2 ** level
+    ds = 2**level
     lx, ly = x // ds, y // ds
     pixels = levels[level]
     out = np.zeros((h, w, 4), np.uint8)
     x0, y0 = max(lx, 0), max(ly, 0)
     x1, y1 = min(lx + w, pixels.shape[1]), min(ly + h, pixels.shape[0])
     if x1 > x0 and y1 > y0:
-        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx, :3] = pixels[y0:y1, x0:x1]
-        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx, 3] = 255
+        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx, :3] = pixels[y0:y1, x0:x1]
+        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx, 3] = 255
     return out
 
 
@@ -52,8 +55,13 @@ def test_read_region_inside_the_slide_is_opaque_and_agrees_with_read(small_slide
     try:
         assert slide.name == reader
         # (x, y) level-0, level, (w, h) at that level: tile-aligned, across tile seams, whole level, coarsest level.
-        for (x, y), level, (w, h) in [((0, 0), 0, (64, 64)), ((40, 30), 0, (100, 70)), ((0, 0), 1, (256, 192)),
-                                      ((64, 32), 1, (90, 50)), ((100, 60), 2, (20, 12))]:
+        for (x, y), level, (w, h) in [
+            ((0, 0), 0, (64, 64)),
+            ((40, 30), 0, (100, 70)),
+            ((0, 0), 1, (256, 192)),
+            ((64, 32), 1, (90, 50)),
+            ((100, 60), 2, (20, 12)),
+        ]:
             img = slide.read_region((x, y), level, (w, h))
             assert img.mode == "RGBA" and img.size == (w, h)
             rgba = np.asarray(img)
@@ -68,11 +76,13 @@ def test_read_region_outside_the_slide_is_transparent(small_slide, reader):
     path, levels = small_slide
     slide = open_slide(str(path), reader)
     try:
-        for (x, y), level, (w, h) in [((-16, -8), 0, (48, 40)),     # straddles the top-left corner
-                                      ((480, 360), 0, (64, 40)),    # straddles the bottom-right corner
-                                      ((-32, 300), 1, (40, 60)),    # left edge and bottom edge at level 1
-                                      ((496, -8), 1, (30, 20)),     # right edge and top edge at level 1
-                                      ((600, 500), 0, (16, 16))]:   # wholly outside
+        for (x, y), level, (w, h) in [
+            ((-16, -8), 0, (48, 40)),  # straddles the top-left corner
+            ((480, 360), 0, (64, 40)),  # straddles the bottom-right corner
+            ((-32, 300), 1, (40, 60)),  # left edge and bottom edge at level 1
+            ((496, -8), 1, (30, 20)),  # right edge and top edge at level 1
+            ((600, 500), 0, (16, 16)),
+        ]:  # wholly outside
             rgba = np.asarray(slide.read_region((x, y), level, (w, h)))
             expected = expected_rgba(levels, x, y, level, w, h)
             assert (expected[..., 3] == 0).any()
@@ -115,7 +125,7 @@ def test_with_closes_the_slide(small_slide, reader):
         assert isinstance(slide, SlideReader)
         np.testing.assert_array_equal(slide.read(0, 0, 0, 8, 8), levels[0][:8, :8])
     assert _open_fds(path) == 0
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (each library raises its own type)
         slide.read(0, 0, 0, 8, 8)  # the library refuses a closed slide
 
     with pytest.raises(RuntimeError, match="inside"):  # an error inside the block closes it too
@@ -123,7 +133,7 @@ def test_with_closes_the_slide(small_slide, reader):
             slide.read(0, 0, 0, 8, 8)
             raise RuntimeError("inside")
     assert _open_fds(path) == 0
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         slide.read(0, 0, 0, 8, 8)
 
 
@@ -150,17 +160,27 @@ class CountingOutput(OutputDir):
 
 
 def build_table(cols: dict[str, np.ndarray]) -> pa.Table:
-    return pa.table({"row": pa.array(cols["row"], pa.int64()), "value": pa.array(cols["value"], pa.int64()),
-                     "status": pa.array([str(s) for s in cols["status"]], pa.string())})
+    return pa.table(
+        {
+            "row": pa.array(cols["row"], pa.int64()),
+            "value": pa.array(cols["value"], pa.int64()),
+            "status": pa.array([str(s) for s in cols["status"]], pa.string()),
+        }
+    )
 
 
 def result_batch(unit, rows, status=None) -> dict[str, np.ndarray]:
     rows = np.asarray(rows, np.int64)
     units = np.broadcast_to(np.asarray(unit, np.int32), rows.shape).copy()
-    return {"unit": units, "row": rows, "value": rows * 10 + units,
-            "status": np.array(status or ["ok"] * len(rows), dtype=object),
-            "error_class": np.array([None if s == "ok" else "corrupt" for s in (status or ["ok"] * len(rows))],
-                                    dtype=object)}
+    return {
+        "unit": units,
+        "row": rows,
+        "value": rows * 10 + units,
+        "status": np.array(status or ["ok"] * len(rows), dtype=object),
+        "error_class": np.array(
+            [None if s == "ok" else "corrupt" for s in (status or ["ok"] * len(rows))], dtype=object
+        ),
+    }
 
 
 def shards(folder) -> list[str]:
@@ -193,8 +213,10 @@ def test_rows_repeated_before_the_unit_completes_are_dropped(tmp_path):
 def test_a_batch_for_an_unknown_unit_is_dropped_and_counted(tmp_path):
     out = CountingOutput(str(tmp_path))
     writer = ShardWriter(out, {0: 2}, build_table, {})
-    mixed = {k: np.concatenate([a, b]) for (k, a), b in
-             zip(result_batch(7, [0, 1, 2]).items(), result_batch(0, [0, 1]).values())}
+    mixed = {
+        k: np.concatenate([a, b])
+        for (k, a), b in zip(result_batch(7, [0, 1, 2]).items(), result_batch(0, [0, 1]).values())
+    }
     assert writer.add(mixed) == [0]
     assert shards(tmp_path) == [shard_name(0)] and out.writes == [shard_name(0)]
     assert writer.counts == {"ok": 2, "error": 0, "duplicates_dropped": 3}
@@ -210,8 +232,9 @@ def test_a_unit_delivered_out_of_order_across_batches_is_committed_once_sorted_b
     assert writer.add(result_batch(3, [4, 1])) == []
     assert writer.add(result_batch(3, [3, 4, 3])) == []  # 4 again, and 3 twice in one batch
     assert shards(tmp_path / "out") == []  # nothing until the unit is complete
-    both = {k: np.concatenate([a, b]) for (k, a), b in
-            zip(result_batch(3, [2, 0]).items(), result_batch(4, [0]).values())}
+    both = {
+        k: np.concatenate([a, b]) for (k, a), b in zip(result_batch(3, [2, 0]).items(), result_batch(4, [0]).values())
+    }
     assert sorted(writer.add(both)) == [3, 4]
     assert shards(tmp_path / "out") == [shard_name(3), shard_name(4)]
     table = pq.read_table(tmp_path / "out" / shard_name(3))
@@ -245,8 +268,10 @@ def test_a_spilled_unit_of_wide_rows_is_written_in_row_groups_sized_by_bytes(tmp
     monkeypatch.setattr(write, "SHARD_ROW_GROUP_BYTES", 64 * 1024)
 
     def wide(cols):  # ~1 KiB a row: 64 KiB windows hold 64 rows
-        return build_table(cols).append_column("features", pa.FixedSizeListArray.from_arrays(
-            pa.array(np.repeat(cols["value"], 128).astype(np.float64)), 128))
+        return build_table(cols).append_column(
+            "features",
+            pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(cols["value"], 128).astype(np.float64)), 128),
+        )
 
     out = OutputDir(str(tmp_path / "out"))
     writer = ShardWriter(out, {0: 300}, wide, {}, spill_dir=str(tmp_path), first_rows={0: 0})
@@ -335,8 +360,12 @@ def images(actor):
 
 def encode_batch(pixels) -> dict[str, np.ndarray]:
     n = len(pixels)
-    return {"uri": np.array([f"img{i}" for i in range(n)], dtype=object), "pixels": pixels.copy(),
-            "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object)}
+    return {
+        "uri": np.array([f"img{i}" for i in range(n)], dtype=object),
+        "pixels": pixels.copy(),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -373,8 +402,9 @@ def failing_model(actor, monkeypatch):
 
 
 def assert_same_rows(out, ref, rows):
-    np.testing.assert_allclose(out["image_features"][rows].astype(np.float32),
-                               ref["image_features"][rows].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        out["image_features"][rows].astype(np.float32), ref["image_features"][rows].astype(np.float32), atol=2e-3
+    )
     np.testing.assert_allclose(out["concept_logits"][rows], ref["concept_logits"][rows], atol=0.05)
 
 
