@@ -207,7 +207,7 @@ class EncodeBatch:
         return out, failed
 
     def _encode_chunk(self, pixels: np.ndarray) -> np.ndarray:
-        if self.features.kind == "hidden":
+        if self.features.hidden:
             return self.encoder.encode_hidden(pixels, self.features)
         if self.concept_embeddings is None:
             return self.encoder.encode_images(pixels)

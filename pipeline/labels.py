@@ -13,27 +13,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import families
 from .errors import UserError
 from .rescore import TILE_KEYS, ScoredOutput, logits_matrix
 
-SOFTMAX_KINDS = ("clip",)
-SIGMOID_KINDS = ("siglip", "remote")
 OUTPUT_SUFFIXES = (".parquet", ".csv")
+
+
+def probability_rule(kind: str) -> str:
+    """ "softmax" or "sigmoid": how the family an OUTPUT's identity names (`kind`) turns logits into probabilities."""
+    try:
+        family = families.named(kind)
+    except KeyError:
+        family = None
+    if family is None or not family.has_text:
+        scoring = ", ".join(f.name for f in families.FAMILIES if f.has_text)
+        raise UserError(f"model kind {kind!r} has no concept logits to label (expected one of {scoring})")
+    return family.probability
 
 
 def probabilities(logits: np.ndarray, kind: str, softmax: bool = False) -> np.ndarray:
     """[N, K] logits -> [N, K] probabilities (float64): softmax over concepts for CLIP or when asked, else
     sigmoid per concept."""
     logits = np.asarray(logits, np.float64)
-    if softmax or kind in SOFTMAX_KINDS:
+    if softmax or probability_rule(kind) == "softmax":
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
-    if kind in SIGMOID_KINDS:
-        return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid, without overflow for large |logit|
-    raise UserError(
-        f"model kind {kind!r} has no concept logits to label (expected one of "
-        f"{', '.join(SOFTMAX_KINDS + SIGMOID_KINDS)})"
-    )
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid, without overflow for large |logit|
 
 
 def top_k(table: pa.Table, k: int, concepts: list[str], *, kind: str, softmax: bool = False) -> pa.Table:

@@ -1,11 +1,8 @@
 """Models behind one small interface: resolve a checkpoint, load it once, encode prompts once, encode images, score.
 
-Three families, recognised from the checkpoint's config.json:
-- ``remote``: ConceptCLIP and any remote-code model with its interface (``encode_image``/``encode_text``; a forward
-  that returns a dict with ``image_features``, ``text_features``, ``logit_scale``, ``logit_bias``).
-  logits = logit_scale * cos + logit_bias (the scale comes back already exponentiated).
-- ``clip``: transformers CLIPModel. logits = exp(logit_scale) * cos (no bias: softmax over prompts).
-- ``siglip``: transformers SiglipModel. logits = exp(logit_scale) * cos + logit_bias (sigmoid per prompt).
+What differs between model families (how to load, encode and score) lives in `pipeline/families/`, one adapter per
+family; this module keeps what they share: resolving a checkpoint (hub or folder, revision, remote-code consent),
+the preprocessing it declares, and the `Encoder` (device, pixel buffers, micro-batches, the logit formula).
 """
 
 from __future__ import annotations
@@ -15,15 +12,17 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import families
 from .decode import PreprocessSpec, spec_from_image_processor
 from .errors import UserError, first_line
+from .families import Family
 from .prompts import PromptSet, ensemble
 
 if TYPE_CHECKING:
@@ -32,10 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-TRANSFORMERS_5_HINT = (
-    "this checkpoint's remote code does not load under transformers 5 (it never calls post_init); "
-    "install 'transformers<5' for it"
-)
 
 
 class Secret:
@@ -78,7 +73,7 @@ class ModelSpec:
     """Everything an actor needs to load the model; built and checked on the driver."""
 
     model: str
-    kind: str  # "remote" | "clip" | "siglip"
+    family: Family
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: str = "auto"
@@ -86,27 +81,34 @@ class ModelSpec:
     token: Secret = field(default_factory=lambda: Secret(None), repr=False, compare=False)
 
     def identity(self) -> dict:
-        """What makes two runs' numbers comparable (no secrets)."""
-        return {"model": self.model, "kind": self.kind, "revision": self.revision, "dtype": self.dtype}
+        """What makes two runs' numbers comparable (no secrets). `kind` is the family's key, as OUTPUTs store it."""
+        return {"model": self.model, "kind": self.family.name, "revision": self.revision, "dtype": self.dtype}
+
+    def placed(self, device: str) -> ModelSpec:
+        """This spec on `device` with a concrete dtype (auto: bfloat16 on GPUs, float32 on CPUs)."""
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return replace(self, dtype=dtype, device=device)
 
 
 HIDDEN_POOLS = ("cls", "mean", "patch", "cls_patch")
-VISION_ONLY_KINDS = ("clip_vision", "siglip_vision")  # image towers without a text tower: features-only runs
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What `image_features` holds: the model's embedding (projected, L2-normalised), or a layer of the image
-    tower's hidden states (`hidden_states[layer]`, as the model returns them) pooled as `pool`:
+    """What `image_features` holds: the model's embedding (projected, L2-normalised; layer None), or a layer of the
+    image tower's hidden states (`hidden_states[layer]`, as the model returns them) pooled as `pool`:
     cls (the class token), mean (of the patch tokens), patch (the patch tokens), cls_patch (the whole sequence)."""
 
-    kind: str = "embedding"
-    layer: int = -1
+    layer: int | None = None
     pool: str = ""
 
     @property
+    def hidden(self) -> bool:
+        return self.layer is not None
+
+    @property
     def name(self) -> str:
-        return "embedding" if self.kind == "embedding" else f"hidden:{self.layer}:{self.pool}"
+        return f"hidden:{self.layer}:{self.pool}" if self.hidden else "embedding"
 
 
 def parse_features(text: str) -> FeatureSpec:
@@ -116,7 +118,7 @@ def parse_features(text: str) -> FeatureSpec:
     parts = text.split(":")
     if len(parts) == 3 and parts[0] == "hidden" and parts[2] in HIDDEN_POOLS:
         try:
-            return FeatureSpec("hidden", int(parts[1]), parts[2])
+            return FeatureSpec(int(parts[1]), parts[2])
         except ValueError:
             pass
     raise UserError(
@@ -166,15 +168,14 @@ def resolve_model(
     if Path(model).expanduser().is_dir():
         model = str(Path(model).expanduser().resolve())
     config = _load_config_json(model, revision, token)
-    model_type = config.get("model_type")
-    if model_type == "clip":
-        kind = "clip"
-    elif model_type == "siglip":
-        kind = "siglip"
-    elif model_type in ("clip_vision_model", "siglip_vision_model"):
-        kind = model_type.removesuffix("_model")
-    elif config.get("auto_map"):
-        kind = "remote"
+    family = families.detect(config)
+    if family is None:
+        raise UserError(
+            f"model {model} has model_type {config.get('model_type')!r}; supported: CLIPModel, SiglipModel, "
+            "CLIPVisionModel, SiglipVisionModel (features only) and remote-code models with "
+            "ConceptCLIP's interface"
+        )
+    if family.remote_code:
         if not trust_remote_code:
             raise UserError(
                 f"model {model} ships its own Python code; review it, then pass --trust-remote-code "
@@ -187,13 +188,7 @@ def resolve_model(
                 model,
                 revision or "main",
             )
-    else:
-        raise UserError(
-            f"model {model} has model_type {model_type!r}; supported: CLIPModel, SiglipModel, "
-            "CLIPVisionModel, SiglipVisionModel (features only) and remote-code models with "
-            "ConceptCLIP's interface"
-        )
-    return ModelSpec(model, kind, _resolved_revision(model, revision, token), trust_remote_code, dtype, device, token)
+    return ModelSpec(model, family, _resolved_revision(model, revision, token), trust_remote_code, dtype, device, token)
 
 
 def _resolved_revision(model: str, revision: str | None, token: Secret) -> str | None:
@@ -209,16 +204,11 @@ def _resolved_revision(model: str, revision: str | None, token: Secret) -> str |
         return revision
 
 
-def _vision_layout(vision_config) -> tuple[int, int, int, bool]:
-    """(patch tokens, width, layers, whether a class token leads the sequence) of an image tower's config."""
+def _vision_layout(vision_config) -> tuple[int, int, int]:
+    """(patch tokens, width, layers) of an image tower's config."""
     try:
         patches = (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2
-        return (
-            patches,
-            int(vision_config.hidden_size),
-            int(vision_config.num_hidden_layers),
-            "siglip" not in str(getattr(vision_config, "model_type", "")),
-        )
+        return patches, int(vision_config.hidden_size), int(vision_config.num_hidden_layers)
     except (AttributeError, TypeError, ValueError):
         raise UserError(
             "cannot tell this model's image-tower layout (image_size, patch_size, hidden_size, "
@@ -232,15 +222,16 @@ def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
-        spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.kind == "remote"
+        spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.family.remote_code
     )
-    vision = config if spec.kind in VISION_ONLY_KINDS else getattr(config, "vision_config", None)
+    vision = spec.family.vision_config(config)
     if vision is None:
         raise UserError(
             f"model {spec.model} exposes no transformers image tower (vision_config): --features "
             "hidden:... is not available for it; use --features embedding"
         )
-    patches, width, layers, has_cls = _vision_layout(vision)
+    patches, width, layers = _vision_layout(vision)
+    has_cls = spec.family.has_class_token(vision)
     if not -(layers + 1) <= features.layer <= layers:
         raise UserError(
             f"--features {features.name}: model {spec.model} has {layers + 1} hidden states "
@@ -263,18 +254,14 @@ def row_widths(
     concept_maps: bool = False,
 ) -> dict[str, tuple[int, int]]:
     """Per list column of a result row, (values, bytes a value), read from the checkpoint's config.json without
-    loading the model: what sizes shards by bytes. The embedding's width is projection_dim / embed_dim, else the
-    image tower's hidden_size (SigLIP)."""
+    loading the model: what sizes shards by bytes."""
     config = _load_config_json(spec.model, spec.revision, spec.token)
-    vision = config if spec.kind in VISION_ONLY_KINDS else (config.get("vision_config") or {})
-    if feature_shape is not None:
-        width = int(np.prod(feature_shape))
-    else:
-        width = int(config.get("projection_dim") or config.get("embed_dim") or vision.get("hidden_size") or 1152)
+    width = int(np.prod(feature_shape)) if feature_shape is not None else spec.family.embedding_width(config)
     widths = {"image_features": (width, 2)}
     if concepts:
         widths["concept_logits"] = (concepts, 4)
     if concept_maps:
+        vision = spec.family.vision_config_json(config)
         patches = (int(vision.get("image_size", 384)) // int(vision.get("patch_size", 14))) ** 2
         widths["concept_maps"] = (concepts * patches, 2)
     return widths
@@ -285,7 +272,7 @@ def load_processor(spec: ModelSpec):
 
     try:
         return AutoProcessor.from_pretrained(
-            spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.kind == "remote"
+            spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.family.remote_code
         )
     except Exception as exc:
         raise UserError(
@@ -349,12 +336,14 @@ GPU_PIPELINE_ROWS = 128
 
 
 class Encoder:
-    """A loaded model: encode prompt sets once, then batches of uint8 images; compute logits."""
+    """A loaded model: encode prompt sets once, then batches of uint8 images; compute logits. What the model computes
+    comes from its family (pipeline/families/); this class keeps the device, the pixel buffers and the batching."""
 
     def __init__(self, spec: ModelSpec, preprocess: PreprocessSpec, compile: bool = False):
         import torch
 
         self.spec = spec
+        self.family = spec.family
         self.preprocess = preprocess
         self.device = torch.device(pick_device(spec.device))
         self.dtype = pick_dtype(spec.dtype, self.device.type)
@@ -363,42 +352,26 @@ class Encoder:
         self.mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.logit_scale, self.logit_bias = 1.0, 0.0
-        if spec.kind == "remote":
-            image_fn = self.model.encode_image
-        elif spec.kind in VISION_ONLY_KINDS:
-            image_fn = self.model  # its pooled output is the embedding (there is no projection)
-        else:
-            image_fn = self.model.get_image_features
+
+        def image_fn(pixel_values):
+            return self.family.image_embedding(self.model, pixel_values)
+
         self._image_fn = torch.compile(image_fn, dynamic=True) if compile else image_fn
         # rows per piece of a batch on a GPU (see encode_images); 0 = the whole batch at once (CPU)
         self.pipeline_rows = GPU_PIPELINE_ROWS if self.device.type == "cuda" else 0
 
     def _load_model(self):
         import torch
-        from transformers import AutoModel, CLIPModel, CLIPVisionModel, SiglipModel, SiglipVisionModel
 
-        cls = {
-            "clip": CLIPModel,
-            "siglip": SiglipModel,
-            "remote": AutoModel,
-            "clip_vision": CLIPVisionModel,
-            "siglip_vision": SiglipVisionModel,
-        }[self.spec.kind]
-        try:
-            model = cls.from_pretrained(
-                self.spec.model,
-                revision=self.spec.revision,
-                token=self.spec.token.get(),
-                trust_remote_code=self.spec.kind == "remote",
-                dtype=self.dtype,
-            )
-        except AttributeError as exc:
-            if "all_tied_weights_keys" in str(exc):
-                raise UserError(f"model {self.spec.model}: {TRANSFORMERS_5_HINT}") from None
-            raise
+        spec = self.spec
+        model = self.family.load(spec.model, spec.revision, spec.token.get(), self.dtype)
         model.to(self.device).eval()
         torch.set_grad_enabled(False)
         return model
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
 
     # -- images -------------------------------------------------------------------------------------------------
     def pixel_values(self, pixels) -> torch.Tensor:
@@ -408,14 +381,10 @@ class Encoder:
         x = torch.as_tensor(pixels)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        # (x * rescale - mean) / std = x * (rescale / std) - mean / std, computed channel-last (as the pixels come)
-        # in a float32 buffer the encoder keeps: one converting copy, then two in-place passes, then a permuted view
-        # (channel-last strides suit the patch convolution). A fresh 56 MB tensor per batch of 32 at 384 px paid
-        # its page faults, and an out-of-place addcmul broadcast over the 3-wide last dimension does not vectorise:
-        # measured on 2 CPU threads, 1.7-2.2 -> 0.5-0.7 ms per image, and the forward it feeds ~10% faster. The
-        # passes see each row of the image as one W*3-long vector, with the per-channel factors repeated along it:
-        # the same products and sums, element for element, but a broadcast the CPU vectorises (a 3-wide one does
-        # not: one thread, 384 px, 1.93 -> 0.70 ms per image).
+        # (x * rescale - mean) / std = x * (rescale / std) - mean / std, computed channel-last in a float32 buffer
+        # the encoder keeps (no fresh tensor per batch), each image row seen as one W*3-long vector with the
+        # per-channel factors repeated along it: the same arithmetic as a per-channel broadcast, but one the CPU
+        # vectorises. The permuted view keeps channel-last strides, which suit the patch convolution.
         buffer = self._pixel_buffer(x.shape)
         buffer.copy_(x)
         batch, height, width, channels = buffer.shape
@@ -451,6 +420,10 @@ class Encoder:
             held = self._affine_rows = (width, scale, shift)
         return held[1], held[2]
 
+    def _dummy_pixels(self) -> torch.Tensor:
+        """One black image, normalised: for documented forwards that want an image beside the text."""
+        return self.pixel_values(np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8))
+
     def encode_images(self, pixels) -> np.ndarray:
         """uint8 [B,H,W,3] -> L2-normalised image features [B,D] float32.
 
@@ -470,22 +443,18 @@ class Encoder:
     def _image_features(self, pixels) -> torch.Tensor:
         import torch
 
-        x = self.pixel_values(pixels)
-        if self.spec.kind == "remote":
-            features = self._image_fn(x, normalize=True)[0]
-        else:
-            features = _pooled(self._image_fn(pixel_values=x))
-        return torch.nn.functional.normalize(features.float(), dim=-1)
+        embedding = self._image_fn(pixel_values=self.pixel_values(pixels))
+        return torch.nn.functional.normalize(embedding.float(), dim=-1)
 
     def encode_hidden(self, pixels, features: FeatureSpec) -> np.ndarray:
         """uint8 [B,H,W,3] -> the image tower's `hidden_states[layer]`, pooled, flattened [B, F] float32, as the
         model returns them (not normalised)."""
         import torch
 
-        tower = self.model if self.spec.kind in VISION_ONLY_KINDS else getattr(self.model, "vision_model", None)
+        tower = self.family.image_tower(self.model)
         if tower is None:
             raise UserError(f"model {self.spec.model} exposes no image tower (vision_model) for --features hidden")
-        has_cls = _vision_layout(tower.config)[3]
+        has_cls = self.family.has_class_token(tower.config)
         with torch.inference_mode():
             states = tower(pixel_values=self.pixel_values(pixels), output_hidden_states=True).hidden_states
             h = states[features.layer].float()
@@ -501,43 +470,17 @@ class Encoder:
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompts(self, prompt_set: PromptSet) -> np.ndarray:
         """Ensembled, L2-normalised text embeddings [K,D] float32; also reads the model's logit scale and bias."""
-        import torch
-
         prompts = prompt_set.all_prompts
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(prompts), 256):
-                chunks.append(self._encode_text(prompts[start : start + 256]))
+        chunks = [self._encode_text(prompts[start : start + 256]) for start in range(0, len(prompts), 256)]
         return ensemble(np.concatenate(chunks), prompt_set.counts)
 
     def _encode_text(self, prompts: list[str]) -> np.ndarray:
         import torch
 
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        if self.spec.kind == "remote":
-            # The documented forward, once: it returns the text features and the (already exponentiated) scales.
-            dummy = np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8)
-            text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-            inputs = {k: v.to(self.device) for k, v in text.items()}
-            out = self.model(pixel_values=self.pixel_values(dummy), **inputs)
-            self.logit_scale = float(out["logit_scale"])
-            self.logit_bias = float(out["logit_bias"]) if out.get("logit_bias") is not None else 0.0
-            features = out["text_features"]
-        else:
-            text_config = self.model.config.text_config
-            padding = "max_length" if self.spec.kind == "siglip" else True
-            text = tokenizer(
-                prompts,
-                padding=padding,
-                truncation=True,
-                max_length=text_config.max_position_embeddings,
-                return_tensors="pt",
+        with torch.inference_mode():
+            features, self.logit_scale, self.logit_bias = self.family.text_embedding(
+                self.model, self.tokenizer, prompts, self.device, self._dummy_pixels
             )
-            # Pass what the tokenizer gives, as model(**processor(...)) would (SigLIP's gives no mask).
-            inputs = {k: v.to(self.device) for k, v in text.items() if k in ("input_ids", "attention_mask")}
-            features = _pooled(self.model.get_text_features(**inputs))
-            self.logit_scale = float(self.model.logit_scale.float().exp())
-            self.logit_bias = float(self.model.logit_bias.float()) if self.spec.kind == "siglip" else 0.0
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
 
     # -- scores -------------------------------------------------------------------------------------------------
@@ -552,27 +495,16 @@ class Encoder:
         also reads the concept head's scale and bias from the documented forward."""
         import torch
 
-        if self.spec.kind != "remote" or not hasattr(self.model, "image_proj"):
+        if not self.family.concept_head or not hasattr(self.model, "image_proj"):
             raise UserError(
                 f"model {self.spec.model} has no ConceptCLIP concept head (image_proj / text_proj); "
                 "concept maps need one"
             )
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        text = tokenizer(
-            prompt_set.names,
-            padding=True,
-            truncation=True,
-            max_length=77,
-            return_tensors="pt",
-            return_special_tokens_mask=True,
-        )
-        words = ((text.pop("special_tokens_mask") == 0) & (text["attention_mask"] == 1)).unsqueeze(-1).float()
-        dummy = np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8)
         with torch.inference_mode():
-            out = self.model(pixel_values=self.pixel_values(dummy), **{k: v.to(self.device) for k, v in text.items()})
-        self.concept_logit_scale = float(out["concept_logit_scale"])
-        self.concept_logit_bias = float(out["concept_logit_bias"])
-        tokens = out["text_token_features"].float().cpu()
+            tokens, words, self.concept_logit_scale, self.concept_logit_bias = self.family.concept_tokens(
+                self.model, self.tokenizer, prompt_set.names, self.device, self._dummy_pixels
+            )
+        tokens = tokens.float().cpu()
         mean = (tokens * words).sum(dim=1) / words.sum(dim=1).clamp(min=1)
         return torch.nn.functional.normalize(mean, dim=-1).numpy()
 
@@ -582,8 +514,8 @@ class Encoder:
         import torch
 
         with torch.inference_mode():
-            pooled, tokens = self.model.encode_image(self.pixel_values(pixels), normalize=True)
-            patches = torch.nn.functional.normalize(self.model.image_proj(tokens).float(), dim=-1)
+            pooled, projected = self.family.patch_tokens(self.model, self.pixel_values(pixels))
+            patches = torch.nn.functional.normalize(projected.float(), dim=-1)
             side = int(round(patches.shape[1] ** 0.5))
             if side * side != patches.shape[1]:  # a class token ahead of the patch grid
                 patches, side = patches[:, 1:], int(round((patches.shape[1] - 1) ** 0.5))
@@ -614,10 +546,3 @@ def micro_batch_for_memory(encoder: Encoder, limit: int, headroom: float = 0.7) 
     while size * 2 <= min(fits, limit):
         size *= 2
     return size
-
-
-def _pooled(output):
-    """transformers 5 returns an output object from get_*_features, transformers 4 a tensor."""
-    if hasattr(output, "pooler_output"):
-        return output.pooler_output
-    return output

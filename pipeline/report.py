@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from . import families
 from .errors import UserError
 from .rescore import ScoredOutput, logits_matrix
 from .storage import write_bytes_atomic
@@ -32,7 +33,6 @@ HIST_BINS = 40
 EXAMPLES_PER_REASON = 3
 MAX_REASONS = 50
 THUMBNAIL_PX = 360
-SIGMOID_KINDS = ("siglip", "remote")
 
 
 def _matplotlib():
@@ -369,12 +369,19 @@ def _stages_section(run: dict | None) -> str:
     )
 
 
+def _family(identity: dict) -> families.Family | None:
+    try:
+        return families.named(identity.get("kind", ""))
+    except KeyError:
+        return None
+
+
 def _concepts_section(source: ScoredOutput, summary: RowSummary) -> str:
     if not source.has_logits:
         return "<h2>Concept logits</h2><p>This OUTPUT has no concept logits (a features-only run).</p>"
     if not summary.histograms:
         return "<h2>Concept logits</h2><p>No ok rows.</p>"
-    sigmoid = source.identity.get("kind") in SIGMOID_KINDS
+    sigmoid = _family(source.identity) is not None and _family(source.identity).probability == "sigmoid"
     scale_bias = source.scale_bias
     means = summary.total / max(summary.n, 1)
     figures = [
@@ -438,8 +445,12 @@ def render(
     run = source.out.read_json("_run.json")
     runs = source.out.runs()
     identity = source.identity
+    family = _family(identity)
     facts = [
-        [k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())] for k, v in identity.items()
+        ["model family", family.title if family else v]
+        if k == "kind"
+        else [k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())]
+        for k, v in identity.items()
     ]
     if source.version is not None:
         facts.append(["dataset version", source.version])

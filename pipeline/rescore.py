@@ -30,11 +30,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import families
 from .config import RESCORE_BATCH_ROWS as BATCH_ROWS
 from .config import RESCORE_ROWS_PER_SHARD as ROWS_PER_SHARD
 from .errors import UserError
 from .lease import Lease
-from .models import VISION_ONLY_KINDS, ModelSpec
+from .models import ModelSpec
 from .prompts import Concept, PromptSet
 from .schema import current_names, fixed_list
 from .storage import filesystem, with_retries
@@ -177,6 +178,15 @@ def same_location(a: str, b: str, storage_options: dict | None = None) -> bool:
 
 
 # -- the model, as the OUTPUT recorded it -----------------------------------------------------------------------------
+def recorded_family(source: ScoredOutput) -> families.Family:
+    """The model family an OUTPUT's identity names (`kind`)."""
+    name = source.identity.get("kind", "")
+    try:
+        return families.named(name)
+    except KeyError:
+        raise UserError(f"{source.url} was made with a model family this version does not know ({name!r})") from None
+
+
 def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "auto") -> ModelSpec:
     """The ModelSpec of the run that made `source`: its model, kind, revision and dtype; refuses what cannot be
     rescored (hidden-state features, image towers without text, a model that is not there any more)."""
@@ -190,18 +200,19 @@ def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "
         )
     if "model" not in identity or "kind" not in identity:
         raise UserError(f"{source.url}/_dataset.json names no model (identity.model, identity.kind)")
+    family = recorded_family(source)
     features = identity.get("features", "embedding")
     if features != "embedding":
         raise UserError(
             f"{source.url} stores hidden-state features ({features}), not the model's embedding: "
             "concept logits need the embedding (`--features embedding`)"
         )
-    if identity["kind"] == "remote" and not trust_remote_code:
+    if family.remote_code and not trust_remote_code:
         raise UserError(
             f"{source.url} was made with {identity['model']}, which runs its own Python code: review "
             "it, then pass --trust-remote-code"
         )
-    if identity["kind"] in VISION_ONLY_KINDS:
+    if not family.has_text:
         raise UserError(
             f"{source.url} was made with {identity['model']}, an image tower without a text tower: it "
             "cannot score prompts"
@@ -214,10 +225,10 @@ def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "
         raise UserError(
             f"{source.url} was made with model {identity['model']}, which cannot be loaded here: {exc}"
         ) from None
-    if spec.kind != identity["kind"]:
+    if spec.family is not family:
         raise UserError(
-            f"model {identity['model']} is now a {spec.kind} checkpoint, but {source.url} was made with a "
-            f"{identity['kind']} one: it is not the same model"
+            f"model {identity['model']} is now a {spec.family.title} checkpoint, but {source.url} was made with a "
+            f"{family.title} one: it is not the same model"
         )
     return spec
 

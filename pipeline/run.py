@@ -23,7 +23,6 @@ from .encode import EncodeBatch, RunBoard
 from .errors import ENVIRONMENT_ERROR_CLASSES, EnvironmentFailure, UserError, first_line
 from .lease import LEASE_NAME, Lease
 from .models import (
-    VISION_ONLY_KINDS,
     FeatureSpec,
     ModelSpec,
     hidden_shape,
@@ -239,7 +238,7 @@ class ModelJob:
     def identity(self) -> dict:
         """What the numbers depend on (features only when not the default, so older OUTPUTs keep theirs)."""
         identity = {**self.spec.identity(), "prompt_set_hash": self.prompt_set.set_hash if self.prompt_set else None}
-        if self.features.kind != "embedding":
+        if self.features.hidden:
             identity["features"] = self.features.name
         if self.fast_decode:
             identity["fast_decode"] = True
@@ -258,24 +257,18 @@ def resolve_job(cfg: JobConfig) -> ModelJob:
     features = parse_features(cfg.features)
     prompt_set = load_prompts(cfg.prompts) if cfg.prompts else None
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
-    if prompt_set is not None and spec.kind in VISION_ONLY_KINDS:
+    if prompt_set is not None and not spec.family.has_text:
         raise UserError(
             f"model {cfg.model} is an image tower without a text tower: it cannot score prompts; drop "
             "--prompts for a features-only run"
         )
-    if prompt_set is not None and features.kind != "embedding":
+    if prompt_set is not None and features.hidden:
         raise UserError(
             f"--prompts scores concepts against the model's embedding, so it cannot go with --features "
             f"{features.name}: drop one of them"
         )
-    shape = hidden_shape(spec, features) if features.kind == "hidden" else None
+    shape = hidden_shape(spec, features) if features.hidden else None
     return ModelJob(spec, prompt_set, features, shape, bool(getattr(cfg, "fast_decode", False)))
-
-
-def placed_spec(spec: ModelSpec, layout: Layout) -> ModelSpec:
-    """The model spec with the layout's device and a concrete dtype (auto: bfloat16 on GPUs, float32 on CPUs)."""
-    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if layout.device == "cuda" else "float32")
-    return ModelSpec(spec.model, spec.kind, spec.revision, spec.trust_remote_code, dtype, layout.device, spec.token)
 
 
 # -- where the work runs --------------------------------------------------------------------------------------------
@@ -674,7 +667,7 @@ def run_job(cfg: JobConfig, kind, echo=print, command_started: float | None = No
             layout = actor_layout(cfg, cluster_shape(), model_share(out))
             everywhere = probe_nodes(cfg, listing.sample, echo)
             model = kind.model
-            model.spec = placed_spec(model.spec, layout)
+            model.spec = model.spec.placed(layout.device)
             identity = kind.identity()
             version = check_identity(out, identity, cfg.new_version)
             runs = out.runs()

@@ -541,8 +541,9 @@ def run_slides(cfg: SlidesConfig, echo=print, command_started: float | None = No
     model = resolve_job(cfg)
     if cfg.concept_maps and model.prompt_set is None:
         raise UserError("--concept-maps scores concepts: it needs --prompts")
-    if cfg.concept_maps and model.spec.kind != "remote":
+    if cfg.concept_maps and not model.spec.family.concept_head:
         raise UserError(
-            f"--concept-maps needs a model with ConceptCLIP's concept head; {cfg.model} is a {model.spec.kind} model"
+            f"--concept-maps needs a model with ConceptCLIP's concept head; {cfg.model} is a "
+            f"{model.spec.family.title} model"
         )
     return run_job(cfg, SlidesJob(cfg, model), echo, command_started)

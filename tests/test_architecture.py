@@ -221,6 +221,47 @@ def test_the_collector_sees_imports_inside_functions_relative_absolute_and_throu
     ]
 
 
+FAMILIES_UNIT = "pipeline/families/"
+EXEMPT_FROM_FAMILY_CHECK = {FAMILIES_UNIT, "pipeline/tiny_conceptclip/"}  # the registry; a model's own remote code
+
+
+def family_words() -> set[str]:
+    """What a module would compare to tell families apart: each family's key (OUTPUT identities' `kind`) and the
+    config.json model_type values the registry recognises."""
+    from pipeline import families
+
+    words = {family.name for family in families.FAMILIES}
+    words |= {getattr(family, "model_type", None) for family in families.FAMILIES} - {None}
+    return words | {"clip", "siglip", "clip_vision_model", "siglip_vision_model"}
+
+
+def family_strings(source: str, words: set[str]) -> list[tuple[int, str]]:
+    """(line, word) for every string literal in source that names a model family."""
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in words
+    ]
+
+
+def test_only_the_family_registry_tells_model_families_apart():
+    """A family's behaviour is asked of its adapter (`family.has_text`, `.remote_code`, `.probability`...); no module
+    outside pipeline/families/ compares a family's name, so adding a family is one file and one registry line."""
+    words = family_words()
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line}: {word!r}"
+        for path, unit in package_files().items()
+        if unit not in EXEMPT_FROM_FAMILY_CHECK
+        for line, word in family_strings(path.read_text(), words)
+    ]
+    assert not wrong, "model families told apart by name outside pipeline/families/:\n" + "\n".join(wrong)
+
+
+def test_the_family_check_sees_comparisons_tuples_and_dict_keys():
+    source = 'if spec.kind == "remote": pass\nx = kind in ("clip", "siglip")\ny = {"clip_vision": 1}[k]\n'
+    assert [word for _, word in family_strings(source, family_words())] == ["remote", "clip", "siglip", "clip_vision"]
+
+
 def test_help_loads_no_driver_or_analysis_module():
     """`featurize --help` builds every parser without importing what the commands run."""
     heavy = [

@@ -22,9 +22,9 @@ PROMPTS = PromptSet(
 
 
 def test_families_are_recognised_from_the_config(conceptclip_model, clip_model, siglip_model):
-    assert resolve_model(str(clip_model)).kind == "clip"
-    assert resolve_model(str(siglip_model)).kind == "siglip"
-    assert resolve_model(str(conceptclip_model), trust_remote_code=True).kind == "remote"
+    assert resolve_model(str(clip_model)).family.name == "clip"
+    assert resolve_model(str(siglip_model)).family.name == "siglip"
+    assert resolve_model(str(conceptclip_model), trust_remote_code=True).family.name == "remote"
     with pytest.raises(UserError, match="--trust-remote-code"):
         resolve_model(str(conceptclip_model))
 
@@ -170,7 +170,7 @@ def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(
 
     with caplog.at_level(logging.WARNING, logger="pipeline.models"):
         spec = resolve_model("acme/conceptclip-tiny", trust_remote_code=True)
-    assert spec.kind == "remote"
+    assert spec.family.name == "remote"
     assert "not a commit hash" in caplog.text and "--revision" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.models"):
