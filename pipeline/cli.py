@@ -20,7 +20,15 @@ from pydantic import BaseModel
 
 COMMAND_STARTED = time.time()  # before the imports below: first_shard_s counts from here
 
-from .config import RESCORE_BATCH_ROWS, RESCORE_ROWS_PER_SHARD, RunConfig, SlidesConfig, load_config_file, make_config
+from .config import (
+    RESCORE_BATCH_ROWS,
+    RESCORE_ROWS_PER_SHARD,
+    RunConfig,
+    SlidesConfig,
+    load_config_file,
+    make_config,
+    parse_storage_options,
+)
 from .errors import EnvironmentFailure, UserError
 from .models import quiet_libraries
 
@@ -47,7 +55,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
             continue
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
         kind = {int: int, float: float}.get(annotation, str)
-        if not field.is_required() and field.default not in (None, "") and not isinstance(field.default, dict):
+        if not field.is_required() and field.default_factory is None and field.default not in (None, ""):
             help_text += f" [default: {field.default}]"
         parser.add_argument(
             _flag(name), dest=name, default=None, type=kind, choices=choices, help=help_text, required=False
@@ -79,7 +87,7 @@ def options_from_args(args: argparse.Namespace, model: type[BaseModel]) -> dict[
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
-    from .run import run_images
+    from .images_job import run_images
 
     cfg = make_config(RunConfig, options_from_args(args, RunConfig))
     record = run_images(cfg, echo=_echo, command_started=COMMAND_STARTED)
@@ -99,7 +107,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_manifest(args: argparse.Namespace) -> int:
     from .sources import write_manifest
 
-    options = _json_options(args.storage_options)
+    options = _storage_options(args, args.input, args.manifest)
     t = time.perf_counter()
     table = write_manifest(args.input, args.manifest, options)
     seconds = time.perf_counter() - t
@@ -111,7 +119,7 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_slides(args: argparse.Namespace) -> int:
-    from .run_slides import run_slides
+    from .slides_job import run_slides
 
     cfg = make_config(SlidesConfig, options_from_args(args, SlidesConfig))
     record = run_slides(cfg, echo=_echo, command_started=COMMAND_STARTED)
@@ -130,7 +138,7 @@ def _cmd_slides(args: argparse.Namespace) -> int:
 def _cmd_heatmap(args: argparse.Namespace) -> int:
     from .heatmap import SlideOutput, short_list, write_all, write_heatmap
 
-    options = _json_options(args.storage_options)
+    options = _storage_options(args, args.output)
     result = SlideOutput(args.output, options)
     if args.all:
         if args.slide or args.concept:
@@ -155,7 +163,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
         args.output,
         args.prompts,
         args.out,
-        parse_storage_options(args.storage_options),
+        _storage_options(args, args.output, args.out),
         args.batch_size,
         args.rows_per_shard,
         args.trust_remote_code,
@@ -177,7 +185,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     from .storage import write_bytes_atomic
 
     check_suffix(args.out)
-    options = parse_storage_options(args.storage_options)
+    options = _storage_options(args, args.output, args.out)
     table = label_output(args.output, args.top_k, options, args.softmax)
     write_bytes_atomic(args.out, table_bytes(table, args.out), options)
     _echo(
@@ -196,7 +204,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         args.seed,
         args.out,
         args.predict,
-        parse_storage_options(args.storage_options),
+        _storage_options(args, args.output, args.labels, args.out or "", args.predict or ""),
         echo=_echo,
     )
     print(metrics_table(metrics), flush=True)
@@ -211,26 +219,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out}: write a .html file")
-    write_report(args.output, args.out, parse_storage_options(args.storage_options), args.concept, args.max_slides)
+    options = _storage_options(args, args.output, args.out)
+    write_report(args.output, args.out, options, args.concept, args.max_slides)
     _echo(f"featurize: wrote {args.out}")
     return 0
 
 
-def _json_options(text: str | None) -> Any:
-    """--storage-options as `manifest` and `heatmap` take it: any JSON."""
-    import json
+def _storage_options(args: argparse.Namespace, *urls: str) -> dict:
+    """The command's --storage-options, parsed, and checked against the filesystems of `urls` before any work."""
+    from .storage import check_storage_options
 
-    try:
-        return json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
-
-
-def parse_storage_options(text: str | None) -> dict:
-    """--storage-options as `rescore`, `labels`, `probe` and `report` take it: a JSON object."""
-    options = _json_options(text)
-    if not isinstance(options, dict):
-        raise UserError("--storage-options must be a JSON object")
+    options = parse_storage_options(args.storage_options)
+    check_storage_options(urls, options)
     return options
 
 

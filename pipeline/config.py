@@ -21,6 +21,25 @@ RESCORE_ROWS_PER_SHARD = 40000
 RESCORE_BATCH_ROWS = 8192
 
 
+def parse_storage_options(value: Any) -> dict[str, Any]:
+    """--storage-options as every command takes it: a JSON object (text, or already a mapping from a config file) of
+    fsspec options; nothing or an empty string is {}. Whether the filesystems accept its keys is checked by
+    `storage.check_storage_options` before any work starts."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise UserError(
+            f'--storage-options must be a JSON object of fsspec options (e.g. {{"key": ..., "secret": ...}}), '
+            f"not a {type(value).__name__}"
+        )
+    return {str(k): v for k, v in value.items()}
+
+
 class JobConfig(BaseModel):
     """Options every featurisation job shares (images and slides)."""
 
@@ -87,12 +106,10 @@ class JobConfig(BaseModel):
     @field_validator("storage_options", mode="before")
     @classmethod
     def _parse_storage_options(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"storage_options is not valid JSON ({exc.msg})") from None
-        return value
+        try:
+            return parse_storage_options(value)
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("--storage-options ")) from None
 
 
 class RunConfig(JobConfig):

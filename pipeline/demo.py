@@ -69,7 +69,8 @@ def copy_demo_model(folder: str | Path) -> Path:
 
 
 def run_demo(output: str, n_images: int = 64, echo=print, command_started: float | None = None) -> dict:
-    from .run import run_images, while_ray_starts
+    from .cluster import while_ray_starts
+    from .images_job import run_images
 
     t = time.perf_counter()
     root = Path(output) / "_demo"

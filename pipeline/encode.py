@@ -13,38 +13,13 @@ import time
 
 import numpy as np
 
+from .board import ActorStart, PromptEmbeddings
 from .decode import PreprocessSpec
 from .errors import first_line, is_device_error
 from .models import Encoder, FeatureSpec, ModelSpec, micro_batch_for_memory, quiet_libraries
 from .prompts import PromptSet
 
 log = logging.getLogger(__name__)
-
-
-class RunBoard:
-    """A run's mailbox, a tiny Ray actor (no CPU, threaded): the first model actor posts its prompt embeddings
-    ("prompts", which the driver writes before the first shard) and the seconds of its start-up's steps
-    ("actor_start", for the run record); the driver posts the plan ("plan") that the plan readers of a stream started
-    before planning wait for. The first value posted under a key stays."""
-
-    def __init__(self):
-        import threading
-
-        self.values: dict = {}
-        self.posted = threading.Condition()
-
-    def put(self, key: str, value) -> None:
-        with self.posted:
-            self.values.setdefault(key, value)
-            self.posted.notify_all()
-
-    def get(self, key: str):
-        return self.values.get(key)
-
-    def wait(self, key: str):
-        with self.posted:
-            self.posted.wait_for(lambda: key in self.values)
-            return self.values[key]
 
 
 class StartPhases:
@@ -104,30 +79,22 @@ class EncodeBatch:
             self.dim = self.text_embeddings.shape[1]
         phases.mark("warmup_s")
         if board is not None:
-            import ray
+            self._post_start(board, started, phases)
 
-            posts = [
-                board.put.remote(
-                    "actor_start",
-                    {"started_at": started, **phases.seconds(), "device": str(self.encoder.device), "pid": os.getpid()},
-                )
-            ]
-            if self.text_embeddings is not None:
-                posts.append(
-                    board.put.remote(
-                        "prompts",
-                        {
-                            "text_embeddings": self.text_embeddings,
-                            "logit_scale": self.encoder.logit_scale,
-                            "logit_bias": self.encoder.logit_bias,
-                            "device": str(self.encoder.device),
-                            "dtype": str(self.encoder.dtype).replace("torch.", ""),
-                            "pid": os.getpid(),
-                        },
-                    )
-                )
-            # Waited for: the driver writes _prompts.parquet before the first shard, and finds it here by then.
-            ray.get(posts)
+    def _post_start(self, board, started: float, phases: StartPhases) -> None:
+        """Hand the driver the start-up's seconds and the prompt embeddings, and wait until they are posted: the
+        driver writes _prompts.parquet before the first shard, and finds them on the board by then."""
+        import ray
+
+        device, pid = str(self.encoder.device), os.getpid()
+        posts = [board.post_actor_start.remote(ActorStart(started, phases.seconds(), device, pid))]
+        if self.text_embeddings is not None:
+            dtype = str(self.encoder.dtype).replace("torch.", "")
+            message = PromptEmbeddings(
+                self.text_embeddings, self.encoder.logit_scale, self.encoder.logit_bias, device, dtype, pid
+            )
+            posts.append(board.post_prompts.remote(message))
+        ray.get(posts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t = time.perf_counter()

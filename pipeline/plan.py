@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .storage import is_remote, local_path, put_file_atomic
+from .board import PlanPosted
+from .storage import filesystem, is_remote, local_path, put_file_atomic
 from .write import OutputDir
 
 # DuckDB's share of the driver's memory; past it, joins and sorts spill to the workspace.
@@ -25,9 +26,15 @@ DUCKDB_MEMORY = os.environ.get("FEATURIZE_PLAN_MEMORY", "512MB")
 PLAN_ROW_GROUP = 65_536
 
 
+def sql_string(value) -> str:
+    """A SQL string literal of a path or uri, quotes escaped: the one way a path enters SQL (DuckDB's COPY ... TO and
+    read_parquet take no bound parameters for file names)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def sql_list(values) -> str:
     """A SQL list literal of strings (read_parquet's file list)."""
-    return "[" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + "]"
+    return "[" + ", ".join(sql_string(v) for v in values) + "]"
 
 
 class Workspace:
@@ -49,7 +56,7 @@ class Workspace:
 
             self._con = duckdb.connect(self.path("plan.duckdb"))
             self._con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-            self._con.execute(f"SET temp_directory = '{self.path('spill')}'")
+            self._con.execute(f"SET temp_directory = {sql_string(self.path('spill'))}")
             self._con.execute(f"SET threads = {max(1, os.cpu_count() or 1)}")
         return self._con
 
@@ -118,7 +125,9 @@ def open_listing(ws: Workspace, files: list[str], rows: int) -> Listing:
 def write_listing_uris(ws: Workspace, out: OutputDir) -> None:
     """OUTPUT/_listing.parquet: the uris the newest run listed (readers drop removed inputs with it)."""
     local = ws.path("_listing.parquet")
-    ws.con.execute(f"COPY (SELECT uri FROM listed ORDER BY uri) TO '{local}' (FORMAT parquet, COMPRESSION zstd)")
+    ws.con.execute(
+        f"COPY (SELECT uri FROM listed ORDER BY uri) TO {sql_string(local)} (FORMAT parquet, COMPRESSION zstd)"
+    )
     put_file_atomic(local, out.child("_listing.parquet"), out.storage_options)
 
 
@@ -164,26 +173,32 @@ def classify(ws: Workspace) -> dict[str, int]:
         SELECT l.uri, l.size, l.mtime, l.etag,
                CASE WHEN c.uri IS NULL THEN 'new'
                     WHEN c.status <> 'ok' THEN CASE WHEN {CHANGED_SQL} THEN 'error_changed' ELSE 'error' END
-                    WHEN {CHANGED_SQL} THEN 'changed' ELSE 'unchanged' END AS kind
+                    WHEN {CHANGED_SQL} THEN 'changed' ELSE 'unchanged' END AS state
         FROM listed l LEFT JOIN committed c ON l.uri = c.uri""")
     counts = {"new": 0, "changed": 0, "error": 0, "unchanged": 0}
-    for kind, n in ws.con.execute("SELECT kind, count(*) FROM classified GROUP BY kind").fetchall():
-        counts["error" if kind == "error_changed" else kind] += int(n)
+    for state, n in ws.con.execute("SELECT state, count(*) FROM classified GROUP BY state").fetchall():
+        counts["error" if state == "error_changed" else state] += int(n)
     return counts
 
 
-def planned_kinds(incremental: bool, retry_errors: bool) -> list[str]:
+def planned_states(incremental: bool, retry_errors: bool) -> list[str]:
     """What a run processes: new inputs; with incremental the changed ones (error rows too); with retry_errors every
     input whose newest row is an error row."""
-    kinds = ["new"]
+    states = ["new"]
     if incremental:
-        kinds += ["changed", "error_changed"]
+        states += ["changed", "error_changed"]
     if retry_errors:
-        kinds += ["error"] + ([] if incremental else ["error_changed"])
-    return kinds
+        states += ["error"] + ([] if incremental else ["error_changed"])
+    return states
 
 
-def write_plan(ws: Workspace, kinds: list[str], first_unit: int, rows_per_shard: int) -> tuple[str, int]:
+def count_planned(ws: Workspace, states: list[str]) -> int:
+    """How many listed inputs are in one of `states` (what a dry run would plan)."""
+    listed = ", ".join(sql_string(state) for state in states)
+    return int(ws.con.execute(f"SELECT count(*) FROM classified WHERE state IN ({listed})").fetchone()[0])
+
+
+def write_plan(ws: Workspace, states: list[str], first_unit: int, rows_per_shard: int) -> tuple[str, int]:
     """The plan file (uri, size, mtime, etag, unit, row; inputs sorted by uri, cut into runs of rows_per_shard) in
     the workspace: (its path, rows)."""
     path = ws.path("plan.parquet")
@@ -192,9 +207,9 @@ def write_plan(ws: Workspace, kinds: list[str], first_unit: int, rows_per_shard:
                CAST({int(first_unit)} + (n - 1) // {int(rows_per_shard)} AS INTEGER) AS unit,
                CAST(n - 1 AS BIGINT) AS "row"
         FROM (SELECT uri, size, mtime, etag, row_number() OVER (ORDER BY uri) AS n
-              FROM classified WHERE kind IN ({", ".join(repr(k) for k in kinds)}))
-        ORDER BY n) TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
-    rows = ws.con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+              FROM classified WHERE state IN ({", ".join(sql_string(k) for k in states)}))
+        ORDER BY n) TO {sql_string(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
+    rows = ws.con.execute(f"SELECT count(*) FROM read_parquet({sql_string(path)})").fetchone()[0]
     return path, int(rows)
 
 
@@ -210,8 +225,94 @@ def contiguous_units(rows: int, first_unit: int, rows_per_shard: int) -> dict[in
 def plan_unit_counts(ws: Workspace, out: OutputDir, plan_path: str) -> dict[int, int]:
     """unit -> rows of a plan file (a resumed run's), read by DuckDB: only the unit column."""
     ws.use(out)
-    rows = ws.con.execute(f"SELECT unit, count(*) FROM read_parquet('{duckdb_path(out, plan_path)}') GROUP BY unit")
+    rows = ws.con.execute(
+        f"SELECT unit, count(*) FROM read_parquet({sql_string(duckdb_path(out, plan_path))}) GROUP BY unit"
+    )
     return {int(u): int(n) for u, n in rows.fetchall()}
+
+
+# -- slides: what is done, and a plan from per-slide parts -----------------------------------------------------------
+def listed_uris(ws: Workspace) -> list[str]:
+    """Every listed uri, sorted (a few per slide: fine in memory, unlike an image listing)."""
+    return fetch_table(ws.con, "SELECT uri FROM listed ORDER BY uri").column("uri").to_pylist()
+
+
+def listed_except(ws: Workspace, done: pa.Table) -> pa.Table:
+    """The listed inputs (uri, size, mtime, etag) whose uri is not in `done`, sorted by uri."""
+    ws.con.register("done_inputs", done.select(["uri"]))
+    try:
+        return fetch_table(
+            ws.con,
+            "SELECT uri, size, mtime, etag FROM listed WHERE uri NOT IN (SELECT uri FROM done_inputs) ORDER BY uri",
+        )
+    finally:
+        ws.con.unregister("done_inputs")
+
+
+def done_slides(ws: Workspace, out: OutputDir, previous: pa.Table | None, version: int, incremental: bool) -> pa.Table:
+    """The listed slides that need no new run: finished (status ok) in `previous` (OUTPUT's slide table) with all
+    their tiles in committed shards (counted by DuckDB over the shards, never per tile on the driver), and with
+    `incremental` unchanged since. A one-column table of uris."""
+    import pyarrow.compute as pc
+
+    if previous is None or previous.num_rows == 0:
+        return pa.table({"uri": pa.array([], pa.string())})
+    previous = previous.filter(
+        pc.and_(pc.equal(previous.column("dataset_version"), version), pc.equal(previous.column("status"), "ok"))
+    )
+    ws.con.register("previous_slides", previous.select(["uri", "run_id", "n_tiles", "size", "mtime", "etag"]))
+    shards = sorted(out.shard_units().values())
+    if shards:
+        ws.use(out)
+        files = sql_list(duckdb_path(out, p) for p in shards)
+        tiles = f"""(SELECT uri, run_id, count(*) AS n FROM read_parquet({files}, union_by_name = true)
+                     WHERE dataset_version = {int(version)} GROUP BY uri, run_id)"""
+    else:
+        tiles = "(SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS run_id, 0 AS n WHERE false)"
+    changed = f"AND NOT ({CHANGED_SQL})" if incremental else ""
+    return fetch_table(
+        ws.con,
+        f"""SELECT c.uri FROM previous_slides c JOIN {tiles} t ON c.uri = t.uri
+        AND c.run_id = t.run_id JOIN listed l ON l.uri = c.uri WHERE t.n = c.n_tiles {changed}""",
+    )
+
+
+def write_parts_plan(
+    ws: Workspace,
+    out: OutputDir | None,
+    parts: dict[int, str],
+    n_rows: dict[int, int],
+    schema: pa.Schema,
+    first_unit: int,
+    rows_per_shard: int,
+) -> str:
+    """The plan file from per-slide part files (`schema`'s columns plus `part` and `tile`): row = the part's first
+    row (parts in order) + the tile's position in it; units of rows_per_shard rows from first_unit. DuckDB reads the
+    parts (OUTPUT's filesystem for remote ones) and writes the plan sorted by row, in row groups the plan readers
+    take one at a time. The same plan whichever part was written first."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    path = ws.path("plan.parquet")
+    if not parts:
+        pq.write_table(
+            schema.append(pa.field("unit", pa.int32())).append(pa.field("row", pa.int64())).empty_table(), path
+        )
+        return path
+    order = sorted(parts)
+    starts = np.concatenate([[0], np.cumsum([n_rows[i] for i in order])[:-1]]).astype(np.int64)
+    ws.con.register("plan_parts", pa.table({"part": pa.array(order, pa.int32()), "start": pa.array(starts)}))
+    if any(is_remote(p) for p in parts.values()):
+        ws.use(out)
+    files = sql_list(duckdb_path(out, filesystem(parts[i])[1]) if is_remote(parts[i]) else parts[i] for i in order)
+    columns = ", ".join(f't."{f.name}"' for f in schema)
+    ws.con.execute(f"""COPY (
+        SELECT {columns}, CAST({int(first_unit)} + (p.start + t.tile) // {int(rows_per_shard)} AS INTEGER) AS unit,
+               CAST(p.start + t.tile AS BIGINT) AS "row"
+        FROM read_parquet({files}) t JOIN plan_parts p ON t.part = p.part ORDER BY "row")
+        TO {sql_string(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
+    ws.con.unregister("plan_parts")
+    return path
 
 
 # -- resume ---------------------------------------------------------------------------------------------------------
@@ -276,7 +377,7 @@ def plan_ranges(rows: int) -> int:
 
 
 def read_plan_range(batch, board, columns: list[str]):
-    """(Ray Data stage, no CPU; a generator.) The plan's rows numbered [i, i + 1) * PLAN_RANGE_ROWS, for the `id` i
+    """(Ray Data stage, no CPU; a generator.) The plan's rows numbered [i, i + 1) * range_rows, for the `id` i
     of its one input row: waits on the run's board for the plan (the stream may open while the driver still plans),
     then yields those of the units still to do, read from the plan file (its row groups that overlap the range) or,
     when the workers cannot read OUTPUT, the driver's object for the range."""
@@ -284,17 +385,17 @@ def read_plan_range(batch, board, columns: list[str]):
     import pyarrow.compute as pc
     import ray
 
-    plan = ray.get(board.wait.remote("plan"))
-    if not plan or not plan.get("rows"):
+    plan = ray.get(board.wait_plan.remote())
+    if plan is None or not plan.rows:
         return
-    wanted = pa.array(plan["units"], pa.int32()) if plan["units"] is not None else None
-    step = int(plan["range_rows"])
+    wanted = pa.array(plan.units, pa.int32()) if plan.units is not None else None
+    step = int(plan.range_rows)
     for i in np.asarray(batch["id"]).tolist():
-        if plan.get("refs") is not None:
-            ref = plan["refs"].get(i)
+        if plan.refs is not None:
+            ref = plan.refs.get(i)
             table = ray.get(ref) if ref is not None else None
         else:
-            table = _plan_rows(plan["output"], plan["storage_options"], plan["path"], i * step, (i + 1) * step, columns)
+            table = _plan_rows(plan.output, plan.storage_options, plan.path, i * step, (i + 1) * step, columns)
             if table is not None and wanted is not None:
                 table = table.filter(pc.is_in(table.column("unit"), value_set=wanted))
         if table is not None and table.num_rows:
@@ -357,16 +458,9 @@ def post_plan(
     (None: all), and the plan file's path when every node can read OUTPUT (object storage, one node, shared disk),
     else its ranges put into the object store by the driver one at a time (never whole in the driver's memory).
     Returns the refs to hold until the stream ends."""
-    plan = {
-        "rows": rows,
-        "units": units,
-        "output": out.url,
-        "storage_options": out.storage_options,
-        "path": plan_path,
-        "refs": None,
-        "range_rows": PLAN_RANGE_ROWS,
-    }
-    if not everywhere:
-        plan.update(refs=plan_range_refs(out, plan_path, columns, units), units=None)
-    board.put.remote("plan", plan)
-    return list((plan["refs"] or {}).values())
+    refs = None if everywhere else plan_range_refs(out, plan_path, columns, units)
+    plan = PlanPosted(
+        rows, units if everywhere else None, out.url, out.storage_options, plan_path, PLAN_RANGE_ROWS, refs=refs
+    )
+    board.post_plan.remote(plan)
+    return list((refs or {}).values())

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from .dataset import readable_version
 from .errors import UserError
 from .plan import duckdb_path
 from .schema import RENAMED_COLUMNS, current_names, current_names_sql
@@ -135,10 +136,8 @@ def snapshot(output: str, storage_options: dict | None, version: int | None, exc
 
 
 def _version(dataset: dict, version: int | None) -> int:
-    """The version asked for, else the readable one; writers before `readable_version` recorded only `version`."""
-    if version is None:
-        version = dataset.get("readable_version")
-    return int(version if version is not None else dataset.get("version", 1))
+    """The version asked for, else the readable one."""
+    return int(version) if version is not None else readable_version(dataset)
 
 
 def _index(

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from . import families
 from .config import RESCORE_BATCH_ROWS as BATCH_ROWS
 from .config import RESCORE_ROWS_PER_SHARD as ROWS_PER_SHARD
+from .dataset import readable_identity, readable_version
 from .errors import UserError
 from .lease import Lease
 from .models import ModelSpec
@@ -71,7 +72,8 @@ class ScoredOutput:
         if self.rescore_record is not None:
             self.identity, self.version = dict(self.rescore_record["identity"]), None
         elif dataset is not None:
-            self.identity, self.version = dict(dataset.get("identity", {})), int(dataset.get("version", 1))
+            self.version = readable_version(dataset)
+            self.identity = readable_identity(self.out, dataset)
         else:
             raise UserError(
                 f"{output} holds no featurised output (no _dataset.json); is it the OUTPUT of "
@@ -355,7 +357,7 @@ def rescore(
     """New concept logits for OUTPUT's current rows with the prompt set in `prompts`, into OUT2; returns the
     _rescore.json record."""
     from .prompts import load_prompts
-    from .run import _iso, new_run_id
+    from .record import iso, new_run_id
     from .schema import metadata_bytes, package_versions, prompts_table, provenance
 
     started = time.time()
@@ -385,7 +387,7 @@ def rescore(
         "logit_scale": scale,
         "logit_bias": bias,
         "run_id": run_id,
-        "started_at": _iso(started),
+        "started_at": iso(started),
         "output": out2,
     }
     with Lease.acquire(out2, storage_options, run_id):  # one writer per OUT2, as for every OUTPUT
@@ -450,7 +452,7 @@ def rescore(
             state="complete",
             counts=counts,
             shards=len(sink.written),
-            ended_at=_iso(time.time()),
+            ended_at=iso(time.time()),
             score_s=round(time.perf_counter() - t, 3),
             versions=package_versions(),
         )

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import fsspec
 
+from .errors import UserError, first_line
+
 T = TypeVar("T")
 
 _RETRY_ATTEMPTS = 5
@@ -55,6 +57,37 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     if protocol == "file":
         path = os.path.abspath(path)
     return fs, fs._strip_protocol(path) if protocol != "file" else path
+
+
+def check_storage_options(urls, storage_options: dict | None) -> None:
+    """Before any work starts: every object store among `urls` accepts `storage_options` (a filesystem that checks
+    its options only on first use, like s3fs, is set up now, offline). An option it does not take, or a missing
+    filesystem package, is a one-line UserError naming it."""
+    for protocol in sorted({url.split("://", 1)[0] for url in urls if url and is_remote(url)}):
+        try:
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **(storage_options or {}))
+            connect = getattr(fs, "connect", None)
+            if callable(connect):
+                connect()
+        except ImportError as exc:
+            raise UserError(
+                f"{protocol}:// needs a package that is not installed ({first_line(exc, 200)}); see the "
+                "install extras s3, gcs, azure"
+            ) from None
+        except TypeError as exc:
+            raise UserError(
+                f"--storage-options: {protocol}:// does not take {unexpected_name(exc)} ({first_line(exc, 200)})"
+            ) from None
+        except ValueError as exc:
+            raise UserError(f"--storage-options for {protocol}://: {first_line(exc, 200)}") from None
+
+
+def unexpected_name(exc: BaseException) -> str:
+    """The option a TypeError says was unexpected ("... got an unexpected keyword argument 'x'"), or 'an option'."""
+    import re
+
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    return f"the option {found.group(1)!r}" if found else "one of these options"
 
 
 def join(base: str, *names: str) -> str:

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import UserError
 from .schema import (
     IMAGE_SCHEMA,
     error_column,
@@ -125,9 +124,6 @@ class OutputDir:
                 return pq.read_table(f)
         except FileNotFoundError:
             return None
-
-    def read_plan(self, run_id: str) -> pa.Table | None:
-        return self.read_table("_runs", f"{run_id}.plan.parquet")
 
 
 def newest_per_uri(table: pa.Table) -> pa.Table:
@@ -401,21 +397,3 @@ def image_table_builder(run_id: str, dataset_version: int):
         )
 
     return build
-
-
-def check_identity(out: OutputDir, identity: dict, new_version: bool) -> int:
-    """The dataset version to write; refuses to mix a changed model/revision/dtype/prompt set silently."""
-    current = out.read_json("_dataset.json")
-    if current is None:
-        return 1
-    old = current.get("identity", {})
-    if old == identity:
-        return int(current.get("version", 1))
-    changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    if not new_version:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in changed)
-        raise UserError(
-            f"output {out.url} was made with a different {', '.join(changed)} ({detail}); "
-            "pass --new-version to start a new dataset version there, or use another OUTPUT"
-        )
-    return int(current.get("version", 1)) + 1

@@ -14,7 +14,7 @@ from pipeline import read_features
 from pipeline.config import RunConfig
 from pipeline.demo import make_images
 from pipeline.errors import EnvironmentFailure, UserError
-from pipeline.run import run_images
+from pipeline.images_job import run_images
 
 QUIET = {"echo": lambda m: None}
 
@@ -70,7 +70,9 @@ def test_versions_duplicates_prompts_and_fast_decode(
             **QUIET,
         )
     dataset = json.loads((out / "_dataset.json").read_text())
-    assert (dataset["version"], dataset["readable_version"]) == (2, 1)
+    assert dataset["readable_version"] == 1  # _dataset.json is written when a run completes, never by a failed one
+    failed = json.loads((out / "_run.json").read_text())
+    assert (failed["state"], failed["dataset_version"]) == ("failed", 2)
     assert read_features(str(out)).equals(v1)
 
     # It completes: version 2 is what readers get, and version 1 is still there when asked for.

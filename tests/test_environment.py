@@ -20,7 +20,8 @@ from pipeline.console import Progress
 from pipeline.decode import PreprocessSpec, decode_batch
 from pipeline.demo import make_images
 from pipeline.errors import EnvironmentFailure, UserError, is_device_error, read_error_class
-from pipeline.run import environment_failure, run_images
+from pipeline.images_job import run_images
+from pipeline.stream import environment_failure
 
 QUIET = {"echo": lambda m: None}
 SPEC = PreprocessSpec("squash", 16, 16)

@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
+from pipeline.images_job import run_images
 from pipeline.models import parse_features
-from pipeline.run import run_images
 
 QUIET = {"echo": lambda m: None}
 

@@ -18,8 +18,8 @@ from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.heatmap import SlideOutput, tile_grid_values, write_all, write_heatmap
 from pipeline.prompts import Concept, PromptSet
-from pipeline.run_slides import tile_table_builder
 from pipeline.schema import SLIDE_SCHEMA, TILE_SCHEMA, prompts_table
+from pipeline.slides_job import tile_table_builder
 from pipeline.write import OutputDir
 
 CONCEPTS = ["tumor", "stroma", "necrotic tissue"]

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.config import RunConfig
+from pipeline.images_job import run_images
 from pipeline.prompts import load_prompts
-from pipeline.run import run_images
 
 
 def read_output(output: Path):

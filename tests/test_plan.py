@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import RunConfig
+from pipeline.job import resolve_job
 from pipeline.plan import (
     MAX_LIST_VALUES,
     SHARD_BYTES,
@@ -21,12 +22,11 @@ from pipeline.plan import (
     contiguous_units,
     normalised_input,
     open_listing,
-    planned_kinds,
+    planned_states,
     shard_rows,
     unfinished_run,
     write_plan,
 )
-from pipeline.run import resolve_job
 from pipeline.schema import IMAGE_SCHEMA, fixed_list
 from pipeline.sources import LISTING_SCHEMA, write_listing
 from pipeline.write import OutputDir, shard_name
@@ -119,7 +119,7 @@ def test_new_changed_error_and_unchanged_are_told_apart_against_each_inputs_newe
         assert (listing.rows, listing.unique, listing.duplicates) == (9, 8, 1)
         committed_view(ws, out, version=1)
         counts = classify(ws)
-        kinds = dict(ws.con.execute("SELECT uri, kind FROM classified").fetchall())
+        kinds = dict(ws.con.execute("SELECT uri, state FROM classified").fetchall())
     assert kinds == {
         "/d/same": "unchanged",
         "/d/grown": "unchanged",
@@ -166,7 +166,7 @@ def test_the_plan_is_sorted_cut_into_units_and_holds_only_what_the_options_ask_f
         )
         committed_view(ws, out, 1)
         classify(ws)
-        path, rows = write_plan(ws, planned_kinds(incremental, retry), first_unit=7, rows_per_shard=2)
+        path, rows = write_plan(ws, planned_states(incremental, retry), first_unit=7, rows_per_shard=2)
         plan = pq.read_table(path)
     assert plan.column("uri").to_pylist() == expected and rows == len(expected)
     assert plan.column("row").to_pylist() == list(range(rows))
@@ -175,9 +175,9 @@ def test_the_plan_is_sorted_cut_into_units_and_holds_only_what_the_options_ask_f
 
 
 def test_a_big_listing_streams_in_chunks_and_plans_every_input_once(tmp_path, monkeypatch):
-    import pipeline.sources as sources
+    import pipeline.sources.common as common
 
-    monkeypatch.setattr(sources, "CHUNK_ROWS", 7)  # many chunk files from a small tree
+    monkeypatch.setattr(common, "CHUNK_ROWS", 7)  # many chunk files from a small tree
     tree = tmp_path / "tree"
     for d in range(4):
         (tree / f"d{d}").mkdir(parents=True)

@@ -55,7 +55,7 @@ def colour_outputs(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
     NEW_PROMPTS_YAML (`fresh`), by two real runs of the tiny ConceptCLIP-style model. Needs ray_session."""
     if "colours" not in _CACHE:
         from pipeline.config import RunConfig
-        from pipeline.run import run_images
+        from pipeline.images_job import run_images
 
         root = tmp_path_factory.mktemp("colours")
         labels = colour_images(root / "images")
@@ -92,8 +92,8 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         from slide_fixtures import draw_slide, grid_plan, with_plan, write_slide
 
         from pipeline.prompts import load_prompts
-        from pipeline.run_slides import tile_table_builder
         from pipeline.schema import SLIDE_SCHEMA, prompts_table
+        from pipeline.slides_job import tile_table_builder
         from pipeline.write import OutputDir
 
         root = tmp_path_factory.mktemp("slides")

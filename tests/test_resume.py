@@ -19,7 +19,7 @@ from pipeline import read_features
 from pipeline.config import RunConfig
 from pipeline.demo import make_images
 from pipeline.errors import UserError
-from pipeline.run import run_images
+from pipeline.images_job import run_images
 
 QUIET = {"echo": lambda m: None}
 

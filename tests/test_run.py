@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.cluster import actor_layout
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from pipeline.run import Stream, actor_layout
+from pipeline.stream import Stream
 
 CFG = dict(input="in", output="out", model="m", prompts="p.yaml")
 
@@ -44,7 +45,7 @@ def test_cpu_share_follows_the_measured_demand(share, cpus, node_cpus, expected)
 
 
 def test_the_model_share_is_measured_by_the_outputs_newest_cpu_run(tmp_path):
-    from pipeline.run import model_share
+    from pipeline.cluster import model_share
     from pipeline.write import OutputDir
 
     out = OutputDir(str(tmp_path))
@@ -66,7 +67,7 @@ def test_the_model_share_is_measured_by_the_outputs_newest_cpu_run(tmp_path):
     ],
 )
 def test_blocks_into_the_cpu_stage_are_bounded_by_rows_and_by_decoded_bytes(rows, side, cpus, expected):
-    from pipeline.run import stage_block_rows
+    from pipeline.stream import stage_block_rows
 
     assert stage_block_rows(rows, 32, (side, side, 3), cpus) == expected
 
@@ -81,7 +82,8 @@ def test_one_actor_per_gpu_in_bfloat16_batches():
 def test_gpu_actors_take_a_second_call_while_the_model_runs_and_cpu_actors_do_not():
     """On a GPU, Ray Data batches the next call's rows in the actor while the model runs (max_concurrency 2);
     CPU actors keep one call, so no extra thread competes for their cores."""
-    from pipeline.run import GPU_ACTOR_CALLS, actor_pool_options
+    from pipeline.cluster import GPU_ACTOR_CALLS
+    from pipeline.stream import actor_pool_options
 
     gpu = actor_layout(RunConfig(**CFG), {"cpus": 64, "gpus": 4})
     assert GPU_ACTOR_CALLS == 2 and gpu.as_dict()["actor_calls"] == 2
@@ -107,7 +109,7 @@ def consume(ds, writer, cfg, stats) -> None:
     """A whole stream as the run drives it: started, consumed, closed however that ends."""
     stream = Stream(ds).start()
     try:
-        stream.consume(writer, cfg, stats, on_commit=lambda unit: None)
+        stream.consume(writer, cfg, stats)
     finally:
         stream.close()
 

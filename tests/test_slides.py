@@ -388,7 +388,7 @@ def test_planning_tasks_write_the_tiles_and_the_plan_is_the_same_wherever_they_w
 
     from pipeline.config import SlidesConfig
     from pipeline.plan import Workspace
-    from pipeline.run_slides import plan_slides
+    from pipeline.slides_job import plan_slides
     from pipeline.sources import list_inputs
     from pipeline.storage import remove_tree
     from pipeline.write import OutputDir

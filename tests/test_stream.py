@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.board import RunBoard
 from pipeline.config import RunConfig
-from pipeline.encode import RunBoard
 from pipeline.errors import EnvironmentFailure, UserError
+from pipeline.images_job import ImagesJob, run_images
 from pipeline.plan import post_plan, read_plan_range
-from pipeline.run import ImagesJob, run_images
 from pipeline.write import OutputDir
 
 COLUMNS = ["uri", "unit", "row"]
@@ -82,7 +82,7 @@ def test_readers_started_before_the_plan_yield_each_pending_row_once(ray_session
 def test_an_empty_plan_ends_the_readers(ray_session):
     ray = ray_session
     board = ray.remote(num_cpus=0, max_concurrency=64)(RunBoard).remote()
-    board.put.remote("plan", None)  # what a run that fails, or has nothing to do, posts
+    board.post_plan.remote(None)  # what a run that fails, or has nothing to do, posts
     assert readers(board, 3).take_all() == []
 
 
@@ -121,14 +121,14 @@ def test_planning_failing_after_the_actors_started_releases_them(
 def test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resumes_it(
     ray_session, conceptclip_model, prompts_file, photo_dir, tmp_path, monkeypatch
 ):
-    import pipeline.run as run
+    import pipeline.stream as stream
 
-    real = run.post_plan
+    real = stream.post_plan
 
     def nothing_pending(board, out, path, columns, units, rows, everywhere):  # the readers see no unit to do
         return real(board, out, path, columns, [], rows, everywhere)
 
-    monkeypatch.setattr(run, "post_plan", nothing_pending)
+    monkeypatch.setattr(stream, "post_plan", nothing_pending)
     cfg = RunConfig(
         input=str(photo_dir),
         output=str(tmp_path / "out"),
@@ -142,7 +142,7 @@ def test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resume
     assert not list((tmp_path / "out").glob("part-*"))
     assert json.loads((tmp_path / "out" / "_run.json").read_text())["state"] == "failed"  # never "complete"
 
-    monkeypatch.setattr(run, "post_plan", real)
+    monkeypatch.setattr(stream, "post_plan", real)
     again = run_images(cfg, echo=lambda m: None)
     assert again["resumed"] and again["counts"]["ok"] == 24
     # no shard yet, but a plan to resume (which may hold more rows than today's listing): planned first

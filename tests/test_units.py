@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from slide_fixtures import draw_slide, pyramid, write_slide
 
+from pipeline.dataset import check_identity
 from pipeline.errors import UserError
 from pipeline.slides import SlideReader, open_slide, openslide_available
-from pipeline.write import OutputDir, ShardWriter, check_identity, shard_name
+from pipeline.write import OutputDir, ShardWriter, shard_name
 
 READERS = [
     "tiffslide",

@@ -1,6 +1,6 @@
-"""`featurize slides`: plan every slide in Ray tasks, stream its tissue tiles through the image pipeline's stages
-(`run.build_dataset` with `slides.read_tiles` as the CPU stage, the same model actors), commit tile shards with
-`write.ShardWriter`, then summarise each slide.
+"""`featurize slides`: the `Job` for whole-slide images (see pipeline/job.py). Every slide is planned in a Ray task;
+its tissue tiles stream through the same stages as images (`slides.read_tiles` as the CPU stage, the same model
+actors) into tile shards; then each slide is summarised.
 
 OUTPUT, beside the files every run writes (see write.py):
   part-NNNNN.parquet            tile rows (TILE_SCHEMA), one shard per work unit of `rows_per_shard` tiles
@@ -23,22 +23,21 @@ import pyarrow.parquet as pq
 
 from .config import SlidesConfig
 from .errors import UserError, first_line
-from .models import row_widths
+from .job import ModelJob, Planned, list_inputs, model_rows_per_shard, resolve_job
+from .nodes import refuse_process_local
 from .plan import (
-    CHANGED_SQL,
-    PLAN_ROW_GROUP,
     Listing,
     Workspace,
     contiguous_units,
-    duckdb_path,
-    fetch_table,
+    done_slides,
+    listed_except,
+    listed_uris,
     next_unit,
     plan_unit_counts,
-    shard_rows,
-    sql_list,
     unfinished_run,
+    write_parts_plan,
 )
-from .run import ImagesJob, Planned, refuse_process_local, resolve_job, run_job
+from .run import run_job
 from .schema import (
     CONCEPT_MAPS_FIELD,
     PLAN_TILE_SCHEMA,
@@ -54,7 +53,7 @@ from .schema import (
     without_absent_logits,
 )
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
-from .storage import filesystem, is_remote, join, only_driver_node, remove_tree, write_bytes_atomic
+from .storage import is_remote, join, only_driver_node, remove_tree, write_bytes_atomic
 from .summary import summarise_slides
 from .write import OutputDir, parquet_bytes
 
@@ -69,33 +68,6 @@ def make_tiling(cfg: SlidesConfig, model_input_px: int) -> Tiling:
 
 
 # -- planning -------------------------------------------------------------------------------------------------------
-def done_slides(ws: Workspace, out: OutputDir, version: int, incremental: bool) -> pa.Table:
-    """The listed slides that need no new run: finished (status ok) in OUTPUT/_slides.parquet with all their tiles in
-    committed shards (counted by DuckDB over the shards, never per tile on the driver), and with `incremental`
-    unchanged since. A one-column table of uris."""
-    previous = out.read_table("_slides.parquet")
-    if previous is None or previous.num_rows == 0:
-        return pa.table({"uri": pa.array([], pa.string())})
-    previous = previous.filter(
-        pc.and_(pc.equal(previous.column("dataset_version"), version), pc.equal(previous.column("status"), "ok"))
-    )
-    ws.con.register("previous_slides", previous.select(["uri", "run_id", "n_tiles", "size", "mtime", "etag"]))
-    shards = sorted(out.shard_units().values())
-    if shards:
-        ws.use(out)
-        files = sql_list(duckdb_path(out, p) for p in shards)
-        tiles = f"""(SELECT uri, run_id, count(*) AS n FROM read_parquet({files}, union_by_name = true)
-                     WHERE dataset_version = {int(version)} GROUP BY uri, run_id)"""
-    else:
-        tiles = "(SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS run_id, 0 AS n WHERE false)"
-    changed = f"AND NOT ({CHANGED_SQL})" if incremental else ""
-    return fetch_table(
-        ws.con,
-        f"""SELECT c.uri FROM previous_slides c JOIN {tiles} t ON c.uri = t.uri
-        AND c.run_id = t.run_id JOIN listed l ON l.uri = c.uri WHERE t.n = c.n_tiles {changed}""",
-    )
-
-
 def _as_completed(refs: list, stall_timeout_s: float):
     """(index, result or the exception that ended it) as each task finishes. When none finishes for
     stall_timeout_s (a remote read that hangs, a node gone), the rest are cancelled and given a timeout error:
@@ -239,40 +211,9 @@ def plan_slides(
     n_tiles = sum(int(r["n_tiles"] or 0) for r in rows)
     if count_only:
         return slides, n_tiles, None, 0
-    plan = write_tile_plan(ws, out, parts, {i: int(rows[i]["n_tiles"]) for i in parts}, first_unit, rows_per_shard)
+    n_tiles_by_part = {i: int(rows[i]["n_tiles"]) for i in parts}
+    plan = write_parts_plan(ws, out, parts, n_tiles_by_part, PLAN_TILE_SCHEMA, first_unit, rows_per_shard)
     return slides, n_tiles, plan, by_driver
-
-
-def write_tile_plan(
-    ws: Workspace,
-    out: OutputDir | None,
-    parts: dict[int, str],
-    n_tiles: dict[int, int],
-    first_unit: int,
-    rows_per_shard: int,
-) -> str:
-    """The plan file from the slides' part files: row = the slide's first row (slides in part order) + the tile's
-    position in it; units of rows_per_shard rows from first_unit. DuckDB reads the parts (OUTPUT's filesystem for
-    remote ones) and writes the plan sorted by row, in row groups the plan readers take one at a time."""
-    path = ws.path("plan.parquet")
-    schema = PLAN_TILE_SCHEMA.append(pa.field("unit", pa.int32())).append(pa.field("row", pa.int64()))
-    if not parts:
-        pq.write_table(schema.empty_table(), path)
-        return path
-    order = sorted(parts)
-    starts = np.concatenate([[0], np.cumsum([n_tiles[i] for i in order])[:-1]]).astype(np.int64)
-    ws.con.register("plan_parts", pa.table({"part": pa.array(order, pa.int32()), "start": pa.array(starts)}))
-    if any(is_remote(p) for p in parts.values()):
-        ws.use(out)
-    files = sql_list(duckdb_path(out, filesystem(parts[i])[1]) if is_remote(parts[i]) else parts[i] for i in order)
-    columns = ", ".join(f't."{f.name}"' for f in PLAN_TILE_SCHEMA)
-    ws.con.execute(f"""COPY (
-        SELECT {columns}, CAST({int(first_unit)} + (p.start + t.tile) // {int(rows_per_shard)} AS INTEGER) AS unit,
-               CAST(p.start + t.tile AS BIGINT) AS "row"
-        FROM read_parquet({files}) t JOIN plan_parts p ON t.part = p.part ORDER BY "row")
-        TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PLAN_ROW_GROUP})""")
-    ws.con.unregister("plan_parts")
-    return path
 
 
 def tile_parts_destination(ws: Workspace, out: OutputDir, run_id: str) -> str | None:
@@ -340,16 +281,14 @@ def merge_slides(previous: pa.Table | None, current: pa.Table) -> pa.Table:
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
-class SlidesJob(ImagesJob):
-    """`featurize slides` for the job skeleton: slides listed, planned into tiles by Ray tasks, tiles read by
-    `read_tiles`, tile shards, then one summary row per slide."""
+class SlidesJob:
+    """Slides listed, planned into tissue tiles by one Ray task per slide, tiles read by `slides.read_tiles`, tile
+    shards, then one summary row per slide in _slides.parquet."""
 
     command = "slides"
-    noun = "tiles"
     inputs = "slides"
-    suffixes = SLIDE_SUFFIXES
-    plan_needs_ray = True
-    start_before_plan = False  # the tiling tasks plan on the CPUs the model actors would take
+    noun = "tiles"
+    plans_in_ray_tasks = True
     stage_columns = [
         "slide_id",
         "uri",
@@ -367,8 +306,13 @@ class SlidesJob(ImagesJob):
         "row",
     ]
 
+    def __init__(self, cfg: SlidesConfig, model: ModelJob):
+        self.cfg, self.model = cfg, model
+        self.preprocess = None
+        self.tiling: Tiling | None = None
+
     def prepare(self, ws: Workspace) -> Listing:
-        listing = super().prepare(ws)
+        self.preprocess, listing = list_inputs(self.cfg, self.model, ws, SLIDE_SUFFIXES)
         self.tiling = make_tiling(self.cfg, max(self.preprocess.height, self.preprocess.width))
         return listing
 
@@ -392,19 +336,6 @@ class SlidesJob(ImagesJob):
 
     def provenance_extra(self) -> dict:
         return {"tiling": self.identity()["tiling"]}
-
-    def rows_per_shard(self) -> int:
-        prompts = self.model.prompt_set
-        return shard_rows(
-            self.cfg.rows_per_shard,
-            row_widths(
-                self.model.spec,
-                self.model.features,
-                self.model.feature_shape,
-                len(prompts.names) if prompts else 0,
-                self.cfg.concept_maps,
-            ),
-        )
 
     def plan(
         self,
@@ -431,15 +362,12 @@ class SlidesJob(ImagesJob):
             return Planned(
                 run_id, True, self._counts(slides, sum(units.values())), units, plan_path=path, extra={"slides": slides}
             )
-        done = done_slides(ws, out, version, cfg.incremental)
-        ws.con.register("done_slides", done)
-        pending = fetch_table(
-            ws.con,
-            "SELECT uri, size, mtime, etag FROM listed WHERE uri NOT IN (SELECT uri FROM done_slides) ORDER BY uri",
-        )
-        uris = fetch_table(ws.con, "SELECT uri FROM listed ORDER BY uri").column("uri").to_pylist()
+        done = done_slides(ws, out, out.read_table("_slides.parquet"), version, cfg.incremental)
+        pending = listed_except(ws, done)
+        uris = listed_uris(ws)
         ids = dict(zip(uris, slide_ids(uris)))
-        first_unit, rows_per_shard = next_unit(out, runs), self.rows_per_shard()
+        first_unit = next_unit(out, runs)
+        rows_per_shard = model_rows_per_shard(cfg, self.model, cfg.concept_maps)
         dest = tile_parts_destination(ws, out, run_id)
         # A dry run on one node plans as a run does (into the workspace: what benchmarks.scale measures); elsewhere
         # it only counts the tiles (it writes nothing to OUTPUT, and pulls no tiles to the driver).
@@ -488,6 +416,11 @@ class SlidesJob(ImagesJob):
             "tiles": tiles,
         }
 
+    def save_plan(self, out: OutputDir, planned: Planned) -> None:
+        """The run's slide table beside its plan: a rerun after a crash resumes with it (a resumed run has it)."""
+        if not planned.resumed:
+            out.write_table(planned.extra["slides"], "_runs", f"{planned.run_id}.slides.parquet")
+
     def stage(self):
         return read_tiles, {
             "spec": self.preprocess,
@@ -504,10 +437,9 @@ class SlidesJob(ImagesJob):
     def finish(self, ws: Workspace, out: OutputDir, planned: Planned, prov: dict, record: dict) -> None:
         """Each slide's summary from the run's shards; _slides.parquet keeps the other slides' rows."""
         prompt_set = self.model.prompt_set
-        slides = planned.extra["slides"]
-        if not planned.resumed:
-            out.write_table(slides, "_runs", f"{planned.run_id}.slides.parquet")
-        slides = summarise_slides(out, slides, sorted(planned.units), self.cfg.top_k, logits=prompt_set is not None)
+        slides = summarise_slides(
+            out, planned.extra["slides"], sorted(planned.units), self.cfg.top_k, logits=prompt_set is not None
+        )
         merged = merge_slides(out.read_table("_slides.parquet"), slides)
         out.write_table(
             merged.replace_schema_metadata(
