@@ -1,6 +1,5 @@
-"""Many list files and S3 Inventories, read by Ray Data in a run (write_listing with Ray up) and on the driver in
-tools (list_inputs): the same rows either way, and clear one-line errors, never Ray tracebacks. Object-store folders
-likewise: one Ray task per prefix in a run, threads in tools."""
+"""Many list files and S3 Inventories, and object-store folders: streamed in bounded chunks (write_listing, what a
+run does) with the same rows as the whole listing (list_inputs, what tools do), and clear one-line errors."""
 
 from __future__ import annotations
 
@@ -22,35 +21,13 @@ from pipeline.sources import (
     is_list_input,
     list_files,
     list_inputs,
-    lists_with_ray,
     write_listing,
 )
 
 
-@pytest.fixture(autouse=True)
-def ray_data_reads_every_list(monkeypatch):
-    """Local list files of any size go to Ray Data here (a run reads small local ones on the driver while Ray
-    starts: see test_small_local_lists_are_read_on_the_driver_while_ray_starts); yields the calls to its reader."""
-    import pipeline.sources as sources
-
-    RAY_READS.clear()
-    real = sources._ray_list_files
-    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", 0)
-    monkeypatch.setattr(sources, "_ray_list_files", lambda spec, *a: RAY_READS.append(spec.source) or real(spec, *a))
-    return RAY_READS
-
-
-RAY_READS: list[str] = []  # the sources Ray Data read in this test
-
-
-def ray_listing(source: str, folder: Path, storage_options=None, **kw) -> pa.Table:
-    """write_listing with Ray up (Ray Data reads the lists): its chunk files, each checked, as one sorted table."""
-    import ray
-
-    assert ray.is_initialized()
-    before = len(RAY_READS)
+def streamed(source: str, folder: Path, storage_options=None, **kw) -> pa.Table:
+    """write_listing as a run streams it: its chunk files, each checked, as one sorted table."""
     files, rows = write_listing(source, str(folder), storage_options, **kw)
-    assert RAY_READS[before:] == [source]  # read by Ray Data, not on the driver
     chunks = [pq.read_table(f) for f in files]
     assert all(c.schema == LISTING_SCHEMA and 0 < c.num_rows <= CHUNK_ROWS for c in chunks)
     table = pa.concat_tables(chunks).sort_by("uri")
@@ -124,16 +101,14 @@ def two_manifests(tmp_path) -> tuple[str, list[dict]]:
     return str(tmp_path / "lists" / "*" / "part-*.parquet"), expected
 
 
-def test_a_glob_of_manifests_through_ray_data_equals_the_driver_path(ray_session, two_manifests, tmp_path):
+def test_a_glob_of_manifests(two_manifests, tmp_path):
     source, expected = two_manifests
-    assert rows_of(ray_listing(source, tmp_path / "chunks")) == rows_of(pa.Table.from_pylist(expected))
-    assert rows_of(list_inputs(source)) == rows_of(pa.Table.from_pylist(expected))  # tools: the driver path
+    assert rows_of(streamed(source, tmp_path / "chunks")) == rows_of(pa.Table.from_pylist(expected))
+    assert rows_of(list_inputs(source)) == rows_of(pa.Table.from_pylist(expected))
 
 
-def test_a_column_only_a_later_parquet_list_has_is_kept_as_the_driver_path_keeps_it(ray_session, tmp_path):
-    """Ray Data takes a dataset's columns from one file: of a glob of Parquet lists, the columns any file has are
-    read (nulls from the files without them), so the second file's sizes and etags survive whichever file is read
-    first, and both paths give the same rows."""
+def test_a_column_only_a_later_parquet_list_has_is_kept(tmp_path):
+    """Of a glob of Parquet lists, each file's own columns are read (nulls from the files without them)."""
     pq.write_table(pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"]}), tmp_path / "part-0.parquet")
     pq.write_table(pa.table({"uri": ["s3://b/c.jpg"], "size": [7], "etag": ["e7"]}), tmp_path / "part-1.parquet")
     pq.write_table(pa.table({"uri": ["s3://b/d.jpg"], "mtime": [4.5]}), tmp_path / "part-2.parquet")
@@ -144,11 +119,11 @@ def test_a_column_only_a_later_parquet_list_has_is_kept_as_the_driver_path_keeps
         {"uri": "s3://b/d.jpg", "size": None, "mtime": 4.5, "etag": None},
     ]
     source = str(tmp_path / "part-*.parquet")
-    assert ray_listing(source, tmp_path / "chunks").to_pylist() == expected
+    assert streamed(source, tmp_path / "chunks").to_pylist() == expected
     assert list_inputs(source).sort_by("uri").to_pylist() == expected
 
 
-def test_one_manifest_through_ray_data_keeps_its_columns_and_stays_in_bounded_chunks(ray_session, tmp_path):
+def test_one_manifest_keeps_its_columns_and_stays_in_bounded_chunks(tmp_path):
     n = CHUNK_ROWS + 2_345  # more than one chunk
     uris = [f"s3://bkt/d{i // 1000:03d}/img_{i:07d}.jpg" for i in range(n)]
     pq.write_table(
@@ -163,14 +138,14 @@ def test_one_manifest_through_ray_data_keeps_its_columns_and_stays_in_bounded_ch
         tmp_path / "m.parquet",
         row_group_size=30_000,
     )
-    table = ray_listing(str(tmp_path / "m.parquet"), tmp_path / "chunks")
+    table = streamed(str(tmp_path / "m.parquet"), tmp_path / "chunks")
     assert len(os.listdir(tmp_path / "chunks")) >= 2
     assert table.column("uri").to_pylist() == sorted(uris)
     row = table.filter(pa.compute.equal(table.column("uri"), uris[12_345])).to_pylist()[0]
     assert row == {"uri": uris[12_345], "size": 12_345, "mtime": 12_345.0, "etag": "e12345"}
 
 
-def test_a_txt_list_read_by_ray_data_gets_size_and_mtime_from_stat(ray_session, tmp_path):
+def test_a_txt_list_gets_size_and_mtime_from_stat(tmp_path):
     lists = tmp_path / "lists"
     touch(lists / "local.jpg", 11)
     touch(tmp_path / "data" / "b.jpg", 22)
@@ -178,7 +153,7 @@ def test_a_txt_list_read_by_ray_data_gets_size_and_mtime_from_stat(ray_session, 
     (lists / "inputs.txt").write_bytes(
         ("\ufeff# comment\r\nlocal.jpg\r\n  ../data/b.jpg  \r\n\r\n   \nmissing.jpg\n# another\n").encode("utf-8")
     )
-    table = ray_listing(str(lists / "inputs.txt"), tmp_path / "chunks")
+    table = streamed(str(lists / "inputs.txt"), tmp_path / "chunks")
     assert rows_of(table) == rows_of(list_inputs(str(lists / "inputs.txt")))
     found = {r["uri"]: r for r in table.to_pylist()}
     assert sorted(found) == sorted(
@@ -189,12 +164,12 @@ def test_a_txt_list_read_by_ray_data_gets_size_and_mtime_from_stat(ray_session, 
     assert found[str(lists / "missing.jpg")]["size"] is None  # the run makes it an error row
 
 
-def test_a_glob_of_csv_and_txt_lists(ray_session, tmp_path):
+def test_a_glob_of_csv_and_txt_lists(tmp_path):
     touch(tmp_path / "l1" / "a.jpg", 3)
     (tmp_path / "l1" / "part-1.csv").write_text('uri,label\na.jpg,1\n"with, comma.png",2\n', encoding="utf-8")
     (tmp_path / "l2").mkdir()
     (tmp_path / "l2" / "part-2.csv").write_text("label,uri\n3,gs://b/x.jpg\n4,a.jpg\n", encoding="utf-8")
-    table = ray_listing(str(tmp_path / "l*" / "part-*.csv"), tmp_path / "chunks")
+    table = streamed(str(tmp_path / "l*" / "part-*.csv"), tmp_path / "chunks")
     assert table.column("uri").to_pylist() == sorted(
         [
             str(tmp_path / "l1" / "a.jpg"),
@@ -207,7 +182,7 @@ def test_a_glob_of_csv_and_txt_lists(ray_session, tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "1.txt").write_text("a.jpg\n", encoding="utf-8")
     (tmp_path / "t" / "2.txt").write_text(f"{tmp_path / 'l1' / 'a.jpg'}\nb.jpg\n", encoding="utf-8")
-    table = ray_listing(str(tmp_path / "t" / "*.txt"), tmp_path / "chunks-t")
+    table = streamed(str(tmp_path / "t" / "*.txt"), tmp_path / "chunks-t")
     assert table.column("uri").to_pylist() == sorted(
         [str(tmp_path / "t" / "a.jpg"), str(tmp_path / "l1" / "a.jpg"), str(tmp_path / "t" / "b.jpg")]
     )
@@ -217,7 +192,7 @@ def test_a_glob_of_csv_and_txt_lists(ray_session, tmp_path):
     )
 
 
-def test_overlapping_manifests_count_a_uri_once(ray_session, tmp_path):
+def test_overlapping_manifests_count_a_uri_once(tmp_path):
     from pipeline.plan import Workspace, open_listing
 
     for name, uris in (("m1", ["s3://b/1.jpg", "s3://b/2.jpg"]), ("m2", ["s3://b/2.jpg", "s3://b/3.jpg"])):
@@ -240,7 +215,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def test_manifests_on_object_storage(ray_session, s3_server, s3_bucket, tmp_path):
+def test_manifests_on_object_storage(s3_server, s3_bucket, tmp_path):
     options = s3_server["storage_options"]
     base = f"s3://{s3_bucket}/lists"
     put(
@@ -254,13 +229,15 @@ def test_manifests_on_object_storage(ray_session, s3_server, s3_bucket, tmp_path
         {"uri": "s3://o/abs.jpg", "size": 2, "mtime": None, "etag": "e2"},
         {"uri": f"{base}/b/y.png", "size": 3, "mtime": None, "etag": "e3"},
     ]
+    put(s3_server, f"{base}/c/m.parquet", parquet_bytes(pa.table({"uri": ["../d/./z.jpg"], "size": [4]})))
+    expected.append({"uri": f"{base}/d/z.jpg", "size": 4, "mtime": None, "etag": None})  # normalised as locally
     glob = f"{base}/*/m.parquet"
-    assert rows_of(ray_listing(glob, tmp_path / "c1", options)) == rows_of(pa.Table.from_pylist(expected))
+    assert rows_of(streamed(glob, tmp_path / "c1", options)) == rows_of(pa.Table.from_pylist(expected))
     assert rows_of(list_inputs(glob, options)) == rows_of(pa.Table.from_pylist(expected))
-    # One remote .txt list: its objects are looked up (in Ray tasks) for size and mtime.
+    # One remote .txt list: its objects are looked up for size and mtime.
     put(s3_server, f"s3://{s3_bucket}/img/one.jpg", b"x" * 17)
     put(s3_server, f"s3://{s3_bucket}/l.txt", b"img/one.jpg\n")
-    rows = ray_listing(f"s3://{s3_bucket}/l.txt", tmp_path / "c2", options).to_pylist()
+    rows = streamed(f"s3://{s3_bucket}/l.txt", tmp_path / "c2", options).to_pylist()
     assert [(r["uri"], r["size"], r["mtime"] is not None) for r in rows] == [
         (f"s3://{s3_bucket}/img/one.jpg", 17, True)
     ]
@@ -355,12 +332,12 @@ def write_inventory(s3_server, bucket: str, fmt: str, source_bucket: str = "phot
 
 
 @pytest.mark.parametrize("fmt", ["Parquet", "CSV"])
-def test_an_s3_inventory(fmt, ray_session, s3_server, s3_bucket, tmp_path):
+def test_an_s3_inventory(fmt, s3_server, s3_bucket, tmp_path):
     options = s3_server["storage_options"]
     url = write_inventory(s3_server, s3_bucket, fmt)
     assert is_list_input(url) and list_files(url, options).fmt == fmt.lower()
     expected = rows_of(pa.Table.from_pylist(inventory_expected("photos"), schema=LISTING_SCHEMA))
-    assert rows_of(ray_listing(url, tmp_path / "chunks", options)) == expected
+    assert rows_of(streamed(url, tmp_path / "chunks", options)) == expected
     assert rows_of(list_inputs(url, options)) == expected
 
 
@@ -378,7 +355,7 @@ def test_an_s3_inventory(fmt, ray_session, s3_server, s3_bucket, tmp_path):
         "empty_uris_in_second",
     ],
 )
-def test_list_errors_are_one_line_user_errors(case, ray_session, tmp_path):
+def test_list_errors_are_one_line_user_errors(case, tmp_path):
     good = tmp_path / "a" / "m.parquet"
     good.parent.mkdir()
     pq.write_table(pa.table({"uri": ["x.jpg"], "size": [1]}), good)
@@ -416,9 +393,9 @@ def test_list_errors_are_one_line_user_errors(case, ray_session, tmp_path):
     else:
         pq.write_table(pa.table({"uri": ["y.jpg", " "], "size": [1, 2]}), second)
         pattern, named = "empty uri values", source
-    for attempt in ("ray", "driver"):
+    for attempt in ("streamed", "whole"):
         with pytest.raises(UserError, match=pattern) as info:
-            if attempt == "ray":
+            if attempt == "streamed":
                 write_listing(source, str(tmp_path / f"chunks-{case}"))
             else:
                 list_inputs(source)
@@ -427,7 +404,7 @@ def test_list_errors_are_one_line_user_errors(case, ray_session, tmp_path):
             assert "path" in str(info.value)  # the columns it does have
 
 
-def test_s3_inventory_errors(ray_session, s3_server, s3_bucket, tmp_path):
+def test_s3_inventory_errors(s3_server, s3_bucket, tmp_path):
     options = s3_server["storage_options"]
     url = f"s3://{s3_bucket}/inv/manifest.json"
     put(
@@ -464,7 +441,7 @@ def test_s3_inventory_errors(ray_session, s3_server, s3_bucket, tmp_path):
 
 def test_featurize_images_over_a_glob_of_two_manifests(ray_session, clip_model, prompts_file, photo_dir, tmp_path):
     from pipeline.config import RunConfig
-    from pipeline.run import run_images
+    from pipeline.images_job import run_images
 
     photos = sorted(photo_dir.glob("*.jpg"))[:5]
     (tmp_path / "lists").mkdir()
@@ -486,22 +463,25 @@ def test_featurize_images_over_a_glob_of_two_manifests(ray_session, clip_model, 
     assert uris == [str(p) for p in photos]
 
 
-def test_object_store_prefixes_are_listed_in_ray_tasks_as_threads_list_them(
-    ray_session, s3_server, s3_bucket, tmp_path, monkeypatch
-):
-    """An S3 folder with files at its top and under several prefixes (nested too): a run lists each prefix in a Ray
-    task (streaming chunks back), tools in threads; the rows are the same, sizes and etags included, non-images and
-    hidden files left out. Chunks stay within CHUNK_ROWS however big a prefix is."""
-    import pipeline.sources as sources
+def test_an_object_store_folder_streams_page_by_page(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """An S3 folder with files at its top and under several prefixes (nested too): listed page by page from the
+    store's own paginated listing (ListObjectsV2 pages of at most 1,000 keys, here forced to 2), each page's files
+    sent on as chunks of at most CHUNK_ROWS rows; sizes and etags kept, non-images and hidden files and folders left
+    out; the streamed and the whole listing agree."""
+    import pipeline.sources.common as common
+    from pipeline.storage import filesystem
 
     options = s3_server["storage_options"]
     root = f"s3://{s3_bucket}/in"
     names = [
         "top.jpg",
+        "top2.jpg",
+        "top3.jpg",
         "notes.txt",
         "a/1.jpg",
         "a/2.png",
         "a/.hidden.jpg",
+        ".cache/x.jpg",
         "b/c/3.jpg",
         "b/c/d/4.webp",
         "b/readme.md",
@@ -509,71 +489,34 @@ def test_object_store_prefixes_are_listed_in_ray_tasks_as_threads_list_them(
     ]
     for i, name in enumerate(names):
         put(s3_server, f"{root}/{name}", b"x" * (10 + i))
-    assert lists_with_ray(root) and lists_with_ray(root + "/") and not lists_with_ray(root + "/*.jpg")
-    assert not lists_with_ray(str(tmp_path))
-    monkeypatch.setattr(sources, "CHUNK_ROWS", 3)  # the 7-file prefix streams back as three chunks
-    calls = []
-    real = sources._ray_list_prefixes
-    monkeypatch.setattr(sources, "_ray_list_prefixes", lambda *a: calls.append(a[1]) or real(*a))
+    fs, _ = filesystem(root, options)
+    pages = []
+    real = fs.call_s3
+
+    def small_pages(method, **kwargs):  # the store's own pagination, with 2 keys a page
+        response = real(method, **{**kwargs, "MaxKeys": 2})
+        pages.append((kwargs["Prefix"], len(response.get("Contents", []))))
+        return response
+
+    monkeypatch.setattr(fs, "call_s3", small_pages)
+    monkeypatch.setattr(common, "CHUNK_ROWS", 3)  # the 7-file prefix streams as three chunks
     files, rows = write_listing(root, str(tmp_path / "listing"), options)
-    assert sorted(calls[0]) == [f"{s3_bucket}/in/{p}" for p in ("a", "b", "many")]
     chunks = [pq.read_table(f) for f in files]
-    assert max(c.num_rows for c in chunks) <= 3 and rows == 12
+    assert max(c.num_rows for c in chunks) <= 3 and rows == 14
+    assert max(n for _, n in pages) <= 2 and sum(1 for prefix, _ in pages if prefix == "in/many/") == 4
     listed = pa.concat_tables(chunks).sort_by("uri")
-    monkeypatch.setattr(sources, "_ray_is_up", lambda: False)
-    threaded = list_inputs(root, options)
-    assert calls == [calls[0]]  # the tools' path did not use Ray tasks
-    assert rows_of(listed) == rows_of(threaded)
-    expected = {n for n in names if n.rsplit(".", 1)[-1] in ("jpg", "png", "webp") and "/." not in "/" + n}
+    assert rows_of(listed) == rows_of(list_inputs(root, options))
+    hidden = ("/.", ".cache")
+    expected = {n for n in names if n.rsplit(".", 1)[-1] in ("jpg", "png", "webp") and not n.startswith(hidden)}
+    expected = {n for n in expected if "/." not in "/" + n}
     assert {u.split("/in/", 1)[1] for u in listed.column("uri").to_pylist()} == expected
     sizes = {r["uri"].split("/in/", 1)[1]: r["size"] for r in listed.to_pylist()}
     assert sizes["b/c/d/4.webp"] == 10 + names.index("b/c/d/4.webp")
     assert all(r["etag"] for r in listed.to_pylist())
 
 
-def test_a_missing_object_store_folder_is_one_line(ray_session, s3_server, s3_bucket, tmp_path):
+def test_a_missing_object_store_folder_is_one_line(s3_server, s3_bucket, tmp_path):
     options = s3_server["storage_options"]
     with pytest.raises(UserError) as info:
         write_listing(f"s3://{s3_bucket}/nothing-here", str(tmp_path / "l1"), options)
     assert one_line_user_error(info) == f"input s3://{s3_bucket}/nothing-here does not exist"
-
-
-def test_small_local_lists_are_read_on_the_driver_while_ray_starts(ray_session, monkeypatch, tmp_path):
-    """A run reads a local list file under RAY_LIST_MIN_BYTES on the driver (while Ray starts: Ray Data's fixed
-    costs would outweigh the read), and one at or above it with Ray Data; object-store inputs always in Ray."""
-    import pipeline.sources as sources
-
-    touch(tmp_path / "a.jpg", 5)
-    (tmp_path / "l.txt").write_text("a.jpg\n")
-    size = (tmp_path / "l.txt").stat().st_size
-    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", size + 1)
-    assert not lists_with_ray(str(tmp_path / "l.txt")) and lists_with_ray("s3://b/l.txt")
-    assert not lists_with_ray(str(tmp_path / "missing.txt"))  # the listing reports it
-    assert rows_of(
-        pa.concat_tables(pq.read_table(f) for f in write_listing(str(tmp_path / "l.txt"), str(tmp_path / "c1"))[0])
-    ) == [{"uri": str(tmp_path / "a.jpg"), "size": 5, "mtime": (tmp_path / "a.jpg").stat().st_mtime, "etag": None}]
-    assert RAY_READS == []
-    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", size)
-    assert lists_with_ray(str(tmp_path / "l.txt"))
-    write_listing(str(tmp_path / "l.txt"), str(tmp_path / "c2"))
-    assert RAY_READS == [str(tmp_path / "l.txt")]
-
-
-def test_listing_while_another_thread_imports_ray(monkeypatch, tmp_path):
-    """A run lists a folder or a small local list on a thread while the main thread imports and starts Ray: the
-    listing must not touch a half-imported `ray` module (it once failed with "partially initialized module 'ray'
-    has no attribute 'is_initialized'")."""
-    import sys
-    import types
-
-    import pipeline.sources as sources
-
-    touch(tmp_path / "in" / "a.jpg", 5)
-    (tmp_path / "l.txt").write_text(f"{tmp_path / 'in' / 'a.jpg'}\n")
-    monkeypatch.setattr(sources, "RAY_LIST_MIN_BYTES", 16 << 20)
-    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # what an import in progress looks like
-    assert sources._ray_is_up() is False
-    for source in (tmp_path / "l.txt", tmp_path / "in"):
-        files, rows = write_listing(str(source), str(tmp_path / f"chunks-{source.name}"))
-        assert rows == 1 and pq.read_table(files[0]).column("uri").to_pylist() == [str(tmp_path / "in" / "a.jpg")]
-    assert RAY_READS == []

@@ -281,3 +281,33 @@ def test_image_id():
     assert len(ids) == 6
     # Stable across processes and versions: it is part of the output format.
     assert image_id("s3://bucket/x.jpg") == __import__("hashlib").sha256(b"s3://bucket/x.jpg").hexdigest()[:24]
+
+
+def test_a_folder_whose_name_looks_like_a_glob_is_taken_literally(tmp_path):
+    """`scans [2024]` exists: it is that folder (not the pattern `scans 2`, `scans 0`, ...), as INPUT, inside a
+    glob, and for `featurize manifest`; a pattern is a glob only where nothing by its exact name exists."""
+    from pipeline.sources import write_manifest
+
+    scans = tmp_path / "scans [2024]"
+    touch(scans / "a.jpg")
+    touch(scans / "sub" / "b.png")
+    touch(tmp_path / "scans 2" / "decoy.jpg")
+    expected = [str(scans / "a.jpg"), str(scans / "sub" / "b.png")]
+    assert list_inputs(str(scans)).column("uri").to_pylist() == expected
+    assert list_inputs(str(scans / "*.jpg")).column("uri").to_pylist() == expected[:1]
+    assert list_inputs(str(scans / "**" / "*.png")).column("uri").to_pylist() == expected[1:]
+    assert write_manifest(str(scans), str(tmp_path / "m.parquet")).column("uri").to_pylist() == expected
+    decoy = [str(tmp_path / "scans 2" / "decoy.jpg")]
+    assert list_inputs(str(tmp_path / "scans [2]" / "*.jpg")).column("uri").to_pylist() == decoy  # no such folder
+
+
+def test_uris_in_lists_are_normalised_the_same_way_everywhere(tmp_path):
+    """`..` and `.` segments resolve, for relative and absolute uris, local and object-store ones alike."""
+    lists = tmp_path / "lists"
+    touch(tmp_path / "img" / "a.jpg")
+    (lists).mkdir()
+    (lists / "l.txt").write_text(
+        "../img/a.jpg\n./../img/./a.jpg\ns3://b/lists/../img/c.jpg\ns3://b/x/./y/../d.jpg\n", encoding="utf-8"
+    )
+    uris = sorted(set(list_inputs(str(lists / "l.txt")).column("uri").to_pylist()))
+    assert uris == [str(tmp_path / "img" / "a.jpg"), "s3://b/img/c.jpg", "s3://b/x/d.jpg"]
