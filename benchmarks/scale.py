@@ -45,12 +45,8 @@ import threading
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
 
 MB = 1024**2
 PARTS = ("dry", "incremental", "streaming", "slides")
@@ -749,7 +745,7 @@ def main(argv=None) -> int:
         result["target"] = judge(result)
         rec["parts"].append(result)
         log(f"{part}: peak RSS {result['peak_rss_mb']} MB, {result['wall_s']} s; {counts_cell(result)}")
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
 
     print(
         f"\nscale (machine: {common.machine_short(rec['machine'])}, load {rec['machine']['loadavg_start']} -> "

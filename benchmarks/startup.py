@@ -26,12 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
 
 STEPS = (
     "interpreter",
@@ -183,7 +179,7 @@ def main(argv=None) -> int:
     for name in [s.strip() for s in args.steps.split(",") if s.strip()]:
         log(f"startup: {name}")
         rec["steps"][name] = run_step(name, model, prompts)
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
     print(
         f"\nstart-up costs, each step in a fresh interpreter (machine: {common.machine_short(rec['machine'])}, "
         f"load {rec['machine']['loadavg_start']} -> {rec['machine']['loadavg_end']})"
