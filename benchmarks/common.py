@@ -139,7 +139,7 @@ def machine_info() -> dict:
         "physical_cores": None,
         "ram_gb": None,
         "gpu": None,
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -177,7 +177,7 @@ def gpu_info():
     return None
 
 
-def _loadavg():
+def loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -27,12 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
 
 CASES = (
     "pil_decode",
@@ -171,7 +167,7 @@ def main(argv=None) -> int:
             "p90_ms": round(ms_sorted[int(0.9 * (len(ms) - 1))], 3),
             "images_per_s_per_core": round(1000 / statistics.mean(ms), 1),
         }
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
 
     print(
         f"\ndecode/resize per image, one thread, {rec['images']} JPEGs of {rec['mean_megapixels']} MP mean -> "

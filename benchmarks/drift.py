@@ -19,7 +19,7 @@ from pipeline.models import Encoder, preprocess_spec, resolve_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.drift", description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="tiny", choices=["tiny", "base", "so400m"])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--work", type=common.Path, default=common.DEFAULT_WORK)

@@ -42,14 +42,11 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
+from .compare import open_photo, run_featurize_images
 
 # Image-tower GFLOPs per image (../shared/REFERENCE.md's compute figures; 2 x multiply-adds).
 GFLOPS_PER_IMAGE = {"so400m": 670.0}
@@ -246,11 +243,9 @@ class GpuSampler:
 def run_pipeline(
     list_file: Path, out: Path, model_dir: Path, prompts_file: Path, n: int, extra: list[str], timeout: float
 ) -> dict:
-    from .run import run_pipeline as run_featurize
-
     sampler = GpuSampler()
     try:
-        res = run_featurize(list_file, out, model_dir, prompts_file, extra, n, timeout)
+        res = run_featurize_images(list_file, out, model_dir, prompts_file, extra, n, timeout)
     finally:
         gpu = sampler.stop()
     res["gpu_utilisation"] = gpu
@@ -269,8 +264,6 @@ def run_parity(out: Path, paths: list[str], model_dir: Path, prompts_file: Path,
 
     from pipeline.prompts import ensemble, load_prompts
     from pipeline.read import read_features
-
-    from .run import open_photo
 
     uris = paths[:k]
     table = read_features(str(out), columns=["uri", "image_features", "concept_logits"]).to_pydict()

@@ -79,7 +79,7 @@ def s3_listing(n: int, per_prefix: int = 1000) -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.listing", description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--s3-files", type=int, default=10_000)
     args = parser.parse_args()

@@ -18,12 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
 
 TARGET_MB = 300.0
 TABLE_HEADER = (
@@ -98,7 +94,7 @@ def main(argv=None) -> int:
     }
     for n in counts:
         rec["runs"].append(run_count(work, n, extra, args.timeout, args.interval))
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
 
     peaks = {r["images"]: (r["driver_rss"] or {}).get("peak_mb") for r in rec["runs"]}
     growth = {}

@@ -45,12 +45,8 @@ import threading
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
 
 MB = 1024**2
 PARTS = ("dry", "incremental", "streaming", "slides")
@@ -385,7 +381,7 @@ def write_committed(out: Path, n: int, shard_rows: int, style: str) -> Path:
 def run_identity(manifest: Path, out: Path, model_dir: Path, prompts: Path) -> dict:
     """The identity a run of this model and prompt set records in _dataset.json (dtype as a CPU run settles it)."""
     from pipeline.config import RunConfig
-    from pipeline.run import resolve_job
+    from pipeline.job import resolve_job
 
     cfg = RunConfig(
         input=str(manifest), output=str(out), model=str(model_dir), prompts=str(prompts), trust_remote_code=True
@@ -749,7 +745,7 @@ def main(argv=None) -> int:
         result["target"] = judge(result)
         rec["parts"].append(result)
         log(f"{part}: peak RSS {result['peak_rss_mb']} MB, {result['wall_s']} s; {counts_cell(result)}")
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
 
     print(
         f"\nscale (machine: {common.machine_short(rec['machine'])}, load {rec['machine']['loadavg_start']} -> "

@@ -24,13 +24,18 @@ import shlex
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
-from .run import _loop_cell, _repeat, normalised_batches, ratios, run_ceiling, run_loop_script  # noqa: E402
+from . import common
+from .common import log
+from .compare import (
+    TileOpener,
+    loop_cell,
+    model_preprocess,
+    normalised_batches,
+    ratios,
+    repeat,
+    run_ceiling,
+    run_loop_script,
+)
 
 SLIDE_MPP = 0.5
 TABLE_HEADER = (
@@ -153,22 +158,6 @@ def pipeline_tiles(out: Path) -> list[tuple]:
     return rows
 
 
-class TileOpener:
-    """The loop's tile reader: one TiffSlide handle per slide, read_region at level 0, RGB."""
-
-    def __init__(self):
-        self.handles = {}
-
-    def __call__(self, item):
-        from tiffslide import TiffSlide
-
-        uri, x, y, px = item
-        h = self.handles.get(uri)
-        if h is None:
-            h = self.handles[uri] = TiffSlide(uri)
-        return h.read_region((x, y), 0, (px, px)).convert("RGB")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.slides", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="tiny", choices=["tiny", "base", "so400m"])
@@ -191,10 +180,10 @@ def main(argv=None) -> int:
     try:
         import tiffslide  # noqa: F401
 
-        import pipeline.run_slides  # noqa: F401
+        import pipeline.slides_job  # noqa: F401
     except ImportError as exc:
         print(
-            f"slides benchmark unavailable: {exc} (needs pipeline/run_slides.py and the `slides` extra)",
+            f"slides benchmark unavailable: {exc} (needs the `slides` extra)",
             file=sys.stderr,
         )
         return 2
@@ -223,7 +212,7 @@ def main(argv=None) -> int:
     inp = slide_corpus(work, width, height, args.slides)
     out = work / "out" / f"slides-{args.size}-{width}x{height}-n{args.slides}"
 
-    pipe = _repeat(
+    pipe = repeat(
         lambda: run_pipeline(inp, out, model_dir, prompts_file, extra, args.timeout),
         args.repeats,
         "slides pipeline",
@@ -238,7 +227,7 @@ def main(argv=None) -> int:
     prompts = load_prompts(str(prompts_file)).all_prompts
     loop = ceiling = None
     if "loop" not in skip and n:
-        loop = _repeat(
+        loop = repeat(
             lambda: run_loop_script(tiles, model_dir, prompts, args.batch_size, threads, work, opener="tile"),
             args.repeats,
             "slides loop",
@@ -249,22 +238,20 @@ def main(argv=None) -> int:
 
         from pipeline.decode import resize_for_model
 
-        from .run import model_preprocess
-
         spec = model_preprocess(model_dir)
         opener = TileOpener()
         k = max(args.batch_size, min(n, args.ceiling_pool))
         k = ((k + args.batch_size - 1) // args.batch_size) * args.batch_size
         pixels = [np.asarray(resize_for_model(opener(tiles[i % n]), spec)) for i in range(k)]
         batches = normalised_batches(pixels, spec, args.batch_size)
-        ceiling = _repeat(
+        ceiling = repeat(
             lambda: run_ceiling(batches, n, model_dir, args.batch_size, threads),
             args.repeats,
             "slides ceiling",
             "images_per_s",
         )
     rec.update(loop=loop, ceiling=ceiling, pipeline=pipe, ratios=ratios(loop, ceiling, pipe))
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
 
     print(
         f"\nslides: size={args.size} {args.slides} slide(s) of {width}x{height} -> {n} tiles "
@@ -303,7 +290,7 @@ def main(argv=None) -> int:
                 common.machine_short(rec["machine"]),
                 args.size,
                 str(n),
-                _loop_cell(loop),
+                loop_cell(loop),
                 str(ceiling["images_per_s"]) if ceiling else "-",
                 str(pipe["steady_images_per_s"]),
                 str(pipe["whole_command_images_per_s"]),

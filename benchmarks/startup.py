@@ -26,12 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common  # noqa: E402
-from .common import log  # noqa: E402
+from . import common
+from .common import log
 
 STEPS = (
     "interpreter",
@@ -71,7 +67,7 @@ def _step(name: str, model: str, prompts: str) -> dict:
     elif name == "ray_init":
         import ray
 
-        from pipeline.run import init_ray
+        from pipeline.cluster import init_ray
 
         t = time.perf_counter()
         init_ray()
@@ -101,7 +97,7 @@ def _step(name: str, model: str, prompts: str) -> dict:
         import numpy as np
         import ray
 
-        from pipeline.run import init_ray
+        from pipeline.cluster import init_ray
 
         init_ray()
         t = time.perf_counter()
@@ -183,7 +179,7 @@ def main(argv=None) -> int:
     for name in [s.strip() for s in args.steps.split(",") if s.strip()]:
         log(f"startup: {name}")
         rec["steps"][name] = run_step(name, model, prompts)
-    rec["machine"]["loadavg_end"] = common._loadavg()
+    rec["machine"]["loadavg_end"] = common.loadavg()
     print(
         f"\nstart-up costs, each step in a fresh interpreter (machine: {common.machine_short(rec['machine'])}, "
         f"load {rec['machine']['loadavg_start']} -> {rec['machine']['loadavg_end']})"

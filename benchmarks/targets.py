@@ -1,6 +1,6 @@
 """Every performance target of issue 11, measured in one command, with a met/not met table at the end.
 
-    python -m benchmarks.targets            (about 12 minutes on 2 cores, +5 the first time; +8 with a GPU)
+    python -m benchmarks.targets            (BENCHMARKS.md gives how long it takes)
     python -m benchmarks.targets --quick    (a few minutes: small inputs, for checking the benchmarks themselves)
     python -m benchmarks.targets --skip cclip,base,first-shard --gpu-args "--skip compile,pipeline-compiled"
                                             (the GPU part alone, for a short GPU lease)
@@ -21,12 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-from . import common, gpu, run  # noqa: E402
-from .common import log  # noqa: E402
+from . import common, gpu, run
+from .common import log
 
 PARTS = {  # name -> (full arguments, --quick arguments)
     "cclip": (

@@ -13,6 +13,47 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)
 
+# The longest end-to-end tests (each over ~20 s on 2 cores: whole commands, jobs, kills and reruns), by module and
+# function name; `-m "not cluster and not slow"` leaves them out. tests/test_markers.py checks every name exists.
+SLOW_TESTS = {
+    "test_contract.py": {"test_versions_duplicates_prompts_and_fast_decode"},
+    "test_environment.py": {
+        "test_retry_errors_reprocesses_committed_error_rows",
+        "test_stale_address_file_ignored_and_a_run_is_quiet",
+    },
+    "test_features.py": {
+        "test_hidden_states_of_clip_follow_the_recipe_for_every_pool",
+        "test_hidden_states_of_siglip_and_conceptclip_and_no_class_token",
+        "test_features_only_runs_and_vision_only_checkpoints",
+    },
+    "test_lease.py": {"test_second_command_into_a_busy_output_is_refused"},
+    "test_pipeline.py": {
+        "test_same_input_gives_identical_features_whatever_the_batching",
+        "test_cli_run_with_broken_and_unusual_files",
+    },
+    "test_resume.py": {
+        "test_s3_in_s3_out_equals_local",
+        "test_driver_killed_then_rerun_resumes_exactly_once",
+        "test_actor_killed_mid_run_gives_exactly_one_row_per_input",
+        "test_incremental_processes_only_new_and_changed",
+        "test_manifest_input_and_object_vanished_after_listing",
+    },
+    "test_slides.py": {"test_a_slide_whose_read_hangs_does_not_hold_the_run"},
+    "test_stream.py": {"test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resumes_it"},
+}
+# A test that uses one of these fixtures, directly or through another fixture, gets the marker.
+FIXTURE_MARKERS = {"ray_cluster": "cluster", "s3_server": "s3"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in FIXTURE_MARKERS.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(FIXTURE_MARKERS[fixture])
+        if getattr(item, "originalname", item.name) in SLOW_TESTS.get(item.path.name, ()):
+            item.add_marker("slow")
+
+
 PROMPTS_YAML = """\
 concepts: [tumor, stroma, lymphocytes, necrosis]
 templates: ["a histopathology image of {}"]
