@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import SlidesConfig
+from .dicom import group_listing_files
 from .errors import UserError, first_line
-from .models import row_widths
+from .models import preprocess_spec, row_widths
 from .plan import (
     CHANGED_SQL,
     PLAN_ROW_GROUP,
@@ -33,6 +34,7 @@ from .plan import (
     duckdb_path,
     fetch_table,
     next_unit,
+    open_listing,
     plan_unit_counts,
     shard_rows,
     sql_list,
@@ -54,6 +56,7 @@ from .schema import (
     without_absent_logits,
 )
 from .slides import SLIDE_SUFFIXES, Tiling, plan_slide, read_tiles, slide_ids
+from .sources import write_listing
 from .storage import filesystem, is_remote, join, only_driver_node, remove_tree, write_bytes_atomic
 from .summary import summarise_slides
 from .write import OutputDir, parquet_bytes
@@ -368,7 +371,10 @@ class SlidesJob(ImagesJob):
     ]
 
     def prepare(self, ws: Workspace) -> Listing:
-        listing = super().prepare(ws)
+        self.preprocess = preprocess_spec(self.model.spec)
+        files, rows = write_listing(self.cfg.input, ws.path("listing"), self.cfg.storage_options, self.suffixes)
+        # A DICOM slide is a series of .dcm instances: one listing row per series, as a slide file is one.
+        listing = open_listing(ws, *group_listing_files(files, self.cfg.storage_options))
         self.tiling = make_tiling(self.cfg, max(self.preprocess.height, self.preprocess.width))
         return listing
 

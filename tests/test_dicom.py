@@ -1,0 +1,250 @@
+"""DICOM whole-slide images, written by wsidicom (a real DICOM writer) from tifffile pyramids: series grouping, the
+checks that make a broken series one error row, reading through the same code path a run uses (openslide locally,
+wsidicom through fsspec), then `featurize slides` over a folder mixing SVS, generic TIFF and DICOM series."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pydicom
+import pytest
+from dicom_fixtures import level0, write_dicom
+from fsspec.implementations.local import LocalFileSystem
+from slide_fixtures import draw_slide, true_fraction, write_slide
+
+from pipeline.decode import PreprocessSpec
+from pipeline.dicom import Header, group_listing, read_header, series_problem
+from pipeline.slides import SLIDE_SUFFIXES, Tiling, open_slide, plan_slide, read_tiles, slide_ids
+from pipeline.sources import list_inputs
+
+TILING = Tiling(target_mpp=0.5, tile_px=64, overlap_px=0, min_tissue=0.25)
+SPEC = PreprocessSpec("squash", 64, 64)
+
+
+@pytest.fixture(scope="module")
+def drawn():
+    return draw_slide(1024, 768, shapes=[("rect", 128, 128, 512, 512), ("ellipse", 760, 500, 160, 140)], seed=5)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory, drawn):
+    """Two series in one folder (JPEG at 0.25 um/px; uncompressed at 0.25 um/px), and the same drawing as a
+    zlib TIFF for comparison."""
+    root = tmp_path_factory.mktemp("dicom")
+    jpeg = write_dicom(root / "case", drawn, 0.25)
+    raw = write_dicom(root / "case", drawn, 0.25, compression="raw", levels=1, label=False)
+    tiff = write_slide(root / "same.tif", drawn, 0.25, compression="zlib", levels=2)
+    return {"root": root, "jpeg": jpeg, "raw": raw, "tiff": tiff}
+
+
+# -- the writer and the listing -------------------------------------------------------------------------------------
+def test_the_writer_writes_one_series_of_instances_per_slide(series):
+    jpeg = [pydicom.dcmread(p, stop_before_pixels=True) for p in series["jpeg"]]
+    assert [d.ImageType[2] for d in jpeg] == ["VOLUME", "VOLUME", "VOLUME", "LABEL"]
+    assert len({d.SeriesInstanceUID for d in jpeg}) == 1 and {d.SOPClassUID for d in jpeg} == {
+        "1.2.840.10008.5.1.4.1.1.77.1.6"
+    }
+    assert [int(d.TotalPixelMatrixColumns) for d in jpeg[:3]] == [1024, 512, 256]
+    assert sum(p.stat().st_size for p in series["jpeg"]) < 400_000  # small fixtures
+
+
+def test_listing_groups_instances_into_one_row_per_series(series, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(series["root"], root)
+    (root / "case" / "notes.dcm").write_bytes(b"not a DICOM file")
+    listing = group_listing(list_inputs(str(root), None, SLIDE_SUFFIXES)).sort_by("uri")
+    rows = {r["uri"]: r for r in listing.to_pylist()}
+    jpeg, raw = (level0([root / "case" / p.name for p in series[k]]) for k in ("jpeg", "raw"))
+    assert sorted(rows) == sorted([str(jpeg), str(raw), str(root / "case" / "notes.dcm"), str(root / "same.tif")])
+    instances = [root / "case" / p.name for p in series["jpeg"]]
+    assert rows[str(jpeg)]["size"] == sum(p.stat().st_size for p in instances)
+    assert rows[str(jpeg)]["mtime"] == max(p.stat().st_mtime for p in instances)
+    assert rows[str(jpeg)]["etag"] is None
+    # A slide's uri is its level-0 instance, whatever the files are called; a lone series' id is its folder's name.
+    assert pydicom.dcmread(jpeg, stop_before_pixels=True).ImageType[2] == "VOLUME"
+    ids = dict(zip(listing.column("uri").to_pylist(), slide_ids(listing.column("uri").to_pylist())))
+    assert len(set(ids.values())) == 4 and ids[str(root / "same.tif")] == "same"
+    assert slide_ids(["/data/case7/1.2.3.dcm", "/data/b.svs"]) == ["case7", "b"]
+
+
+def test_a_changed_instance_changes_the_slide_row(series, tmp_path):
+    root = tmp_path / "one"
+    root.mkdir()
+    for p in series["jpeg"]:
+        shutil.copy(p, root / p.name)
+    before = group_listing(list_inputs(str(root), None, SLIDE_SUFFIXES)).to_pylist()
+    label = root / series["jpeg"][-1].name
+    os.utime(label, (time.time() + 60, time.time() + 60))
+    after = group_listing(list_inputs(str(root), None, SLIDE_SUFFIXES)).to_pylist()
+    assert [r["uri"] for r in before] == [r["uri"] for r in after]  # the same slide ...
+    assert after[0]["mtime"] > before[0]["mtime"]  # ... changed
+
+
+# -- reading a DICOM slide ------------------------------------------------------------------------------------------
+def test_a_dicom_slide_is_planned_like_the_same_tiff(series, drawn):
+    row, tiles = plan_slide(str(level0(series["jpeg"])), TILING)
+    tif_row, tif_tiles = plan_slide(str(series["tiff"]), TILING, reader="openslide")
+    assert (row["status"], row["reader"], row["slide_mpp"], row["mpp_source"]) == (
+        "ok",
+        "openslide",
+        0.25,
+        "dicom.PixelSpacing",
+    )
+    assert (row["width"], row["height"], row["level_count"], row["level"]) == (1024, 768, 3, 1)
+    assert row["n_tiles"] >= 10
+    np.testing.assert_array_equal(tiles["x"], tif_tiles["x"])
+    np.testing.assert_array_equal(tiles["y"], tif_tiles["y"])
+    fractions = [true_fraction(drawn.truth, x, y, row["footprint_px"]) for x, y in zip(tiles["x"], tiles["y"])]
+    assert min(fractions) >= 0.15  # on the drawn tissue
+
+
+def test_dicom_tiles_have_the_pixels_of_the_pyramid(series):
+    """Uncompressed DICOM against the zlib TIFF it was converted from: the same tile pixels, exactly."""
+    uri = str(level0(series["raw"]))
+    row, tiles = plan_slide(uri, TILING)
+    batch = {
+        "uri": np.array([uri] * 4, dtype=object),
+        "reader": np.array([row["reader"]] * 4, dtype=object),
+        "x": tiles["x"][:4],
+        "y": tiles["y"][:4],
+        "level": np.full(4, row["level"]),
+        "read_px": np.full(4, row["read_px"]),
+    }
+    dicom = read_tiles(batch, SPEC, 64)
+    tiff = read_tiles({**batch, "uri": np.array([str(series["tiff"])] * 4, dtype=object)}, SPEC, 64)
+    assert list(dicom["status"]) == ["ok"] * 4
+    np.testing.assert_array_equal(dicom["pixels"], tiff["pixels"])
+    with open_slide(uri) as slide:
+        region = slide.read_region((1000, 700), 0, (64, 64))  # partly outside: transparent there, as openslide
+    alpha = np.asarray(region)[..., 3]
+    assert alpha[:68, :24].min() == 255 and alpha[:, 24:].max() == 0
+
+
+def test_broken_series_are_one_error_row_each_with_the_reason(series, tmp_path):
+    def copy(name, paths):
+        folder = tmp_path / name
+        folder.mkdir()
+        return [Path(shutil.copy(p, folder / p.name)) for p in paths]
+
+    jpeg = series["jpeg"]
+    copy("labels", [jpeg[-1]])
+    truncated = copy("truncated", jpeg)
+    data = truncated[0].read_bytes()
+    truncated[0].write_bytes(data[: int(len(data) * 0.7)])
+    twice = copy("twice", jpeg)
+    shutil.copy(twice[1], twice[1].with_name("copy-of-level-1.dcm"))
+    mismatched = copy("mismatched", jpeg)
+    ds = pydicom.dcmread(mismatched[1])  # level 1 claims a pixel spacing that images a different area
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [0.0008, 0.0008]
+    ds.save_as(mismatched[1])
+    ct = tmp_path / "ct" / "slice.dcm"
+    ct.parent.mkdir()
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), ct)
+
+    listing = group_listing(list_inputs(str(tmp_path), None, SLIDE_SUFFIXES))
+    assert listing.num_rows == 5  # one row per series, broken or not
+    reasons = {}
+    for uri in listing.column("uri").to_pylist():
+        row, tiles = plan_slide(uri, TILING)
+        assert row["status"] == "error" and len(tiles["x"]) == 0
+        reasons[Path(uri).parent.name] = row["error"]
+    assert "no pyramid level (VOLUME instance)" in reasons["labels"]
+    assert "is truncated" in reasons["truncated"] and truncated[0].name in reasons["truncated"]
+    assert "stored twice" in reasons["twice"]
+    assert "inconsistent" in reasons["mismatched"] and mismatched[1].name in reasons["mismatched"]
+    assert "not a whole-slide image" in reasons["ct"]
+    assert all("\n" not in reason for reason in reasons.values())
+    assert all(reason.startswith("DICOM series ") for reason in reasons.values())
+
+
+def test_series_problem_accepts_a_whole_series(series):
+    headers = [read_header(str(p), check_pixels=True) for p in series["jpeg"]]
+    assert series_problem(headers) is None
+    assert (
+        series_problem([Header("x.dcm", error="not a readable DICOM file (bad)")]) == "not a readable DICOM file (bad)"
+    )
+
+
+# -- remote DICOM (wsidicom through fsspec) --------------------------------------------------------------------------
+class CountingFileSystem(LocalFileSystem):
+    """A local folder seen as a remote store (`counting://`), counting the bytes read: ranged reads or whole files."""
+
+    protocol = "counting"
+    root_marker = ""
+    bytes_read = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).replace("counting://", "", 1))
+
+    def _open(self, path, mode="rb", **kwargs):
+        return CountingFile(super()._open(path, mode))
+
+
+class CountingFile:
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        CountingFileSystem.bytes_read += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_remote_dicom_reads_ranges_and_gives_the_local_tiles(series, drawn, tmp_path):
+    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+    big = write_dicom(tmp_path / "big", draw_slide(2048, 1536, seed=5), 0.25, compression="raw", levels=2)
+    uri = str(level0(big))
+    remote = "counting://" + uri
+    listing = group_listing(list_inputs(f"counting://{tmp_path / 'big'}", None, SLIDE_SUFFIXES))
+    assert listing.column("uri").to_pylist() == [remote]
+    local_row, local_tiles = plan_slide(uri, TILING)
+    row, tiles = plan_slide(remote, TILING)
+    assert (row["status"], row["reader"], row["slide_mpp"], row["mpp_source"]) == (
+        "ok",
+        "wsidicom",
+        0.25,
+        "dicom.PixelSpacing",
+    )
+    for key in ("width", "height", "level_count", "level", "read_px", "footprint_px", "n_tiles"):
+        assert row[key] == local_row[key], key
+    np.testing.assert_array_equal(tiles["x"], local_tiles["x"])
+    batch = {
+        "uri": np.array([remote] * 3, dtype=object),
+        "reader": np.array(["wsidicom"] * 3, dtype=object),
+        "x": tiles["x"][:3],
+        "y": tiles["y"][:3],
+        "level": np.full(3, row["level"]),
+        "read_px": np.full(3, row["read_px"]),
+    }
+    CountingFileSystem.bytes_read = 0
+    pixels = read_tiles(batch, SPEC, 64)
+    assert list(pixels["status"]) == ["ok"] * 3, pixels["error"]
+    local = read_tiles(
+        {**batch, "uri": np.array([uri] * 3, dtype=object), "reader": np.array(["openslide"] * 3, dtype=object)},
+        SPEC,
+        64,
+    )
+    np.testing.assert_array_equal(pixels["pixels"], local["pixels"])
+    # Reading three tiles opened the series (headers, offset tables) and fetched their frames, not whole files.
+    assert CountingFileSystem.bytes_read < sum(p.stat().st_size for p in big) / 4
+
+
+def test_remote_dicom_with_openslide_is_a_one_line_error(series):
+    row, _ = plan_slide("s3://bucket/case/x.dcm", TILING, reader="openslide")
+    assert row["status"] == "error" and "openslide reads local files only" in row["error"]
+    assert "copy the series folder" in row["error"]
