@@ -148,6 +148,13 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    export(args.output, args.out, args.format, args.features, parse_storage_options(args.storage_options), _echo)
+    return 0
+
+
 def _cmd_rescore(args: argparse.Namespace) -> int:
     from .rescore import rescore
 
@@ -373,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and slides")
     p.set_defaults(func=_cmd_heatmap)
+
+    p = sub.add_parser("export", help="per-slide bags of tile features for MIL training (CLAM or TRIDENT layout)")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize slides` (local or fsspec URL)")
+    p.add_argument("--format", required=True, choices=("clam", "trident"), help="the bags' layout")
+    p.add_argument("--out", required=True, help="DIR for the bags (local or fsspec URL); a rerun brings it up to date")
+    p.add_argument(
+        "--features",
+        choices=("normalized", "projected"),
+        default=None,
+        help="the stored L2-normalised features, or the unnormalised projected embedding (needs embedding_norm) "
+        "[default: projected when OUTPUT stores embedding_norm, else normalized]",
+    )
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and DIR")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("rescore", help="new concept logits from OUTPUT's stored image features (text tower only)")
     p.add_argument(
