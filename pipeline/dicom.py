@@ -36,7 +36,7 @@ from .storage import _options_key, filesystem, is_remote, local_path, with_retri
 
 DICOM_SUFFIXES = frozenset({".dcm"})
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
-REMOTE_BLOCK_BYTES = 1 << 16  # a header or an offset table is a few ranged reads, never the whole instance
+REMOTE_BLOCK_BYTES = 1 << 18  # a header, an offset table or a few frames per ranged read, never a whole instance
 HEADER_THREADS = 16
 IMAGED_SIZE_TOLERANCE = 0.01  # levels of one pyramid image the same area, up to rounding to whole pixels
 
@@ -340,7 +340,10 @@ class WsiDicomHandle:
     def __init__(self, series: list[Header], storage_options: dict | None = None):
         from wsidicom import WsiDicom
 
-        self.wsi = WsiDicom.open([h.uri for h in series], file_options=dict(storage_options or {}))
+        options = dict(storage_options or {})
+        if series[0].uri.startswith(("s3://", "s3a://")):  # s3fs reads 50 MB blocks unless told: ranged reads instead
+            options.setdefault("default_block_size", REMOTE_BLOCK_BYTES)
+        self.wsi = WsiDicom.open([h.uri for h in series], file_options=options)
         levels = list(self.wsi.levels)
         self.dimensions = (levels[0].size.width, levels[0].size.height)
         self.level_dimensions = [(level.size.width, level.size.height) for level in levels]

@@ -248,3 +248,23 @@ def test_remote_dicom_with_openslide_is_a_one_line_error(series):
     row, _ = plan_slide("s3://bucket/case/x.dcm", TILING, reader="openslide")
     assert row["status"] == "error" and "openslide reads local files only" in row["error"]
     assert "copy the series folder" in row["error"]
+
+
+def test_dicom_on_object_storage_is_listed_planned_and_read(series, s3_server, s3_bucket):
+    import s3fs
+
+    options = s3_server["storage_options"]
+    fs = s3fs.S3FileSystem(**options)
+    for path in series["raw"]:
+        fs.put(str(path), f"{s3_bucket}/slides/case/{path.name}")
+    listing = group_listing(list_inputs(f"s3://{s3_bucket}/slides", options, SLIDE_SUFFIXES), options)
+    uri = f"s3://{s3_bucket}/slides/case/{level0(series['raw']).name}"
+    assert listing.column("uri").to_pylist() == [uri]
+    assert listing.column("size").to_pylist() == [sum(p.stat().st_size for p in series["raw"])]
+    assert listing.column("etag").to_pylist()[0] is not None  # the store's etags, hashed together
+    row, tiles = plan_slide(uri, TILING, storage_options=options)
+    local_row, local_tiles = plan_slide(str(level0(series["raw"])), TILING)
+    assert (row["status"], row["reader"], row["n_tiles"]) == ("ok", "wsidicom", local_row["n_tiles"])
+    np.testing.assert_array_equal(tiles["y"], local_tiles["y"])
+    with open_slide(uri, storage_options=options) as remote, open_slide(str(level0(series["raw"]))) as local:
+        np.testing.assert_array_equal(remote.read(256, 128, 1, 100, 80), local.read(256, 128, 1, 100, 80))
