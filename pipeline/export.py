@@ -259,17 +259,30 @@ def export(
             f"{out} holds a {previous.get('format')} export of {previous.get('output')}; export {output} as {fmt} "
             "to another --out"
         )
-    done = previous.get("slides", {}) if previous.get("features") == features else {}
+    written_before = previous.get("slides", {})
+    done = written_before if previous.get("features") == features else {}  # other features: every bag again
     slides = slides_to_export(source)
     current = _join_keys(slides.column("slide_id"), slides.column("run_id"))
     stale = slides.filter(pc.invert(pc.is_in(current, value_set=_manifest_keys(done))))
-    exported = {k: v for k, v in done.items() if k in set(slides.column("slide_id").to_pylist())}
+    unchanged = set(slides.column("slide_id").to_pylist()) - set(stale.column("slide_id").to_pylist())
+    exported = {k: done[k] for k in unchanged}
     for bag in iter_bags(source, stale, features):
         files = write_bag(bag, fmt, out, storage_options)
         exported[bag.slide["slide_id"]] = {"run_id": bag.slide["run_id"], "tiles": len(bag.coords), "files": files}
-    removed = [k for k in done if k not in exported]
+        expected = int(bag.slide["n_tiles"]) - int(bag.slide["n_tile_errors"] or 0)
+        if len(bag.coords) != expected:
+            log.warning(
+                "slide %s: %d ok tiles in the shards, _slides.parquet counts %d",
+                bag.slide["slide_id"],
+                len(bag.coords),
+                expected,
+            )
+    missing = sorted(set(stale.column("slide_id").to_pylist()) - set(exported))
+    if missing:
+        log.warning("no tiles found in the shards for %d slide(s) (%s): no bags", len(missing), ", ".join(missing[:5]))
+    removed = [k for k in written_before if k not in exported]
     for slide_id in removed:
-        for name in done[slide_id].get("files", []):
+        for name in written_before[slide_id].get("files", []):
             _remove(join(out, name), storage_options)
     manifest = {**same, "slides": dict(sorted(exported.items()))}
     write_json_atomic(join(out, MANIFEST), manifest, storage_options)
