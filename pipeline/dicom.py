@@ -140,8 +140,8 @@ def _size(f) -> int:
 
 def _truncation(f, ds, start: int, size: int) -> str | None:
     """Why the pixel data (starting at byte `start`) does not fit in the file's `size` bytes, or None when it does.
-    Native pixel data: its length; encapsulated: the items from the last frame's offset (Basic or Extended Offset
-    Table, else the first item) must run to the sequence's end marker inside the file."""
+    Native pixel data: its length; encapsulated: the file ends with the sequence's end marker, or else the items from
+    the last frame's offset (Basic or Extended Offset Table, else the first item) are walked to say where it stops."""
     if start >= size:
         return "it ends before its pixel data"
     f.seek(start)
@@ -153,6 +153,9 @@ def _truncation(f, ds, start: int, size: int) -> str | None:
     first = start + (12 if explicit else 8)
     if length != 0xFFFFFFFF:  # native pixel data of a fixed length
         return None if first + length <= size else f"its pixel data needs {first + length} bytes, the file has {size}"
+    f.seek(size - 8)
+    if f.read(8) == _SEQUENCE_END + bytes(4):  # whole: the usual case needs one read, a broken file the walk below
+        return None
     f.seek(first)
     tag, table_length = _item_header(f.read(8))
     if tag != _ITEM:
