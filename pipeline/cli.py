@@ -139,20 +139,46 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     from .heatmap import SlideOutput, short_list, write_all, write_heatmap
 
     options = _storage_options(args, args.output)
+    if not args.out and not args.geojson:
+        raise UserError("pass --out FILE.png (with --all, a folder) or --geojson FILE, or both")
     result = SlideOutput(args.output, options)
     if args.all:
         if args.slide or args.concept:
             raise UserError("--all draws every slide and concept; leave out --slide and --concept")
-        written = write_all(result, args.out, options, args.reader, args.tile_logits)
-        _echo(f"featurize: wrote {len(written)} heatmap(s) to {args.out}")
+        if args.out:
+            written = write_all(result, args.out, options, args.reader, args.tile_logits)
+            _echo(f"featurize: wrote {len(written)} heatmap(s) to {args.out}")
+        _geojson(result, args, options)
         return 0
-    if not args.slide or not args.concept:
+    if not args.slide or (args.out and not args.concept):
         raise UserError(
             "pass --slide ID and --concept NAME (or --all); slides: "
             f"{short_list(result.slide_ids)}; concepts: {short_list(result.concepts)}"
         )
-    path = write_heatmap(result, args.slide, args.concept, args.out, options, args.reader, args.tile_logits)
-    _echo(f"featurize: wrote {path}")
+    if args.out:
+        path = write_heatmap(result, args.slide, args.concept, args.out, options, args.reader, args.tile_logits)
+        _echo(f"featurize: wrote {path}")
+    _geojson(result, args, options)
+    return 0
+
+
+def _geojson(result, args: argparse.Namespace, options) -> None:
+    """heatmap --geojson: QuPath detections, one file for --slide, one per slide into a folder for --all."""
+    if not args.geojson:
+        return
+    from .qupath import write_all_geojson, write_geojson
+
+    if args.all:
+        written = write_all_geojson(result, args.geojson, options)
+        _echo(f"featurize: wrote {len(written)} GeoJSON file(s) to {args.geojson}")
+    else:
+        _echo(f"featurize: wrote {write_geojson(result, args.slide, args.geojson, options)}")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    export(args.output, args.out, args.format, args.features, _storage_options(args, args.output, args.out), _echo)
     return 0
 
 
@@ -362,17 +388,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of `featurize slides` (local or fsspec URL)")
     p.add_argument("--slide", help="slide id (as in _slides.parquet)")
     p.add_argument("--concept", help="concept name (as in _prompts.parquet)")
-    p.add_argument("--out", required=True, help="PNG file to write; with --all, a folder")
+    p.add_argument("--out", default=None, help="PNG file to write; with --all, a folder")
     p.add_argument("--all", action="store_true", help="one PNG per slide and concept into the --out folder")
+    p.add_argument(
+        "--geojson",
+        default=None,
+        help="also (or only) write QuPath detections: a .geojson file for --slide; with --all, a folder of them",
+    )
     p.add_argument("--tile-logits", action="store_true", help="draw tile logits even when concept maps were stored")
     p.add_argument(
         "--reader",
-        choices=("auto", "tiffslide", "openslide"),
+        choices=("auto", "tiffslide", "openslide", "wsidicom"),
         default=None,
         help="slide reader for the thumbnail [default: the one that read the slide]",
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and slides")
     p.set_defaults(func=_cmd_heatmap)
+
+    p = sub.add_parser("export", help="per-slide bags of tile features for MIL training (CLAM or TRIDENT layout)")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize slides` (local or fsspec URL)")
+    p.add_argument("--format", required=True, choices=("clam", "trident"), help="the bags' layout")
+    p.add_argument("--out", required=True, help="DIR for the bags (local or fsspec URL); a rerun brings it up to date")
+    p.add_argument(
+        "--features",
+        choices=("normalized", "projected"),
+        default=None,
+        help="the stored L2-normalised features, or the unnormalised projected embedding (needs embedding_norm) "
+        "[default: projected when OUTPUT stores embedding_norm, else normalized]",
+    )
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and DIR")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("rescore", help="new concept logits from OUTPUT's stored image features (text tower only)")
     p.add_argument(

@@ -154,10 +154,15 @@ class Job(Protocol):
 
 
 # -- what both jobs share -------------------------------------------------------------------------------------------
-def list_inputs(cfg: JobConfig, model: ModelJob, ws: Workspace, suffixes) -> tuple[PreprocessSpec, Listing]:
-    """The checkpoint's preprocessing, and INPUT's listing (files with `suffixes`) streamed into the workspace."""
+def list_inputs(
+    cfg: JobConfig, model: ModelJob, ws: Workspace, suffixes, group: Callable | None = None
+) -> tuple[PreprocessSpec, Listing]:
+    """The checkpoint's preprocessing, and INPUT's listing (files with `suffixes`) streamed into the workspace;
+    group(chunk files, storage_options) -> (chunk files, rows) may merge rows into inputs first (DICOM series)."""
     preprocess = preprocess_spec(model.spec)
     files, rows = write_listing(cfg.input, ws.path("listing"), cfg.storage_options, suffixes)
+    if group is not None:
+        files, rows = group(files, cfg.storage_options)
     return preprocess, open_listing(ws, files, rows)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from . import dicom
 from .decode import PreprocessSpec, resize_for_model, to_rgb
 from .errors import InputError, first_line, read_error_class
 from .storage import _options_key, is_remote, is_transient, local_path
@@ -30,8 +31,10 @@ from .storage import _options_key, is_remote, is_transient, local_path
 # Suffixes the readers handle: tiffslide reads the TIFF family (local or fsspec URLs); openslide (local) adds MRXS.
 TIFF_SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
 OPENSLIDE_ONLY_SUFFIXES = frozenset({".mrxs"})
-SLIDE_SUFFIXES = TIFF_SLIDE_SUFFIXES | OPENSLIDE_ONLY_SUFFIXES
-READERS = ("auto", "tiffslide", "openslide")
+# DICOM: one slide is a series of `.dcm` instances, listed as one row (dicom.group_listing); openslide reads it locally,
+# wsidicom (a reader only `auto` picks) through fsspec.
+SLIDE_SUFFIXES = TIFF_SLIDE_SUFFIXES | OPENSLIDE_ONLY_SUFFIXES | dicom.DICOM_SUFFIXES
+READERS = ("auto", "tiffslide", "openslide", "wsidicom")
 
 MIN_MASK_TILE_PX = 8  # the tissue mask level keeps at least this many mask pixels across a tile
 MAX_MASK_PIXELS = 1 << 26  # never read a mask level larger than this (64 Mpx, ~200 MB of RGB)
@@ -181,6 +184,8 @@ def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = No
     it reads, and openslide as a fallback for local files tiffslide cannot read. Raises ValueError with a reason."""
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; expected one of {', '.join(READERS)}")
+    if dicom.is_dicom(uri):
+        return _open_dicom(uri, reader, storage_options)
     suffix = os.path.splitext(uri.rstrip("/"))[1].lower()
     attempts = (
         [reader]
@@ -206,6 +211,27 @@ def open_slide(uri: str, reader: str = "auto", storage_options: dict | None = No
     raise ValueError("unsupported or unreadable slide (" + "; ".join(reasons) + ")")
 
 
+def _open_dicom(uri: str, reader: str, storage_options: dict | None) -> SlideReader:
+    """A DICOM series, checked whole first: openslide for local files, wsidicom (ranged reads) for fsspec URLs."""
+    name = reader if reader != "auto" else "wsidicom" if is_remote(uri) else "openslide"
+    if name == "tiffslide":
+        raise ValueError("tiffslide does not read DICOM; use reader auto (openslide locally, wsidicom remotely)")
+    if name == "openslide" and is_remote(uri):
+        raise ValueError(
+            "openslide reads local files only: copy the series folder to a local disk, or use reader auto "
+            "(wsidicom reads DICOM from object storage)"
+        )
+    try:
+        series = dicom.check_series(uri, storage_options)
+    except FileNotFoundError:
+        raise InputError("file not found", "missing") from None
+    if name == "wsidicom":
+        return SlideReader(dicom.WsiDicomHandle(series, storage_options), "wsidicom")
+    if not openslide_available():
+        raise ValueError("openslide is not installed (pip install openslide-python openslide-bin)")
+    return _open_openslide(uri)
+
+
 # -- microns per pixel ----------------------------------------------------------------------------------------------
 def _positive(value) -> float | None:
     try:
@@ -223,13 +249,19 @@ def _mpp_from_resolution(properties: dict) -> float | None:
     return 10_000.0 / resolution if resolution else None
 
 
+def _mpp_from_dicom(properties: dict) -> float | None:
+    spacing_mm = _positive(properties.get(dicom.PIXEL_SPACING_X))
+    return spacing_mm * 1000.0 if spacing_mm else None
+
+
 def resolve_mpp(properties: dict, slide_mpp: float | None = None) -> tuple[float | None, str | None]:
     """(microns per level-0 pixel, where it came from).
 
     `slide_mpp` (the user's override) wins; then the reader's own property (`openslide.mpp-x` /
-    `tiffslide.mpp-x`), then the Aperio description's `MPP`, then the TIFF resolution tags in centimetres. The
-    source names the metadata the value comes from: `aperio.MPP` or `tiff.XResolution` when the reader's property
-    is one of those, the reader's property name when it has a source of its own (a vendor's XML, say).
+    `tiffslide.mpp-x`), then the Aperio description's `MPP`, the DICOM pixel spacing, then the TIFF resolution tags
+    in centimetres. The source names the metadata the value comes from: `aperio.MPP`, `dicom.PixelSpacing` or
+    `tiff.XResolution` when the reader's property is one of those, the reader's property name when it has a source
+    of its own (a vendor's XML, say).
     (None, None) when nothing gives a usable value.
     """
     if slide_mpp is not None:
@@ -239,6 +271,7 @@ def resolve_mpp(properties: dict, slide_mpp: float | None = None) -> tuple[float
         return value, "slide_mpp"
     named = [
         ("aperio.MPP", _positive(properties.get("aperio.MPP"))),
+        ("dicom.PixelSpacing", _mpp_from_dicom(properties)),
         ("tiff.XResolution", _mpp_from_resolution(properties)),
     ]
     for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
@@ -453,10 +486,12 @@ def _reason(exc: BaseException) -> str:
 
 # -- slide ids ------------------------------------------------------------------------------------------------------
 def slide_ids(uris: list[str]) -> list[str]:
-    """The file name without its extension; the path relative to the slides' common folder (without extension,
-    or with it if that still collides) for slides that share a name."""
+    """The file name without its extension (a DICOM series: its folder's name); the path relative to the slides'
+    common folder (without extension, or with it if that still collides) for slides that share a name."""
     parts = [u.rstrip("/").split("/") for u in uris]
-    stems = [os.path.splitext(p[-1])[0] for p in parts]
+    stems = [
+        p[-2] if dicom.is_dicom(u) and len(p) > 1 and p[-2] else os.path.splitext(p[-1])[0] for u, p in zip(uris, parts)
+    ]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import SlidesConfig
+from .dicom import group_listing_files
 from .errors import UserError, first_line
 from .job import ModelJob, Planned, list_inputs, model_rows_per_shard, resolve_job
 from .nodes import refuse_process_local
@@ -312,7 +313,8 @@ class SlidesJob:
         self.tiling: Tiling | None = None
 
     def prepare(self, ws: Workspace) -> Listing:
-        self.preprocess, listing = list_inputs(self.cfg, self.model, ws, SLIDE_SUFFIXES)
+        # A DICOM slide is a series of .dcm instances: one listing row per series, as a slide file is one.
+        self.preprocess, listing = list_inputs(self.cfg, self.model, ws, SLIDE_SUFFIXES, group=group_listing_files)
         self.tiling = make_tiling(self.cfg, max(self.preprocess.height, self.preprocess.width))
         return listing
 
