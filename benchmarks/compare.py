@@ -141,7 +141,7 @@ def run_loop(paths: list, model_dir: Path, prompts: list[str], batch: int, threa
 
 # -- the model-only ceiling --------------------------------------------------------------------------------------------
 def model_preprocess(model_dir: Path):
-    from pipeline.models import preprocess_spec, resolve_model
+    from pipeline.checkpoint import preprocess_spec, resolve_model
 
     return preprocess_spec(resolve_model(str(model_dir), trust_remote_code=True))
 

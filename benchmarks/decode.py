@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     from PIL import Image, ImageOps
     from transformers import AutoProcessor
 
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.decode import decode_one, open_image, resize_for_model
-    from pipeline.models import preprocess_spec, resolve_model
 
     torch.set_num_threads(1)
     work = args.work.resolve()

@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 from benchmarks import common
+from pipeline.checkpoint import preprocess_spec, resolve_model
 from pipeline.decode import decode_one
-from pipeline.models import Encoder, preprocess_spec, resolve_model
+from pipeline.models import Encoder
 
 
 def main() -> None:

@@ -64,8 +64,8 @@ TABLE_HEADER = (
 # -- (1) CPU decode ------------------------------------------------------------------------------------------------
 def _decode_chunk(args) -> tuple[int, float]:
     paths, model_dir, fast = args
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.decode import decode_batch
-    from pipeline.models import preprocess_spec, resolve_model
 
     pre = preprocess_spec(resolve_model(model_dir, trust_remote_code=True, device="cpu"))
     t = time.perf_counter()
@@ -117,8 +117,8 @@ def run_ceiling(
 ) -> dict:
     import torch
 
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.encode import EncodeBatch
-    from pipeline.models import preprocess_spec, resolve_model
     from pipeline.prompts import load_prompts
 
     spec = resolve_model(str(model_dir), trust_remote_code=True)
@@ -325,7 +325,8 @@ def run_gpu_decode(paths: list[str], model_dir: Path, n: int, batch: int, min_s:
     import torch.nn.functional as F
     from torchvision.io import decode_jpeg
 
-    from pipeline.models import Encoder, preprocess_spec, resolve_model
+    from pipeline.checkpoint import preprocess_spec, resolve_model
+    from pipeline.models import Encoder
 
     spec = resolve_model(str(model_dir), trust_remote_code=True)
     pre = preprocess_spec(spec)
@@ -504,7 +505,7 @@ def measure(argv=None) -> dict:
     rec["setup_s"] = round(time.perf_counter() - t, 1)
     save()
 
-    from pipeline.models import preprocess_spec, resolve_model
+    from pipeline.checkpoint import preprocess_spec, resolve_model
 
     pre = preprocess_spec(resolve_model(str(model_dir), trust_remote_code=True, device="cpu"))
     part("decode", lambda: run_decode(distinct, model_dir, args.decode_sample, common.usable_cpus()))

@@ -140,9 +140,9 @@ def run_limit(
     import numpy as np
     import torch
 
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.decode import decode_batch
     from pipeline.encode import EncodeBatch
-    from pipeline.models import preprocess_spec, resolve_model
     from pipeline.prompts import load_prompts
 
     torch.set_num_threads(1)

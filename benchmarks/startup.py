@@ -79,13 +79,13 @@ def _step(name: str, model: str, prompts: str) -> dict:
         ray.shutdown()
         out["shutdown_s"] = round(time.perf_counter() - t2, 3)
     elif name == "resolve_processor":
-        from pipeline.models import preprocess_spec, resolve_model
+        from pipeline.checkpoint import preprocess_spec, resolve_model
 
         t = time.perf_counter()
         preprocess_spec(resolve_model(model, trust_remote_code=True))
     elif name == "actor_init":
+        from pipeline.checkpoint import preprocess_spec, resolve_model
         from pipeline.encode import EncodeBatch
-        from pipeline.models import preprocess_spec, resolve_model
         from pipeline.prompts import load_prompts
 
         spec = resolve_model(model, trust_remote_code=True, dtype="float32", device="cpu")

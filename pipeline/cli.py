@@ -3,6 +3,8 @@ files agree.
 
 Every parser and command function lives here and imports run one way: the library modules never import this one, and
 the command functions import them when they run, so `featurize --help` loads none of the analysis or driver code.
+It is longer than the other modules for that reason: one small argument function and one command function per
+command, all in one place (COMMANDS lists them), and nothing else.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel
 
 COMMAND_STARTED = time.time()  # before the imports below: first_shard_s counts from here
 
+from .checkpoint import quiet_libraries
 from .config import (
     RESCORE_BATCH_ROWS,
     RESCORE_ROWS_PER_SHARD,
@@ -30,7 +33,6 @@ from .config import (
     parse_storage_options,
 )
 from .errors import EnvironmentFailure, UserError
-from .models import quiet_libraries
 
 PROG = "featurize"
 
@@ -359,32 +361,29 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Featurise images and whole-slide images with CLIP-family models on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("images", help="featurise every image under INPUT into sharded Parquet in OUTPUT")
+# -- the commands' arguments -----------------------------------------------------------------------------------------
+def _args_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with the same options (command-line options win)")
     add_model_options(p, RunConfig, positional=("input", "output"))
-    p.set_defaults(func=_cmd_images)
 
-    p = sub.add_parser("manifest", help="list INPUT once (uri, size, mtime, etag) into a Parquet manifest")
+
+def _args_manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="folder, glob or list file; local path or fsspec URL")
     p.add_argument("manifest", metavar="MANIFEST", help="the .parquet file to write (local path or fsspec URL)")
     p.add_argument("--storage-options", help="fsspec storage options as JSON")
-    p.set_defaults(func=_cmd_manifest)
 
-    p = sub.add_parser("demo", help="run the whole pipeline offline on generated images and a tiny random model")
+
+def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="output folder")
     p.add_argument("--images", type=int, default=64, help="how many images to generate [default: 64]")
-    p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("slides", help="score every tissue tile of every whole-slide image under INPUT into OUTPUT")
+
+def _args_slides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with the same options (command-line options win)")
     add_model_options(p, SlidesConfig, positional=("input", "output"))
-    p.set_defaults(func=_cmd_slides)
 
-    p = sub.add_parser("heatmap", help="draw where a concept lights up on a slide, from the OUTPUT of `slides`")
+
+def _args_heatmap(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of `featurize slides` (local or fsspec URL)")
     p.add_argument("--slide", help="slide id (as in _slides.parquet)")
     p.add_argument("--concept", help="concept name (as in _prompts.parquet)")
@@ -403,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="slide reader for the thumbnail [default: the one that read the slide]",
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and slides")
-    p.set_defaults(func=_cmd_heatmap)
 
-    p = sub.add_parser("export", help="per-slide bags of tile features for MIL training (CLAM or TRIDENT layout)")
+
+def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize slides` (local or fsspec URL)")
     p.add_argument("--format", required=True, choices=("clam", "trident"), help="the bags' layout")
     p.add_argument("--out", required=True, help="DIR for the bags (local or fsspec URL); a rerun brings it up to date")
@@ -417,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         "[default: projected when OUTPUT stores embedding_norm, else normalized]",
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and DIR")
-    p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("rescore", help="new concept logits from OUTPUT's stored image features (text tower only)")
+
+def _args_rescore(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec URL)"
     )
@@ -444,9 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows per OUT2 shard [default: {RESCORE_ROWS_PER_SHARD}]",
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and OUT2")
-    p.set_defaults(func=_cmd_rescore)
 
-    p = sub.add_parser("labels", help="zero-shot labels: the top K concepts of each ok row, with probabilities")
+
+def _args_labels(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
     p.add_argument("--top-k", type=int, default=5, help="concepts per row [default: 5]")
     p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
@@ -456,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="softmax over concepts for every family [default: softmax for CLIP, sigmoid otherwise]",
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
-    p.set_defaults(func=_cmd_labels)
 
-    p = sub.add_parser("probe", help="train and test a linear probe (logistic regression) on OUTPUT's features")
+
+def _args_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` (local or fsspec URL)")
     p.add_argument("--labels", required=True, help="CSV with columns uri,label (uris as OUTPUT lists them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split [default: 0]")
@@ -467,15 +466,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--predict", default=None, help="FILE.parquet or .csv: uri, predicted label and p_<class> for every ok row"
     )
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
-    p.set_defaults(func=_cmd_probe)
 
-    p = sub.add_parser("report", help="one static HTML page about OUTPUT: counts, errors, stages, concepts, slides")
+
+def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of `images`, `slides` or `rescore` (local or fsspec)")
     p.add_argument("--out", required=True, help="the .html file to write (local path or fsspec URL)")
     p.add_argument("--concept", default=None, help="slides: the concept of the heatmap thumbnails [default: the first]")
     p.add_argument("--max-slides", type=int, default=100, help="slides: heatmaps for at most this many [default: 100]")
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
-    p.set_defaults(func=_cmd_report)
+
+
+COMMANDS = [  # name, one-line help, the function that adds its arguments, the function that runs it
+    ("images", "featurise every image under INPUT into sharded Parquet in OUTPUT", _args_images, _cmd_images),
+    ("manifest", "list INPUT once (uri, size, mtime, etag) into a Parquet manifest", _args_manifest, _cmd_manifest),
+    ("demo", "run the whole pipeline offline on generated images and a tiny random model", _args_demo, _cmd_demo),
+    ("slides", "score every tissue tile of every whole-slide image under INPUT into OUTPUT", _args_slides, _cmd_slides),
+    ("heatmap", "draw where a concept lights up on a slide, from the OUTPUT of `slides`", _args_heatmap, _cmd_heatmap),
+    ("export", "per-slide bags of tile features for MIL training (CLAM or TRIDENT layout)", _args_export, _cmd_export),
+    (
+        "rescore",
+        "new concept logits from OUTPUT's stored image features (text tower only)",
+        _args_rescore,
+        _cmd_rescore,
+    ),
+    ("labels", "zero-shot labels: the top K concepts of each ok row, with probabilities", _args_labels, _cmd_labels),
+    ("probe", "train and test a linear probe (logistic regression) on OUTPUT's features", _args_probe, _cmd_probe),
+    (
+        "report",
+        "one static HTML page about OUTPUT: counts, errors, stages, concepts, slides",
+        _args_report,
+        _cmd_report,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Featurise images and whole-slide images with CLIP-family models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, help_text, add_arguments, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 

@@ -14,9 +14,10 @@ import time
 import numpy as np
 
 from .board import ActorStart, PromptEmbeddings
+from .checkpoint import FeatureSpec, ModelSpec, quiet_libraries
 from .decode import PreprocessSpec
 from .errors import first_line, is_device_error
-from .models import Encoder, FeatureSpec, ModelSpec, micro_batch_for_memory, quiet_libraries
+from .models import Encoder, micro_batch_for_memory
 from .prompts import PromptSet
 
 log = logging.getLogger(__name__)

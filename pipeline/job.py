@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from .checkpoint import FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec, resolve_model, row_widths
 from .config import JobConfig
 from .decode import PreprocessSpec
 from .errors import UserError
-from .models import FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec, resolve_model, row_widths
 from .plan import Listing, Workspace, open_listing, shard_rows
 from .prompts import PromptSet, load_prompts
 from .sources import write_listing

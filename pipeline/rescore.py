@@ -31,12 +31,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import families
+from .checkpoint import ModelSpec
 from .config import RESCORE_BATCH_ROWS as BATCH_ROWS
 from .config import RESCORE_ROWS_PER_SHARD as ROWS_PER_SHARD
 from .dataset import readable_identity, readable_version
 from .errors import UserError
 from .lease import Lease
-from .models import ModelSpec
 from .prompts import Concept, PromptSet
 from .schema import current_names, fixed_list
 from .storage import filesystem, with_retries
@@ -192,7 +192,7 @@ def recorded_family(source: ScoredOutput) -> families.Family:
 def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "auto") -> ModelSpec:
     """The ModelSpec of the run that made `source`: its model, kind, revision and dtype; refuses what cannot be
     rescored (hidden-state features, image towers without text, a model that is not there any more)."""
-    from .models import resolve_model
+    from .checkpoint import resolve_model
 
     identity = source.identity
     if source.rescore_record is not None:
@@ -237,7 +237,8 @@ def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "
 
 def load_encoder(spec: ModelSpec):
     """The model as the run loaded it (Encoder also loads the image tower; no image is read)."""
-    from .models import Encoder, preprocess_spec
+    from .checkpoint import preprocess_spec
+    from .models import Encoder
 
     return Encoder(spec, preprocess_spec(spec))
 
@@ -374,87 +375,69 @@ def rescore(
     text = encoder.encode_prompts(prompt_set)
     scale, bias = encoder.logit_scale, encoder.logit_bias
     run_id = new_run_id()
-    identity = {**source.identity, "prompt_set_hash": prompt_set.set_hash}
     record = {
-        "source": {
-            "output": output,
-            "dataset_version": source.version,
-            "prompt_set_hash": source.identity.get("prompt_set_hash"),
-        },
-        "identity": identity,
-        "prompt_set_hash": prompt_set.set_hash,
-        "concepts": prompt_set.names,
-        "logit_scale": scale,
-        "logit_bias": bias,
-        "run_id": run_id,
-        "started_at": iso(started),
-        "output": out2,
-    }
+        "source": {"output": output, "dataset_version": source.version,
+                   "prompt_set_hash": source.identity.get("prompt_set_hash")},
+        "identity": {**source.identity, "prompt_set_hash": prompt_set.set_hash},
+        "prompt_set_hash": prompt_set.set_hash, "concepts": prompt_set.names, "logit_scale": scale,
+        "logit_bias": bias, "run_id": run_id, "started_at": iso(started), "output": out2,
+    }  # fmt: skip
     with Lease.acquire(out2, storage_options, run_id):  # one writer per OUT2, as for every OUTPUT
         target = OutputDir(out2, storage_options)
         old_shards = _prepare_out2(target, record)
-        prov = provenance(
-            spec.identity(),
-            prompt_set.set_hash,
-            run_id,
-            {"rescore_of": output, "source_dataset_version": source.version, "logit_scale": scale, "logit_bias": bias},
-        )
+        extra = {"rescore_of": output, "source_dataset_version": source.version, "logit_scale": scale,
+                 "logit_bias": bias}  # fmt: skip
+        prov = provenance(spec.identity(), prompt_set.set_hash, run_id, extra)
         sink = _ShardSink(target, rows_per_shard, metadata_bytes(prov))
         slides = source.current_slides()
-        tops = (
-            _SlideTopK(dict(zip(slides.column("uri").to_pylist(), slides.column("top_k").to_pylist())))
-            if slides is not None
-            else None
-        )
-        counts = {"rows": 0, "ok": 0, "error": 0}
+        tops = None if slides is None else _SlideTopK(
+            dict(zip(slides.column("uri").to_pylist(), slides.column("top_k").to_pylist()))
+        )  # fmt: skip
         t = time.perf_counter()
-        for chunk in source.chunks([*source.keys, "status", "image_features", "run_id"]):
-            for start in range(0, chunk.num_rows, batch_rows):
-                part = chunk.slice(start, batch_rows).combine_chunks()
-                ok = pc.fill_null(
-                    pc.and_(pc.equal(part.column("status"), "ok"), pc.is_valid(part.column("image_features"))), False
-                )
-                ok_np = ok.to_numpy(zero_copy_only=False)
-                logits = np.zeros((part.num_rows, len(text)), np.float32)
-                if ok_np.any():
-                    features = logits_matrix(part.column("image_features").filter(ok)).astype(np.float16)
-                    logits[ok_np] = encoder.logits(features, text)
-                    if tops is not None:
-                        tops.add(np.asarray(part.column("uri").filter(ok).to_pylist(), dtype=object), logits[ok_np])
-                sink.add(
-                    pa.table(
-                        {
-                            **{k: part.column(k) for k in source.keys},
-                            "status": pa.array(np.where(ok_np, "ok", "error").tolist(), pa.string()),
-                            "concept_logits": fixed_list(logits, pa.float32(), ok_np),
-                            "run_id": part.column("run_id"),  # the source row that was rescored
-                        }
-                    )
-                )
-                counts["rows"] += part.num_rows
-                counts["ok"] += int(ok_np.sum())
-                counts["error"] += int((~ok_np).sum())
+        counts = _rescore_rows(source, encoder, text, batch_rows, sink, tops)
         sink.close()
         for path in old_shards:  # an earlier rescore's shards beyond this one's
             if path.rsplit("/", 1)[-1] not in sink.written:
                 with_retries(lambda path=path: target.fs.rm(path))
-        target.write_table(
-            prompts_table(prompt_set, text, {**prov, "logit_scale": scale, "logit_bias": bias}), "_prompts.parquet"
-        )
+        target.write_table(prompts_table(prompt_set, text, prov), "_prompts.parquet")
         if slides is not None:
+            slide_table = _rescored_slides(slides, tops)
             target.write_table(
-                _rescored_slides(slides, tops).replace_schema_metadata(
-                    metadata_bytes({**prov, "concepts": prompt_set.names})
-                ),
+                slide_table.replace_schema_metadata(metadata_bytes({**prov, "concepts": prompt_set.names})),
                 "_slides.parquet",
             )
-        record.update(
-            state="complete",
-            counts=counts,
-            shards=len(sink.written),
-            ended_at=iso(time.time()),
-            score_s=round(time.perf_counter() - t, 3),
-            versions=package_versions(),
-        )
+        record.update(state="complete", counts=counts, shards=len(sink.written), ended_at=iso(time.time()),
+                      score_s=round(time.perf_counter() - t, 3), versions=package_versions())  # fmt: skip
         target.write_json(record, "_rescore.json")  # last: OUT2 is complete
         return record
+
+
+def _rescore_rows(source: ScoredOutput, encoder, text: np.ndarray, batch_rows: int, sink: _ShardSink, tops) -> dict:
+    """Every current row of `source`, `batch_rows` at a time: its stored float16 features scored against `text` with
+    the model's own formula, error rows kept with null logits, into `sink` (and each slide's top logits into
+    `tops`). Returns the counts."""
+    counts = {"rows": 0, "ok": 0, "error": 0}
+    for chunk in source.chunks([*source.keys, "status", "image_features", "run_id"]):
+        for start in range(0, chunk.num_rows, batch_rows):
+            part = chunk.slice(start, batch_rows).combine_chunks()
+            ok = pc.fill_null(
+                pc.and_(pc.equal(part.column("status"), "ok"), pc.is_valid(part.column("image_features"))), False
+            )
+            ok_np = ok.to_numpy(zero_copy_only=False)
+            logits = np.zeros((part.num_rows, len(text)), np.float32)
+            if ok_np.any():
+                features = logits_matrix(part.column("image_features").filter(ok)).astype(np.float16)
+                logits[ok_np] = encoder.logits(features, text)
+                if tops is not None:
+                    tops.add(np.asarray(part.column("uri").filter(ok).to_pylist(), dtype=object), logits[ok_np])
+            columns = {k: part.column(k) for k in source.keys}
+            columns.update(
+                status=pa.array(np.where(ok_np, "ok", "error").tolist(), pa.string()),
+                concept_logits=fixed_list(logits, pa.float32(), ok_np),
+                run_id=part.column("run_id"),  # the source row that was rescored
+            )
+            sink.add(pa.table(columns))
+            counts["rows"] += part.num_rows
+            counts["ok"] += int(ok_np.sum())
+            counts["error"] += int((~ok_np).sum())
+    return counts

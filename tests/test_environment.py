@@ -95,8 +95,8 @@ def test_a_file_the_driver_sees_but_a_worker_did_not_is_an_environment_failure(t
 
 def test_a_device_fault_is_not_blamed_on_the_images(conceptclip_model, prompts_file):
     """A CUDA fault (not out-of-memory) marks the chunk as class device; the driver then stops the run."""
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.encode import EncodeBatch
-    from pipeline.models import preprocess_spec, resolve_model
     from pipeline.prompts import load_prompts
 
     spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.checkpoint import parse_features
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.images_job import run_images
-from pipeline.models import parse_features
 
 QUIET = {"echo": lambda m: None}
 

@@ -9,8 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
+from pipeline.checkpoint import Secret, preprocess_spec, resolve_model
 from pipeline.errors import UserError
-from pipeline.models import Encoder, Secret, preprocess_spec, resolve_model
+from pipeline.models import Encoder
 from pipeline.prompts import Concept, PromptSet
 
 PROMPTS = PromptSet(
@@ -117,8 +118,8 @@ def test_prompt_embeddings_are_ensembled_and_logits_follow_the_formula(conceptcl
 def test_preprocessing_read_from_saved_config_equals_the_loaded_processor(fixture, request, tmp_path):
     import shutil
 
+    from pipeline.checkpoint import load_processor
     from pipeline.decode import spec_from_image_processor
-    from pipeline.models import load_processor
 
     folder = request.getfixturevalue(fixture)
     spec = resolve_model(str(folder), trust_remote_code=True)
@@ -137,7 +138,7 @@ def test_preprocessing_read_from_saved_config_equals_the_loaded_processor(fixtur
 def test_saved_siglip_config_is_read_without_loading_the_processor(siglip_model, tmp_path):
     import shutil
 
-    from pipeline.models import load_processor
+    from pipeline.checkpoint import load_processor
 
     copy = shutil.copytree(siglip_model, tmp_path / "copy")
     for name in ("preprocessor_config.json", "processor_config.json"):  # SigLIP configs never name a crop
@@ -168,12 +169,12 @@ def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
         spec = resolve_model("acme/conceptclip-tiny", trust_remote_code=True)
     assert spec.family.name == "remote"
     assert "not a commit hash" in caplog.text and "--revision" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
         assert resolve_model("acme/conceptclip-tiny", revision=commit, trust_remote_code=True).revision == commit
     assert "not a commit hash" not in caplog.text
     with pytest.raises(UserError, match="not in the local cache"):
@@ -181,7 +182,7 @@ def test_hub_ids_resolve_through_the_hub_cache_and_unpinned_remote_code_warns(
 
 
 def test_a_local_model_folder_is_one_model_however_it_is_named(conceptclip_model, monkeypatch):
-    from pipeline.models import resolve_model
+    from pipeline.checkpoint import resolve_model
 
     monkeypatch.chdir(conceptclip_model.parent)
     relative = resolve_model(f"./{conceptclip_model.name}", trust_remote_code=True)

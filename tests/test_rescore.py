@@ -168,7 +168,8 @@ def slides_output(tmp_path_factory, conceptclip_model, prompts_file) -> dict:
         out.write_table(tile_table_builder(64, run_id, 1, False)(with_plan(cols, plan)), "part-00000.parquet")
         out.write_table(pa.Table.from_pylist(rows, schema=SLIDE_SCHEMA), "_slides.parquet")
         prompt_set = load_prompts(str(prompts_file))
-        from pipeline.models import Encoder, preprocess_spec, resolve_model
+        from pipeline.checkpoint import preprocess_spec, resolve_model
+        from pipeline.models import Encoder
 
         spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32")
         encoder = Encoder(spec, preprocess_spec(spec))
@@ -243,7 +244,8 @@ def _table(folder) -> pa.Table:
 
 def _text_embeddings(model, prompts):
     """The new prompt set's embeddings, scale and bias, through the model's Encoder (not through rescore)."""
-    from pipeline.models import Encoder, preprocess_spec, resolve_model
+    from pipeline.checkpoint import preprocess_spec, resolve_model
+    from pipeline.models import Encoder
     from pipeline.prompts import load_prompts
 
     spec = resolve_model(str(model), trust_remote_code=True, dtype="float32")

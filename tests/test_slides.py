@@ -649,8 +649,8 @@ def test_concept_maps_follow_the_documented_recipe(conceptclip_model, prompts_fi
     import torch
     from transformers import AutoModel, AutoProcessor
 
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.encode import EncodeBatch
-    from pipeline.models import preprocess_spec, resolve_model
     from pipeline.prompts import load_prompts
 
     spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")

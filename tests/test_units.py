@@ -341,8 +341,8 @@ N_IMAGES = 10
 
 @pytest.fixture(scope="module")
 def actor(clip_model, prompts_file):
+    from pipeline.checkpoint import preprocess_spec, resolve_model
     from pipeline.encode import EncodeBatch
-    from pipeline.models import preprocess_spec, resolve_model
     from pipeline.prompts import load_prompts
 
     spec = resolve_model(str(clip_model), dtype="float32", device="cpu")

@@ -1,0 +1,309 @@
+"""What a checkpoint is, resolved on the driver without loading it: where it comes from (hub id or folder, revision,
+remote-code consent, the token kept secret), its family, what the features are, the preprocessing its processor
+declares, and the widths of the rows it will produce."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import families
+from .decode import PreprocessSpec, spec_from_image_processor
+from .errors import UserError, first_line
+from .families import Family
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+class Secret:
+    """A value (the HF token) that never shows itself in reprs, logs or errors."""
+
+    def __init__(self, value: str | None):
+        self._value = value or None
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(****)" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (Secret, (self._value,))
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, fallback notices) out of the output. The CLI calls it, and so does
+    every model actor: actors on other nodes do not inherit the driver's environment."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules:  # imported before the variables were set: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def hf_token() -> Secret:
+    return Secret(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an actor needs to load the model; built and checked on the driver."""
+
+    model: str
+    family: Family
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    token: Secret = field(default_factory=lambda: Secret(None), repr=False, compare=False)
+
+    def identity(self) -> dict:
+        """What makes two runs' numbers comparable (no secrets). `kind` is the family's key, as OUTPUTs store it."""
+        return {"model": self.model, "kind": self.family.name, "revision": self.revision, "dtype": self.dtype}
+
+    def placed(self, device: str) -> ModelSpec:
+        """This spec on `device` with a concrete dtype (auto: bfloat16 on GPUs, float32 on CPUs)."""
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return replace(self, dtype=dtype, device=device)
+
+
+HIDDEN_POOLS = ("cls", "mean", "patch", "cls_patch")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What `image_features` holds: the model's embedding (projected, L2-normalised; layer None), or a layer of the
+    image tower's hidden states (`hidden_states[layer]`, as the model returns them) pooled as `pool`:
+    cls (the class token), mean (of the patch tokens), patch (the patch tokens), cls_patch (the whole sequence)."""
+
+    layer: int | None = None
+    pool: str = ""
+
+    @property
+    def hidden(self) -> bool:
+        return self.layer is not None
+
+    @property
+    def name(self) -> str:
+        return f"hidden:{self.layer}:{self.pool}" if self.hidden else "embedding"
+
+
+def parse_features(text: str) -> FeatureSpec:
+    """`embedding` or `hidden:LAYER:POOL` (e.g. hidden:-2:patch); a bad value is a one-line error."""
+    if text == "embedding":
+        return FeatureSpec()
+    parts = text.split(":")
+    if len(parts) == 3 and parts[0] == "hidden" and parts[2] in HIDDEN_POOLS:
+        try:
+            return FeatureSpec(int(parts[1]), parts[2])
+        except ValueError:
+            pass
+    raise UserError(
+        f"--features {text!r}: use 'embedding' or 'hidden:LAYER:POOL' with LAYER an index into the "
+        f"image tower's hidden states (e.g. -2) and POOL one of {', '.join(HIDDEN_POOLS)}"
+    )
+
+
+def _load_config_json(model: str, revision: str | None, token: Secret, filename: str = "config.json") -> dict:
+    path = Path(model)
+    if path.is_dir():
+        cfg = path / filename
+        if not cfg.is_file():
+            raise UserError(f"model folder {model} has no {filename}; is it a Hugging Face checkpoint?")
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"model {model} is neither a folder with a checkpoint nor a hub id")
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import hf_hub_download
+
+    try:
+        cfg = hf_hub_download(model, filename, revision=revision, token=token.get())
+    except hf_errors.GatedRepoError:
+        raise UserError(f"model {model} is gated: accept its terms on the hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise UserError(f"model {model} was not found on the hub (or HF_TOKEN lacks access)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise UserError(f"model {model} has no revision {revision!r}") from None
+    except hf_errors.LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+        raise UserError(
+            f"model {model} is not in the local cache and the hub cannot be reached "
+            "(check the network, or pass a local folder)"
+        ) from None
+    except hf_errors.EntryNotFoundError:
+        raise UserError(f"model {model} has no {filename}") from None
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        raise UserError(f"model {model}: cannot fetch {filename} ({type(exc).__name__})") from None
+    return json.loads(Path(cfg).read_text(encoding="utf-8"))
+
+
+def resolve_model(
+    model: str, revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto", device: str = "auto"
+) -> ModelSpec:
+    """Check the checkpoint exists, recognise its family, and refuse remote code unless allowed. A local folder is
+    named by its absolute path: `./m` and `/abs/m` are one model, and actors on other nodes get a usable path."""
+    token = hf_token()
+    if Path(model).expanduser().is_dir():
+        model = str(Path(model).expanduser().resolve())
+    config = _load_config_json(model, revision, token)
+    family = families.detect(config)
+    if family is None:
+        raise UserError(
+            f"model {model} has model_type {config.get('model_type')!r}; supported: CLIPModel, SiglipModel, "
+            "CLIPVisionModel, SiglipVisionModel (features only) and remote-code models with "
+            "ConceptCLIP's interface"
+        )
+    if family.remote_code:
+        if not trust_remote_code:
+            raise UserError(
+                f"model {model} ships its own Python code; review it, then pass --trust-remote-code "
+                "(and pin --revision to a commit hash)"
+            )
+        if not Path(model).is_dir() and not (revision and _COMMIT_RE.match(revision)):
+            log.warning(
+                "model %s runs remote code from revision %r, which is not a commit hash: pin --revision "
+                "to a commit for unattended runs",
+                model,
+                revision or "main",
+            )
+    return ModelSpec(model, family, _resolved_revision(model, revision, token), trust_remote_code, dtype, device, token)
+
+
+def _resolved_revision(model: str, revision: str | None, token: Secret) -> str | None:
+    """The commit a hub revision points at now, so a moved branch is seen as a changed model; local folders and
+    unreachable hubs keep what was given."""
+    if Path(model).is_dir() or (revision and _COMMIT_RE.match(revision)):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(model, revision=revision, token=token.get()).sha or revision
+    except Exception:
+        return revision
+
+
+def _vision_layout(vision_config) -> tuple[int, int, int]:
+    """(patch tokens, width, layers) of an image tower's config."""
+    try:
+        patches = (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2
+        return patches, int(vision_config.hidden_size), int(vision_config.num_hidden_layers)
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(
+            "cannot tell this model's image-tower layout (image_size, patch_size, hidden_size, "
+            "num_hidden_layers); --features hidden:... needs a transformers vision tower"
+        ) from None
+
+
+def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
+    """The shape of one row's hidden-state features (before flattening), from the checkpoint's configuration;
+    refuses a layer out of range and `cls` for towers without a class token (SigLIP, ConceptCLIP)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.family.remote_code
+    )
+    vision = spec.family.vision_config(config)
+    if vision is None:
+        raise UserError(
+            f"model {spec.model} exposes no transformers image tower (vision_config): --features "
+            "hidden:... is not available for it; use --features embedding"
+        )
+    patches, width, layers = _vision_layout(vision)
+    has_cls = spec.family.has_class_token(vision)
+    if not -(layers + 1) <= features.layer <= layers:
+        raise UserError(
+            f"--features {features.name}: model {spec.model} has {layers + 1} hidden states "
+            f"(embeddings and {layers} layers): LAYER must be in {-(layers + 1)}..{layers}"
+        )
+    if features.pool == "cls" and not has_cls:
+        raise UserError(
+            f"--features {features.name}: model {spec.model}'s image tower has no class token; "
+            "use mean, patch or cls_patch"
+        )
+    tokens = patches + has_cls
+    return {"cls": (width,), "mean": (width,), "patch": (patches, width), "cls_patch": (tokens, width)}[features.pool]
+
+
+def row_widths(
+    spec: ModelSpec,
+    features: FeatureSpec,
+    feature_shape: tuple[int, ...] | None,
+    concepts: int,
+    concept_maps: bool = False,
+) -> dict[str, tuple[int, int]]:
+    """Per list column of a result row, (values, bytes a value), read from the checkpoint's config.json without
+    loading the model: what sizes shards by bytes."""
+    config = _load_config_json(spec.model, spec.revision, spec.token)
+    width = int(np.prod(feature_shape)) if feature_shape is not None else spec.family.embedding_width(config)
+    widths = {"image_features": (width, 2)}
+    if concepts:
+        widths["concept_logits"] = (concepts, 4)
+    if concept_maps:
+        vision = spec.family.vision_config_json(config)
+        patches = (int(vision.get("image_size", 384)) // int(vision.get("patch_size", 14))) ** 2
+        widths["concept_maps"] = (concepts * patches, 2)
+    return widths
+
+
+def load_processor(spec: ModelSpec):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            spec.model, revision=spec.revision, token=spec.token.get(), trust_remote_code=spec.family.remote_code
+        )
+    except Exception as exc:
+        raise UserError(
+            f"model {spec.model}: cannot load its processor ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
+
+
+def preprocess_spec(spec: ModelSpec) -> PreprocessSpec:
+    """The checkpoint's preprocessing, read from its saved processor configuration when that is complete (fast:
+    the driver need not import transformers); otherwise from the loaded processor."""
+    for filename, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        try:
+            config = _load_config_json(spec.model, spec.revision, spec.token, filename)
+        except (UserError, ValueError):
+            continue
+        config = config.get(key, {}) if key else config
+        if isinstance(config, dict) and _complete(config):
+            return spec_from_image_processor(
+                SimpleNamespace(**config), name=config.get("image_processor_type", filename)
+            )
+    processor = load_processor(spec)
+    return spec_from_image_processor(getattr(processor, "image_processor", processor))
+
+
+# A saved image-processor configuration that names all of these says everything the resize needs; one that
+# leaves some to its class's defaults is read through the processor class instead.
+COMPLETE_PROCESSOR_KEYS = frozenset(
+    {"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std"}
+)
+NEVER_CROPPING_PROCESSORS = ("SiglipImageProcessor",)  # classes without a centre crop: none to leave to defaults
+
+
+def _complete(config: dict) -> bool:
+    if not COMPLETE_PROCESSOR_KEYS <= set(config):
+        return False
+    return "do_center_crop" in config or str(config.get("image_processor_type", "")).startswith(
+        NEVER_CROPPING_PROCESSORS
+    )
