@@ -149,9 +149,9 @@ def plan(run: Run, cleanup: ExitStack) -> None:
         run.layout,
         run.prov["command"],
     )
+    job.save_plan(out, planned)  # first: a plan in OUTPUT is resumable only with what goes beside it
     if planned.local_plan is not None and planned.units:
         planned.plan_path = upload_plan(planned.local_plan, out, run.run_id)
-    job.save_plan(out, planned)
     write_listing_uris(run.ws, out)
     out.write_json(run.record, "_runs", f"{run.run_id}.json")
     if listing.duplicates:

@@ -350,24 +350,13 @@ class SlidesJob:
         dry: bool = False,
     ) -> Planned:
         """Resume the unfinished run, or plan the slides not done yet into tiles (a dry run too)."""
-        cfg = self.cfg
-        resumable = unfinished_run(out, runs, version, cfg.input)
+        resumable = unfinished_run(out, runs, version, self.cfg.input)
         if resumable is not None:
-            run_id, path = resumable
-            slides = current_names(out.read_table("_runs", f"{run_id}.slides.parquet"), "slides")
-            if slides is None:
-                raise UserError(
-                    f"run {run_id} in {out.url} has a plan but no slide table; "
-                    "remove its files under _runs to start afresh"
-                )
-            units = plan_unit_counts(ws, out, path)
-            return Planned(
-                run_id, True, self._counts(slides, sum(units.values())), units, plan_path=path, extra={"slides": slides}
-            )
+            return self._resumed(ws, out, *resumable)
+        cfg = self.cfg
         done = done_slides(ws, out, out.read_table("_slides.parquet"), version, cfg.incremental)
         pending = listed_except(ws, done)
         uris = listed_uris(ws)
-        ids = dict(zip(uris, slide_ids(uris)))
         first_unit = next_unit(out, runs)
         rows_per_shard = model_rows_per_shard(cfg, self.model, cfg.concept_maps)
         dest = tile_parts_destination(ws, out, run_id)
@@ -376,37 +365,28 @@ class SlidesJob:
         count_only = dry and dest != ws.path("tiles")
         try:
             slides, n_tiles, local, by_driver = plan_slides(
-                pending,
-                ids,
-                self.tiling,
-                cfg,
-                run_id,
-                version,
-                first_unit,
-                rows_per_shard,
-                ws,
-                out,
-                None if count_only else dest,
-                count_only,
-            )
+                pending, dict(zip(uris, slide_ids(uris))), self.tiling, cfg, run_id, version, first_unit,
+                rows_per_shard, ws, out, None if count_only else dest, count_only,
+            )  # fmt: skip
         finally:
             if dest is not None and is_remote(dest):  # the plan file holds the tiles now
                 remove_tree(dest, cfg.storage_options)
-        counts = {
-            **self._counts(slides, n_tiles),
-            "rows_per_shard": rows_per_shard,
-            "new": pending.num_rows,
-            "unchanged": done.num_rows,
-            "tile_parts_by_driver": by_driver,
-        }
-        return Planned(
-            run_id,
-            False,
-            counts,
-            contiguous_units(n_tiles, first_unit, rows_per_shard),
-            local_plan=local,
-            extra={"slides": slides},
-        )
+        counts = {**self._counts(slides, n_tiles), "rows_per_shard": rows_per_shard, "new": pending.num_rows,
+                  "unchanged": done.num_rows, "tile_parts_by_driver": by_driver}  # fmt: skip
+        units = contiguous_units(n_tiles, first_unit, rows_per_shard)
+        return Planned(run_id, False, counts, units, local_plan=local, extra={"slides": slides})
+
+    def _resumed(self, ws: Workspace, out: OutputDir, run_id: str, path: str) -> Planned:
+        """The unfinished run's plan and slide table, as it wrote them."""
+        slides = current_names(out.read_table("_runs", f"{run_id}.slides.parquet"), "slides")
+        if slides is None:
+            raise UserError(
+                f"run {run_id} in {out.url} has a plan but no slide table (written by a version before slide tables "
+                "were saved with the plan); remove its files under _runs to start afresh"
+            )
+        units = plan_unit_counts(ws, out, path)
+        counts = self._counts(slides, sum(units.values()))
+        return Planned(run_id, True, counts, units, plan_path=path, extra={"slides": slides})
 
     @staticmethod
     def _counts(slides: pa.Table, tiles: int) -> dict:

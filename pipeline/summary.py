@@ -76,31 +76,8 @@ def shard_partial(table: pa.Table, top_k: int, logits: bool = True) -> dict:
         for g, text in zip(seen.tolist(), texts):
             first_error[g] = text
 
-    counts = np.zeros(groups, np.int64)
-    top = np.zeros((0, 0), np.float32)
-    if logits:
-        column = table.column("concept_logits").combine_chunks()
-        scored = ok & column.is_valid().to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(scored)
-        if len(rows):
-            lists = column.take(pa.array(rows))
-            lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-            width = int(lengths[0])
-            if (lengths != width).any():
-                raise ValueError(f"tiles with different numbers of concept logits ({sorted(set(lengths.tolist()))})")
-            values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            values = values.reshape(len(rows), width)
-            g = codes[rows]
-            # Per concept: rows by value descending (NaN last, as -np.sort(-x)), then stably by uri.
-            by_value = np.argsort(-values, axis=0, kind="stable")
-            by_group = np.argsort(g[by_value], axis=0, kind="stable")
-            order = np.take_along_axis(by_value, by_group, axis=0)
-            ranked = np.take_along_axis(values, order, axis=0)
-            g_sorted = np.sort(g, kind="stable")
-            starts = np.searchsorted(g_sorted, g_sorted, side="left")
-            keep = (np.arange(len(rows)) - starts) < top_k
-            top = np.ascontiguousarray(ranked[keep])
-            counts = np.bincount(g_sorted[keep], minlength=groups).astype(np.int64)
+    no_logits = (np.zeros(groups, np.int64), np.zeros((0, 0), np.float32))
+    counts, top = _top_per_group(table, ok, codes, groups, top_k) if logits else no_logits
     return {
         "uris": uris,
         "n_errors": n_errors,
@@ -109,6 +86,36 @@ def shard_partial(table: pa.Table, top_k: int, logits: bool = True) -> dict:
         "counts": counts,
         "top": top,
     }
+
+
+def _top_per_group(table: pa.Table, ok: np.ndarray, codes: np.ndarray, groups: int, top_k: int):
+    """(rows of each group's block, the blocks): per group, its top min(top_k, its scored tiles) logits per concept,
+    sorted descending, blocks contiguous in group order."""
+    counts = np.zeros(groups, np.int64)
+    top = np.zeros((0, 0), np.float32)
+    column = table.column("concept_logits").combine_chunks()
+    scored = ok & column.is_valid().to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(scored)
+    if len(rows):
+        lists = column.take(pa.array(rows))
+        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        width = int(lengths[0])
+        if (lengths != width).any():
+            raise ValueError(f"tiles with different numbers of concept logits ({sorted(set(lengths.tolist()))})")
+        values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        values = values.reshape(len(rows), width)
+        g = codes[rows]
+        # Per concept: rows by value descending (NaN last, as -np.sort(-x)), then stably by uri.
+        by_value = np.argsort(-values, axis=0, kind="stable")
+        by_group = np.argsort(g[by_value], axis=0, kind="stable")
+        order = np.take_along_axis(by_value, by_group, axis=0)
+        ranked = np.take_along_axis(values, order, axis=0)
+        g_sorted = np.sort(g, kind="stable")
+        starts = np.searchsorted(g_sorted, g_sorted, side="left")
+        keep = (np.arange(len(rows)) - starts) < top_k
+        top = np.ascontiguousarray(ranked[keep])
+        counts = np.bincount(g_sorted[keep], minlength=groups).astype(np.int64)
+    return counts, top
 
 
 def read_shard_partial(url: str, storage_options: dict | None, path: str, top_k: int, logits: bool) -> dict:

@@ -22,8 +22,8 @@ from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.export import NORM_COLUMN, export
 from pipeline.prompts import Concept, PromptSet
-from pipeline.run_slides import tile_table_builder
 from pipeline.schema import SLIDE_SCHEMA, prompts_table
+from pipeline.slides_job import tile_table_builder
 from pipeline.write import OutputDir
 
 DIM = 8
