@@ -177,6 +177,7 @@ def resolve_model(
                 f"model {model} ships its own Python code; review it, then pass --trust-remote-code "
                 "(and pin --revision to a commit hash)"
             )
+        check_remote_code_imports(model, revision, token, config)
         if not Path(model).is_dir() and not (revision and _COMMIT_RE.match(revision)):
             log.warning(
                 "model %s runs remote code from revision %r, which is not a commit hash: pin --revision "
@@ -185,6 +186,96 @@ def resolve_model(
                 revision or "main",
             )
     return ModelSpec(model, family, _resolved_revision(model, revision, token), trust_remote_code, dtype, device, token)
+
+
+# What pip installs a module under, where the two names differ
+PIP_NAMES = {"PIL": "pillow", "sklearn": "scikit-learn", "cv2": "opencv-python", "yaml": "pyyaml",
+             "skimage": "scikit-image", "open_clip": "open_clip_torch"}  # fmt: skip
+# The packages of OpenCLIP's runtime that ConceptCLIP's remote code may import, and what brings them
+CONCEPTCLIP_EXTRA = "pip install 'pipeline-featurize[conceptclip]' brings timm, ftfy and regex"
+
+
+def check_remote_code_imports(model: str, revision: str | None, token: Secret, config: dict) -> None:
+    """Before anything runs, the packages the checkpoint's own Python imports must be installed: transformers would
+    refuse the code on every actor, after the download. One line names the missing ones."""
+    import importlib.util
+    import sys
+
+    modules = _remote_code_imports(model, revision, token, config)
+    missing = sorted(
+        {
+            PIP_NAMES.get(m, m)
+            for m in modules
+            if m not in sys.builtin_module_names and importlib.util.find_spec(m) is None
+        }
+    )
+    if missing:
+        raise UserError(
+            f"model {model}: its own Python code imports {', '.join(missing)}, which this environment lacks: "
+            f"install {'it' if len(missing) == 1 else 'them'} ({CONCEPTCLIP_EXTRA}; timm also needs the torchvision "
+            "that matches your torch)"
+        )
+
+
+def _remote_code_imports(model: str, revision: str | None, token: Secret, config: dict) -> set[str]:
+    """The top-level modules the checkpoint's remote code imports outside try blocks (as transformers checks them):
+    the files its auto_map names, and the sibling files they import."""
+    import ast
+
+    todo = [name for name in _auto_map_modules(config) if "--" not in name]  # another repository's code: not ours
+    todo += [name for name in _auto_map_modules(_processor_config(model, revision, token)) if "--" not in name]
+    seen, found = set(), set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        source = _remote_code_file(model, revision, token, f"{module}.py")
+        if source is None:
+            continue
+        tree = ast.parse(source)
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for b in t.body for n in ast.walk(b)}
+        for node in ast.walk(tree):
+            if id(node) in guarded:
+                continue
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module.split(".")[0])
+    return found
+
+
+def _auto_map_modules(config: dict) -> set[str]:
+    names = set()
+    for value in (config.get("auto_map") or {}).values():
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, str) and "." in ref:
+                names.add(ref.rsplit(".", 1)[0])
+    return names
+
+
+def _processor_config(model: str, revision: str | None, token: Secret) -> dict:
+    try:
+        return _load_config_json(model, revision, token, "processor_config.json")
+    except UserError:
+        return {}
+
+
+def _remote_code_file(model: str, revision: str | None, token: Secret, filename: str) -> str | None:
+    """A file of the checkpoint's remote code (from the folder, or the hub's cache), or None if it has none."""
+    path = Path(model) / filename
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if Path(model).is_dir():
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(model, filename, revision=revision, token=token.get())).read_text(encoding="utf-8")
+    except Exception:  # not there, or the hub unreachable: transformers says so itself when it loads
+        return None
 
 
 def _resolved_revision(model: str, revision: str | None, token: Secret) -> str | None:

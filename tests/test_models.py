@@ -189,3 +189,65 @@ def test_a_local_model_folder_is_one_model_however_it_is_named(conceptclip_model
     absolute = resolve_model(str(conceptclip_model), trust_remote_code=True)
     assert relative.identity() == absolute.identity()
     assert relative.model == str(conceptclip_model.resolve())
+
+
+# -- the real ConceptCLIP's packages (remote code imports) -------------------------------------------------------------
+def remote_code_copy(conceptclip_model, tmp_path, imports: str):
+    """The tiny ConceptCLIP-interface checkpoint with `imports` added to the top of its modeling file."""
+    import shutil
+
+    folder = tmp_path / "cclip"
+    shutil.copytree(conceptclip_model, folder)
+    modeling = folder / "modeling_conceptclip.py"
+    modeling.write_text(imports + modeling.read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+def test_remote_code_needing_a_missing_package_stops_before_anything_runs(
+    conceptclip_model, prompts_file, photo_dir, tmp_path, capsys
+):
+    """transformers refuses remote code whose imports are missing, on every actor, after the download: the driver's
+    model check says so first, in one line naming the packages (by their pip names) and the extra, exit status 2."""
+    from pipeline.cli import main
+
+    imports = (
+        "import math\nimport featurize_missing_pkg_a\nfrom open_clip import create_model\n"
+        "try:\n    import featurize_optional_pkg\nexcept ImportError:\n    pass\n"
+    )
+    folder = remote_code_copy(conceptclip_model, tmp_path, imports)
+    out = tmp_path / "out"
+    code = main(["images", str(photo_dir), str(out), "--model", str(folder), "--trust-remote-code",
+                 "--prompts", str(prompts_file)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "featurize_missing_pkg_a, open_clip_torch" in err and "pipeline-featurize[conceptclip]" in err
+    assert "featurize_optional_pkg" not in err  # imports in a try block are optional, as transformers counts them
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_the_tiny_conceptclip_loads_with_the_extras_packages_imported(conceptclip_model, tmp_path):
+    """Remote code importing what the conceptclip extra brings (ftfy, regex; timm needs the torchvision of the
+    platform's torch, which this machine's CPU wheel has none of) passes the check and loads."""
+    folder = remote_code_copy(conceptclip_model, tmp_path, "import ftfy\nimport regex\n")
+    spec = resolve_model(str(folder), trust_remote_code=True, dtype="float32", device="cpu")
+    encoder = Encoder(spec, preprocess_spec(spec))
+    assert encoder.encode_prompts(PROMPTS).shape == (2, encoder.model.config.embed_dim)
+
+
+def test_concept_embeddings_do_not_depend_on_the_padding_length(conceptclip_model):
+    """OpenCLIP trained the text tower at a 77-token context; the model card's loop (and the pipeline) pads to the
+    longest prompt. The tower rebuilds its mask from the pad tokens, so both give the same embeddings."""
+    import torch
+
+    spec = resolve_model(str(conceptclip_model), trust_remote_code=True, dtype="float32", device="cpu")
+    encoder = Encoder(spec, preprocess_spec(spec))
+    stored = encoder.encode_prompts(PROMPTS)
+    prompts = PROMPTS.all_prompts
+    full = encoder.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    assert full["input_ids"].shape[1] == 77
+    with torch.inference_mode():
+        pooled, _ = encoder.model.encode_text(full["input_ids"], normalize=True)
+    from pipeline.prompts import ensemble
+
+    at_77 = ensemble(pooled.float().numpy(), PROMPTS.counts)
+    np.testing.assert_allclose(stored, at_77, atol=1e-5)
