@@ -17,6 +17,14 @@ def open_features(output, storage_options=None, version=None, exclude_removed=Fa
     return _open(output, storage_options, version, exclude_removed)
 
 
+def read_prompts(output, storage_options=None, version=None):
+    """The prompt table of a dataset version (default: the readable one): concept names in the order of every row's
+    concept_logits, prompts and text embeddings (see pipeline.read)."""
+    from .read import read_prompts as _read
+
+    return _read(output, storage_options, version)
+
+
 def top_k(table, k, concepts, *, kind, softmax=False):
     """The top k concepts of each ok row of a table with concept_logits: key columns, rank, concept, logit,
     probability (softmax over concepts for CLIP or with softmax=True, sigmoid otherwise; see pipeline.labels)."""

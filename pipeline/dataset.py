@@ -9,9 +9,14 @@ the one rule). `versions` keeps every version's identity (model, revision, dtype
 version stays continuable after a newer one started. A run's own record (`_runs/<run-id>.json`) names its identity
 and version from its start, so an unfinished `--new-version` run is resumed by rerunning its command while the
 readable version goes on being read and extended.
+
+Every version's prompt table is `_versions/<version>/prompts.parquet` (its concept names and their order);
+`_prompts.parquet` holds the readable version's, for readers that open it directly.
 """
 
 from __future__ import annotations
+
+import pyarrow as pa
 
 from .errors import UserError
 from .write import OutputDir
@@ -118,6 +123,18 @@ def readable_identity(out: OutputDir, dataset: dict) -> dict:
     if int(dataset.get("version", readable)) == readable:
         return dict(dataset.get("identity", {}))
     return dict(Versions(dataset, out.runs()).identities.get(readable, {}))
+
+
+def prompts_file(version: int) -> tuple[str, ...]:
+    """Where a version's prompt table lives in OUTPUT (every version keeps its own)."""
+    return ("_versions", str(int(version)), "prompts.parquet")
+
+
+def read_prompts(out: OutputDir, version: int | None) -> pa.Table | None:
+    """The prompt table of `version` (concept names in logit order, text embeddings): its own, or for OUTPUTs written
+    before versions kept their own, `_prompts.parquet`. None for a features-only version."""
+    table = out.read_table(*prompts_file(version)) if version is not None else None
+    return table if table is not None else out.read_table("_prompts.parquet")
 
 
 def check_identity(out: OutputDir, identity: dict, new_version: bool) -> int:

@@ -102,34 +102,34 @@ class EncodeBatch:
         pixels = batch.pop("pixels")
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()
-        error_class = np.asarray(
-            batch.get("error_class", np.full(len(status), None, dtype=object)), dtype=object
-        ).copy()
+        error_class = np.asarray(batch.get("error_class", np.full(len(status), None, dtype=object)), dtype=object)
+        error_class = error_class.copy()
         n, dim = len(status), self.dim
-        features = np.zeros((n, dim), dtype=np.float16)
-        encoded_ok = np.zeros((n, dim), dtype=np.float32)
+        encoded = np.zeros((n, self.width), dtype=np.float32)
         ok = np.flatnonzero(status == "ok")
-        maps = np.zeros((n, self.width - dim), dtype=np.float16)
         if len(ok):
-            encoded, failed = self._encode(pixels if len(ok) == n else pixels[ok])  # (indexing copies)
-            maps[ok], encoded_ok[ok] = encoded[:, dim:], encoded[:, :dim]
+            rows, failed = self._encode(pixels if len(ok) == n else pixels[ok])  # (indexing copies)
+            encoded[ok] = rows
             for j, (reason, cls) in failed.items():
                 status[ok[j]], error[ok[j]], error_class[ok[j]] = "error", reason, cls
-                encoded_ok[ok[j]], maps[ok[j]] = 0, 0
-            features[:] = encoded_ok.astype(np.float16)
+        features, norms = (encoded[:, :dim], None) if self.features.hidden else normalised(encoded[:, :dim])
+        maps = encoded[:, dim:].astype(np.float16)
+        stored = features.astype(np.float16)
+        for i, reason in non_finite(stored, maps, self.features).items():
+            if status[i] == "ok":
+                status[i], error[i], error_class[i] = "error", reason, "non_finite"
+        bad = status != "ok"
+        features[bad], stored[bad], maps[bad] = 0, 0, 0
         if self.text_embeddings is not None:
-            logits = self.encoder.logits(encoded_ok, self.text_embeddings)
-            logits[status != "ok"] = 0
+            logits = self.encoder.logits(features, self.text_embeddings)
+            logits[bad] = 0
             batch["concept_logits"] = logits
         if self.concept_maps:
             batch["concept_maps"] = maps
-        batch.update(
-            status=status,
-            error=error,
-            error_class=error_class,
-            image_features=features,
-            model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)),
-        )
+        if norms is not None:
+            batch["embedding_norm"] = np.where(bad, 0, norms).astype(np.float32)
+        batch.update(status=status, error=error, error_class=error_class, image_features=stored,
+                     model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))  # fmt: skip
         return batch
 
     def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
@@ -175,9 +175,28 @@ class EncodeBatch:
         return out, failed
 
     def _encode_chunk(self, pixels: np.ndarray) -> np.ndarray:
+        """Encoded rows: the hidden states, or the embedding (not normalised yet), with the concept maps after it."""
         if self.features.hidden:
             return self.encoder.encode_hidden(pixels, self.features)
         if self.concept_embeddings is None:
-            return self.encoder.encode_images(pixels)
-        features, maps = self.encoder.encode_images_with_maps(pixels, self.concept_embeddings)
-        return np.concatenate([features, maps.reshape(len(maps), -1)], axis=1)
+            return self.encoder.encode_embeddings(pixels)
+        embedding, maps = self.encoder.encode_images_with_maps(pixels, self.concept_embeddings, normalize=False)
+        return np.concatenate([embedding, maps.reshape(len(maps), -1)], axis=1)
+
+
+def normalised(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised embeddings, their norms): `image_features * embedding_norm` gives the embedding back."""
+    norms = np.linalg.norm(embeddings, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return embeddings / np.maximum(norms, 1e-12)[:, None], norms
+
+
+def non_finite(stored: np.ndarray, maps: np.ndarray, features: FeatureSpec) -> dict[int, str]:
+    """Rows whose stored values are not finite (NaN, or beyond float16's range: 65504), with the reason: never an ok
+    row, whose numbers every reader would take for real."""
+    bad = ~np.isfinite(stored).all(axis=1) | ~np.isfinite(maps).all(axis=1)
+    hint = (
+        "; hidden states beyond float16's range: try --dtype float32, or a pooled --features (mean, cls)"
+        if features.hidden else "; the model's output overflowed: try --dtype float32"
+    )  # fmt: skip
+    return {int(i): f"the model gave non-finite values for this input (NaN or inf){hint}" for i in np.flatnonzero(bad)}

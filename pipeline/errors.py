@@ -28,7 +28,7 @@ class InputError(ValueError):
 
 
 # Error rows: the input's fault. Committed, counted by class in the run record, retried by --retry-errors.
-INPUT_ERROR_CLASSES = ("corrupt", "unsupported", "too_large", "empty", "missing", "model")
+INPUT_ERROR_CLASSES = ("corrupt", "unsupported", "too_large", "empty", "missing", "model", "non_finite")
 # Never committed: the run stops (after the retries where the failure happened) and says what to fix.
 ENVIRONMENT_ERROR_CLASSES = ("permission", "storage", "device")
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .dataset import read_prompts, readable_version
 from .errors import UserError
 from .schema import current_names
 from .storage import is_remote
@@ -38,11 +39,14 @@ class SlideOutput:
         slides = current_names(self.out.read_table("_slides.parquet"), "slides")  # an older OUTPUT's too
         if slides is None:
             raise UserError(f"{output} has no _slides.parquet; is it the OUTPUT of `featurize slides`?")
+        self.version = readable_version(self.out.read_json("_dataset.json"))
+        if self.version is not None and "dataset_version" in slides.column_names:  # the readable version's slides
+            slides = slides.filter(pc.equal(slides.column("dataset_version"), self.version))
         self.slides = slides
         self.concepts = self._concepts()
 
     def _concepts(self) -> list[str]:
-        prompts = self.out.read_table("_prompts.parquet")
+        prompts = read_prompts(self.out, self.version)
         if prompts is not None:
             return prompts.column("concept").to_pylist()
         meta = (self.slides.schema.metadata or {}).get(b"pipeline.provenance")

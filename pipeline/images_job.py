@@ -16,6 +16,7 @@ from .plan import (
     next_unit,
     plan_unit_counts,
     planned_states,
+    resumed_counts,
     unfinished_run,
     write_plan,
 )
@@ -59,15 +60,16 @@ class ImagesJob:
     ) -> Planned:
         """Resume the unfinished run over this input, or plan the inputs not yet committed (with incremental, also
         the changed ones; with retry_errors, those whose newest row is an error row)."""
-        resumable = unfinished_run(out, runs, version, self.cfg.input)
-        if resumable is not None:
-            run_id, path = resumable
-            units = plan_unit_counts(ws, out, path)
-            return Planned(run_id, True, {"planned": sum(units.values())}, units, plan_path=path)
         committed_view(ws, out, version)
         counts = classify(ws)
-        first_unit, rows_per_shard = next_unit(out, runs), model_rows_per_shard(self.cfg, self.model)
         states = planned_states(self.cfg.incremental, self.cfg.retry_errors)
+        resumable = unfinished_run(out, runs, version, self.cfg.input)
+        if resumable is not None:  # what the listing holds beyond the plan is for a run after it
+            run_id, path = resumable
+            units = plan_unit_counts(ws, out, path)
+            counts = {"planned": sum(units.values()), **resumed_counts(ws, out, path, states)}
+            return Planned(run_id, True, counts, units, plan_path=path)
+        first_unit, rows_per_shard = next_unit(out, runs), model_rows_per_shard(self.cfg, self.model)
         if dry:
             local, rows = None, count_planned(ws, states)
         else:

@@ -132,7 +132,16 @@ class Encoder:
         return self.pixel_values(np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8))
 
     def encode_images(self, pixels) -> np.ndarray:
-        """uint8 [B,H,W,3] -> L2-normalised image features [B,D] float32.
+        """uint8 [B,H,W,3] -> L2-normalised image features [B,D] float32 (see encode_embeddings)."""
+        return self._encode_pixels(pixels, normalize=True)
+
+    def encode_embeddings(self, pixels) -> np.ndarray:
+        """uint8 [B,H,W,3] -> the projected image embeddings [B,D] float32, not normalised (ConceptCLIP's
+        `encode_image(normalize=False)`, as its whole-slide recipe uses them)."""
+        return self._encode_pixels(pixels, normalize=False)
+
+    def _encode_pixels(self, pixels, normalize: bool) -> np.ndarray:
+        """The image embeddings of a batch, normalised or not.
 
         On a GPU the batch goes through in pieces of `pipeline_rows`, all queued before the one copy back: the host
         copies (into pinned memory, then to the device) of a piece overlap the device's work on the one before,
@@ -143,15 +152,15 @@ class Encoder:
         step = self.pipeline_rows or max(1, len(pixels))
         starts = range(0, len(pixels), step) or [0]  # an empty batch goes through as it is
         with torch.inference_mode():
-            pieces = [self._image_features(pixels[start : start + step]) for start in starts]
+            pieces = [self._image_features(pixels[start : start + step], normalize) for start in starts]
             features = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return features.cpu().numpy()
 
-    def _image_features(self, pixels) -> torch.Tensor:
+    def _image_features(self, pixels, normalize: bool = True) -> torch.Tensor:
         import torch
 
-        embedding = self._image_fn(pixel_values=self.pixel_values(pixels))
-        return torch.nn.functional.normalize(embedding.float(), dim=-1)
+        embedding = self._image_fn(pixel_values=self.pixel_values(pixels)).float()
+        return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_hidden(self, pixels, features: FeatureSpec) -> np.ndarray:
         """uint8 [B,H,W,3] -> the image tower's `hidden_states[layer]`, pooled, flattened [B, F] float32, as the
@@ -215,9 +224,12 @@ class Encoder:
         mean = (tokens * words).sum(dim=1) / words.sum(dim=1).clamp(min=1)
         return torch.nn.functional.normalize(mean, dim=-1).numpy()
 
-    def encode_images_with_maps(self, pixels, concept_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [B,H,W,3] -> (image features [B,D] as `encode_images` gives, local concept scores [B,K,P,P]):
-        concept_logit_scale * cos(image_proj(patch token), concept) + concept_logit_bias on the P x P patch grid."""
+    def encode_images_with_maps(
+        self, pixels, concept_embeddings: np.ndarray, normalize: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B,H,W,3] -> (image features [B,D] as `encode_images` gives, or as `encode_embeddings` gives when not
+        normalize; local concept scores [B,K,P,P]): concept_logit_scale * cos(image_proj(patch token), concept) +
+        concept_logit_bias on the P x P patch grid."""
         import torch
 
         with torch.inference_mode():
@@ -229,7 +241,7 @@ class Encoder:
             concepts = torch.as_tensor(concept_embeddings, dtype=torch.float32, device=patches.device)
             scores = self.concept_logit_scale * patches @ concepts.T + self.concept_logit_bias  # [B, P*P, K]
             maps = scores.transpose(1, 2).reshape(len(scores), len(concepts), side, side)
-            features = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            features = torch.nn.functional.normalize(pooled.float(), dim=-1) if normalize else pooled.float()
         return features.cpu().numpy(), maps.cpu().numpy()
 
 

@@ -231,6 +231,38 @@ def plan_unit_counts(ws: Workspace, out: OutputDir, plan_path: str) -> dict[int,
     return {int(u): int(n) for u, n in rows.fetchall()}
 
 
+# -- a resumed plan against today's listing ---------------------------------------------------------------------------
+def resumed_counts(
+    ws: Workspace,
+    out: OutputDir,
+    plan_path: str,
+    states: list[str] | None = None,
+    done: pa.Table | None = None,
+    planned_uris: pa.Table | None = None,
+) -> dict:
+    """How today's listing stands against a resumed run's plan: `in_plan`, the listed inputs the plan holds (its
+    rows' uris, or `planned_uris` where the plan has inputs without rows: slides that failed at planning), and
+    `after_plan`, those it does not hold that a new run would process: the classified inputs (classify first) in
+    one of `states`, or the listed ones not in `done` (slides)."""
+    if planned_uris is not None:
+        ws.con.register("planned_uris", planned_uris.select(["uri"]))
+        ws.con.execute("CREATE OR REPLACE TEMP TABLE plan_uris AS SELECT DISTINCT uri FROM planned_uris")
+    else:
+        ws.use(out)
+        plan = sql_string(duckdb_path(out, plan_path))
+        ws.con.execute(f"CREATE OR REPLACE TEMP TABLE plan_uris AS SELECT DISTINCT uri FROM read_parquet({plan})")
+    if done is not None:
+        ws.con.register("done_inputs", done.select(["uri"]))
+        wanted = "SELECT uri FROM listed WHERE uri NOT IN (SELECT uri FROM done_inputs)"
+    else:
+        listed = ", ".join(sql_string(state) for state in states or [])
+        wanted = f"SELECT uri FROM classified WHERE state IN ({listed})"
+    in_plan, after_plan = ws.con.execute(f"""SELECT
+        (SELECT count(*) FROM listed WHERE uri IN (SELECT uri FROM plan_uris)),
+        (SELECT count(*) FROM ({wanted}) w WHERE w.uri NOT IN (SELECT uri FROM plan_uris))""").fetchone()
+    return {"in_plan": int(in_plan), "after_plan": int(after_plan)}
+
+
 # -- slides: what is done, and a plan from per-slide parts -----------------------------------------------------------
 def listed_uris(ws: Workspace) -> list[str]:
     """Every listed uri, sorted (a few per slide: fine in memory, unlike an image listing)."""

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from .dataset import read_prompts as dataset_prompts
 from .dataset import readable_version
 from .errors import UserError
 from .plan import duckdb_path
@@ -110,6 +111,20 @@ def open_features(
     else:
         con.read_parquet(paths).create_view("shards")
     return con.sql(_current_sql(snap, "shards"))
+
+
+def read_prompts(output: str, storage_options: dict | None = None, version: int | None = None) -> pa.Table:
+    """The prompt table of a dataset version (default: the readable one): `concept` in the order of every row's
+    `concept_logits`, `prompts`, `text_embedding`. A one-line error for a features-only version."""
+    out = OutputDir(output, storage_options)
+    dataset = out.read_json("_dataset.json")
+    if dataset is None:
+        raise UserError(f"{output} holds no featurised output (no _dataset.json)")
+    wanted = _version(dataset, version)
+    table = dataset_prompts(out, wanted)
+    if table is None:
+        raise UserError(f"{output}: dataset version {wanted} has no prompt table (a features-only run)")
+    return table
 
 
 def snapshot(output: str, storage_options: dict | None, version: int | None, exclude_removed: bool) -> Snapshot:

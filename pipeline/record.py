@@ -29,7 +29,9 @@ def started_record(
 ) -> dict:
     """The record of a run that has its plan: what it runs, with what, and what it plans to do."""
     counts = {"listed": listing.rows, "duplicates": listing.duplicates, **planned.counts}
-    counts["skipped"] = listing.unique - planned.counts["planned"]
+    # skipped: listed, and processed neither by this run nor by the one after a resumed run (`after_plan`)
+    in_plan = planned.counts.get("in_plan", planned.counts["planned"])
+    counts["skipped"] = listing.unique - in_plan - planned.counts.get("after_plan", 0)
     return {
         "run_id": run_id,
         "command": job.command,

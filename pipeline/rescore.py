@@ -34,7 +34,7 @@ from . import families
 from .checkpoint import ModelSpec
 from .config import RESCORE_BATCH_ROWS as BATCH_ROWS
 from .config import RESCORE_ROWS_PER_SHARD as ROWS_PER_SHARD
-from .dataset import readable_identity, readable_version
+from .dataset import read_prompts, readable_identity, readable_version
 from .errors import UserError
 from .lease import Lease
 from .prompts import Concept, PromptSet
@@ -81,7 +81,11 @@ class ScoredOutput:
             )
         self.shards = [p for _, p in sorted(self.out.shard_units().items())]
         self.slides = current_names(self.out.read_table("_slides.parquet"), "slides")  # an older OUTPUT's too
-        self.prompts = self.out.read_table("_prompts.parquet")
+        self.prompts = (
+            self.out.read_table("_prompts.parquet")
+            if self.rescore_record is not None
+            else read_prompts(self.out, self.version)
+        )
         self.columns = self._columns()
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .cluster import Layout, actor_layout, cluster_shape, init_ray, model_share, while_ray_starts
 from .config import JobConfig
 from .console import Progress
-from .dataset import Versions
+from .dataset import Versions, prompts_file
 from .errors import EnvironmentFailure
 from .job import Job, Planned
 from .lease import Lease
@@ -76,8 +76,19 @@ def run_job(cfg: JobConfig, job: Job, echo=print, command_started: float | None 
     check_local_input(cfg.input)
     if cfg.dry_run:
         return dry_run(cfg, job, echo)
+    command_started = command_started or time.time()
+    record = run_once(cfg, job, echo, command_started)
+    after = record["counts"].get("after_plan", 0) if record.get("resumed") else 0
+    if after:  # the resumed run did its own plan; what was listed since gets a run of its own, now
+        echo(f"featurize: resumed run {record['run_id']} complete; {after} input(s) beyond its plan: planning them")
+        record = run_once(cfg, job, echo, command_started)
+    return record
+
+
+def run_once(cfg: JobConfig, job: Job, echo, command_started: float) -> dict:
+    """One run through the phases (a resumed one finishes its own plan, nothing more)."""
     with ExitStack() as cleanup:  # released in reverse: the stream, Ray, the workspace, the lease
-        run = acquire(cfg, job, echo, command_started or time.time(), cleanup)
+        run = acquire(cfg, job, echo, command_started, cleanup)
         try:
             list_inputs(run, cleanup)
             plan(run, cleanup)
@@ -213,7 +224,10 @@ def _before_commit(run: Run) -> None:
         if prompt_set is not None:  # features only: no prompt table
             message = run.stream.prompt_embeddings()
             prov = {**run.prov, "logit_scale": message.logit_scale, "logit_bias": message.logit_bias}
-            run.out.write_table(prompts_table(prompt_set, message.text_embeddings, prov), "_prompts.parquet")
+            table = prompts_table(prompt_set, message.text_embeddings, prov)
+            run.out.write_table(table, *prompts_file(run.version))
+            if run.versions.readable in (None, run.version):  # never the names of a version still readable
+                run.out.write_table(table, "_prompts.parquet")
         run.first_shard_s = time.time() - run.command_started
 
 
@@ -243,9 +257,20 @@ def finish(run: Run) -> dict:
     if layout.device == "cuda" and stream_s > 0:
         busy = run.stats["model_s"] / (stream_s * layout.size)
         record["stages"]["gpu_busy_fraction"] = round(min(1.0, busy), 4)
+    if run.versions.readable not in (None, run.version):  # a new version becomes the readable one
+        _readable_prompts(run.out, run.version)
     run.out.write_json(run.versions.completed(run.version, run.identity), "_dataset.json")
     save_run_record(run.out, record)
     return record
+
+
+def _readable_prompts(out: OutputDir, version: int) -> None:
+    """_prompts.parquet becomes `version`'s prompt table (or goes, for a features-only version)."""
+    table = out.read_table(*prompts_file(version))
+    if table is not None:
+        out.write_table(table, "_prompts.parquet")
+    else:
+        out.remove("_prompts.parquet")
 
 
 # -- the run's one optional speed-up, decided here --------------------------------------------------------------------

@@ -35,6 +35,7 @@ from .plan import (
     listed_uris,
     next_unit,
     plan_unit_counts,
+    resumed_counts,
     unfinished_run,
     write_parts_plan,
 )
@@ -49,6 +50,7 @@ from .schema import (
     fixed_list,
     logits_column,
     metadata_bytes,
+    norm_column,
     nullable,
     source_columns,
     without_absent_logits,
@@ -258,6 +260,7 @@ def tile_table_builder(tile_px: int, run_id: str, dataset_version: int, concept_
             pa.array([str(s) for s in cols["status"]], pa.string()),
             error_column(cols["error"]),
             fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
+            norm_column(cols, ok),
             logits_column(cols, ok),
             *source_columns(cols),
             pa.array([run_id] * n, pa.string()),
@@ -272,12 +275,18 @@ def tile_table_builder(tile_px: int, run_id: str, dataset_version: int, concept_
 
 
 def merge_slides(previous: pa.Table | None, current: pa.Table) -> pa.Table:
-    """This run's slide rows replace earlier rows of the same slide; the rest are kept (under today's column names,
-    whenever they were written). Sorted by uri."""
+    """This run's slide rows replace earlier rows of the same slide in the same dataset version; the rest are kept
+    (other versions' rows too, under today's column names, whenever they were written). Sorted by uri."""
     if previous is None or previous.num_rows == 0:
         return current.sort_by("uri")
     previous = current_names(previous, "slides").select(SLIDE_SCHEMA.names).cast(SLIDE_SCHEMA)
-    keep = pc.invert(pc.is_in(previous.column("uri"), value_set=current.column("uri")))
+    keys = pc.binary_join_element_wise(
+        current.column("uri"), current.column("dataset_version").cast(pa.string()), "\x1f"
+    )
+    mine = pc.binary_join_element_wise(
+        previous.column("uri"), pc.fill_null(previous.column("dataset_version"), 0).cast(pa.string()), "\x1f"
+    )
+    keep = pc.invert(pc.is_in(mine, value_set=keys))
     return pa.concat_tables([previous.filter(keep), current]).sort_by("uri")
 
 
@@ -352,7 +361,7 @@ class SlidesJob:
         """Resume the unfinished run, or plan the slides not done yet into tiles (a dry run too)."""
         resumable = unfinished_run(out, runs, version, self.cfg.input)
         if resumable is not None:
-            return self._resumed(ws, out, *resumable)
+            return self._resumed(ws, out, version, *resumable)
         cfg = self.cfg
         done = done_slides(ws, out, out.read_table("_slides.parquet"), version, cfg.incremental)
         pending = listed_except(ws, done)
@@ -376,8 +385,8 @@ class SlidesJob:
         units = contiguous_units(n_tiles, first_unit, rows_per_shard)
         return Planned(run_id, False, counts, units, local_plan=local, extra={"slides": slides})
 
-    def _resumed(self, ws: Workspace, out: OutputDir, run_id: str, path: str) -> Planned:
-        """The unfinished run's plan and slide table, as it wrote them."""
+    def _resumed(self, ws: Workspace, out: OutputDir, version: int, run_id: str, path: str) -> Planned:
+        """The unfinished run's plan and slide table, as it wrote them; and the slides listed beyond it."""
         slides = current_names(out.read_table("_runs", f"{run_id}.slides.parquet"), "slides")
         if slides is None:
             raise UserError(
@@ -385,7 +394,11 @@ class SlidesJob:
                 "were saved with the plan); remove its files under _runs to start afresh"
             )
         units = plan_unit_counts(ws, out, path)
-        counts = self._counts(slides, sum(units.values()))
+        done = done_slides(ws, out, out.read_table("_slides.parquet"), version, self.cfg.incremental)
+        counts = {
+            **self._counts(slides, sum(units.values())),
+            **resumed_counts(ws, out, path, done=done, planned_uris=slides),
+        }
         return Planned(run_id, True, counts, units, plan_path=path, extra={"slides": slides})
 
     @staticmethod

@@ -27,6 +27,7 @@ from .schema import (
     fixed_list,
     logits_column,
     metadata_bytes,
+    norm_column,
     source_columns,
     without_absent_logits,
 )
@@ -116,6 +117,14 @@ class OutputDir:
                 if record:
                     out.append(record)
         return out
+
+    def remove(self, *names: str) -> None:
+        """Remove a file of OUTPUT; nothing if it is not there."""
+        path = self._child_path(*names)
+        try:
+            with_retries(lambda: self.fs.rm_file(path))
+        except FileNotFoundError:
+            pass
 
     def read_table(self, *names: str) -> pa.Table | None:
         path = self._child_path(*names)
@@ -387,6 +396,7 @@ def image_table_builder(run_id: str, dataset_version: int):
                     pa.array(cols["width"], pa.int32()),
                     pa.array(cols["height"], pa.int32()),
                     fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
+                    norm_column(cols, ok),
                     logits_column(cols, ok),
                     *source_columns(cols),
                     pa.array([run_id] * n, pa.string()),

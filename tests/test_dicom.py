@@ -12,7 +12,6 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydicom
@@ -458,20 +457,16 @@ def test_exported_bags_train_an_attention_mil_model(mixed_run, tmp_path):
 
 
 def test_projected_export_of_a_real_run(mixed_run, tmp_path):
-    """TEST-ONLY STAND-IN: runs do not store embedding_norm yet; here the column is written into a copy of a real
-    OUTPUT's shards (replace with a run that stores it once featurize does)."""
+    """A slides run stores each tile's embedding_norm; `export --features projected` (the default then) writes
+    image_features * embedding_norm, the unnormalised embedding of ConceptCLIP's whole-slide recipe."""
     from pipeline.export import NORM_COLUMN
 
     output, _ = mixed_run
-    copy = tmp_path / "out"
-    shutil.copytree(output, copy)
-    for shard in copy.glob("part-*.parquet"):
-        table = pq.read_table(shard)
-        norms = (1.0 + np.arange(table.num_rows) % 7).astype(np.float32)
-        pq.write_table(table.append_column(NORM_COLUMN, pa.array(norms)), shard)
-    assert main(["export", str(copy), "--format", "trident", "--out", str(tmp_path / "bags")]) == 0
-    tiles = read_features(str(copy), columns=["slide_id", "x", "y", "image_features", NORM_COLUMN])
+    assert main(["export", str(output), "--format", "trident", "--out", str(tmp_path / "bags")]) == 0
+    tiles = read_features(str(output), columns=["slide_id", "x", "y", "image_features", NORM_COLUMN])
     rows = tiles.filter(pc.equal(tiles.column("slide_id"), "caseA"))
+    norms = np.asarray(rows.column(NORM_COLUMN).to_pylist(), np.float32)
+    assert (norms > 0).all() and len(set(norms.tolist())) > 1  # the model's own norms, tile by tile
     expected = {
         (x, y): np.asarray(f, np.float32) * n
         for x, y, f, n in zip(*(rows.column(c).to_pylist() for c in ("x", "y", "image_features", NORM_COLUMN)))

@@ -186,7 +186,7 @@ def test_projected_features_need_the_norm_column(tmp_path, capsys):
     # Default without the column: normalized, with a note.
     assert main(["export", str(tmp_path / "out"), "--format", "clam", "--out", str(tmp_path / "b")]) == 0
     assert "exporting the L2-normalised features" in capsys.readouterr().err
-    # TEST-ONLY STAND-IN until runs store embedding_norm themselves: the column written into the shard by hand.
+    # With the column (written by hand here: the arithmetic alone; tests/test_dicom.py exports a real run's).
     shard = tmp_path / "out" / "part-00000.parquet"
     table = pq.read_table(shard)
     norms = np.linspace(2.0, 3.0, table.num_rows).astype(np.float32)

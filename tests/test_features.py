@@ -165,3 +165,42 @@ def test_features_only_runs_and_vision_only_checkpoints(
 def test_bad_features_option_names_itself(text):
     with pytest.raises(UserError, match="--features .*'embedding' or 'hidden:LAYER:POOL'"):
         parse_features(text)
+
+
+def broken_copy(clip_model, tmp_path, name: str, change) -> Path:
+    """The tiny CLIP with its weights changed by change(model), saved through save_pretrained like any checkpoint."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    folder = tmp_path / name
+    shutil.copytree(clip_model, folder)
+    model = CLIPModel.from_pretrained(folder)
+    with torch.no_grad():
+        change(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_non_finite_features_become_error_rows_never_ok_rows(
+    ray_session, clip_model, photo_dir, prompts_file, tmp_path
+):
+    """A model whose activations overflow float16 (hidden states scaled past 65504), or whose projection gives NaN,
+    commits error rows of their own class with the cause and a hint, never `ok` rows of inf or NaN; the analysis
+    commands then run on what is finite."""
+    n = len(list(photo_dir.glob("*.jpg")))
+    huge = broken_copy(clip_model, tmp_path, "huge", lambda m: m.vision_model.pre_layrnorm.weight.mul_(1e6))
+    options = dict(input=str(photo_dir), dtype="float32")
+    record = run_images(RunConfig(output=str(tmp_path / "huge-out"), model=str(huge), features="hidden:0:mean",
+                                  **options), **QUIET)  # fmt: skip
+    assert record["counts"]["ok"] == 0 and record["counts"]["error_classes"] == {"non_finite": n}
+    table = rows(tmp_path / "huge-out")
+    assert set(table.column("status").to_pylist()) == {"error"} and table.column("image_features").null_count == n
+    assert "--dtype float32" in table.column("error")[0].as_py() and "pooled" in table.column("error")[0].as_py()
+
+    nan = broken_copy(clip_model, tmp_path, "nan", lambda m: m.visual_projection.weight.fill_(float("nan")))
+    record = run_images(RunConfig(output=str(tmp_path / "nan-out"), model=str(nan), prompts=str(prompts_file),
+                                  **options), **QUIET)  # fmt: skip
+    assert record["counts"]["ok"] == 0 and record["counts"]["error_classes"] == {"non_finite": n}
+    assert rows(tmp_path / "nan-out").column("concept_logits").null_count == n  # no NaN logits either
+    assert main(["report", str(tmp_path / "nan-out"), "--out", str(tmp_path / "r.html")]) == 0

@@ -40,6 +40,7 @@ def reference_outputs(model_dir: Path, kind: str, image_paths: list[Path], promp
             out = model(**inputs)
             feats, text = out["image_features"], out["text_features"]
             logits = out["logit_scale"] * feats @ text.T + out["logit_bias"]
+            projected = model.encode_image(inputs["pixel_values"], normalize=False)[0]  # the whole-slide recipe's
         else:
             padding = "max_length" if kind == "siglip" else True
             inputs = processor(
@@ -53,7 +54,9 @@ def reference_outputs(model_dir: Path, kind: str, image_paths: list[Path], promp
             out = model(**inputs)
             feats = out.image_embeds
             logits = out.logits_per_image
-    return feats.numpy(), logits.numpy()
+            projected = model.get_image_features(pixel_values=inputs["pixel_values"])
+            projected = getattr(projected, "pooler_output", projected)
+    return feats.numpy(), logits.numpy(), projected.numpy()
 
 
 @pytest.mark.parametrize("kind", ["remote", "clip", "siglip"])
@@ -78,13 +81,18 @@ def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, ph
     assert table.column("uri").to_pylist() == [str(p) for p in paths]
 
     prompts = load_prompts(str(prompts_file)).all_prompts
-    ref_feats, ref_logits = reference_outputs(model_dir, kind, paths, prompts)
+    ref_feats, ref_logits, ref_projected = reference_outputs(model_dir, kind, paths, prompts)
     feats = np.array(table.column("image_features").to_pylist(), dtype=np.float32)
     logits = np.array(table.column("concept_logits").to_pylist(), dtype=np.float32)
     cos = (feats * ref_feats).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref_feats, axis=1)
     assert cos.min() >= 0.9999
     np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=0)
     assert table.column("width").to_pylist() == [Image.open(p).size[0] for p in paths]
+    # The projected embedding before normalisation (ConceptCLIP's whole-slide recipe), within float16 rounding.
+    norms = np.array(table.column("embedding_norm").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(norms, np.linalg.norm(ref_projected, axis=1), rtol=1e-5)
+    restored = feats * norms[:, None]
+    np.testing.assert_allclose(restored, ref_projected, rtol=0, atol=2.0**-11 * np.abs(ref_projected).max() + 1e-6)
 
     # The prompt table holds the ensembled float32 text embeddings, in concept order.
     prompt_table = pq.read_table(tmp_path / "out" / "_prompts.parquet")

@@ -132,6 +132,42 @@ def test_driver_killed_then_rerun_resumes_exactly_once(many_images, conceptclip_
     assert not list(output.rglob(".tmp-*"))
 
 
+def test_inputs_listed_after_a_crash_are_processed_by_the_same_command(conceptclip_model, prompts_file, tmp_path):
+    """The driver is killed mid-run; new images arrive before the rerun. The rerun finishes the killed run's plan,
+    then plans and processes the new images in the same command; the counts are exact (before, the new images were
+    counted as "skipped (already committed)" and left for another night, and skipped could go negative)."""
+    images = tmp_path / "images"
+    make_images(images, 60, seed=11, sizes=((64, 48), (96, 72)))
+    output = tmp_path / "out"
+    cmd = _featurize_cmd(images, output, conceptclip_model, prompts_file)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(shards(output)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc.pid)
+    committed = len(shards(output))
+    assert 2 <= committed < 60 // 4, f"kill landed at {committed} shards"
+    make_images(tmp_path / "new", 6, seed=12, sizes=((64, 48), (96, 72)))
+    for path in (tmp_path / "new").iterdir():
+        path.rename(images / f"new_{path.name}")
+
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 input(s) beyond its plan" in done.stderr
+    table = all_rows(output)
+    assert table.num_rows == 66 == len(set(table.column("uri").to_pylist()))
+    runs = sorted((json.loads(p.read_text()) for p in (output / "_runs").glob("*.json")), key=lambda r: r["run_id"])
+    resumed, after = runs[-2], runs[-1]
+    assert resumed["resumed"] and resumed["state"] == "complete" and after["state"] == "complete"
+    assert resumed["counts"]["after_plan"] == 6 and resumed["counts"]["skipped"] == 0
+    assert resumed["counts"]["processed"] == 60 - 4 * committed
+    assert not after["resumed"] and after["counts"]["processed"] == 6 and after["counts"]["skipped"] == 60
+
+
 def _kill_group(pid: int) -> None:
     """Reap what the killed driver left behind (its local Ray processes share its session)."""
     try:

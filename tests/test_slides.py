@@ -237,6 +237,7 @@ TILE_COLUMNS = [
     "status",
     "error",
     "image_features",
+    "embedding_norm",  # issue 23: the embedding's norm before normalisation
     "concept_logits",
     "size",
     "mtime",

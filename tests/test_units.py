@@ -14,7 +14,7 @@ from slide_fixtures import draw_slide, pyramid, write_slide
 
 from pipeline.dataset import check_identity
 from pipeline.errors import UserError
-from pipeline.slides import SlideReader, open_slide, openslide_available
+from pipeline.slide_readers import SlideReader, open_slide, openslide_available
 from pipeline.write import OutputDir, ShardWriter, shard_name
 
 READERS = [
