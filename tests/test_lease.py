@@ -264,12 +264,12 @@ def test_unreadable_lease_is_refused_until_old(tmp_path):
 
 
 def test_failed_sweep_leaves_no_lease_behind(tmp_path, monkeypatch):
-    import pipeline.lease as lease_module
+    import pipeline.lease_store as lease_store
 
     def denied(self):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(lease_module._LocalBackend, "sweep", denied)
+    monkeypatch.setattr(lease_store.LocalStore, "sweep", denied)
     with pytest.raises(PermissionError):
         Lease.acquire(str(tmp_path / "out"), None, "run-mine")
     assert not os.path.exists(tmp_path / "out" / LEASE_NAME)
