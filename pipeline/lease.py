@@ -19,9 +19,12 @@ A second run into an OUTPUT whose lease exists decides, without waiting where it
 * written on this kernel (same boot id): the record's `heartbeat_monotonic` is on this machine's own clock, so it
   is judged at once: older than S, taken over; otherwise refused, naming the holder and its last heartbeat;
 * otherwise (another machine, or an unreadable lease): watched. It says so in one line (a warning on stderr: "output
-  ... has a lease of run R (host h, pid p) written on another machine; watching it for up to 300 s ..."), re-reads
-  the lease every second or so, and refuses as soon as the lease changes (its holder is alive), or takes it over once
-  it stayed unchanged for S. The wait is bounded by S plus one re-read; a lease that vanishes meanwhile is created.
+  ... has a lease of run R (host h, pid p) that this machine's clock cannot time; watching it for up to 300 s ..."),
+  re-reads the lease every second or so, and refuses as soon as the lease changes (its holder is alive: within about
+  one heartbeat), or takes it over once it stayed unchanged for S. So a run that arrives while another machine's
+  lease is dead waits S from its arrival, however long that lease has been dead; the wait is bounded by S plus one
+  re-read. A lease that vanishes meanwhile is created; of several runs watching one dead lease, the conditional
+  delete lets one win, and the others then find its fresh lease.
 
 Why the holder's check can trust the margin: a taker's S starts when it first read the holder's last heartbeat,
 which was after the holder began writing it (a same-kernel taker counts from that beginning itself), and the
@@ -381,7 +384,7 @@ class Lease:
         what = (
             f"an unreadable lease file {self.lease_url}"
             if current.record is None
-            else "a lease of " + self._holder_text(current.record) + " written on another machine"
+            else "a lease of " + self._holder_text(current.record) + " that this machine's clock cannot time"
         )
         return (
             f"output {self.url} has {what}; watching it for up to {self.stale_after_s:g} s: if it changes, that "

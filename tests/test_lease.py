@@ -628,7 +628,7 @@ def test_a_dead_lease_is_taken_over_after_the_stale_limit_on_the_takers_clock(sk
     assert 20 <= clock.elapsed <= 20.5
     watching = [r.getMessage() for r in caplog.records if "watching" in r.getMessage()]
     assert len(watching) == 1 and "\n" not in watching[0], watching
-    assert "run run-dead (host other-host, pid 4242) written on another machine" in watching[0]
+    assert "run run-dead (host other-host, pid 4242) that this machine's clock cannot time" in watching[0]
     assert "up to 20 s" in watching[0]
 
 
