@@ -18,7 +18,7 @@ from pipeline.errors import read_error_class
 from pipeline.lease import LEASE_NAME, Lease
 from pipeline.storage import filesystem, is_transient, with_retries
 
-pytestmark = [pytest.mark.s3, pytest.mark.slow]
+pytestmark = pytest.mark.s3  # the runs and the lease's loop are also `slow`; the classification test is quick
 
 N_IMAGES = 200
 RATES = [0.1, 0.3]
@@ -102,6 +102,7 @@ def test_a_store_fault_that_outlasts_the_clients_retries_is_retried(fate, s3_ser
         assert proxy.counts[fate] >= 6
 
 
+@pytest.mark.slow
 def test_the_lease_through_a_faulty_store(s3_server, s3_bucket):
     """The lease's own conditional requests under faults: a create the store performed but answered 500 is
     recognised as this run's on the retry's 412; heartbeats, fenced writes and the release go through at 30%."""
@@ -127,6 +128,7 @@ def test_the_lease_through_a_faulty_store(s3_server, s3_bucket):
     assert fs.cat_file(f"{path}/_run.json") == b"2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", RATES)
 def test_an_images_run_through_a_faulty_store(
     rate, ray_session, s3_server, image_bucket, conceptclip_model, prompts_file, capsys
@@ -160,6 +162,7 @@ def test_an_images_run_through_a_faulty_store(
     assert (record["counts"]["ok"], record["counts"]["error"]) == (N_IMAGES, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", RATES)
 def test_a_slides_run_through_a_faulty_store(
     rate, ray_session, s3_server, s3_bucket, conceptclip_model, prompts_file, tmp_path, capsys
