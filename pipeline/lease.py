@@ -103,8 +103,6 @@ _ACQUIRE_ATTEMPTS = 20
 _VANISHED_RECHECK_S = 0.2
 _WATCH_POLL_S = 1.0  # a taker re-reads a watched lease this often (or every half heartbeat, if shorter)
 
-__all__ = ["LEASE_NAME", "LEASE_STALE_S", "LEASE_HEARTBEAT_S", "LEASE_MARGIN_BEATS", "Clock", "Lease"]
-
 
 def _now_iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
