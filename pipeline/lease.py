@@ -1,34 +1,70 @@
 """One writer per OUTPUT: an exclusive lease file, `OUTPUT/_lease.json`, kept alive by a heartbeat thread.
 
-A run acquires the lease before it writes anything into OUTPUT and releases it at the end. A second run into the
-same OUTPUT is refused with one line that names the holder, unless the lease is dead, in which case it is taken
-over:
+A run acquires the lease before it writes anything into OUTPUT, writes every shared file through `fenced()`, and
+releases the lease at the end. Three durations rule it (the defaults, and any a caller passes, keep this order):
 
-* its heartbeat (`heartbeat_unix`, written by the holder's own clock) is older than `stale_after_s`: clocks of the
-  machines that share an OUTPUT are assumed to be roughly in sync (NTP; a skew of seconds, not minutes); or
-* it was written on this host (same host name and, when both sides know them, the same kernel boot id and PID
-  namespace: containers and look-alike host names never judge each other's pids) by a process that is no longer
-  running, or whose pid now belongs to a process with a different start time (pid reuse).
+* `stale_after_s` (S, 300 s): a taker takes a lease over only after seeing its heartbeat unchanged for S on its own
+  monotonic clock;
+* `heartbeat_s` (H, 10 s): how often the holder rewrites the lease;
+* `margin_s` (M, 6 heartbeats: 60 s): the holder stops writing once its last successful heartbeat began more than
+  S - M ago (240 s). It then counts the lease as lost for good: `check()` and `fenced()` refuse, the heartbeat stops.
 
-How exclusive the create is depends on the store:
+No decision compares two machines' clocks. The record keeps `heartbeat_at`/`heartbeat_unix` (wall clock) for
+people; the decisions use monotonic clocks (CLOCK_BOOTTIME where there is one: it counts time spent suspended).
+
+A second run into an OUTPUT whose lease exists decides, without waiting where it can:
+
+* written on this host by a process that is no longer running (same host name and, when both sides know them, the
+  same kernel boot id and PID namespace; a reused pid is told apart by its start time): taken over at once;
+* written on this kernel (same boot id): the record's `heartbeat_monotonic` is on this machine's own clock, so it
+  is judged at once: older than S, taken over; otherwise refused, naming the holder and its last heartbeat;
+* otherwise (another machine, or an unreadable lease): watched. It says so in one line (a warning on stderr: "output
+  ... has a lease of run R (host h, pid p) that this machine's clock cannot time; watching it for up to 300 s ..."),
+  re-reads the lease every second or so, and refuses as soon as the lease changes (its holder is alive: within about
+  one heartbeat), or takes it over once it stayed unchanged for S. So a run that arrives while another machine's
+  lease is dead waits S from its arrival, however long that lease has been dead; the wait is bounded by S plus one
+  re-read. A lease that vanishes meanwhile is created; of several runs watching one dead lease, the conditional
+  delete lets one win, and the others then find its fresh lease.
+
+Why the holder's check can trust the margin: a taker's S starts when it first read the holder's last heartbeat,
+which was after the holder began writing it (a same-kernel taker counts from that beginning itself), and the
+takeover is a conditional delete of exactly what was watched. So no run takes the lease over until S after the
+holder's last successful heartbeat began, and the holder writes only while less than S - M has passed since.
+
+Fencing (`fenced()`): every write of a shared file in OUTPUT (the dataset and run records, the slides and prompt
+tables, the listing, a failure record; each shard, through `check()` before its commit) runs inside
+
+    with lease.fenced():
+        out.write_json(record, "_runs", f"{run_id}.json")
+
+which reads the lease (it must still be this run's) and checks the lapse before the block, and checks the lapse
+again after it (a write that outlived the margin stops the run). A run asks `holds()` (reads the lease, never
+raises) before writing anything on its way out. What this guarantees, and what it cannot:
+
+* guaranteed: a fenced write that completes within M of its check lands before any other run that follows this
+  protocol holds the lease (its check passed, so a takeover was at least M away);
+* not guaranteed: a write that takes longer than M while the heartbeat also fails (the run stops after it, but the
+  write happened); a writer that ignores the protocol (`_lease.json` deleted or rewritten by hand) between the
+  check's read and the write. Between the two there is no atomic tie: on S3 a conditional PUT can name only the
+  object it writes, never the lease's ETag, and a local rename cannot be made conditional on another file either.
+  The margin, not the store, makes the read-then-write safe.
+
+How exclusive the lease's own writes are depends on the store (`pipeline/lease_store.py`):
 
 * local disks: the lease is written whole to a temp file and hard-linked into place (`os.link` fails if the name
   exists), so a reader never sees a half-written lease; on filesystems without hard links it falls back to
   `O_CREAT | O_EXCL`. A dead lease is removed by renaming it aside and checking that what was moved is, byte for
-  byte, the dead lease (otherwise it is put back), so two simultaneous takers cannot both win.
+  byte, the one watched (otherwise it is put back), so two simultaneous takers cannot both win. A heartbeat is a
+  read-compare-replace: it is itself a fenced write (it starts only within S - M).
 * S3 (s3fs): a conditional PUT (`If-None-Match: *`) creates the lease, a conditional DELETE (`If-Match: <etag>`)
-  removes a dead one, and heartbeats are conditional PUTs on the lease's own ETag. On a conflict s3fs raises
-  `FileExistsError` (from the `PreconditionFailed` S3 error; an `OSError` naming PreconditionFailed or
-  ConditionalRequestConflict is treated the same). An S3-compatible store that ignores these headers gets no
-  more than the guarantee of the other stores below.
+  removes a dead one, and heartbeats are conditional PUTs on the lease's own ETag. A request the store performed
+  but answered with an error is retried by the client and then fails its condition: the creator reads the lease
+  back and recognises its own, a heartbeat reads it again and rewrites it. An S3-compatible store that ignores
+  these headers gets no more than the guarantee of the other stores below.
 * other fsspec stores (gs://, az://, memory://, ...): no conditional create is used; the lease is created by
   exists-check + write + read-back. Two runs that start within the same moment can both pass the check; the
   read-back catches most such races, and the heartbeat and `check()` catch the rest before the next shard is
   committed, but the guarantee is weaker than on local disks and S3.
-
-Heartbeats re-read the lease and rewrite it only if it is unchanged: atomically on S3 (If-Match), as a
-read-compare-replace on local disks and other stores. `check()` reads the lease again, so a run that lost it stops
-before its next shard rather than at its next heartbeat.
 
 The holder sweeps temporary files (`.tmp-*`, left by writers that died mid-write) on local OUTPUTs when it
 acquires the lease: as the sole writer it may remove them all.
@@ -36,7 +72,6 @@ acquires the lease: as the sole writer it may remove them all.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -44,29 +79,58 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
 from .errors import UserError
-from .storage import filesystem, is_remote, join, with_retries, write_bytes_atomic
+from .lease_store import LEASE_NAME, Current, lease_store
+from .storage import join
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "_lease.json"
-# The documented limit: a run whose heartbeat is older than this is presumed dead and its lease is taken over.
+# A taker takes over a lease whose heartbeat it has seen unchanged this long on its own clock.
 LEASE_STALE_S = 300.0
-# How often the holder rewrites its heartbeat: 20 beats within the stale limit, so slow storage never lets it lapse.
-LEASE_HEARTBEAT_S = 15.0
+# How often the holder rewrites its heartbeat; a taker watching another machine's lease sees a live one change
+# within about this long.
+LEASE_HEARTBEAT_S = 10.0
+# The holder stops writing this many heartbeats before a taker may take over: the longest a fenced write (a shard
+# upload with its retries) may take while the heartbeat is failing.
+LEASE_MARGIN_BEATS = 6
 
-_TMP_PREFIX = ".tmp-"
-_TAKEOVER_PREFIX = ".lease-takeover-"  # a dead lease renamed aside; not swept (a concurrent taker still reads it)
 _ACQUIRE_ATTEMPTS = 20
 _VANISHED_RECHECK_S = 0.2
+_WATCH_POLL_S = 1.0  # a taker re-reads a watched lease this often (or every half heartbeat, if shorter)
 
 
 def _now_iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _monotonic() -> float:
+    """This machine's monotonic clock, counting time suspended where the kernel can (a holder whose machine slept
+    must not think its last heartbeat recent)."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
+
+
+class Clock:
+    """The lease's sense of time: `monotonic()` for every decision, `time()` only to stamp the record people read,
+    `sleep()` to pace a taker's watch, `wait(event, s)` to pace the heartbeat thread. Tests pass their own."""
+
+    def monotonic(self) -> float:
+        return _monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        return event.wait(seconds)
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
@@ -128,286 +192,32 @@ def _pid_alive(pid: Any, pid_start: Any) -> bool:
     return True
 
 
-# -- storage backends -----------------------------------------------------------------------------------------------
-@dataclass
-class _Current:
-    """The lease as read: its record (None when unreadable), a token for compare-and-delete, its mtime."""
-
-    record: dict | None
-    token: Any
-    mtime: float | None = None
-
-
-def _parse(data: bytes) -> dict | None:
-    try:
-        record = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _is_precondition(exc: BaseException) -> bool:
-    text = f"{exc} {exc.__cause__!r}".lower()
-    return any(
-        w in text for w in ("preconditionfailed", "pre-conditions", "conditionalrequestconflict", "precondition failed")
-    )
-
-
-class _LocalBackend:
-    def __init__(self, directory: str):
-        self.dir = directory
-        self.path = os.path.join(directory, LEASE_NAME)
-
-    def _refuse_a_file(self) -> None:
-        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
-            raise UserError(f"output {self.dir} is a file, not a folder: choose another OUTPUT")
-
-    def read(self) -> _Current | None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-                mtime = os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
-            self._refuse_a_file()
-            raise
-        return _Current(_parse(data), data, mtime)
-
-    def create(self, data: bytes) -> Any:
-        """Exclusive create: the new lease's token, or None when a lease exists."""
-        self._refuse_a_file()
-        os.makedirs(self.dir, exist_ok=True)
-        for _ in range(10):
-            tmp = os.path.join(self.dir, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{LEASE_NAME}")
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    os.link(tmp, self.path)
-                except FileExistsError:
-                    return None
-                except FileNotFoundError:
-                    continue  # a new holder swept our temp file: try again (and find its lease)
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
-                        raise
-                    return self._create_excl(data)  # no hard links here (vfat, some FUSE mounts)
-                self._fsync_dir()
-                return data
-            finally:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        raise OSError(f"could not create {self.path}: its temp file kept vanishing")
-
-    def _create_excl(self, data: bytes) -> Any:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self._fsync_dir()
-        return data
-
-    def _fsync_dir(self) -> None:
-        try:
-            fd = os.open(self.dir, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def delete_if(self, token: bytes) -> bool:
-        """Remove the lease only if it still holds exactly `token`: rename it aside, compare, put it back if not."""
-        aside = os.path.join(self.dir, f"{_TAKEOVER_PREFIX}{uuid.uuid4().hex}.json")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        try:
-            with open(aside, "rb") as f:
-                moved = f.read()
-        except FileNotFoundError:
-            return False
-        if moved == token:
-            os.unlink(aside)
-            return True
-        try:  # we moved a newer lease aside: put it back, unless yet another lease appeared meanwhile
-            os.link(aside, self.path)
-        except OSError:
-            log.warning("lease %s changed during a takeover and could not be restored", self.path)
-        try:
-            os.unlink(aside)
-        except OSError:
-            pass
-        return False
-
-    def replace_if(self, data: bytes, token: bytes) -> Any:
-        current = self.read()
-        if current is None or current.token != token:
-            return None
-        write_bytes_atomic(self.path, data)
-        return data
-
-    def sweep(self) -> int:
-        swept = 0
-        for directory in (self.dir, os.path.join(self.dir, "_runs")):
-            try:
-                entries = list(os.scandir(directory))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                if entry.name.startswith(_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
-                    try:
-                        os.unlink(entry.path)
-                        swept += 1
-                    except FileNotFoundError:
-                        pass
-        return swept
-
-
-class _S3Backend:
-    """Conditional writes: If-None-Match: * to create, If-Match: <etag> to delete or rewrite."""
-
-    def __init__(self, fs, directory: str):
-        self.fs = fs
-        self.path = join(directory, LEASE_NAME)
-        self.bucket, self.key, _ = fs.split_path(self.path)
-
-    def read(self) -> _Current | None:
-        self.fs.invalidate_cache(self.path)
-        try:
-            info = with_retries(lambda: self.fs.info(self.path))
-            data = with_retries(lambda: self.fs.cat_file(self.path))
-        except FileNotFoundError:
-            return None
-        # A change between the two reads leaves a stale etag: the conditional delete or write then fails and the
-        # caller reads again.
-        modified = info.get("LastModified")
-        mtime = modified.timestamp() if hasattr(modified, "timestamp") else None
-        return _Current(_parse(data), info.get("ETag"), mtime)
-
-    def _conditional(self, call, lost: type[OSError]):
-        """Run a conditional request: (True, its response), or (False, None) when its condition failed (the lease
-        is someone else's now) or it raised `lost` (the object is gone, or already there)."""
-        try:
-            return True, with_retries(call)
-        except lost:
-            return False, None
-        except OSError as exc:
-            if _is_precondition(exc):
-                return False, None
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
-
-    def create(self, data: bytes) -> Any:
-        done, out = self._conditional(lambda: self.fs.pipe_file(self.path, data, mode="create"), FileExistsError)
-        return ((out.get("ETag") if isinstance(out, dict) else None) or True) if done else None
-
-    def delete_if(self, etag: Any) -> bool:
-        done, _ = self._conditional(
-            lambda: self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag), FileNotFoundError
-        )
-        return done
-
-    def replace_if(self, data: bytes, etag: Any) -> Any:
-        done, out = self._conditional(lambda: self.fs.pipe_file(self.path, data, IfMatch=etag), FileNotFoundError)
-        return ((out.get("ETag") if isinstance(out, dict) else None) or True) if done else None
-
-    def sweep(self) -> int:
-        return 0  # object stores write with one PUT: no temp files
-
-
-class _GenericBackend:
-    """Any other fsspec store: exists-check + write + read-back (see the module docstring for the weaker guarantee)."""
-
-    def __init__(self, fs, directory: str):
-        self.fs = fs
-        self.path = join(directory, LEASE_NAME)
-
-    def read(self) -> _Current | None:
-        try:
-            self.fs.invalidate_cache(self.path)
-        except Exception:
-            pass
-        try:
-            data = with_retries(lambda: self.fs.cat_file(self.path))
-        except FileNotFoundError:
-            return None
-        mtime = None
-        try:
-            modified = self.fs.modified(self.path)
-            mtime = modified.timestamp()
-        except Exception:
-            pass
-        return _Current(_parse(data), data, mtime)
-
-    def create(self, data: bytes) -> Any:
-        if with_retries(lambda: self.fs.exists(self.path)):
-            return None
-        with_retries(lambda: self.fs.pipe_file(self.path, data))
-        current = self.read()
-        return data if current is not None and current.token == data else None
-
-    def delete_if(self, token: bytes) -> bool:
-        current = self.read()
-        if current is None or current.token != token:
-            return False
-        try:
-            with_retries(lambda: self.fs.rm_file(self.path))
-        except FileNotFoundError:
-            return False
-        return True
-
-    def replace_if(self, data: bytes, token: bytes) -> Any:
-        current = self.read()
-        if current is None or current.token != token:
-            return None
-        with_retries(lambda: self.fs.pipe_file(self.path, data))
-        return data
-
-    def sweep(self) -> int:
-        return 0
-
-
-def _backend(output_url: str, storage_options: dict | None):
-    fs, path = filesystem(output_url, storage_options)
-    if not is_remote(output_url):
-        return _LocalBackend(path)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "s3" in protocols:
-        return _S3Backend(fs, path)
-    return _GenericBackend(fs, path)
-
-
 # -- the lease ------------------------------------------------------------------------------------------------------
 class Lease:
     """An exclusive lease on an OUTPUT folder, held by one run; see the module docstring.
 
     Attributes: `url` (OUTPUT), `lease_url`, `run_id`, `holder` (this acquisition's uuid), `swept` (temp files
     removed on acquisition), `previous` (the dead lease's record when this acquisition took one over, else None),
-    `lost` (why the lease was lost, else None).
+    `lost` (why the lease was lost: "taken over", "vanished" or "lapsed"; else None).
     """
 
     def __init__(
-        self, output_url: str, storage_options: dict | None, run_id: str, stale_after_s: float, heartbeat_s: float
+        self,
+        output_url: str,
+        storage_options: dict | None,
+        run_id: str,
+        stale_after_s: float,
+        heartbeat_s: float,
+        margin_s: float | None = None,
+        clock: Clock | None = None,
+        notify: Callable[[str], None] | None = None,
     ):
-        if not heartbeat_s > 0 or not stale_after_s > heartbeat_s:
+        margin_s = LEASE_MARGIN_BEATS * heartbeat_s if margin_s is None else margin_s
+        if not heartbeat_s > 0 or not margin_s >= heartbeat_s or not stale_after_s - margin_s >= 2 * heartbeat_s:
             raise ValueError(
-                f"lease heartbeat ({heartbeat_s} s) must be positive and shorter than the stale limit "
-                f"({stale_after_s} s)"
+                f"the lease's heartbeat ({heartbeat_s} s) must be positive, its margin ({margin_s} s) at least one "
+                f"heartbeat, and the stale limit ({stale_after_s} s) must leave the holder two heartbeats beyond "
+                "the margin"
             )
         self.url = output_url.rstrip("/")
         self.storage_options = storage_options or {}
@@ -415,19 +225,23 @@ class Lease:
         self.run_id = run_id
         self.stale_after_s = float(stale_after_s)
         self.heartbeat_s = float(heartbeat_s)
+        self.margin_s = float(margin_s)
+        self.clock = clock or Clock()
+        self.notify = notify or log.warning
         self.holder = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.pid_start = _proc_stat(self.pid)[1]
         self.pid_ns = _pid_namespace()
         self.boot_id = _boot_id()
-        self.started_unix = time.time()
+        self.started_unix = self.clock.time()
         self.swept = 0
         self.previous: dict | None = None
         self.lost: str | None = None
         self._lost_by: dict | None = None
-        self._backend = _backend(self.url, self.storage_options)
-        self._last_beat_unix = self.started_unix
+        self._lapse_s = 0.0
+        self._store = lease_store(self.url, self.storage_options)
+        self._last_beat = self.clock.monotonic()  # when the last successful heartbeat began (monotonic)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -441,17 +255,20 @@ class Lease:
         run_id: str,
         stale_after_s: float = LEASE_STALE_S,
         heartbeat_s: float = LEASE_HEARTBEAT_S,
+        margin_s: float | None = None,
+        clock: Clock | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> Lease:
         """Take the lease on OUTPUT (creating the folder if local), or raise UserError naming the run holding it.
 
-        Takes over a dead lease (see the module docstring), sweeps temp files of dead writers (`swept`), and starts
-        the heartbeat thread.
+        Takes over a dead lease (see the module docstring; watching another machine's lease, it tells `notify`,
+        by default a warning, in one line), sweeps temp files of dead writers (`swept`), and starts the heartbeat.
         """
-        lease = cls(output_url, storage_options, run_id, stale_after_s, heartbeat_s)
+        lease = cls(output_url, storage_options, run_id, stale_after_s, heartbeat_s, margin_s, clock, notify)
         lease._acquire()
         lease._thread = threading.Thread(target=lease._heartbeat_loop, name=f"lease-heartbeat-{run_id}", daemon=True)
         try:
-            lease.swept = lease._backend.sweep()
+            lease.swept = lease._store.sweep()
             if lease.swept:
                 log.info("removed %d temporary file(s) left in %s by earlier writers", lease.swept, lease.url)
             lease._thread.start()
@@ -460,7 +277,8 @@ class Lease:
             raise
         return lease
 
-    def _record(self, now: float) -> dict:
+    def _record(self, beat: float) -> dict:
+        now = self.clock.time()
         return {
             "run_id": self.run_id,
             "holder": self.holder,
@@ -472,6 +290,8 @@ class Lease:
             "started_at": _now_iso(self.started_unix),
             "heartbeat_at": _now_iso(now),
             "heartbeat_unix": now,
+            "heartbeat_monotonic": beat,
+            "stale_after_s": self.stale_after_s,
         }
 
     @staticmethod
@@ -480,24 +300,15 @@ class Lease:
 
     def _acquire(self) -> None:
         for _ in range(_ACQUIRE_ATTEMPTS):
-            current = self._backend.read()
+            current = self._store.read()
             if current is None:
-                now = time.time()
-                data = self._encode(self._record(now))
-                token = self._backend.create(data)
-                if token is not None:
-                    self._last_beat_unix = now
+                if self._create():
                     return
-                current = self._backend.read()  # someone else was quicker (or our own retried PUT landed)
-                if current is None:
-                    continue
-                if current.record is not None and current.record.get("holder") == self.holder:
-                    self._last_beat_unix = now
-                    return
-            why_dead = self._dead_reason(current)
+                continue  # someone else was quicker: judge theirs
+            why_dead = self._judge(current)
             if why_dead is None:
-                raise UserError(self._refusal(current))
-            if self._backend.delete_if(current.token):
+                continue  # it vanished while watched
+            if self._store.delete_if(current.token):
                 record = current.record or {}
                 self.previous = current.record
                 log.warning(
@@ -514,24 +325,69 @@ class Lease:
             "this run tried to take it; another run is starting there: try again in a minute"
         )
 
-    def _dead_reason(self, current: _Current) -> str | None:
-        """Why the lease is dead, or None if it may be alive."""
-        now = time.time()
+    def _create(self) -> bool:
+        beat = self.clock.monotonic()
+        if self._store.create(self._encode(self._record(beat))) is not None:
+            self._last_beat = beat
+            return True
+        current = self._store.read()  # the store may have performed our create but answered with an error
+        if current is not None and (current.record or {}).get("holder") == self.holder:
+            self._last_beat = beat
+            return True
+        return False
+
+    def _judge(self, current: Current) -> str | None:
+        """Why the lease is dead; UserError naming its holder if it is alive; None if it vanished while watched."""
         record = current.record
-        if record is None:
-            if current.mtime is not None and now - current.mtime > self.stale_after_s:
-                return f"its lease file is unreadable and {now - current.mtime:.0f} s old"
+        if record is not None:
+            if self._same_pid_space(record) and not _pid_alive(record.get("pid"), record.get("pid_start")):
+                return f"its process {record.get('pid')} on this host is no longer running"
+            age = self._same_clock_age(record)
+            if age is not None:
+                if age > self.stale_after_s:
+                    return f"its heartbeat is {age:.0f} s old on this machine's clock (limit {self.stale_after_s:g} s)"
+                raise UserError(self._refusal(record, age))
+        return self._watch(current)
+
+    def _same_clock_age(self, record: dict) -> float | None:
+        """Seconds since the lease's last heartbeat began, when it was written on this kernel (one monotonic clock);
+        None otherwise."""
+        if self.boot_id is None or record.get("boot_id") != self.boot_id:
             return None
         try:
-            beat = float(record.get("heartbeat_unix"))
-        except (TypeError, ValueError):
-            beat = None
-        if beat is None or now - beat > self.stale_after_s:
-            age = "unknown" if beat is None else f"{now - beat:.0f} s old"
-            return f"its heartbeat is {age} (limit {self.stale_after_s:g} s)"
-        if self._same_pid_space(record) and not _pid_alive(record.get("pid"), record.get("pid_start")):
-            return f"its process {record.get('pid')} on this host is no longer running"
-        return None
+            age = self.clock.monotonic() - float(record["heartbeat_monotonic"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return age if age >= 0 else None  # a beat in this clock's future: not this clock (a time namespace)
+
+    def _watch(self, current: Current) -> str | None:
+        """Re-read the lease until it stays unchanged for the stale limit on this machine's clock (dead: why) or
+        changes (alive: UserError naming its holder); None if it vanished."""
+        first_seen = last_seen = self.clock.monotonic()
+        self.notify(self._watching(current))
+        poll_s = min(_WATCH_POLL_S, self.heartbeat_s / 2)
+        while True:
+            unchanged = self.clock.monotonic() - first_seen
+            if unchanged >= self.stale_after_s:
+                return f"it stayed unchanged for {unchanged:.0f} s (limit {self.stale_after_s:g} s)"
+            self.clock.sleep(min(poll_s, self.stale_after_s - unchanged))
+            seen = self._store.read()
+            if seen is None:
+                return None
+            if seen.token != current.token:
+                raise UserError(self._refusal(seen.record, self.clock.monotonic() - last_seen))
+            last_seen = self.clock.monotonic()
+
+    def _watching(self, current: Current) -> str:
+        what = (
+            f"an unreadable lease file {self.lease_url}"
+            if current.record is None
+            else "a lease of " + self._holder_text(current.record) + " that this machine's clock cannot time"
+        )
+        return (
+            f"output {self.url} has {what}; watching it for up to {self.stale_after_s:g} s: if it changes, that "
+            "run is alive and this one stops; if not, it is taken over"
+        )
 
     def _same_pid_space(self, record: dict) -> bool:
         """Whether the lease's pid can be looked up here: same host name, boot and PID namespace (when known)."""
@@ -541,101 +397,129 @@ class Lease:
 
         return record.get("host") == self.host and same("boot_id", self.boot_id) and same("pid_ns", self.pid_ns)
 
-    def _refusal(self, current: _Current) -> str:
-        record = current.record
+    @staticmethod
+    def _holder_text(record: dict) -> str:
+        return f"run {record.get('run_id', '?')} (host {record.get('host', '?')}, pid {record.get('pid', '?')})"
+
+    def _refusal(self, record: dict | None, ago_s: float) -> str:
         if record is None:
             return (
-                f"output {self.url} has an unreadable lease file {self.lease_url}, written less than "
-                f"{self.stale_after_s:g} s ago; if no run is writing there, delete it"
+                f"output {self.url} has an unreadable lease file {self.lease_url} that changed while this run "
+                "watched it: another run is writing there; if none is, delete it"
             )
-        try:
-            ago = f"{max(0.0, time.time() - float(record.get('heartbeat_unix'))):.0f} s ago"
-        except (TypeError, ValueError):
-            ago = "at an unknown time"
         return (
-            f"output {self.url} is being written by run {record.get('run_id', '?')} (host "
-            f"{record.get('host', '?')}, pid {record.get('pid', '?')}), last heartbeat {ago}; wait for it to "
-            f"finish or stop it (a lease whose heartbeat is older than {self.stale_after_s:g} s is taken over)"
+            f"output {self.url} is being written by {self._holder_text(record)}, last heartbeat "
+            f"{max(0.0, ago_s):.0f} s ago; wait for it to finish or stop it (a lease whose heartbeat stays "
+            f"unchanged for {self.stale_after_s:g} s is taken over)"
         )
 
     # -- heartbeat ------------------------------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                with self._lock:
-                    if self._stop.is_set() or self.lost:
-                        return
+        while not self.clock.wait(self._stop, self.heartbeat_s):
+            with self._lock:
+                if self._stop.is_set() or self.lost:
+                    return
+                try:
                     self._beat()
-                    if self.lost:
-                        log.error("%s", self._lost_message())
-                        return
-            except Exception as exc:  # storage trouble: try again at the next beat; check() notices a lapse
-                log.warning("could not renew the lease on %s: %s: %s", self.url, type(exc).__name__, exc)
+                except Exception as exc:  # storage trouble: try again at the next beat, until the margin
+                    log.warning("could not renew the lease on %s: %s: %s", self.url, type(exc).__name__, exc)
+                if not self.lost:
+                    self._lapsed()
+                if self.lost:
+                    log.error("%s", self._lost_message())
+                    return
 
-    def _read_ours(self) -> _Current | None:
+    def _lapsed(self, now: float | None = None) -> bool:
+        """Whether the last successful heartbeat began too long ago to write again; if so the lease is lost."""
+        lapse = (self.clock.monotonic() if now is None else now) - self._last_beat
+        if lapse <= self.stale_after_s - self.margin_s:
+            return False
+        self.lost, self._lost_by, self._lapse_s = "lapsed", None, lapse
+        return True
+
+    def _read_ours(self) -> Current | None:
         """The lease if it is still ours, else None with `lost` set. A missing lease is read twice (a concurrent
         taker may have it renamed aside for a moment)."""
-        current = self._backend.read()
+        current = self._store.read()
         if current is None:
-            time.sleep(_VANISHED_RECHECK_S)
-            current = self._backend.read()
+            self.clock.sleep(_VANISHED_RECHECK_S)
+            current = self._store.read()
         if current is None:
-            self.lost = "vanished"
-            self._lost_by = None
+            self.lost, self._lost_by = "vanished", None
             return None
         record = current.record or {}
         if record.get("holder") != self.holder:
-            self.lost = "taken over"
-            self._lost_by = record
+            self.lost, self._lost_by = "taken over", record
             return None
         return current
 
     def _beat(self) -> None:
+        """Rewrite the lease if it is still ours; the rewrite is itself fenced (it starts only within the margin)."""
         for _ in range(3):
             current = self._read_ours()
             if current is None:
                 return
-            now = time.time()
-            data = self._encode(self._record(now))
-            token = self._backend.replace_if(data, current.token)
-            if token is not None:
-                self._last_beat_unix = now
+            beat = self.clock.monotonic()
+            if self._lapsed(beat):
                 return
-        # the lease kept changing under us: the next read decides
+            if self._store.replace_if(self._encode(self._record(beat)), current.token) is not None:
+                self._last_beat = beat
+                return
+        # the lease kept changing under us (or the store answered our own rewrite with an error): the next read decides
 
     def _lost_message(self) -> str:
-        if self.lost == "vanished":
+        where = f"this run lost the lease on output {self.url}"
+        if self.lost == "lapsed":
             return (
-                f"the lease on output {self.url} ({self.lease_url}) was deleted by someone else; this run stops; "
+                f"{where}: it could not renew it for {self._lapse_s:.0f} s, and a run stops writing "
+                f"{self.margin_s:g} s before another may take its lease over ({self.stale_after_s:g} s); "
                 "rerun to resume"
             )
-        by = self._lost_by or {}
+        if self.lost == "vanished":
+            return f"{where}: {self.lease_url} was deleted by someone else; this run stops; rerun to resume"
         return (
-            f"the lease on output {self.url} was taken over by run {by.get('run_id', '?')} (host "
-            f"{by.get('host', '?')}, pid {by.get('pid', '?')}); this run stops; rerun to resume"
+            f"{where}: it was taken over by {self._holder_text(self._lost_by or {})}; this run stops; rerun to resume"
         )
 
     # -- public -----------------------------------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise UserError unless this run still holds the lease (read now, not only at the last heartbeat).
-
-        Call before committing each shard. Also raises when the heartbeat could not be renewed for longer than the
-        stale limit (another run may take the lease over at any moment).
-        """
+        """Raise UserError unless this run still holds the lease (read now, not only at the last heartbeat) and its
+        last successful heartbeat began less than `stale_after_s - margin_s` ago. Call before committing each
+        shard; `fenced()` calls it before every other write."""
         with self._lock:
-            if not self.lost and self._thread is not None and not self._stop.is_set():
-                self._read_ours()
+            if not self.lost and not self._stop.is_set():
+                if self._read_ours() is not None:
+                    self._lapsed()
             if self.lost:
                 raise UserError(self._lost_message())
             if self._stop.is_set():
                 raise UserError(f"the lease on output {self.url} was released; this run stops; rerun to resume")
-            lapse = time.time() - self._last_beat_unix
-            if lapse > self.stale_after_s:
-                raise UserError(
-                    f"this run could not renew its lease on output {self.url} for {lapse:.0f} s "
-                    f"(limit {self.stale_after_s:g} s), so another run may take it over; this run "
-                    "stops; rerun to resume"
-                )
+
+    @contextmanager
+    def fenced(self) -> Iterator[None]:
+        """Run the block (one write of a shared file in OUTPUT) only if this run holds the lease: `check()` before
+        it; after it, UserError if the lease lapsed or was lost meanwhile. See the module docstring for what a
+        fenced write is guaranteed.
+
+        >>> with lease.fenced():  # doctest: +SKIP
+        ...     save_run_record(out, record)
+        """
+        self.check()
+        yield
+        with self._lock:
+            if not self.lost and not self._stop.is_set():
+                self._lapsed()
+            if self.lost:
+                raise UserError(self._lost_message())
+
+    def holds(self) -> bool:
+        """Whether this run still holds the lease, read now; False, never an exception, when it is lost, released
+        or cannot be read. For writes on the way out (a failure record), which must not raise over the error."""
+        try:
+            self.check()
+        except Exception:
+            return False
+        return True
 
     def update(self, run_id: str) -> None:
         """Record another run id (a run that resumes an older run id) and beat now; UserError if the lease is lost."""
@@ -661,9 +545,9 @@ class Lease:
                 return
             self._thread = None
             try:
-                current = self._backend.read()
+                current = self._store.read()
                 if current is not None and (current.record or {}).get("holder") == self.holder:
-                    self._backend.delete_if(current.token)
+                    self._store.delete_if(current.token)
             except FileNotFoundError:
                 pass
             except Exception as exc:

@@ -76,7 +76,7 @@ def save_run_record(out: OutputDir, record: dict) -> None:
 def record_failure(out: OutputDir, record: dict, exc: BaseException, lease) -> None:
     """Mark the run record failed with the reason (a rerun still resumes it); never masks the original error, and
     writes nothing once another run holds OUTPUT."""
-    if not record or getattr(lease, "lost", None):
+    if not record or not lease.holds():  # another run may hold OUTPUT now: its files are not ours to write
         return
     reason = first_line(exc, 1000) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
     record.update(state="failed", ended_at=iso(time.time()), failure=reason)

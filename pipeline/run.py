@@ -160,11 +160,16 @@ def plan(run: Run, cleanup: ExitStack) -> None:
         run.layout,
         run.prov["command"],
     )
-    job.save_plan(out, planned)  # first: a plan in OUTPUT is resumable only with what goes beside it
+    fenced = run.lease.fenced  # every write of a shared file in OUTPUT, only while this run holds it
+    with fenced():
+        job.save_plan(out, planned)  # first: a plan in OUTPUT is resumable only with what goes beside it
     if planned.local_plan is not None and planned.units:
-        planned.plan_path = upload_plan(planned.local_plan, out, run.run_id)
-    write_listing_uris(run.ws, out)
-    out.write_json(run.record, "_runs", f"{run.run_id}.json")
+        with fenced():
+            planned.plan_path = upload_plan(planned.local_plan, out, run.run_id)
+    with fenced():
+        write_listing_uris(run.ws, out)
+    with fenced():
+        out.write_json(run.record, "_runs", f"{run.run_id}.json")
     if listing.duplicates:
         run.echo(f"featurize: {listing.duplicates} uri(s) listed more than once: each is processed once")
     run.echo(
@@ -218,16 +223,18 @@ def _stream_units(run: Run, cleanup: ExitStack) -> None:
 
 def _before_commit(run: Run) -> None:
     """Before each shard: the lease still ours; before the first, the prompt table (no shard without it)."""
-    run.lease.check()
+    run.lease.check()  # a shard is written by one PUT (or a rename) right after: within the lease's margin
     if run.first_shard_s is None:
         prompt_set = run.job.model.prompt_set
         if prompt_set is not None:  # features only: no prompt table
             message = run.stream.prompt_embeddings()
             prov = {**run.prov, "logit_scale": message.logit_scale, "logit_bias": message.logit_bias}
             table = prompts_table(prompt_set, message.text_embeddings, prov)
-            run.out.write_table(table, *prompts_file(run.version))
+            with run.lease.fenced():
+                run.out.write_table(table, *prompts_file(run.version))
             if run.versions.readable in (None, run.version):  # never the names of a version still readable
-                run.out.write_table(table, "_prompts.parquet")
+                with run.lease.fenced():
+                    run.out.write_table(table, "_prompts.parquet")
         run.first_shard_s = time.time() - run.command_started
 
 
@@ -236,7 +243,8 @@ def finish(run: Run) -> dict:
     job, record, layout = run.job, run.record, run.layout
     processed = sum(run.pending.values())
     record["counts"].update(processed=processed, **finished_counts(run.writer))
-    job.finish(run.ws, run.out, run.planned, run.prov, record)
+    with run.lease.fenced():  # the job's own writes (slides: _slides.parquet)
+        job.finish(run.ws, run.out, run.planned, run.prov, record)
     ended, stream_s = time.time(), run.seconds["stream_s"]
     stream_started = run.stream.started_at if run.stream is not None else time.perf_counter()
     record.update(
@@ -258,9 +266,12 @@ def finish(run: Run) -> dict:
         busy = run.stats["model_s"] / (stream_s * layout.size)
         record["stages"]["gpu_busy_fraction"] = round(min(1.0, busy), 4)
     if run.versions.readable not in (None, run.version):  # a new version becomes the readable one
-        _readable_prompts(run.out, run.version)
-    run.out.write_json(run.versions.completed(run.version, run.identity), "_dataset.json")
-    save_run_record(run.out, record)
+        with run.lease.fenced():
+            _readable_prompts(run.out, run.version)
+    with run.lease.fenced():
+        run.out.write_json(run.versions.completed(run.version, run.identity), "_dataset.json")
+    with run.lease.fenced():
+        save_run_record(run.out, record)
     return record
 
 

@@ -33,7 +33,16 @@ _TRANSIENT_WORDS = (
     "too many requests",
     "internal error",
     "serviceunavailable",
+    # what s3fs and botocore say once their own retries gave up: a 5xx without a body, SlowDown, a reset connection
+    "internal server error",
+    "service unavailable",
+    "reduce your request rate",
+    "could not connect to the endpoint",
+    "connection was closed",
 )
+# Client exception classes (and their bases) that are the network's fault: botocore's ConnectionError family
+# (endpoint unreachable, connection reset or closed) and its HTTP client errors, aiohttp's connection errors.
+_TRANSIENT_CLASSES = {"ConnectionError", "HTTPClientError", "ClientConnectionError", "ClientPayloadError"}
 
 
 def is_remote(url: str) -> bool:
@@ -95,12 +104,23 @@ def join(base: str, *names: str) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error may pass if retried: timeouts, throttling, 5xx, lost connections; judged on the error
+    and its cause (s3fs raises an OSError whose cause is botocore's error with the S3 error code)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(word in text for word in _TRANSIENT_WORDS)
+    seen: BaseException | None = exc
+    for _ in range(3):
+        if seen is None:
+            return False
+        if isinstance(seen, (TimeoutError, ConnectionError)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_CLASSES for cls in type(seen).__mro__):
+            return True
+        text = f"{type(seen).__name__} {seen}".lower()
+        if any(word in text for word in _TRANSIENT_WORDS):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def with_retries(fn: Callable[[], T], attempts: int = _RETRY_ATTEMPTS, base_delay_s: float = 0.2) -> T:

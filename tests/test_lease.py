@@ -13,8 +13,9 @@ import uuid
 
 import pytest
 
+import pipeline.lease as lease_module
 from pipeline.errors import UserError
-from pipeline.lease import LEASE_NAME, Lease, _boot_id, _pid_namespace, _proc_stat
+from pipeline.lease import LEASE_NAME, Clock, Lease, _boot_id, _monotonic, _pid_namespace, _proc_stat
 from pipeline.storage import filesystem, write_bytes_atomic
 
 DEADLINE_S = 30.0  # generous: polls end as soon as the condition holds
@@ -31,10 +32,16 @@ def poll(condition, what: str, deadline_s: float = DEADLINE_S):
 
 
 def lease_record(
-    run_id: str, host: str = "other-host", pid: int = 4242, age_s: float = 0.0, pid_start: int | None = None
+    run_id: str,
+    host: str = "other-host",
+    pid: int = 4242,
+    age_s: float = 0.0,
+    pid_start: int | None = None,
+    this_kernel: bool = False,
 ) -> dict:
-    beat = time.time() - age_s
-    return {
+    """A lease as another run would have left it, its heartbeat age_s old by the wall clock; with this_kernel, also by
+    this machine's monotonic clock (a run on this kernel: judged at once; any other lease is watched)."""
+    record = {
         "run_id": run_id,
         "holder": uuid.uuid4().hex,
         "host": host,
@@ -42,8 +49,60 @@ def lease_record(
         "pid_start": pid_start,
         "started_at": "2026-01-01T00:00:00.000Z",
         "heartbeat_at": "2026-01-01T00:00:00.000Z",
-        "heartbeat_unix": beat,
+        "heartbeat_unix": time.time() - age_s,
     }
+    if this_kernel:
+        record.update(boot_id=_boot_id(), heartbeat_monotonic=_monotonic() - age_s)
+    return record
+
+
+class FakeClock(Clock):
+    """Time that moves only when a lease sleeps (or a test advances it); each sleep then gives `on_sleep` its turn
+    (the other party: a holder that beats or writes). The heartbeat thread never beats by itself: a test beats with
+    update(). Views made by `skewed()` share the time but read other wall and monotonic clocks (another machine)."""
+
+    def __init__(self, on_sleep=None):
+        self._now = [0.0]
+        self.wall_offset_s = time.time()
+        self.mono_offset_s = 1000.0
+        self.on_sleep = on_sleep
+
+    def skewed(self, wall_s: float, mono_s: float = 5e5) -> FakeClock:
+        view = FakeClock()
+        view._now, view.on_sleep = self._now, None
+        view.wall_offset_s, view.mono_offset_s = self.wall_offset_s + wall_s, self.mono_offset_s + mono_s
+        return view
+
+    @property
+    def elapsed(self) -> float:
+        return self._now[0]
+
+    def advance(self, seconds: float) -> None:
+        self._now[0] += seconds
+
+    def monotonic(self) -> float:
+        return self._now[0] + self.mono_offset_s
+
+    def time(self) -> float:
+        return self._now[0] + self.wall_offset_s
+
+    def sleep(self, seconds: float) -> None:
+        self._now[0] += seconds
+        turn, self.on_sleep = self.on_sleep, None  # not re-entered when the other party sleeps in its turn
+        try:
+            if turn is not None:
+                turn()
+        finally:
+            self.on_sleep = turn
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        event.wait()
+        return True
+
+
+def another_machine(monkeypatch, name: str) -> None:
+    """Leases made from now on say they run on another kernel (so nobody compares their monotonic clocks)."""
+    monkeypatch.setattr(lease_module, "_boot_id", lambda: f"boot-{name}")
 
 
 def write_lease(out, record: dict, storage_options=None) -> None:
@@ -101,19 +160,27 @@ def test_second_acquire_is_refused_naming_the_holder(tmp_path):
 
 
 def test_other_host_fresh_lease_refused_and_stale_lease_taken_over(tmp_path):
+    """Another machine's lease is watched on this machine's clock: refused when its heartbeat changes meanwhile,
+    taken over once it stayed unchanged for the stale limit."""
     out = str(tmp_path / "out")
     write_lease(out, lease_record("run-elsewhere", age_s=5))
+    beating = FakeClock(on_sleep=lambda: write_lease(out, lease_record("run-elsewhere")))  # its next heartbeat
     with pytest.raises(UserError, match=r"run run-elsewhere \(host other-host, pid 4242\), last heartbeat \d+ s ago"):
-        Lease.acquire(out, None, "run-mine")
+        Lease.acquire(out, None, "run-mine", clock=beating, notify=lambda line: None)
+    assert beating.elapsed <= 1.0  # refused at the first change seen
 
     write_lease(out, lease_record("run-elsewhere", age_s=301))
-    with Lease.acquire(out, None, "run-mine") as lease:
+    clock = FakeClock()
+    with Lease.acquire(out, None, "run-mine", clock=clock, notify=lambda line: None) as lease:
         assert lease.previous["run_id"] == "run-elsewhere"
         assert read_lease(out)["run_id"] == "run-mine"
+    assert 300 <= clock.elapsed <= 301
 
     write_lease(out, lease_record("run-elsewhere", age_s=20))  # a shorter stale limit applies when asked for
-    with Lease.acquire(out, None, "run-mine", stale_after_s=10, heartbeat_s=1) as lease:
+    clock = FakeClock()
+    with Lease.acquire(out, None, "run-mine", stale_after_s=10, heartbeat_s=1, clock=clock, notify=print) as lease:
         assert lease.previous["run_id"] == "run-elsewhere"
+    assert 10 <= clock.elapsed <= 10.5
 
 
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
@@ -126,7 +193,14 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
 
     # A live process on this host holds it: refused.
     write_lease(
-        out, lease_record("run-alive", host=socket.gethostname(), pid=os.getpid(), pid_start=_proc_stat(os.getpid())[1])
+        out,
+        lease_record(
+            "run-alive",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_start=_proc_stat(os.getpid())[1],
+            this_kernel=True,
+        ),
     )
     with pytest.raises(UserError, match="run-alive"):
         Lease.acquire(out, None, "run-mine")
@@ -138,9 +212,16 @@ def test_dead_pid_from_another_boot_or_pid_namespace_is_judged_by_heartbeat_only
         pytest.skip("this system does not expose it")
     out = str(tmp_path / "out")
     pid, start = dead_pid()
-    write_lease(out, {**lease_record("run-container", host=socket.gethostname(), pid=pid, pid_start=start), **other})
+
+    def lease_of_the_container():
+        record = lease_record("run-container", host=socket.gethostname(), pid=pid, pid_start=start, this_kernel=True)
+        return {**record, **other}
+
+    write_lease(out, lease_of_the_container())
+    # Another boot is watched (its heartbeat goes on); another PID namespace on this kernel is judged at once.
+    beating = FakeClock(on_sleep=lambda: write_lease(out, lease_of_the_container()))
     with pytest.raises(UserError, match="run-container"):
-        Lease.acquire(out, None, "run-mine")
+        Lease.acquire(out, None, "run-mine", clock=beating, notify=lambda line: None)
 
 
 @pytest.mark.skipif(_proc_stat(os.getpid())[1] is None, reason="needs /proc/<pid>/stat")
@@ -175,7 +256,7 @@ def test_acquisition_sweeps_temp_files_but_nothing_else(tmp_path):
     for p in temps + keep:
         p.write_bytes(b"x")
     (out / ".tmp-dir").mkdir()  # only files are swept
-    write_lease(str(out), lease_record("run-crashed", age_s=1000))
+    write_lease(str(out), lease_record("run-crashed", age_s=1000, this_kernel=True))
     with Lease.acquire(str(out), None, "run-mine") as lease:
         assert lease.swept == 3
         assert not any(p.exists() for p in temps)
@@ -252,24 +333,29 @@ def test_release_never_raises_on_a_vanished_lease(tmp_path):
 
 
 def test_unreadable_lease_is_refused_until_old(tmp_path):
+    """An unreadable lease is watched: refused if it changes, taken over once unchanged for the stale limit (its
+    mtime, another clock, is not consulted)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / LEASE_NAME).write_bytes(b'{"run_id": "trunc')
+    rewritten = FakeClock(on_sleep=lambda: (out / LEASE_NAME).write_bytes(b'{"run_id": "trunc2'))
     with pytest.raises(UserError, match="unreadable lease"):
-        Lease.acquire(str(out), None, "run-mine")
+        Lease.acquire(str(out), None, "run-mine", clock=rewritten, notify=lambda line: None)
     old = time.time() - 1000
     os.utime(out / LEASE_NAME, (old, old))
-    with Lease.acquire(str(out), None, "run-mine") as lease:
+    clock = FakeClock()
+    with Lease.acquire(str(out), None, "run-mine", clock=clock, notify=lambda line: None) as lease:
         assert lease.previous is None and read_lease(str(out))["holder"] == lease.holder
+    assert clock.elapsed >= 300
 
 
 def test_failed_sweep_leaves_no_lease_behind(tmp_path, monkeypatch):
-    import pipeline.lease as lease_module
+    import pipeline.lease_store as lease_store
 
     def denied(self):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(lease_module._LocalBackend, "sweep", denied)
+    monkeypatch.setattr(lease_store.LocalStore, "sweep", denied)
     with pytest.raises(PermissionError):
         Lease.acquire(str(tmp_path / "out"), None, "run-mine")
     assert not os.path.exists(tmp_path / "out" / LEASE_NAME)
@@ -278,6 +364,8 @@ def test_failed_sweep_leaves_no_lease_behind(tmp_path, monkeypatch):
 def test_heartbeat_must_be_shorter_than_the_stale_limit(tmp_path):
     with pytest.raises(ValueError):
         Lease.acquire(str(tmp_path / "out"), None, "r", stale_after_s=10, heartbeat_s=10)
+    with pytest.raises(ValueError, match="margin"):  # the margin (6 heartbeats) leaves the holder one heartbeat
+        Lease.acquire(str(tmp_path / "out"), None, "r", stale_after_s=7, heartbeat_s=1)
     assert not os.path.exists(tmp_path / "out" / LEASE_NAME)
 
 
@@ -309,7 +397,7 @@ def test_two_simultaneous_takers_of_a_dead_lease_one_wins(tmp_path):
         if attempt % 2:
             write_lease(out, lease_record("run-crashed", host=socket.gethostname(), pid=pid, pid_start=start))
         else:
-            write_lease(out, lease_record("run-crashed", age_s=1000))
+            write_lease(out, lease_record("run-crashed", age_s=1000, this_kernel=True))
         results = race(out, None)
         winners = [r for r in results if isinstance(r, Lease)]
         losers = [r for r in results if isinstance(r, UserError)]
@@ -402,10 +490,10 @@ def test_s3_exclusive_create_refusal_heartbeat_and_release(s3_server, s3_bucket)
 def test_s3_stale_lease_is_taken_over_and_lost_lease_detected(s3_server, s3_bucket):
     options = s3_server["storage_options"]
     out = f"s3://{s3_bucket}/out"
-    write_lease(out, lease_record("run-fresh", age_s=3), options)
+    write_lease(out, lease_record("run-fresh", age_s=3, this_kernel=True), options)
     with pytest.raises(UserError, match="run-fresh"):
         Lease.acquire(out, options, "run-mine")
-    write_lease(out, lease_record("run-stale", age_s=1000), options)
+    write_lease(out, lease_record("run-stale", age_s=1000, this_kernel=True), options)
     lease = Lease.acquire(out, options, "run-mine")
     assert lease.previous["run_id"] == "run-stale"
     intruder = lease_record("run-intruder")
@@ -423,11 +511,178 @@ def test_s3_two_simultaneous_takers_one_wins(s3_server, s3_bucket):
     for attempt in range(8):
         out = f"s3://{s3_bucket}/out{attempt}"
         if attempt % 2:
-            write_lease(out, lease_record("run-crashed", age_s=1000), options)
+            write_lease(out, lease_record("run-crashed", age_s=1000, this_kernel=True), options)
         results = race(out, options)
         winners = [r for r in results if isinstance(r, Lease)]
         assert len(winners) == 1, (attempt, results)
         winners[0].release()
+
+
+# -- the margin, watched takeovers and fenced writes (time controlled: FakeClock) ------------------------------------
+def output_for(where: str, tmp_path, request) -> tuple[str, dict | None]:
+    if where == "local":
+        return str(tmp_path / "out"), None
+    server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/out", server["storage_options"]
+
+
+def put_text(out: str, name: str, text: str, options) -> None:
+    write_bytes_atomic(f"{out}/{name}", text.encode(), options)
+
+
+def get_text(out: str, name: str, options) -> str | None:
+    fs, path = filesystem(f"{out}/{name}", options)
+    fs.invalidate_cache(path)
+    try:
+        return fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_holder_stops_writing_a_margin_before_a_taker_may_take_over(where, tmp_path, request, monkeypatch):
+    """The race of issue 22 (stale limit 2 s: the holder passed its check at 1.96 s and wrote, a taker took over at
+    2.11 s). Here the holder's heartbeats stop landing after it acquired; whenever the taker (another machine)
+    re-reads the lease, the holder tries to write its run record. Its writes stop a margin before the takeover."""
+    out, options = output_for(where, tmp_path, request)
+    clock = FakeClock()
+    another_machine(monkeypatch, "holder")
+    holder = Lease.acquire(out, options, "run-holder", stale_after_s=2.0, heartbeat_s=0.1, clock=clock.skewed(0.0))
+    assert holder.margin_s == pytest.approx(0.6)  # 6 heartbeats: the holder writes until 1.4 s, no later
+    another_machine(monkeypatch, "taker")
+    written, refused = [], []
+
+    def holder_writes():
+        try:
+            with holder.fenced():
+                put_text(out, "_run.json", "holder", options)
+            written.append(clock.elapsed)
+        except UserError as exc:
+            refused.append((clock.elapsed, str(exc)))
+
+    clock.on_sleep = holder_writes
+    notes: list[str] = []
+    taker = Lease.acquire(
+        out, options, "run-taker", stale_after_s=2.0, heartbeat_s=0.1, clock=clock, notify=notes.append
+    )
+    try:
+        taken_at = clock.elapsed
+        eps = 1e-6  # float sums of the fake sleeps
+        assert 2.0 - eps <= taken_at <= 2.1, taken_at
+        assert written and max(written) <= 1.4 + eps and max(written) <= taken_at - holder.margin_s + eps, written
+        assert refused and min(t for t, _ in refused) > 1.4 and any(1.9 < t < 2.0 for t, _ in refused)
+        assert "could not renew it for 1 s" in refused[0][1] and "0.6 s before another" in refused[0][1]
+        assert len(notes) == 1 and "run-holder" in notes[0] and "watching it for up to 2 s" in notes[0]
+        with taker.fenced():
+            put_text(out, "_run.json", "taker", options)
+        with pytest.raises(UserError, match="this run lost the lease"):
+            with holder.fenced():
+                put_text(out, "_run.json", "holder", options)
+        assert get_text(out, "_run.json", options) == "taker"
+    finally:
+        taker.release()
+        holder.release()
+    assert get_text(out, LEASE_NAME, options) is None  # the taker removed its lease; the holder left it alone
+
+
+@pytest.mark.parametrize("skew_s", [-3600.0, 3600.0])
+def test_a_live_lease_is_never_taken_early_however_the_wall_clocks_differ(skew_s, tmp_path, monkeypatch):
+    """The holder's wall clock an hour behind (its heartbeats look an hour old to the taker) or ahead: the taker
+    watches on its own clock, sees the heartbeat change and refuses; the holder keeps its lease."""
+    out = str(tmp_path / "out")
+    clock = FakeClock()
+    another_machine(monkeypatch, "holder")
+    holder = Lease.acquire(out, None, "run-holder", stale_after_s=20, heartbeat_s=1, clock=clock.skewed(skew_s))
+    another_machine(monkeypatch, "taker")
+    beat_at = [0.0]
+
+    def holder_beats():  # every heartbeat period
+        if clock.elapsed - beat_at[0] >= 1.0:
+            holder.update(holder.run_id)
+            beat_at[0] = clock.elapsed
+
+    clock.on_sleep = holder_beats
+    try:
+        assert abs(read_lease(out)["heartbeat_unix"] - time.time() - skew_s) < 60
+        with pytest.raises(UserError, match=r"run run-holder .*last heartbeat \d+ s ago"):
+            Lease.acquire(out, None, "run-taker", stale_after_s=20, heartbeat_s=1, clock=clock, notify=lambda m: None)
+        assert clock.elapsed <= 1.5  # refused at the first heartbeat seen, not after the stale limit
+        assert read_lease(out)["holder"] == holder.holder
+        holder.check()
+    finally:
+        holder.release()
+
+
+@pytest.mark.parametrize("skew_s", [-3600.0, 3600.0])
+def test_a_dead_lease_is_taken_over_after_the_stale_limit_on_the_takers_clock(skew_s, tmp_path, caplog):
+    """A dead run on another machine whose clock was an hour ahead (its heartbeat in the taker's future: never
+    "old" by the wall clock) or behind (an hour "old" at once): taken over after exactly the stale limit watched,
+    with one line said while watching."""
+    out = str(tmp_path / "out")
+    write_lease(out, lease_record("run-dead", age_s=-skew_s))
+    clock = FakeClock()
+    with caplog.at_level("WARNING", logger="pipeline.lease"):
+        with Lease.acquire(out, None, "run-mine", stale_after_s=20, heartbeat_s=1, clock=clock) as lease:
+            assert lease.previous["run_id"] == "run-dead"
+            assert read_lease(out)["holder"] == lease.holder
+    assert 20 <= clock.elapsed <= 20.5
+    watching = [r.getMessage() for r in caplog.records if "watching" in r.getMessage()]
+    assert len(watching) == 1 and "\n" not in watching[0], watching
+    assert "run run-dead (host other-host, pid 4242) that this machine's clock cannot time" in watching[0]
+    assert "up to 20 s" in watching[0]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_fenced_writes_refuse_once_the_lease_is_lost_and_write_nothing(where, tmp_path, request):
+    out, options = output_for(where, tmp_path, request)
+    clock = FakeClock()
+    lease = Lease.acquire(out, options, "run-mine", stale_after_s=20, heartbeat_s=1, clock=clock)
+    with lease.fenced():
+        put_text(out, "_dataset.json", "mine", options)
+    assert lease.holds()
+    write_lease(out, lease_record("run-intruder", host="h2", pid=77), options)
+    with pytest.raises(UserError, match=r"lost the lease .*taken over by run run-intruder \(host h2, pid 77\)"):
+        with lease.fenced():
+            put_text(out, "_run.json", "mine", options)
+    assert get_text(out, "_run.json", options) is None
+    assert not lease.holds()
+    lease.release()
+
+    # No heartbeat landed for longer than stale limit - margin (14 s): refused, though the lease is still its own.
+    out2 = out + "2"
+    lease = Lease.acquire(out2, options, "run-mine", stale_after_s=20, heartbeat_s=1, clock=clock)
+    clock.advance(14.01)
+    with pytest.raises(UserError, match="lost the lease .*could not renew it for 14 s"):
+        with lease.fenced():
+            put_text(out2, "_run.json", "mine", options)
+    assert get_text(out2, "_run.json", options) is None
+    assert json.loads(get_text(out2, LEASE_NAME, options))["holder"] == lease.holder
+    assert not lease.holds()
+    with pytest.raises(UserError, match="lost the lease"):
+        lease.update(run_id="run-other")
+    lease.release()
+
+    # A write that outlived the margin while no heartbeat landed: it happened, and the run stops after it.
+    out3 = out + "3"
+    lease = Lease.acquire(out3, options, "run-mine", stale_after_s=20, heartbeat_s=1, clock=clock)
+    clock.advance(13)
+    with pytest.raises(UserError, match="could not renew it for 15 s"):
+        with lease.fenced():
+            clock.advance(2)
+            put_text(out3, "_run.json", "slow", options)
+    assert not lease.holds()
+    lease.release()
+
+
+def test_update_never_revives_a_lapsed_lease(tmp_path):
+    out = str(tmp_path / "out")
+    clock = FakeClock()
+    with Lease.acquire(out, None, "run-mine", stale_after_s=20, heartbeat_s=1, clock=clock) as lease:
+        before = read_lease(out)
+        clock.advance(15)
+        with pytest.raises(UserError, match="could not renew"):
+            lease.update(run_id="run-later")
+        assert read_lease(out) == before  # no heartbeat written after the lapse
 
 
 # -- two real commands into one OUTPUT ---------------------------------------------------------------------------------

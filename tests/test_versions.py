@@ -26,8 +26,8 @@ OTHER_CONCEPTS = ["cat", "dog", "bird", "car"]  # as many as the conftest prompt
 
 @pytest.fixture()
 def other_prompts(tmp_path) -> Path:
-    path = tmp_path / "other.txt"
-    path.write_text("".join(f"a photo of a {c}\n" for c in OTHER_CONCEPTS), encoding="utf-8")
+    path = tmp_path / "other.yaml"
+    path.write_text(f"concepts: [{', '.join(OTHER_CONCEPTS)}]\ntemplates: ['a photo of a {{}}']\n", encoding="utf-8")
     return path
 
 
