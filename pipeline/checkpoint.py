@@ -4,6 +4,7 @@ declares, and the widths of the rows it will produce."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -123,6 +124,25 @@ def parse_features(text: str) -> FeatureSpec:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def hub_answers(timeout_s: float = 10.0) -> bool:
+    """Whether the hub answers one request, asked once per process: when it does not, the cache is used (or the
+    model refused in one line) at once, instead of the hub client's five retries of every file over ~25 s."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return True  # it answered, if not with 200
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _load_config_json(model: str, revision: str | None, token: Secret, filename: str = "config.json") -> dict:
     path = Path(model)
     if path.is_dir():
@@ -136,7 +156,7 @@ def _load_config_json(model: str, revision: str | None, token: Secret, filename:
     from huggingface_hub import hf_hub_download
 
     try:
-        cfg = hf_hub_download(model, filename, revision=revision, token=token.get())
+        cfg = hf_hub_download(model, filename, revision=revision, token=token.get(), local_files_only=not hub_answers())
     except hf_errors.GatedRepoError:
         raise UserError(f"model {model} is gated: accept its terms on the hub and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
@@ -273,7 +293,9 @@ def _remote_code_file(model: str, revision: str | None, token: Secret, filename:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(model, filename, revision=revision, token=token.get())).read_text(encoding="utf-8")
+        return Path(
+            hf_hub_download(model, filename, revision=revision, token=token.get(), local_files_only=not hub_answers())
+        ).read_text(encoding="utf-8")
     except Exception:  # not there, or the hub unreachable: transformers says so itself when it loads
         return None
 
@@ -281,7 +303,7 @@ def _remote_code_file(model: str, revision: str | None, token: Secret, filename:
 def _resolved_revision(model: str, revision: str | None, token: Secret) -> str | None:
     """The commit a hub revision points at now, so a moved branch is seen as a changed model; local folders and
     unreachable hubs keep what was given."""
-    if Path(model).is_dir() or (revision and _COMMIT_RE.match(revision)):
+    if Path(model).is_dir() or (revision and _COMMIT_RE.match(revision)) or not hub_answers():
         return revision
     try:
         from huggingface_hub import HfApi

@@ -271,7 +271,7 @@ def _print_summary(record: dict) -> None:
     _echo(
         f"featurize: run {record['run_id']} {record['state']}: listed {c['listed']}, skipped {c['skipped']} "
         f"(already committed), processed {c['processed']}: {c['ok']} ok, {c['error']} error; "
-        f"{record['images_per_s']} images/s; output {record['output']}"
+        f"{record['images_per_s']} images/s over the stream (the model's start-up included); output {record['output']}"
     )
 
 
@@ -296,7 +296,7 @@ class _Parser(argparse.ArgumentParser):
         ]
         extras = extras + [v for v in swallowed if isinstance(v, str) and v.startswith("-") and " " in v]
         if extras:
-            self.error(_unrecognized(extras))
+            self.error(_unrecognized(extras, list(self._option_string_actions)))
         return namespace, extras
 
     def error(self, message: str):
@@ -307,8 +307,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _unrecognized(tokens: list[str]) -> str:
-    """'unrecognized arguments: --storage-o' for the options among tokens; values are counted, never shown."""
+def _unrecognized(tokens: list[str], known: list[str] | None = None) -> str:
+    """'unrecognized arguments: --storage-o' for the options among tokens, with the closest known option where one
+    is close ('did you mean --prompts?'); values are counted, never shown."""
     names, hidden = [], 0
     for token in tokens:
         if token.startswith("--") and re.fullmatch(r"--[A-Za-z0-9][\w.-]*", token.split("=", 1)[0]):
@@ -321,7 +322,15 @@ def _unrecognized(tokens: list[str]) -> str:
     if hidden:
         values = f"{hidden} value{'s' if hidden > 1 else ''} (not shown)"
         shown = f"{shown} and {values}" if shown else values
-    return f"unrecognized arguments: {shown}"
+    import difflib
+
+    close = [
+        difflib.get_close_matches(n, [k for k in known or [] if k.startswith("--")], n=1, cutoff=0.75) for n in names
+    ]
+    hints = [
+        f"{name}: did you mean {match[0]}?" for name, match in zip(names, close) if match and name.startswith("--")
+    ]
+    return f"unrecognized arguments: {shown}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def masked_command(parser: argparse.ArgumentParser, argv: list[str]) -> str:

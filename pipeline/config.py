@@ -150,6 +150,9 @@ class SlidesConfig(JobConfig):
     )
 
 
+POSITIONAL = ("input", "output")  # given as arguments on the command line, not as --options
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad option and why."""
     parts = []
@@ -158,6 +161,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown option (check its spelling)"
+        elif err["type"] == "missing" and name in POSITIONAL:
+            msg = f"required (give {name.upper()} as an argument, or `{name}:` in the config file)"
         elif err["type"] == "missing":
             msg = f"required (pass --{name.replace('_', '-')} or set it in the config file)"
         parts.append(f"{name}: {msg}")

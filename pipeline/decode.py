@@ -162,7 +162,7 @@ def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InputError(f"decompression bomb: {exc}", "too_large") from None
     except Exception as exc:  # PIL raises many types for unknown formats
-        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})", "unsupported") from None
+        raise InputError(f"not a readable image ({type(exc).__name__}: {first_line(exc)})", "unsupported") from None
     w, h = img.size
     if w * h > max_pixels:
         raise InputError(
@@ -184,7 +184,8 @@ def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
         img.info["original_size"] = (w, h)
         return img
     except Exception as exc:
-        raise InputError(f"cannot decode {img.format or 'image'} ({type(exc).__name__}: {exc})", "corrupt") from None
+        reason = f"cannot decode {img.format or 'image'} ({type(exc).__name__}: {first_line(exc)})"
+        raise InputError(reason, "corrupt") from None
 
 
 def draft_px(spec: PreprocessSpec) -> int:
@@ -199,7 +200,7 @@ def decode_one(data: bytes, spec: PreprocessSpec, max_pixels: int, fast: bool = 
     try:
         return resize_for_model(img, spec), width, height
     except Exception as exc:
-        raise InputError(f"cannot resize ({type(exc).__name__}: {exc})", "corrupt") from None
+        raise InputError(f"cannot resize ({type(exc).__name__}: {first_line(exc)})", "corrupt") from None
 
 
 # Environment faults (permission denied, storage errors that outlasted the storage layer's own retries) are read

@@ -108,7 +108,8 @@ def run_demo(output: str, n_images: int = 64, echo=print, command_started: float
     c = record["counts"]
     echo(
         f"featurize demo: {c['processed']} images -> {c['ok']} ok, {c['error']} error in "
-        f"{record['wall_s']:.1f} s ({record['images_per_s']} images/s); shards and metadata in {output}"
+        f"{record['wall_s']:.1f} s ({record['images_per_s']} images/s over the stream, the model's start-up "
+        f"included); shards and metadata in {output}"
     )
     first = table.slice(0, 1).to_pylist()[0]
     if first["status"] == "ok":

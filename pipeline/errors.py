@@ -10,6 +10,8 @@ Two kinds of failure never mix:
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A problem with the user's input, options or environment; the message names it and the fix."""
@@ -34,9 +36,12 @@ ENVIRONMENT_ERROR_CLASSES = ("permission", "storage", "device")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, cut to `limit` characters (for one-line reasons)."""
+    """The first line of an exception's message, cut to `limit` characters, without the memory addresses some
+    libraries print (PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>"): a reason people read."""
     lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else ""
+    text = lines[0] if lines else ""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "(the file's bytes)", text)
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", text)[:limit]
 
 
 def read_error_class(exc: BaseException) -> str:

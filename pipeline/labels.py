@@ -97,6 +97,8 @@ def check_suffix(path: str, option: str = "--out") -> None:
 def label_output(output: str, k: int, storage_options: dict | None = None, softmax: bool = False) -> pa.Table:
     """`top_k` over every current ok row of an OUTPUT (images, slides or a rescore)."""
     source = ScoredOutput(output, storage_options)
+    if not source.shards:
+        raise UserError(f"{output} holds no shards (part-*.parquet) yet: no run has committed a work unit there")
     if not source.has_logits:
         raise UserError(
             f"{output} has no concept logits (a features-only run); score it with `featurize rescore "

@@ -23,6 +23,9 @@ def refuse_process_local(cfg: JobConfig) -> None:
                 f"{name.upper()} {getattr(cfg, name)} is in this process's memory, which Ray's workers "
                 "cannot see: use a local folder or object storage"
             )
+    output = local_path(cfg.output)
+    if not is_remote(cfg.output) and os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"output {cfg.output} is a file, not a folder: choose another OUTPUT")
     if not is_remote(cfg.output) and not os.path.isabs(local_path(cfg.output)) and _in_job_working_dir():
         raise UserError(
             f"OUTPUT {cfg.output} is a relative path inside a Ray job, i.e. inside Ray's temporary copy "

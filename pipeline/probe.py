@@ -32,8 +32,9 @@ MIN_PER_CLASS = 3  # one row each for train, validation and test
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------------
-def read_labels(path: str, storage_options: dict | None = None) -> dict[str, str]:
-    """uri -> label from a CSV (or Parquet) file with columns uri and label."""
+def read_labels(path: str, storage_options: dict | None = None) -> tuple[dict[str, str], int]:
+    """(uri -> label, rows without a label) from a CSV (or Parquet) file with columns uri and label. A missing label
+    (empty, null, or a float column's NaN) leaves the row out; it is never a class named "nan"."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -54,15 +55,22 @@ def read_labels(path: str, storage_options: dict | None = None) -> dict[str, str
     missing = [c for c in ("uri", "label") if c not in table.column_names]
     if missing:
         raise UserError(f"--labels {path} has no {' or '.join(missing)} column (it needs uri,label)")
+    column = table.column("label")
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     labels: dict[str, str] = {}
-    for uri, label in zip(table.column("uri").to_pylist(), table.column("label").cast(pa.string()).to_pylist()):
-        if uri is None or label is None or label == "":
+    missing_labels = 0
+    for uri, label in zip(table.column("uri").to_pylist(), column.cast(pa.string()).to_pylist()):
+        if uri is None:
+            continue
+        if label is None or label == "":
+            missing_labels += 1
             continue
         if labels.setdefault(uri, label) != label:
             raise UserError(f"--labels {path} gives {uri} two labels ({labels[uri]!r} and {label!r})")
     if not labels:
         raise UserError(f"--labels {path} holds no labelled rows")
-    return labels
+    return labels, missing_labels
 
 
 def ok_features(source: ScoredOutput, uris: set[str] | None = None):
@@ -282,7 +290,11 @@ def run_probe(
         raise UserError("featurize probe fits with scikit-learn: pip install 'pipeline-featurize[analysis]'")
     if predict:
         check_suffix(predict, "--predict")
-    labels = read_labels(labels_path, storage_options)
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or more, not {seed}")
+    labels, missing_labels = read_labels(labels_path, storage_options)
+    if missing_labels:
+        echo(f"featurize: {missing_labels} row(s) of {labels_path} have no label; left out")
     source = open_features(output, storage_options)
     uris: list[str] = []
     blocks: list[np.ndarray] = []
@@ -300,6 +312,7 @@ def run_probe(
         echo(f"featurize: {unmatched} of {len(labels)} labelled uris are not ok rows of {output}; left out")
     model, metrics = train_probe(uris, np.concatenate(blocks), [labels[u] for u in uris], seed)
     metrics["labelled_not_found"] = unmatched
+    metrics["labels_missing"] = missing_labels
     if model_dir:
         save_probe(model_dir, model, metrics, source, storage_options)
     if predict:

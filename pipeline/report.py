@@ -347,7 +347,8 @@ def _errors_section(summary: RowSummary, slides_errors: list[dict]) -> str:
 def _stages_section(run: dict | None) -> str:
     if not run or not run.get("stages"):
         return ""
-    stages = dict(_ordered({k: v for k, v in run["stages"].items() if isinstance(v, (int, float))}, STAGE_ORDER))
+    numbers = {k: v for k, v in run["stages"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    stages = dict(_ordered(numbers, STAGE_ORDER))
     seconds = {k: v for k, v in stages.items() if k.endswith("_s")}
     longest = max(seconds.values(), default=0) or 1
     rows = [
@@ -361,6 +362,8 @@ def _stages_section(run: dict | None) -> str:
     rows += [[k.replace("_", " "), _number(float(v)), ""] for k, v in stages.items() if k not in seconds]
     speed = [(k, run[k]) for k in ("images_per_s", "tiles_per_s", "first_shard_s", "wall_s") if run.get(k) is not None]
     facts = ", ".join(f"{k.replace('_', ' ')}: {_number(v)}" for k, v in speed)
+    if run["stages"].get("actors_started_before_plan"):
+        facts += ("; " if facts else "") + "the model loaded while the driver planned"
     return (
         "<h2>Stages and throughput</h2>"
         + (f"<p>{_e(facts)}</p>" if facts else "")
@@ -488,7 +491,11 @@ def render(
 def write_report(
     output: str, path: str, storage_options: dict | None = None, concept: str | None = None, max_slides: int = 100
 ) -> str:
+    if max_slides < 0:
+        raise UserError(f"--max-slides must be 0 or more, not {max_slides}")
     source = ScoredOutput(output, storage_options)
+    if not source.shards:
+        raise UserError(f"{output} holds no shards (part-*.parquet) yet: no run has committed a work unit there")
     page = render(source, concept, storage_options, max_slides)
     write_bytes_atomic(path, page.encode("utf-8"), storage_options)
     return path

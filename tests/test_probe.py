@@ -138,3 +138,24 @@ def test_bad_inputs_are_one_line_errors(
     )
     slides = slides_output(tmp_path_factory, conceptclip_model, prompts_file)
     refused([slides["output"], "--labels", str(labels_csv)], "is a slides OUTPUT")
+
+
+def test_missing_labels_are_left_out_and_counted_never_a_class(colours, tmp_path, capsys):
+    """A Parquet label column of floats with NaN for "not labelled": those rows are left out and counted, never a
+    class called "nan"; a negative seed is one line."""
+    import pyarrow as pa
+
+    uris = list(colours["labels"])
+    classes = sorted(set(colours["labels"].values()))
+    codes = [float(classes.index(colours["labels"][u])) for u in uris]
+    codes[0] = codes[1] = float("nan")
+    path = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"uri": uris, "label": pa.array(codes, pa.float64())}), path)
+    out = tmp_path / "model"
+    assert main(["probe", colours["output"], "--labels", str(path), "--out", str(out)]) == 0
+    assert "2 row(s) of" in capsys.readouterr().err
+    probe = json.loads((out / "probe.json").read_text())
+    assert "nan" not in [str(c) for c in probe["classes"]] and len(probe["classes"]) == len(classes)
+    assert json.loads((out / "metrics.json").read_text())["labels_missing"] == 2
+    assert main(["probe", colours["output"], "--labels", str(path), "--seed", "-1"]) == 2
+    assert "--seed must be 0 or more" in capsys.readouterr().err
