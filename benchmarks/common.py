@@ -427,6 +427,28 @@ def featurize_cmd() -> list[str]:
     return [sys.executable, "-m", "pipeline.cli"]
 
 
+def featurize_images_cmd(input_path: Path, out: Path, model_dir: Path, prompts: Path, extra: list[str]) -> list[str]:
+    """`featurize images INPUT OUT --model M --prompts P --trust-remote-code EXTRA` (the benchmark models are remote
+    code)."""
+    return featurize_cmd() + [
+        "images", str(input_path), str(out), "--model", str(model_dir), "--prompts", str(prompts),
+        "--trust-remote-code", *extra,
+    ]  # fmt: skip
+
+
+def run_json_child(module_args: list[str]) -> tuple[dict, float]:
+    """`python -m MODULE ARGS` from the repository root, quietly: (its last stdout line as JSON, its wall seconds);
+    RuntimeError with the end of its stderr if it fails."""
+    t = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-m", *module_args], capture_output=True, text=True, env=quiet_env(), cwd=str(ROOT)
+    )
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(module_args[:2])} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1]), wall
+
+
 def run_subprocess(cmd: list[str], log_path: Path, timeout: float | None = None, sample_rss: bool = True) -> dict:
     """Run a command, wall-timed, its stdout+stderr to log_path, its RSS sampled. Raises on a non-zero exit."""
     log_path.parent.mkdir(parents=True, exist_ok=True)

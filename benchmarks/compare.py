@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,18 +60,7 @@ def run_loop_script(
             }
         )
     )
-    t = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare", str(args_file)],
-        capture_output=True,
-        text=True,
-        env=common.quiet_env(),
-        cwd=str(common.ROOT),
-    )
-    wall = time.perf_counter() - t
-    if res.returncode != 0:
-        raise RuntimeError(f"the loop script failed:\n{res.stderr[-3000:]}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out, wall = common.run_json_child(["benchmarks.compare", str(args_file)])
     out["whole_script_s"] = round(wall, 3)
     out["whole_script_images_per_s"] = round(len(items) / wall, 2)
     return out
@@ -197,17 +185,7 @@ def run_featurize_images(
     """`featurize images LIST OUT --model M --prompts P --trust-remote-code EXTRA` as a subprocess, in a fresh OUT,
     wall-timed with its RSS sampled; every one of the n images must come back ok."""
     common.fresh_dir(out)
-    cmd = common.featurize_cmd() + [
-        "images",
-        str(list_file),
-        str(out),
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts_file),
-        "--trust-remote-code",
-        *extra,
-    ]
+    cmd = common.featurize_images_cmd(list_file, out, model_dir, prompts_file, extra)
     res = common.run_subprocess(cmd, out.parent / (out.name + ".log"), timeout=timeout)
     record = json.loads((out / "_run.json").read_text())
     c = record["counts"]

@@ -34,17 +34,7 @@ def run_count(work: Path, n: int, extra: list[str], timeout: float, interval: fl
     model_dir = common.bench_model(work, "tiny")
     prompts = common.bench_prompts(work)
     out = common.fresh_dir(work / "out" / f"memory-{n}")
-    cmd = common.featurize_cmd() + [
-        "images",
-        str(list_file),
-        str(out),
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts),
-        "--trust-remote-code",
-        *extra,
-    ]
+    cmd = common.featurize_images_cmd(list_file, out, model_dir, prompts, extra)
     log(f"memory: {n} images")
     res = common.run_subprocess(cmd, work / "out" / f"memory-{n}.log", timeout=timeout)
     record = json.loads((out / "_run.json").read_text())

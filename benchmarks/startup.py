@@ -131,18 +131,9 @@ def run_step(name: str, model: Path, prompts: Path) -> dict:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=True, env=common.quiet_env())
         return {"seconds": round(time.perf_counter() - t, 3)}
-    t = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.startup", "--child", name, "--model", str(model), "--prompts", str(prompts)],
-        capture_output=True,
-        text=True,
-        env=common.quiet_env(),
-        cwd=str(common.ROOT),
+    out, wall = common.run_json_child(
+        ["benchmarks.startup", "--child", name, "--model", str(model), "--prompts", str(prompts)]
     )
-    wall = time.perf_counter() - t
-    if res.returncode != 0:
-        raise RuntimeError(f"step {name} failed:\n{res.stderr[-3000:]}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
     out["process_wall_s"] = round(wall, 3)
     return out
 

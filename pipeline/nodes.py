@@ -10,13 +10,14 @@ import os
 from .config import JobConfig
 from .errors import EnvironmentFailure, UserError
 from .lease import LEASE_NAME
-from .storage import is_remote, local_path, only_driver_node, working_nodes
+from .storage import check_storage_options, is_remote, local_path, only_driver_node, working_nodes
 
 
 def refuse_process_local(cfg: JobConfig) -> None:
     """Refuse locations that only this process would see: memory:// (Ray's workers see an empty filesystem), and
     a relative local OUTPUT inside `ray job submit --working-dir` (it would land in Ray's temporary copy of the
     working dir, deleted with the job)."""
+    check_storage_options([cfg.input, cfg.output], cfg.storage_options)  # before the model is resolved
     for name in ("input", "output"):
         if str(getattr(cfg, name)).startswith("memory://"):
             raise UserError(

@@ -33,7 +33,6 @@ from .plan import Listing, Workspace, unfinished_run, upload_plan, write_listing
 from .record import finished_counts, iso, new_run_id, record_failure, save_run_record, stage_summary, started_record
 from .schema import prompts_table, provenance
 from .sources import check_local_input
-from .storage import check_storage_options
 from .stream import Stream, open_stream
 from .write import OutputDir, ShardWriter, unit_first_rows
 
@@ -72,7 +71,6 @@ class Run:
 
 def run_job(cfg: JobConfig, job: Job, echo=print, command_started: float | None = None) -> dict:
     """Run `job` into OUTPUT; returns the run record (also OUTPUT/_run.json), or with dry_run the plan's counts."""
-    check_storage_options([cfg.input, cfg.output], cfg.storage_options)
     check_local_input(cfg.input)
     if cfg.dry_run:
         return dry_run(cfg, job, echo)

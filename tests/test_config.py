@@ -326,3 +326,19 @@ def test_cli_module_entry_point_agrees(tmp_path, images_dir, clip_model):
     )
     assert_one_line_error(proc, str(prompts))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["images", "manifest", "labels"])
+def test_cli_storage_options_the_store_does_not_take_are_one_line(command, tmp_path, images_dir, clip_model):
+    """An option s3fs does not know is refused before anything runs (it once crashed every decode task with a Ray
+    traceback); a non-object is refused by every command alike (a list once reached fsspec.filesystem(**...))."""
+    bogus = '{"key": "k", "secret": "sEcReT-42", "bogus_option": 1}'
+    args = {
+        "images": ["images", "s3://b/in", str(tmp_path / "out"), "--model", str(clip_model)],
+        "manifest": ["manifest", "s3://b/in", str(tmp_path / "m.parquet")],
+        "labels": ["labels", "s3://b/out", "--out", str(tmp_path / "l.csv")],
+    }[command]
+    line = assert_one_line_error(run_cli([*args, "--storage-options", bogus], tmp_path), "bogus_option")
+    assert "s3://" in line and "sEcReT-42" not in line
+    assert_one_line_error(run_cli([*args, "--storage-options", "[1, 2]"], tmp_path), "JSON object")
+    assert not (tmp_path / "out").exists()

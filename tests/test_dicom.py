@@ -19,6 +19,7 @@ import pytest
 from dicom_fixtures import level0, write_dicom
 from fsspec.implementations.local import LocalFileSystem
 from slide_fixtures import draw_slide, true_fraction, write_slide
+from test_slides import model_args as slides_model_args
 
 from pipeline import read_features
 from pipeline.cli import main
@@ -278,21 +279,7 @@ def test_dicom_on_object_storage_is_listed_planned_and_read(series, s3_server, s
 
 # -- `featurize slides` over a folder mixing SVS, generic TIFF and DICOM series ---------------------------------------
 def model_args(conceptclip_model, prompts_file):
-    return [
-        "--model",
-        conceptclip_model,
-        "--prompts",
-        prompts_file,
-        "--trust-remote-code",
-        "--num-actors",
-        1,
-        "--batch-size",
-        16,
-        "--decode-batch-size",
-        16,
-        "--rows-per-shard",
-        40,
-    ]
+    return slides_model_args(conceptclip_model, prompts_file, "--rows-per-shard", 40)
 
 
 def featurize(*args) -> int:

@@ -102,6 +102,7 @@ def test_features_and_logits_equal_the_model_loop(kind, ray_session, request, ph
     # Telemetry: where the time went, stage by stage.
     assert {"listing_s", "read_s", "decode_s", "model_s", "write_s", "stream_s", "startup_s"} <= set(run["stages"])
     assert run["stages"]["decode_s"] > 0 and run["stages"]["model_s"] > 0 and run["first_shard_s"] > 0
+    assert run["first_shard_s"] <= run["wall_s"]  # both from the command's start
     # The model actor's start-up, step by step: the steps add up to its constructor, which began after the stream
     # opened and before the first result came back.
     start = run["stages"]["actor_start"]

@@ -78,6 +78,8 @@ def test_images_report(colours, tmp_path):
     assert re.search(r"\berror\s+2\b", text) and run["run_id"] in text
     for stage in ("listing", "decode", "model", "write"):
         assert stage in text
+    assert "actors started before plan" not in text  # a yes/no fact, not a number of seconds
+    assert "model family" in text and "ConceptCLIP interface" in text and "kind remote" not in text
     # The error table: both broken files, as example uris, with their reasons.
     assert "broken_1.jpg" in text and "broken_2.jpg" in text
     concept_images = [i for i in page.images if i.get("class") == "concept"]

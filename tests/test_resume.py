@@ -106,15 +106,7 @@ def _env() -> dict:
 def test_driver_killed_then_rerun_resumes_exactly_once(many_images, conceptclip_model, prompts_file, tmp_path):
     output = tmp_path / "out"
     cmd = _featurize_cmd(many_images, output, conceptclip_model, prompts_file)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while len(shards(output)) < 2 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        _kill_group(proc.pid)
+    _kill_after_shards(cmd, output, 2)
     before = {p.name: p.stat().st_mtime_ns for p in shards(output)}
     units = 120 // 4
     assert 2 <= len(before) < units, f"kill landed at {len(before)} of {units} shards"
@@ -140,15 +132,7 @@ def test_inputs_listed_after_a_crash_are_processed_by_the_same_command(conceptcl
     make_images(images, 60, seed=11, sizes=((64, 48), (96, 72)))
     output = tmp_path / "out"
     cmd = _featurize_cmd(images, output, conceptclip_model, prompts_file)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while len(shards(output)) < 2 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        _kill_group(proc.pid)
+    _kill_after_shards(cmd, output, 2)
     committed = len(shards(output))
     assert 2 <= committed < 60 // 4, f"kill landed at {committed} shards"
     make_images(tmp_path / "new", 6, seed=12, sizes=((64, 48), (96, 72)))
@@ -166,6 +150,19 @@ def test_inputs_listed_after_a_crash_are_processed_by_the_same_command(conceptcl
     assert resumed["counts"]["after_plan"] == 6 and resumed["counts"]["skipped"] == 0
     assert resumed["counts"]["processed"] == 60 - 4 * committed
     assert not after["resumed"] and after["counts"]["processed"] == 6 and after["counts"]["skipped"] == 60
+
+
+def _kill_after_shards(cmd: list[str], output: Path, n: int) -> None:
+    """Run the command and SIGKILL its driver once `n` shards are committed (or it ends, or 240 s pass)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(shards(output)) < n and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc.pid)
 
 
 def _kill_group(pid: int) -> None:
