@@ -16,11 +16,17 @@ from collections.abc import Sequence
 from pipeline.cli import main
 
 
-def run_images_job(argv: Sequence[str], extra: Sequence[str] = ()) -> int:
-    """Run `featurize images ARGV EXTRA` and return its exit code; job entry points differ only in EXTRA."""
+def run_command_job(command: str, argv: Sequence[str], extra: Sequence[str] = ()) -> int:
+    """Run `featurize COMMAND ARGV EXTRA` and return its exit code; job entry points differ only in COMMAND and
+    EXTRA."""
     # EXTRA goes last: the flags an entry point always adds are store_true options, so order does not matter
     # to argparse, and the user's own arguments stay exactly as typed.
-    return main(["images", *argv, *extra])
+    return main([command, *argv, *extra])
+
+
+def run_images_job(argv: Sequence[str], extra: Sequence[str] = ()) -> int:
+    """Run `featurize images ARGV EXTRA` and return its exit code."""
+    return run_command_job("images", argv, extra)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ SLOW_TESTS = {
         "test_hidden_states_of_clip_follow_the_recipe_for_every_pool",
         "test_hidden_states_of_siglip_and_conceptclip_and_no_class_token",
         "test_features_only_runs_and_vision_only_checkpoints",
+        "test_non_finite_features_become_error_rows_never_ok_rows",
     },
     "test_lease.py": {"test_second_command_into_a_busy_output_is_refused"},
     "test_pipeline.py": {
@@ -37,9 +38,14 @@ SLOW_TESTS = {
         "test_actor_killed_mid_run_gives_exactly_one_row_per_input",
         "test_incremental_processes_only_new_and_changed",
         "test_manifest_input_and_object_vanished_after_listing",
+        "test_inputs_listed_after_a_crash_are_processed_by_the_same_command",
     },
     "test_slides.py": {"test_a_slide_whose_read_hangs_does_not_hold_the_run"},
     "test_stream.py": {"test_a_stream_that_ends_with_work_missing_fails_the_run_and_the_rerun_resumes_it"},
+    "test_versions.py": {
+        "test_every_version_keeps_its_concept_names",
+        "test_an_aborted_new_version_run_locks_nothing_out",
+    },
 }
 # A test that uses one of these fixtures, directly or through another fixture, gets the marker.
 FIXTURE_MARKERS = {"ray_cluster": "cluster", "s3_server": "s3"}

@@ -19,13 +19,13 @@ import ray.autoscaler
 import yaml
 
 import pipeline.cli
-from pipeline.config import RunConfig, load_config_file
+from pipeline.config import RunConfig, SlidesConfig, load_config_file
 from pipeline.prompts import load_prompts
 from pipeline.sources import list_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
-JOB_CONFIGS = [JOBS / "featurize.yaml", JOBS / "nightly.yaml"]
+JOB_CONFIGS = [JOBS / "featurize.yaml", JOBS / "nightly.yaml", JOBS / "slides.yaml"]
 
 
 def _cluster() -> dict:
@@ -50,7 +50,7 @@ def test_cluster_yaml_is_valid_for_the_installed_ray():
 # -- job configs ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_job_config_is_a_valid_run_config(path):
-    cfg = RunConfig(**load_config_file(path))
+    cfg = (SlidesConfig if path.name == "slides.yaml" else RunConfig)(**load_config_file(path))
     # Paths in a job config are relative to the working dir, i.e. the repository root.
     prompts = load_prompts(str(REPO / cfg.prompts))
     assert len(prompts.concepts) >= 5
@@ -62,8 +62,11 @@ def test_job_config_is_a_valid_run_config(path):
 
 
 # -- entry points: argument forwarding (in process, no Ray) ----------------------------------------------------------
-@pytest.mark.parametrize("script, added", [("featurize.py", []), ("nightly.py", ["--incremental"])])
-def test_entry_point_forwards_its_arguments_to_featurize_images(script, added, monkeypatch):
+@pytest.mark.parametrize(
+    "script, command, added",
+    [("featurize.py", "images", []), ("nightly.py", "images", ["--incremental"]), ("slides.py", "slides", [])],
+)
+def test_entry_point_forwards_its_arguments_to_featurize(script, command, added, monkeypatch):
     calls = []
 
     def fake_main(argv):
@@ -81,7 +84,7 @@ def test_entry_point_forwards_its_arguments_to_featurize_images(script, added, m
     finally:
         sys.modules.pop("featurize", None)  # it holds the fake main
     assert exit_info.value.code == 3
-    assert calls == [["images", *user_args, *added]]
+    assert calls == [[command, *user_args, *added]]
 
 
 # -- entry points: real runs ----------------------------------------------------------------------------------------
@@ -165,3 +168,27 @@ def test_nightly_job_second_run_processes_nothing(conceptclip_model, photo_dir, 
     assert second["counts"]["processed"] == 0
     assert second["counts"]["skipped"] == n
     assert _shards(output) == shards
+
+
+@pytest.mark.slow
+def test_slides_job_scores_a_cohort_like_the_cli(conceptclip_model, prompts_file, tmp_path):
+    """jobs/slides.py: `featurize slides` as a Ray job entry point, on two real slides (written with tifffile)."""
+    from slide_fixtures import draw_slide, write_slide
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "a.tif", draw_slide(1024, 768, seed=1), 0.25)
+    write_slide(slides / "b.svs", draw_slide(1024, 768, seed=2), 0.5, aperio=True)
+    output = tmp_path / "out"
+    config = tmp_path / "slides.yaml"
+    config.write_text(
+        yaml.safe_dump({"input": str(slides), "output": str(output), "model": str(conceptclip_model),
+                        "prompts": str(prompts_file), "trust_remote_code": True, "device": "cpu"}),
+        encoding="utf-8",
+    )  # fmt: skip
+    _run_job("slides.py", "--config", str(config), "--tile-px", "64")
+    record = _run_record(output)
+    assert record["state"] == "complete" and record["command"] == "slides"
+    assert record["counts"]["slides_ok"] == 2 and record["counts"]["ok"] == record["counts"]["processed"] > 0
+    summary = pq.read_table(output / "_slides.parquet")
+    assert sorted(summary.column("slide_id").to_pylist()) == ["a", "b"]
