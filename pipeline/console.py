@@ -81,9 +81,6 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
 
 
-MIN_RATE_SPAN_S = 2.0  # a rate over less than this (two batches arriving together) says nothing
-
-
 class Progress:
     """Counts rows done out of `total`. The rate is measured from the first row on, so start-up does not skew it."""
 
@@ -117,8 +114,7 @@ class Progress:
         now = time.perf_counter() if now is None else now
         pct = 100.0 * self.done / self.total if self.total else 100.0
         elapsed = now - self.first_at if self.first_at is not None else 0.0
-        # from the first result on (start-up excluded), and only once there is a span to measure it over
-        rate = (self.done - self.first_done) / elapsed if elapsed >= MIN_RATE_SPAN_S else 0.0
+        rate = (self.done - self.first_done) / elapsed if elapsed > 0 else 0.0  # from the first result on
         eta = f", ETA {_duration((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
         speed = f", {rate:.1f} {self.unit}/s since the first result" if rate > 0 else ""
         text = f"{self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%){speed}{eta}"

@@ -118,10 +118,10 @@ def readable_identity(out: OutputDir, dataset: dict) -> dict:
     """The identity of the readable version (what readers' numbers were made with). Run records are read only for an
     OUTPUT written before `versions` whose newest run started another version."""
     readable = readable_version(dataset)
+    if int(dataset.get("version", readable)) == readable and "identity" in dataset:
+        return dict(dataset["identity"])  # written with the readable version, as every writer did
     if str(readable) in (dataset.get("versions") or {}):
         return dict(dataset["versions"][str(readable)])
-    if int(dataset.get("version", readable)) == readable:
-        return dict(dataset.get("identity", {}))
     return dict(Versions(dataset, out.runs()).identities.get(readable, {}))
 
 

@@ -23,9 +23,10 @@ IMAGE_COLUMNS = [
 ]
 RESULT_COLUMNS = [
     ("image_features", pa.list_(pa.float16())),
-    ("embedding_norm", pa.float32()),  # image_features * embedding_norm = the embedding before normalisation
     ("concept_logits", pa.list_(pa.float32())),
 ]
+# With embedding features, after image_features: image_features * embedding_norm = the embedding before normalisation
+EMBEDDING_NORM_FIELD = pa.field("embedding_norm", pa.float32())
 SOURCE_COLUMNS = [  # what the listing knew of the input, so incremental runs can tell a changed file
     ("size", pa.int64()),
     ("mtime", pa.float64()),
@@ -273,17 +274,14 @@ def logits_column(cols: dict, ok: np.ndarray) -> pa.Array:
 
 
 def without_absent_logits(cols: dict, table: pa.Table) -> pa.Table:
-    """Features-only runs (no prompt set) have no `concept_logits` column at all, and hidden-state features no
-    `embedding_norm`."""
-    absent = [name for name in ("concept_logits", "embedding_norm") if name not in cols]
-    return table.drop_columns(absent) if absent else table
-
-
-def norm_column(cols: dict, ok: np.ndarray) -> pa.Array:
-    """The `embedding_norm` column (null on error rows); all nulls with hidden-state features (then dropped)."""
-    if "embedding_norm" not in cols:
-        return pa.nulls(len(ok), pa.float32())
-    return pa.array(np.asarray(cols["embedding_norm"], np.float32), pa.float32(), mask=~np.asarray(ok, bool))
+    """Features-only runs (no prompt set) have no `concept_logits` column at all; embedding features add
+    `embedding_norm` after `image_features` (null on error rows)."""
+    table = table if "concept_logits" in cols else table.drop_columns(["concept_logits"])
+    if "embedding_norm" in cols:
+        ok = np.asarray(cols["status"]) == "ok"
+        norms = pa.array(np.asarray(cols["embedding_norm"], np.float32), pa.float32(), mask=~ok)
+        table = table.add_column(table.column_names.index("image_features") + 1, EMBEDDING_NORM_FIELD, norms)
+    return table
 
 
 def prompts_table(prompt_set: PromptSet, text_embeddings: np.ndarray, prov: dict) -> pa.Table:

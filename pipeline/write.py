@@ -27,7 +27,6 @@ from .schema import (
     fixed_list,
     logits_column,
     metadata_bytes,
-    norm_column,
     source_columns,
     without_absent_logits,
 )
@@ -396,7 +395,6 @@ def image_table_builder(run_id: str, dataset_version: int):
                     pa.array(cols["width"], pa.int32()),
                     pa.array(cols["height"], pa.int32()),
                     fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
-                    norm_column(cols, ok),
                     logits_column(cols, ok),
                     *source_columns(cols),
                     pa.array([run_id] * n, pa.string()),

@@ -45,7 +45,7 @@ def test_missing_several_required():
     with pytest.raises(UserError) as info:
         make_config(RunConfig, {"input": "/x"})
     msg = str(info.value)
-    for flag in ("--output", "--model"):
+    for flag in ("OUTPUT as an argument", "--model"):  # OUTPUT is positional: never "--output"
         assert flag in msg
     assert "--prompts" not in msg  # optional: without it, a features-only run
 

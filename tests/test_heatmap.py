@@ -62,7 +62,6 @@ def _fake_output(root, slides: dict, concept_maps: bool = False):
         "status": np.array(["ok"] * n, dtype=object),
         "error": np.array([None] * n, dtype=object),
         "image_features": np.zeros((n, 8), np.float16),
-        "embedding_norm": np.ones(n, np.float32),
         "concept_logits": logits,
     }
     if concept_maps:  # the map of concept 0 rises left to right inside each tile
