@@ -80,6 +80,8 @@ def cluster_shape() -> dict:
 
 # On CPUs, a decode task reserves one CPU; an actor at most half its node, so decoding can never be starved there.
 DECODE_CPUS = 1.0
+# A GPU actor reserves one CPU (the process that feeds its GPU); decode tasks take the CPUs the actors leave.
+GPU_ACTOR_CPUS = 1
 # GPU actors take two calls at a time, so Ray Data assembles the next batch while the model runs the current one (one
 # call left the GPU idle between batches: docs/design.md). CPU actors keep one: a second call's thread would compete
 # for the cores.
@@ -103,31 +105,25 @@ class Layout:
     # calls in flight inside each actor: Ray Data assembles the next batch (and hands back the last) while the
     # model runs the current one; the model itself still runs one batch at a time
     actor_calls: int = 1
+    # GPU runs: the cluster's CPUs the actors leave to decode tasks, per GPU actor, when the run starts
+    decode_cpus_per_gpu: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) -> Layout:
-    """Actor count and resources: one per GPU. On CPUs the actors and the decode tasks share the cores by measured
-    demand: the actors reserve the model's share of the work (model_share, measured by an earlier run into OUTPUT:
-    model seconds / (model + decode seconds)), at most half of the smallest node, with one torch thread more than
-    that reservation; decode tasks take a CPU each in the rest, so at least one always fits (a pool that takes every
-    CPU starves them and the run hangs)."""
+    """Actor count and resources: one per GPU (gpu_layout). On CPUs the actors and the decode tasks share the cores
+    by measured demand: the actors reserve the model's share of the work (model_share, measured by an earlier run into
+    OUTPUT: model seconds / (model + decode seconds)), at most half of the smallest node, with one torch thread more
+    than that reservation; decode tasks take a CPU each in the rest, so at least one always fits (a pool that takes
+    every CPU starves them and the run hangs)."""
     device = cfg.device
     gpus = shape["gpus"]
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cuda":
-        if not gpus and not cfg.num_actors:
-            raise UserError(
-                "device cuda was asked for, but the Ray cluster has no GPUs up; on an autoscaling "
-                "cluster pass --num-actors N so the autoscaler starts GPU workers for them"
-            )
-        size = cfg.num_actors or gpus  # pending actors make an autoscaler add GPU nodes
-        return Layout(
-            "cuda", size, 1, 1, cfg.torch_threads, cfg.batch_size or 256, cfg.torch_compile, actor_calls=GPU_ACTOR_CALLS
-        )
+        return gpu_layout(cfg, shape)
     cpus = max(1, shape["cpus"])
     size = cfg.num_actors or max(1, cpus // 8)
     if size >= cpus and cpus > 1:
@@ -141,6 +137,36 @@ def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) 
     threads = cfg.torch_threads or min(node_cpus, math.ceil(per_actor) + 1)
     decode = min(DECODE_CPUS, cpus - per_actor * size)  # below one CPU only on a one-CPU machine
     return Layout("cpu", size, 0, per_actor, threads, cfg.batch_size or 32, cfg.torch_compile, decode)
+
+
+def gpu_layout(cfg: JobConfig, shape: dict) -> Layout:
+    """One actor per GPU (or num_actors), each reserving one GPU and GPU_ACTOR_CPUS; decode tasks take a CPU each in
+    the CPUs the actors leave, anywhere in the cluster: a cluster the actors would leave none is refused (the run
+    would hang), unless num_actors is pinned (an autoscaler may add CPUs for the pending decode tasks)."""
+    gpus = shape["gpus"]
+    if not gpus and not cfg.num_actors:
+        raise UserError(
+            "device cuda was asked for, but the Ray cluster has no GPUs up; on an autoscaling "
+            "cluster pass --num-actors N so the autoscaler starts GPU workers for them"
+        )
+    size = cfg.num_actors or gpus  # pending actors make an autoscaler add GPU nodes
+    left = shape["cpus"] - size * GPU_ACTOR_CPUS
+    if left < DECODE_CPUS and not cfg.num_actors:
+        raise UserError(
+            f"the {size} GPU actors would take all {shape['cpus']} CPUs of the Ray cluster (one each) and leave none "
+            "for decoding; give the GPU nodes more CPUs than GPUs, or add a CPU node"
+        )
+    return Layout(
+        "cuda",
+        size,
+        1,
+        GPU_ACTOR_CPUS,
+        cfg.torch_threads,
+        cfg.batch_size or 256,
+        cfg.torch_compile,
+        actor_calls=GPU_ACTOR_CALLS,
+        decode_cpus_per_gpu=round(max(0, left) / size, 2),
+    )
 
 
 def model_share(out: OutputDir) -> float | None:

@@ -5,6 +5,7 @@ formula)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,12 +21,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Test-only (docs/cluster.md): a model actor placed on a GPU loads the model on the CPU instead, so GPU placement is
+# tested on clusters whose nodes declare fake GPUs (`ray start --num-gpus 2`); the run record says so (device_override).
+CUDA_AS_CPU_ENV = "FEATURIZE_TEST_CUDA_AS_CPU"
+
+
 def pick_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and os.environ.get(CUDA_AS_CPU_ENV) == "1":
+        return "cpu"
     return device
+
+
+def device_override(placed: str, ran: str) -> str | None:
+    """The run record's note when the actors were placed on one device and ran the model on another (only the
+    test-only switch does that), else None."""
+    if ran.split(":")[0] == placed:
+        return None
+    return f"placed on {placed}, the model ran on {ran} ({CUDA_AS_CPU_ENV}=1: a test-only switch)"
 
 
 def pick_dtype(dtype: str, device: str):

@@ -28,6 +28,7 @@ from .dataset import Versions, prompts_file
 from .errors import EnvironmentFailure
 from .job import Job, Planned
 from .lease import Lease
+from .models import device_override
 from .nodes import probe_nodes
 from .plan import Listing, Workspace, unfinished_run, upload_plan, write_listing_uris
 from .record import finished_counts, iso, new_run_id, record_failure, save_run_record, stage_summary, started_record
@@ -258,9 +259,12 @@ def finish(run: Run) -> dict:
     )
     record[f"{job.noun}_per_s"] = round(processed / stream_s, 2) if processed and stream_s > 0 else 0.0
     actor_start = run.stream.actor_start() if run.stream is not None else None
+    override = device_override(layout.device, actor_start["device"]) if actor_start else None
     if actor_start:
         record["stages"]["actor_start"] = actor_start
-    if layout.device == "cuda" and stream_s > 0:
+    if override:  # no GPU did the work: no GPU figures either
+        record["layout"]["device_override"] = override
+    elif layout.device == "cuda" and stream_s > 0:
         busy = run.stats["model_s"] / (stream_s * layout.size)
         record["stages"]["gpu_busy_fraction"] = round(min(1.0, busy), 4)
     if run.versions.readable not in (None, run.version):  # a new version becomes the readable one

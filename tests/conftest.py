@@ -16,6 +16,7 @@ os.environ.pop("RAY_ADDRESS", None)
 # The longest end-to-end tests (each over ~20 s on 2 cores: whole commands, jobs, kills and reruns), by module and
 # function name; `-m "not cluster and not slow"` leaves them out. tests/test_markers.py checks every name exists.
 SLOW_TESTS = {
+    "test_cluster_gpus.py": {"test_one_actor_per_fake_gpu_across_nodes_and_a_lost_2_gpu_node_loses_nothing"},
     "test_contract.py": {"test_versions_duplicates_prompts_and_fast_decode"},
     "test_environment.py": {
         "test_retry_errors_reprocesses_committed_error_rows",
@@ -48,7 +49,7 @@ SLOW_TESTS = {
     },
 }
 # A test that uses one of these fixtures, directly or through another fixture, gets the marker.
-FIXTURE_MARKERS = {"ray_cluster": "cluster", "s3_server": "s3"}
+FIXTURE_MARKERS = {"ray_cluster": "cluster", "gpu_cluster": "cluster", "s3_server": "s3"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -111,6 +112,23 @@ def siglip_model(models_dir) -> Path:
     from pipeline.tiny import build_tiny_siglip
 
     return build_tiny_siglip(models_dir / "siglip")
+
+
+@pytest.fixture(scope="session")
+def paced_model(models_dir) -> Path:
+    """The tiny ConceptCLIP with a heavier image tower (224 px, 6 layers of width 384: ~0.1 s an image on one CPU
+    thread), for the cluster kill tests: the run must still have seconds of model work left when a kill lands, and
+    with the 64 px model the whole input takes under a second once the actor is up."""
+    from pipeline.tiny import build_tiny_conceptclip
+
+    return build_tiny_conceptclip(
+        models_dir / "conceptclip-paced",
+        image_size=224,
+        patch_size=16,
+        vision_width=384,
+        vision_layers=6,
+        vision_heads=6,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,9 @@ one at a time (three nodes booting together time out on 2 cores):
 - two worker nodes with 2 CPUs each; the second runs in its own mount namespace where `hidden_dir` is covered by
   an empty tmpfs: files put there are visible to the head (and to job drivers) but not to that worker node.
 
+`private_cluster(env_extra)` starts just the head, for a module fixture of another shape (worker nodes with fake
+GPUs: `add_worker(num_gpus=2)`).
+
 Ray resolves `--node-ip-address 127.0.0.1` to this machine's own address, so the nodes register under it; the
 GCS address handed out (`address`) and the dashboard (`dashboard_url`) are on 127.0.0.1.
 
@@ -38,6 +41,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +161,7 @@ class Submission:
 
 
 class RayCluster:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, env_extra: dict | None = None):
         self.base = base
         self.hidden_dir = base / "driver-only"
         self.logs_dir = base / "logs"
@@ -191,6 +195,7 @@ class RayCluster:
             RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S="30",
         )
         env.pop("HUGGING_FACE_HUB_TOKEN", None)
+        env.update(env_extra or {})
         self.env = env
         self.nodes: list[Node] = []
         self.head: Node | None = None
@@ -290,17 +295,21 @@ class RayCluster:
         self.head = self._start(spawn, head=True)
         return self.head
 
-    def add_worker(self, hide: bool = False, num_cpus: int = 2) -> Node:
-        """Start one more worker node (fresh ports) and return once it is ALIVE in the cluster."""
+    def add_worker(self, hide: bool = False, num_cpus: int = 2, num_gpus: int = 0) -> Node:
+        """Start one more worker node (fresh ports) and return once it is ALIVE in the cluster. num_gpus declares
+        GPUs the machine need not have (Ray schedules by the count; see FEATURIZE_TEST_CUDA_AS_CPU)."""
         if hide and not self.hide_works:
             pytest.skip("unshare --mount does not work here: no node with a hidden directory")
         number = sum(not n.head and not n.failed for n in self.nodes) + 1
+        args = ["--address", self.address, "--num-cpus", str(num_cpus)]
+        if num_gpus:
+            args += ["--num-gpus", str(num_gpus)]
 
         def spawn(attempt: int) -> Node:
             name = f"worker{number}{'-hidden' if hide else ''}{f'-retry{attempt}' if attempt else ''}"
             return self._spawn(
                 name,
-                ["--address", self.address, "--num-cpus", str(num_cpus)],
+                args,
                 self._node_ports(),
                 head=False,
                 hide=hide,
@@ -596,20 +605,14 @@ def _address_file_state() -> bytes | None:
         return None
 
 
-@pytest.fixture(scope="module", name="ray_cluster")
-def ray_cluster_fixture():
-    """A head (no CPUs, the dashboard, job drivers) and two 2-CPU worker nodes, the second with `hidden_dir`
-    hidden from it. Tests that kill nodes must leave two live workers (one hidden) behind them."""
+@contextmanager
+def private_cluster(env_extra: dict | None = None):
+    """A RayCluster with its head started (env_extra: more environment for every process of it), stopped on exit."""
     base = Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp"))  # short: unix socket paths max out at ~107 chars
-    cluster = RayCluster(base)
+    cluster = RayCluster(base, env_extra)
     address_file = cluster.address_file_before
     try:
         cluster.start_head()
-        cluster.add_worker()
-        if cluster.hide_works:
-            cluster.add_worker(hide=True)
-        else:
-            cluster.add_worker()
         yield cluster
     finally:
         # A private --temp-dir keeps `ray start` off /tmp/ray/ray_current_cluster (it writes <temp-dir>/ray_current_
@@ -620,3 +623,13 @@ def ray_cluster_fixture():
             else:
                 DEFAULT_ADDRESS_FILE.write_bytes(address_file)
         cluster.close()
+
+
+@pytest.fixture(scope="module", name="ray_cluster")
+def ray_cluster_fixture():
+    """A head (no CPUs, the dashboard, job drivers) and two 2-CPU worker nodes, the second with `hidden_dir`
+    hidden from it. Tests that kill nodes must leave two live workers (one hidden) behind them."""
+    with private_cluster() as cluster:
+        cluster.add_worker()
+        cluster.add_worker(hide=cluster.hide_works)
+        yield cluster

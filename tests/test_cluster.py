@@ -52,23 +52,6 @@ def images(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def paced_model(models_dir) -> Path:
-    """The tiny ConceptCLIP with a heavier image tower (224 px, 6 layers of width 384: ~0.1 s an image on one CPU
-    thread), for the kill tests: the run must still have seconds of model work left when a kill lands, and with the
-    64 px model the whole input takes under a second once the actor is up."""
-    from pipeline.tiny import build_tiny_conceptclip
-
-    return build_tiny_conceptclip(
-        models_dir / "conceptclip-paced",
-        image_size=224,
-        patch_size=16,
-        vision_width=384,
-        vision_layers=6,
-        vision_heads=6,
-    )
-
-
 def _config(path: Path, input_dir: Path, output: Path, model: Path, prompts: Path, **options) -> Path:
     path.write_text(
         yaml.safe_dump(

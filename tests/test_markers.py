@@ -51,8 +51,9 @@ def markers_of(*modules: str) -> dict[str, set[str]]:
 
 
 def test_markers_follow_the_fixtures_and_the_slow_list():
-    marks = markers_of("test_cluster.py", "test_jobs.py", "test_resume.py")
+    marks = markers_of("test_cluster.py", "test_cluster_gpus.py", "test_jobs.py", "test_resume.py")
     assert {"cluster", "s3"} <= marks["test_slides_job_plans_on_the_worker_nodes_into_an_object_store"]
+    assert {"cluster", "slow"} <= marks["test_one_actor_per_fake_gpu_across_nodes_and_a_lost_2_gpu_node_loses_nothing"]
     assert "cluster" in marks["test_hidden_dir_is_seen_by_the_head_only"]
     assert "s3" in marks["test_s3_in_s3_out_equals_local"]
     assert "slow" in marks["test_driver_killed_then_rerun_resumes_exactly_once"]  # by conftest's list

@@ -251,3 +251,18 @@ def test_concept_embeddings_do_not_depend_on_the_padding_length(conceptclip_mode
 
     at_77 = ensemble(pooled.float().numpy(), PROMPTS.counts)
     np.testing.assert_allclose(stored, at_77, atol=1e-5)
+
+
+def test_the_test_only_switch_runs_cuda_actors_on_the_cpu_and_says_so(monkeypatch):
+    """FEATURIZE_TEST_CUDA_AS_CPU=1 (fake-GPU cluster tests): an actor placed on a GPU runs the model on the CPU, and
+    the note for the run record says so; without it nothing changes."""
+    from pipeline.models import CUDA_AS_CPU_ENV, device_override, pick_device
+
+    monkeypatch.delenv(CUDA_AS_CPU_ENV, raising=False)
+    assert pick_device("cuda") == "cuda" and pick_device("cpu") == "cpu"
+    assert device_override("cuda", "cuda:0") is None and device_override("cpu", "cpu") is None
+    monkeypatch.setenv(CUDA_AS_CPU_ENV, "1")
+    assert pick_device("cuda") == "cpu" and pick_device("cpu") == "cpu"
+    assert device_override("cuda", "cpu") == (
+        "placed on cuda, the model ran on cpu (FEATURIZE_TEST_CUDA_AS_CPU=1: a test-only switch)"
+    )

@@ -79,6 +79,20 @@ def test_one_actor_per_gpu_in_bfloat16_batches():
         actor_layout(RunConfig(**CFG, device="cuda"), {"cpus": 8, "gpus": 0})
 
 
+def test_gpu_actors_take_a_cpu_each_and_decoding_the_cpus_they_leave():
+    # two nodes of 3 CPUs and 2 GPUs (tests/test_cluster_gpus.py): 4 actors, 2 CPUs left to decode, 0.5 per GPU
+    layout = actor_layout(RunConfig(**CFG), {"cpus": 6, "gpus": 4, "nodes": 2, "node_cpus": 3})
+    assert (layout.size, layout.num_gpus, layout.num_cpus, layout.decode_cpus) == (4, 1, 1, 1.0)
+    assert layout.as_dict()["decode_cpus_per_gpu"] == 0.5
+    assert actor_layout(RunConfig(**CFG), {"cpus": 64, "gpus": 8}).decode_cpus_per_gpu == 7.0
+    # actors that would take every CPU leave the decode tasks none: the run would hang
+    with pytest.raises(UserError, match="take all 4 CPUs of the Ray cluster .* leave none for decoding"):
+        actor_layout(RunConfig(**CFG), {"cpus": 4, "gpus": 4})
+    # pinned actors (an autoscaling cluster, which adds nodes for pending work) are left to the autoscaler
+    pinned = actor_layout(RunConfig(**CFG, device="cuda", num_actors=4), {"cpus": 0, "gpus": 0})
+    assert (pinned.size, pinned.decode_cpus_per_gpu) == (4, 0.0)
+
+
 def test_gpu_actors_take_a_second_call_while_the_model_runs_and_cpu_actors_do_not():
     """On a GPU, Ray Data batches the next call's rows in the actor while the model runs (max_concurrency 2);
     CPU actors keep one call, so no extra thread competes for their cores."""
