@@ -68,6 +68,9 @@ How exclusive the lease's own writes are depends on the store (`pipeline/lease_s
 
 The holder sweeps temporary files (`.tmp-*`, left by writers that died mid-write) on local OUTPUTs when it
 acquires the lease: as the sole writer it may remove them all.
+
+(Longer than most modules: the guarantees above and the code that keeps them are one piece, read together; the
+storage backends are in lease_store.py.)
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ def test_clip_outputs_get_a_softmax_and_features_only_outputs_are_refused(colour
     np.testing.assert_allclose(table.groupby("uri")["probability"].sum(), 1.0, atol=1e-5)
     capsys.readouterr()
 
-    (clip_like / "_prompts.parquet").unlink()  # as a features-only run leaves it
+    (clip_like / "_prompts.parquet").unlink()  # as a features-only run leaves it: no prompt table at all
+    shutil.rmtree(clip_like / "_versions")
     assert main(["labels", str(clip_like), "--out", str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no concept logits" in err[0] and "featurize rescore" in err[0]

@@ -486,6 +486,7 @@ def test_a_features_only_output_is_rescored_too(colours, rescored, tmp_path):
         table = pq.read_table(shard)
         pq.write_table(table.drop_columns(["concept_logits"]), shard)
     (source / "_prompts.parquet").unlink()
+    shutil.rmtree(source / "_versions")  # a features-only run writes no prompt table
     dataset = json.loads((source / "_dataset.json").read_text())
     dataset["identity"]["prompt_set_hash"] = None
     (source / "_dataset.json").write_text(json.dumps(dataset))
