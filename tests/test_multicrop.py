@@ -236,10 +236,16 @@ def test_decode_batch_cuts_the_padded_image_into_a_fixed_block(hd_images):
     assert (pixels[0::2, :, 23] != 255).any() and (pixels[1::2, :, -24] != 255).any()
 
 
-def test_ragged_rows_keep_their_own_length():
+def test_ragged_rows_keep_their_own_length_and_are_never_read_as_a_matrix():
+    from pipeline.rescore import logits_matrix
+
     values = np.arange(12, dtype=np.float16).reshape(3, 4)
     column = ragged_list(values, np.array([2, 4, 3]), np.array([True, False, True]))
     assert column.to_pylist() == [[0, 1], None, [8, 9, 10]]
+    square = np.zeros((4, 4), np.float16)
+    rows = ragged_list(square, np.array([2, 4, 2, 4]), np.ones(4, bool))  # 12 values: a [4, 3] reshape would pass
+    with pytest.raises(UserError, match="the rows hold 2 to 4 values each"):
+        logits_matrix(rows)  # what probe, labels and report read features and logits with
 
 
 def test_shards_and_batches_are_sized_for_every_crop_of_the_recipes_tower(tmp_path):
