@@ -397,8 +397,9 @@ def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
         )
     if features.crops and not has_cls:
         raise UserError(
-            f"--crops hd:{features.crops}: model {spec.model} is a {spec.family.title} tower without a class token; "
-            "the multi-crop recipe is for CLIP image towers (a class token, a square input): use a CLIP checkpoint"
+            f"--crops hd:{features.crops}: the image tower of model {spec.model} ({spec.family.title}) has no class "
+            "token; the multi-crop recipe is for CLIP image towers (a class token, a square input): use a CLIP "
+            "checkpoint"
         )
     side = math.isqrt(patches)
     if features.merge and (side * side != patches or side % 2):
