@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -98,6 +99,8 @@ class FeatureSpec:
 
     layer: int | None = None
     pool: str = ""
+    crops: int = 0  # Phi-3-vision's multi-crop (HD) recipe: a global view and at most this many crops (0: one view)
+    merge: bool = False  # each 2x2 block of patch tokens merged into one token of 4x the width
 
     @property
     def hidden(self) -> bool:
@@ -106,6 +109,11 @@ class FeatureSpec:
     @property
     def name(self) -> str:
         return f"hidden:{self.layer}:{self.pool}" if self.hidden else "embedding"
+
+    @property
+    def views(self) -> int:
+        """Images the tower sees per input at most: the global view and the crops, or the one view."""
+        return 1 + self.crops if self.crops else 1
 
 
 def parse_features(text: str) -> FeatureSpec:
@@ -122,6 +130,35 @@ def parse_features(text: str) -> FeatureSpec:
         f"--features {text!r}: use 'embedding' or 'hidden:LAYER:POOL' with LAYER an index into the "
         f"image tower's hidden states (e.g. -2) and POOL one of {', '.join(HIDDEN_POOLS)}"
     )
+
+
+def with_views(features: FeatureSpec, crops: str, merge: str) -> FeatureSpec:
+    """`features` with --crops (`hd:N`, or empty) and --merge (`2x2`, or empty), checked against each other; what
+    depends on the model is checked by hidden_shape."""
+    count = 0
+    if crops:
+        kind, _, n = crops.partition(":")
+        if kind != "hd" or not n.isdigit() or not 1 <= int(n) <= MAX_CROPS:
+            raise UserError(
+                f"--crops {crops!r}: use 'hd:N' with N the most crops per image, 1..{MAX_CROPS} (e.g. hd:16), "
+                "or leave it out"
+            )
+        count = int(n)
+        if features.pool not in ("patch", "cls_patch"):
+            raise UserError(
+                f"--crops {crops} stores the image tower's tokens of every crop: it needs --features "
+                f"hidden:LAYER:patch or hidden:LAYER:cls_patch, not {features.name}"
+            )
+    if merge and merge != "2x2":
+        raise UserError(f"--merge {merge!r}: use '2x2' (each 2x2 block of patch tokens as one token), or leave it out")
+    if merge and features.pool != "patch":
+        why = " (the class token has no neighbours to merge with)" if features.pool == "cls_patch" else ""
+        raise UserError(f"--merge 2x2 merges neighbouring patch tokens: it needs --features hidden:LAYER:patch{why}")
+    return replace(features, crops=count, merge=bool(merge))
+
+
+# The most crops --crops hd:N takes: a row then holds (1 + N) views' tokens (65 x 576 x 1024 float16 = 77 MB at 336 px)
+MAX_CROPS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -325,9 +362,8 @@ def _vision_layout(vision_config) -> tuple[int, int, int]:
         ) from None
 
 
-def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
-    """The shape of one row's hidden-state features (before flattening), from the checkpoint's configuration;
-    refuses a layer out of range and `cls` for towers without a class token (SigLIP, ConceptCLIP)."""
+def _vision_config(spec: ModelSpec):
+    """The image tower's transformers configuration; a model without one is refused for hidden-state features."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
@@ -339,6 +375,14 @@ def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
             f"model {spec.model} exposes no transformers image tower (vision_config): --features "
             "hidden:... is not available for it; use --features embedding"
         )
+    return vision
+
+
+def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
+    """The shape of one row's hidden-state features (before flattening), from the checkpoint's configuration; with
+    crops, the largest (the global view and every crop). Refuses a layer out of range, `cls` for towers without a
+    class token (SigLIP, ConceptCLIP), crops for towers that are not CLIP's, and a 2x2 merge of an odd patch grid."""
+    vision = _vision_config(spec)
     patches, width, layers = _vision_layout(vision)
     has_cls = spec.family.has_class_token(vision)
     if not -(layers + 1) <= features.layer <= layers:
@@ -351,8 +395,35 @@ def hidden_shape(spec: ModelSpec, features: FeatureSpec) -> tuple[int, ...]:
             f"--features {features.name}: model {spec.model}'s image tower has no class token; "
             "use mean, patch or cls_patch"
         )
-    tokens = patches + has_cls
+    if features.crops and not has_cls:
+        raise UserError(
+            f"--crops hd:{features.crops}: the image tower of model {spec.model} ({spec.family.title}) has no class "
+            "token; the multi-crop recipe is for CLIP image towers (a class token, a square input): use a CLIP "
+            "checkpoint"
+        )
+    side = math.isqrt(patches)
+    if features.merge and (side * side != patches or side % 2):
+        raise UserError(
+            f"--merge 2x2: model {spec.model}'s patch grid is {side}x{side}, odd: 2x2 blocks need an even side; "
+            "leave --merge out"
+        )
+    shape = view_shape(spec.family, vision, features)
+    return (features.views, *shape) if features.crops else shape
+
+
+def view_shape(family: Family, vision, features: FeatureSpec) -> tuple[int, ...]:
+    """The shape of one view's hidden-state features (a view: the image, or one crop of it) for an image tower's
+    configuration: pooled as features.pool, then merged 2x2 when features.merge."""
+    patches, width, _ = _vision_layout(vision)
+    if features.merge:
+        return (patches // 4, 4 * width)
+    tokens = patches + family.has_class_token(vision)
     return {"cls": (width,), "mean": (width,), "patch": (patches, width), "cls_patch": (tokens, width)}[features.pool]
+
+
+def crop_px(spec: ModelSpec) -> int:
+    """The side of a crop in the multi-crop recipe: the image tower's square input (336 for CLIP ViT-L/14-336)."""
+    return int(_vision_config(spec).image_size)  # hidden_shape read it as one int (a square) already
 
 
 def row_widths(
@@ -367,6 +438,8 @@ def row_widths(
     config = _load_config_json(spec.model, spec.revision, spec.token)
     width = int(np.prod(feature_shape)) if feature_shape is not None else spec.family.embedding_width(config)
     widths = {"image_features": (width, 2)}
+    if features.crops:  # feature_shape above is the largest row's: every crop of the grid
+        widths.update(crop_grid=(2, 4), feature_shape=(3, 4))
     if concepts:
         widths["concept_logits"] = (concepts, 4)
     if concept_maps:

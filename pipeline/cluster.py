@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .config import JobConfig
 from .console import hide_native_log_lines, stderr_is_terminal
@@ -88,6 +88,9 @@ GPU_ACTOR_CPUS = 1
 GPU_ACTOR_CALLS = 2
 # The model's share of a CPU run's work when OUTPUT has no earlier run to measure it from.
 DEFAULT_MODEL_SHARE = 0.5
+# A default model batch holds at most this much in the actor (pixels and features): large rows (patch tokens of every
+# crop, 10 M values a row at hd:16 with CLIP ViT-L/14-336) make smaller batches, never a batch of several GB.
+MODEL_BATCH_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,19 @@ class Layout:
         return asdict(self)
 
 
-def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None) -> Layout:
+def actor_layout(cfg: JobConfig, shape: dict, model_share: float | None = None, row_bytes: int = 0) -> Layout:
     """Actor count and resources: one per GPU (gpu_layout). On CPUs the actors and the decode tasks share the cores
     by measured demand: the actors reserve the model's share of the work (model_share, measured by an earlier run into
     OUTPUT: model seconds / (model + decode seconds)), at most half of the smallest node, with one torch thread more
     than that reservation; decode tasks take a CPU each in the rest, so at least one always fits (a pool that takes
-    every CPU starves them and the run hangs)."""
+    every CPU starves them and the run hangs). A default batch of rows of `row_bytes` stays within MODEL_BATCH_BYTES."""
+    layout = _layout(cfg, shape, model_share)
+    if cfg.batch_size or not row_bytes:
+        return layout
+    return replace(layout, batch_size=max(1, min(layout.batch_size, MODEL_BATCH_BYTES // row_bytes)))
+
+
+def _layout(cfg: JobConfig, shape: dict, model_share: float | None) -> Layout:
     device = cfg.device
     gpus = shape["gpus"]
     if device == "auto":

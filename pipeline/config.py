@@ -123,6 +123,17 @@ class RunConfig(JobConfig):
         "twice the model input); features drift slightly from the "
         "processor's (see BENCHMARKS.md).",
     )
+    crops: str = Field(
+        "",
+        description="`hd:N`: Phi-3-vision's multi-crop (HD) recipe, a global view and at most N crops of the CLIP "
+        "tower's input size per image, each crop's tokens stored (needs --features hidden:LAYER:patch or "
+        "cls_patch); empty: one view.",
+    )
+    merge: str = Field(
+        "",
+        description="`2x2`: merge each 2x2 block of patch tokens into one token of 4x the width, as Phi-3-vision does "
+        "(needs --features hidden:LAYER:patch); empty: no merge.",
+    )
 
 
 class SlidesConfig(JobConfig):

@@ -7,6 +7,7 @@ Every row gets a status; a file that cannot be decoded becomes an error row with
 from __future__ import annotations
 
 import io
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,10 +36,17 @@ class PreprocessSpec:
     do_normalize: bool = True
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crops: int = 0  # the multi-crop (HD) recipe instead of the processor's resize: at most this many crops (hd_crops)
 
     @property
-    def out_shape(self) -> tuple[int, int, int]:
+    def view_shape(self) -> tuple[int, int, int]:
+        """One image the model takes: the processor's output, or one crop."""
         return (self.height, self.width, 3)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """One row's pixels: one view, or `crops` crops (those past the image's grid left empty)."""
+        return (self.crops, *self.view_shape) if self.crops else self.view_shape
 
 
 def _size_field(size, name):
@@ -136,6 +144,49 @@ def resize_for_model(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return centre_crop(arr, spec.height, spec.width)
 
 
+def hd_layout(width: int, height: int, crops: int, side: int) -> tuple[int, int, int, bool]:
+    """Phi-3-vision's HD transform, as sizes: a portrait image is transposed; the scale s is the largest integer with
+    s * ceil(s / aspect) <= crops (aspect = width / height >= 1); the image is resized to s * side wide and
+    int(s * side / aspect) high, then padded to a multiple of side in height. Returns (resized width, resized height,
+    padded height) of the landscape image, and whether it was transposed."""
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= crops:
+        scale += 1
+    new_width = int((scale - 1) * side)
+    new_height = int(new_width / ratio)  # the recipe's own arithmetic, float division included
+    return new_width, new_height, math.ceil(new_height / side) * side, transposed
+
+
+def hd_crops(img: Image.Image, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """The multi-crop (HD) recipe's crops of an RGB image: transposed if portrait, resized as torchvision resizes a PIL
+    image (PIL's antialiased bilinear), padded white top and bottom (the extra row at the bottom), transposed back,
+    cut into its grid of side x side crops, row-major. Returns the crops in a [spec.crops, side, side, 3] block (the
+    rest empty) and the grid (rows, columns)."""
+    side = spec.height
+    new_width, new_height, padded_height, transposed = hd_layout(*img.size, spec.crops, side)
+    if new_height < 1:
+        raise InputError(
+            f"image is {img.width}x{img.height}, too elongated for --crops hd:{spec.crops}: its short side would be "
+            "resized to 0 pixels",
+            "unsupported",
+        )
+    if transposed:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    top = (padded_height - new_height) // 2
+    padded = np.full((padded_height, new_width, 3), 255, dtype=np.uint8)
+    padded[top : top + new_height] = np.asarray(img.resize((new_width, new_height), Image.Resampling.BILINEAR))
+    if transposed:
+        padded = padded.transpose(1, 0, 2)
+    rows, cols = padded.shape[0] // side, padded.shape[1] // side
+    block = np.zeros(spec.out_shape, dtype=np.uint8)
+    block[: rows * cols] = padded.reshape(rows, side, cols, side, 3).transpose(0, 2, 1, 3, 4).reshape(-1, side, side, 3)
+    return block, (rows, cols)
+
+
 def centre_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = arr.shape[:2]
     if h < height or w < width:  # pad with zeros around the image, the larger half first, as transformers does
@@ -189,16 +240,30 @@ def open_image(data: bytes, max_pixels: int, draft_px: int = 0) -> Image.Image:
 
 
 def draft_px(spec: PreprocessSpec) -> int:
-    """For fast decoding: keep at least twice the model's input on every side, so the resize still antialiases."""
-    return 2 * max(spec.height, spec.width, spec.shortest_edge)
+    """For fast decoding: keep at least twice the model's input on every side, so the resize still antialiases (with
+    crops, twice the widest the HD resize can make it)."""
+    return 2 * max(spec.height, spec.width, spec.shortest_edge) * max(1, spec.crops)
 
 
 def decode_one(data: bytes, spec: PreprocessSpec, max_pixels: int, fast: bool = False) -> tuple[np.ndarray, int, int]:
     """Bytes -> (pixels HxWx3 uint8, original width, original height). Raises ValueError with a reason."""
+    pixels, _, width, height = decode_views(data, spec, max_pixels, fast)
+    return pixels, width, height
+
+
+def decode_views(
+    data: bytes, spec: PreprocessSpec, max_pixels: int, fast: bool = False
+) -> tuple[np.ndarray, tuple[int, int], int, int]:
+    """Bytes -> (pixels: spec.out_shape uint8, the crop grid (rows, columns; (1, 1) for one view), original width,
+    original height). Raises ValueError with a reason."""
     img = open_image(data, max_pixels, draft_px(spec) if fast else 0)
     width, height = img.info["original_size"]
     try:
-        return resize_for_model(img, spec), width, height
+        if spec.crops:
+            return (*hd_crops(img, spec), width, height)
+        return resize_for_model(img, spec), (1, 1), width, height
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"cannot resize ({type(exc).__name__}: {first_line(exc)})", "corrupt") from None
 
@@ -228,7 +293,7 @@ def decode_batch(
     fast: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: rows with `uri` -> the same rows plus pixels, status, error, error_class, width,
-    height."""
+    height (and with crops, crop_grid: [rows, columns] per row, [0, 0] on error rows)."""
     t = time.perf_counter()
     uris = batch["uri"]
     n = len(uris)
@@ -238,6 +303,7 @@ def decode_batch(
     error_class = np.full(n, None, dtype=object)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
+    grid = np.zeros((n, 2), dtype=np.int32)
     read_s = 0.0
     fault = None  # after an environment fault that outlasted the retries, the rest of the batch is not tried
     for i, uri in enumerate(uris):
@@ -252,7 +318,7 @@ def decode_batch(
             t_read = time.perf_counter()
             data = read_input(str(uri), storage_options)
             read_s += time.perf_counter() - t_read
-            pixels[i], width[i], height[i] = decode_one(data, spec, max_pixels, fast)
+            pixels[i], grid[i], width[i], height[i] = decode_views(data, spec, max_pixels, fast)
         except Exception as exc:  # one input's failure (or the storage's, classed so) must not sink its batch
             status[i], error[i], error_class[i] = "error", _reason(exc), read_error_class(exc)
             if error_class[i] in ENVIRONMENT_ERROR_CLASSES:
@@ -269,6 +335,8 @@ def decode_batch(
         read_s=np.full(n, read_s / per_row),
         decode_s=np.full(n, (time.perf_counter() - t - read_s) / per_row),
     )
+    if spec.crops:
+        out["crop_grid"] = grid
     return out
 
 

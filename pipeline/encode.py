@@ -8,13 +8,14 @@ cannot take becomes an error row, so no row is ever lost.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
 import numpy as np
 
 from .board import ActorStart, PromptEmbeddings
-from .checkpoint import FeatureSpec, ModelSpec, quiet_libraries
+from .checkpoint import FeatureSpec, ModelSpec, quiet_libraries, view_shape
 from .decode import PreprocessSpec
 from .errors import first_line, is_device_error
 from .models import Encoder, micro_batch_for_memory
@@ -73,9 +74,14 @@ class EncodeBatch:
         # With concept_maps, each encoded row is [features | flattened K x P x P local concept scores].
         self.concept_embeddings = self.encoder.concept_embeddings(prompt_set) if concept_maps else None
         phases.mark("prompts_s")
-        self.micro_batch = micro_batch or micro_batch_for_memory(self.encoder, limit=1024)
+        # a micro-batch counts rows: a multi-crop row is up to features.views images for the tower
+        self.micro_batch = micro_batch or max(1, micro_batch_for_memory(self.encoder, 1024) // self.features.views)
         self.concept_maps = concept_maps
-        self.width = self.dim = self._encode_chunk(np.zeros((1, *preprocess.out_shape), np.uint8)).shape[1]
+        blank = model_input(np.zeros((1, *preprocess.out_shape), np.uint8), self.features)
+        self.width = self.dim = self._encode_chunk(blank).shape[1]
+        if self.features.crops:  # one view's feature shape, for each row's feature_shape
+            tower = self.encoder.family.image_tower(self.encoder.model)
+            self.view_shape = view_shape(self.encoder.family, tower.config, self.features)
         if concept_maps:
             self.dim = self.text_embeddings.shape[1]
         phases.mark("warmup_s")
@@ -99,7 +105,7 @@ class EncodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t = time.perf_counter()
-        pixels = batch.pop("pixels")
+        pixels = model_input(batch.pop("pixels"), self.features, batch.get("crop_grid"))
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()
         error_class = np.asarray(batch.get("error_class", np.full(len(status), None, dtype=object)), dtype=object)
@@ -128,6 +134,10 @@ class EncodeBatch:
             batch["concept_maps"] = maps
         if norms is not None:
             batch["embedding_norm"] = np.where(bad, 0, norms).astype(np.float32)
+        if self.features.crops:  # [1 + rows x columns, tokens, width]: how much of each row's padded block is its own
+            views = 1 + np.asarray(batch["crop_grid"], np.int32).prod(axis=1)
+            shapes = np.column_stack([views, np.tile(np.asarray(self.view_shape, np.int32), (n, 1))])
+            batch["feature_shape"] = np.where(bad[:, None], 0, shapes).astype(np.int32)
         batch.update(status=status, error=error, error_class=error_class, image_features=stored,
                      model_s=np.full(n, (time.perf_counter() - t) / max(n, 1)))  # fmt: skip
         return batch
@@ -176,12 +186,46 @@ class EncodeBatch:
 
     def _encode_chunk(self, pixels: np.ndarray) -> np.ndarray:
         """Encoded rows: the hidden states, or the embedding (not normalised yet), with the concept maps after it."""
+        if self.features.crops:
+            return self.encoder.encode_crops(pixels.pixels, pixels.grids, self.features)
         if self.features.hidden:
             return self.encoder.encode_hidden(pixels, self.features)
         if self.concept_embeddings is None:
             return self.encoder.encode_embeddings(pixels)
         embedding, maps = self.encoder.encode_images_with_maps(pixels, self.concept_embeddings, normalize=False)
         return np.concatenate([embedding, maps.reshape(len(maps), -1)], axis=1)
+
+
+class CropRows:
+    """The rows of a multi-crop batch as the micro-batching slices them: crops [B, N, S, S, 3] with each row's grid
+    [B, 2] (rows, columns), indexed together."""
+
+    def __init__(self, pixels: np.ndarray, grids: np.ndarray):
+        self.pixels, self.grids = pixels, grids
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index) -> CropRows:
+        return CropRows(self.pixels[index], self.grids[index])
+
+
+def model_input(pixels: np.ndarray, features: FeatureSpec, grids=None):
+    """A batch's pixels as the model takes them: with crops, paired with their grids (1 x 1 when not given)."""
+    if not features.crops:
+        return pixels
+    grids = np.ones((len(pixels), 2), np.int32) if grids is None else np.asarray(grids, np.int32).reshape(-1, 2)
+    return CropRows(pixels, grids)
+
+
+# What one row of a model batch holds in the actor, per stored feature value: the float32 rows encoded, their float32
+# copy into the batch, and the float16 values stored (EncodeBatch.__call__).
+ACTOR_BYTES_PER_VALUE = 10
+
+
+def batch_row_bytes(preprocess: PreprocessSpec, feature_values: int) -> int:
+    """The actor's memory for one row of a model batch: its pixels and its features (see ACTOR_BYTES_PER_VALUE)."""
+    return math.prod(preprocess.out_shape) + ACTOR_BYTES_PER_VALUE * feature_values
 
 
 def normalised(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -195,8 +239,10 @@ def non_finite(stored: np.ndarray, maps: np.ndarray, features: FeatureSpec) -> d
     """Rows whose stored values are not finite (NaN, or beyond float16's range: 65504), with the reason: never an ok
     row, whose numbers every reader would take for real."""
     bad = ~np.isfinite(stored).all(axis=1) | ~np.isfinite(maps).all(axis=1)
-    hint = (
-        "; hidden states beyond float16's range: try --dtype float32, or a pooled --features (mean, cls)"
-        if features.hidden else "; the model's output overflowed: try --dtype float32"
-    )  # fmt: skip
+    if features.hidden and not features.crops:
+        hint = "; hidden states beyond float16's range: try --dtype float32, or a pooled --features (mean, cls)"
+    elif features.hidden:
+        hint = "; hidden states beyond float16's range: try --dtype float32"
+    else:
+        hint = "; the model's output overflowed: try --dtype float32"
     return {int(i): f"the model gave non-finite values for this input (NaN or inf){hint}" for i in np.flatnonzero(bad)}

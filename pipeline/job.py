@@ -8,15 +8,27 @@ rows, and what it does once every unit is committed. Images and slides are two i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import pyarrow as pa
 
-from .checkpoint import FeatureSpec, ModelSpec, hidden_shape, parse_features, preprocess_spec, resolve_model, row_widths
+from .checkpoint import (
+    FeatureSpec,
+    ModelSpec,
+    crop_px,
+    hidden_shape,
+    parse_features,
+    preprocess_spec,
+    resolve_model,
+    row_widths,
+    with_views,
+)
 from .config import JobConfig
 from .decode import PreprocessSpec
+from .encode import batch_row_bytes
 from .errors import UserError
 from .plan import Listing, Workspace, open_listing, shard_rows
 from .prompts import PromptSet, load_prompts
@@ -31,29 +43,51 @@ class ModelJob:
     spec: ModelSpec
     prompt_set: PromptSet | None
     features: FeatureSpec
-    feature_shape: tuple[int, ...] | None  # hidden-state features: one row's shape before flattening
+    feature_shape: tuple[int, ...] | None  # hidden-state features: one row's shape before flattening (crops: largest)
     fast_decode: bool = False  # approximate JPEG decoding changes the numbers a little
+    crop_px: int = 0  # multi-crop runs: the side of a crop (the image tower's input)
 
     def identity(self) -> dict:
-        """What the numbers depend on (features only when not the default, so older OUTPUTs keep theirs)."""
+        """What the numbers depend on (features, crops and merge only when not the default, so older OUTPUTs keep
+        theirs)."""
         identity = {**self.spec.identity(), "prompt_set_hash": self.prompt_set.set_hash if self.prompt_set else None}
         if self.features.hidden:
             identity["features"] = self.features.name
+        identity.update(self._views())
         if self.fast_decode:
             identity["fast_decode"] = True
         return identity
 
+    def _views(self) -> dict:
+        views = {"crops": f"hd:{self.features.crops}"} if self.features.crops else {}
+        return {**views, "merge": "2x2"} if self.features.merge else views
+
     def described(self) -> dict:
-        """For provenance and the run record."""
-        out = {"features": self.features.name, "fast_decode": self.fast_decode}
-        if self.feature_shape is not None:
+        """For provenance and the run record. With crops every row has its own shape (its feature_shape column):
+        view_feature_shape is one view's."""
+        out = {"features": self.features.name, "fast_decode": self.fast_decode, **self._views()}
+        if self.features.crops:
+            out["view_feature_shape"] = list(self.feature_shape[1:])
+        elif self.feature_shape is not None:
             out["feature_shape"] = list(self.feature_shape)
         return out
+
+    def preprocessing(self) -> PreprocessSpec:
+        """The checkpoint's preprocessing; with crops, the multi-crop recipe's at the tower's input size (the
+        processor's rescale and normalisation kept)."""
+        spec = preprocess_spec(self.spec)
+        if not self.features.crops:
+            return spec
+        return replace(spec, height=self.crop_px, width=self.crop_px, crops=self.features.crops)
+
+    def batch_row_bytes(self, preprocess: PreprocessSpec) -> int:
+        """What one row of a model batch holds in the actor (pixels and features), to size batches of large rows."""
+        return batch_row_bytes(preprocess, math.prod(self.feature_shape) if self.feature_shape else 0)
 
 
 def resolve_job(cfg: JobConfig) -> ModelJob:
     """Load and check what the run's numbers come from, before anything starts."""
-    features = parse_features(cfg.features)
+    features = with_views(parse_features(cfg.features), getattr(cfg, "crops", ""), getattr(cfg, "merge", ""))
     prompt_set = load_prompts(cfg.prompts) if cfg.prompts else None
     spec = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.dtype, cfg.device)
     if prompt_set is not None and not spec.family.has_text:
@@ -67,7 +101,8 @@ def resolve_job(cfg: JobConfig) -> ModelJob:
             f"{features.name}: drop one of them"
         )
     shape = hidden_shape(spec, features) if features.hidden else None
-    return ModelJob(spec, prompt_set, features, shape, bool(getattr(cfg, "fast_decode", False)))
+    side = crop_px(spec) if features.crops else 0
+    return ModelJob(spec, prompt_set, features, shape, bool(getattr(cfg, "fast_decode", False)), side)
 
 
 @dataclass
@@ -159,7 +194,7 @@ def list_inputs(
 ) -> tuple[PreprocessSpec, Listing]:
     """The checkpoint's preprocessing, and INPUT's listing (files with `suffixes`) streamed into the workspace;
     group(chunk files, storage_options) -> (chunk files, rows) may merge rows into inputs first (DICOM series)."""
-    preprocess = preprocess_spec(model.spec)
+    preprocess = model.preprocessing()
     files, rows = write_listing(cfg.input, ws.path("listing"), cfg.storage_options, suffixes)
     if group is not None:
         files, rows = group(files, cfg.storage_options)

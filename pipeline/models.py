@@ -5,6 +5,7 @@ formula)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -99,6 +100,10 @@ class Encoder:
     # -- images -------------------------------------------------------------------------------------------------
     def pixel_values(self, pixels) -> torch.Tensor:
         """uint8 [B,H,W,3] (numpy or tensor) -> normalised [B,3,H,W] in the model dtype, on the device."""
+        return self._normalised(pixels).to(self.dtype)
+
+    def _normalised(self, pixels) -> torch.Tensor:
+        """pixel_values in float32 (a view of the encoder's pixel buffer: valid until the next call)."""
         import torch
 
         x = torch.as_tensor(pixels)
@@ -116,7 +121,7 @@ class Encoder:
         rows.mul_(scale)
         if shift is not None:
             rows.add_(shift)
-        return buffer.permute(0, 3, 1, 2).to(self.dtype)
+        return buffer.permute(0, 3, 1, 2)
 
     def _pixel_buffer(self, shape) -> torch.Tensor:
         """A float32 tensor of `shape` (B, H, W, 3) on the device, reused from call to call (the first rows of a
@@ -145,7 +150,7 @@ class Encoder:
 
     def _dummy_pixels(self) -> torch.Tensor:
         """One black image, normalised: for documented forwards that want an image beside the text."""
-        return self.pixel_values(np.zeros((1, *self.preprocess.out_shape), dtype=np.uint8))
+        return self.pixel_values(np.zeros((1, *self.preprocess.view_shape), dtype=np.uint8))
 
     def encode_images(self, pixels) -> np.ndarray:
         """uint8 [B,H,W,3] -> L2-normalised image features [B,D] float32 (see encode_embeddings)."""
@@ -179,25 +184,56 @@ class Encoder:
         return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_hidden(self, pixels, features: FeatureSpec) -> np.ndarray:
-        """uint8 [B,H,W,3] -> the image tower's `hidden_states[layer]`, pooled, flattened [B, F] float32, as the
-        model returns them (not normalised)."""
+        """uint8 [B,H,W,3] -> the image tower's `hidden_states[layer]`, pooled (and merged 2x2), flattened [B, F]
+        float32, as the model returns them (not normalised)."""
         import torch
 
+        with torch.inference_mode():
+            views = self._hidden_views(self.pixel_values(pixels), features)
+        return views.reshape(len(views), -1).cpu().numpy()
+
+    def _hidden_views(self, pixel_values, features: FeatureSpec) -> torch.Tensor:
+        """Normalised views [V,3,H,W] -> their hidden_states[layer] pooled as features.pool (and merged), float32."""
         tower = self.family.image_tower(self.model)
         if tower is None:
             raise UserError(f"model {self.spec.model} exposes no image tower (vision_model) for --features hidden")
         has_cls = self.family.has_class_token(tower.config)
+        states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        h = states[features.layer].float()
+        patches = h[:, 1:] if has_cls else h
+        pooled = {
+            "cls": lambda: h[:, 0],
+            "mean": lambda: patches.mean(dim=1),
+            "patch": lambda: patches,
+            "cls_patch": lambda: h,
+        }[features.pool]()
+        return merge_2x2(pooled) if features.merge else pooled
+
+    def encode_crops(self, pixels, grids, features: FeatureSpec) -> np.ndarray:
+        """The multi-crop (HD) recipe's tower features: uint8 crops [B,N,S,S,3] (a row's first rows x columns used)
+        with each row's grid [B,2] -> per row the views [global, crop 1, ...] pooled as `encode_hidden` pools one
+        image, zero-padded to 1 + N views and flattened, float32 [B, (1 + N) * T * D]. The global view is the padded
+        image (its crops laid out on their grid), normalised, resized to S x S by bicubic interpolation without
+        antialiasing, as the recipe resizes its normalised tensor (torch's interpolate)."""
+        import torch
+
+        grids = np.asarray(grids, dtype=np.int64).reshape(-1, 2)
+        counts = grids.prod(axis=1)
+        rows, crops, side = len(pixels), pixels.shape[1], pixels.shape[2]
         with torch.inference_mode():
-            states = tower(pixel_values=self.pixel_values(pixels), output_hidden_states=True).hidden_states
-            h = states[features.layer].float()
-            patches = h[:, 1:] if has_cls else h
-            pooled = {
-                "cls": lambda: h[:, 0],
-                "mean": lambda: patches.mean(dim=1),
-                "patch": lambda: patches,
-                "cls_patch": lambda: h,
-            }[features.pool]()
-        return pooled.reshape(len(h), -1).cpu().numpy()
+            tiles = self._normalised(np.concatenate([pixels[i, : counts[i]] for i in range(rows)]))
+            views, start = [], 0
+            for (grid_rows, grid_cols), count in zip(grids.tolist(), counts.tolist()):
+                image = tiles[start : start + count].reshape(grid_rows, grid_cols, 3, side, side)
+                image = image.permute(2, 0, 3, 1, 4).reshape(1, 3, grid_rows * side, grid_cols * side)
+                views.append(torch.nn.functional.interpolate(image, size=(side, side), mode="bicubic"))
+                start += count
+            tokens = self._hidden_views(torch.cat([*views, tiles]).to(self.dtype), features)  # globals, then crops
+            out = torch.zeros((rows, 1 + crops, *tokens.shape[1:]), dtype=torch.float32, device=tokens.device)
+            present = torch.arange(crops) < torch.as_tensor(counts)[:, None]  # [B, N]: the crops each row has
+            out[:, 0] = tokens[:rows]
+            out[:, 1:][present.to(out.device)] = tokens[rows:]
+        return out.reshape(rows, -1).cpu().numpy()
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompts(self, prompt_set: PromptSet) -> np.ndarray:
@@ -261,6 +297,16 @@ class Encoder:
         return features.cpu().numpy(), maps.cpu().numpy()
 
 
+def merge_2x2(tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens [V, G*G, D] of a G x G grid (row-major) -> [V, (G/2)^2, 4D]: each 2x2 block of neighbours as one
+    token, [top-left, top-right, bottom-left, bottom-right] end to end, as Phi-3-vision merges them before its
+    projection."""
+    views, count, width = tokens.shape
+    half = math.isqrt(count) // 2
+    blocks = tokens.reshape(views, half, 2, half, 2, width).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(views, half * half, 4 * width)
+
+
 def micro_batch_for_memory(encoder: Encoder, limit: int, headroom: float = 0.7) -> int:
     """On CUDA: the largest power-of-two batch whose activations fit in `headroom` of the free device memory,
     measured with a probe batch (out-of-memory later still halves it)."""
@@ -269,7 +315,7 @@ def micro_batch_for_memory(encoder: Encoder, limit: int, headroom: float = 0.7) 
     if encoder.device.type != "cuda":
         return limit
     probe = 4
-    pixels = np.zeros((probe, *encoder.preprocess.out_shape), dtype=np.uint8)
+    pixels = np.zeros((probe, *encoder.preprocess.view_shape), dtype=np.uint8)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

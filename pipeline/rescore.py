@@ -174,6 +174,12 @@ def logits_matrix(column) -> np.ndarray:
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if len(column) == 0:
         return np.zeros((0, 0), np.float32)
+    lengths = pc.min_max(pc.list_value_length(column)).as_py()
+    if lengths["min"] != lengths["max"]:  # a reshape could succeed and mix rows up: never
+        raise UserError(
+            f"the rows hold {lengths['min']} to {lengths['max']} values each (multi-crop features: --crops); this "
+            "needs one vector of one width per row (--features embedding, or a pooled hidden layer)"
+        )
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(column), -1)
 
 

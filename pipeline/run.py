@@ -122,7 +122,7 @@ def list_inputs(run: Run, cleanup: ExitStack) -> None:
     if started_ray:
         cleanup.callback(_shutdown_ray)
     run.seconds.update(listing_s=listing_s, ray_start_and_prepare_s=time.perf_counter() - t)
-    run.layout = actor_layout(cfg, cluster_shape(), model_share(run.out))
+    run.layout = actor_layout(cfg, cluster_shape(), model_share(run.out), job.model.batch_row_bytes(job.preprocess))
     run.everywhere = probe_nodes(cfg, run.listing.sample, run.echo)
     job.model.spec = job.model.spec.placed(run.layout.device)
     run.identity = job.identity()

@@ -229,6 +229,46 @@ def fixed_list(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray) -
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
 
 
+def ragged_list(values: np.ndarray, lengths: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """[N,W] numpy rows, each padded at its end -> list<float16> of each row's first lengths[i] values, null where not
+    valid (error rows)."""
+    valid = np.asarray(valid, dtype=bool)
+    lengths = np.where(valid, np.asarray(lengths, dtype=np.int64), 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if offsets[-1] > 2**31 - 1:  # int32 offsets would wrap: shards are sized to stay below (plan.shard_rows)
+        raise ValueError(
+            f"a list column of {offsets[-1]} values passes Arrow's 2^31 list offsets; use fewer rows per shard"
+        )
+    kept = values[np.arange(values.shape[1]) < lengths[:, None]]  # row-major: each row's values in order
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(kept, type=pa.float16()), mask=pa.array(~valid)
+    )
+
+
+# Multi-crop (HD) rows: the crops' grid (rows, columns; the global view not counted) and the row's feature shape
+# [1 + rows * columns, tokens, width], inserted after image_features
+MULTI_CROP_FIELDS = [pa.field("crop_grid", pa.list_(pa.int32())), pa.field("feature_shape", pa.list_(pa.int32()))]
+
+
+def features_column(cols: dict, ok: np.ndarray) -> pa.Array:
+    """The `image_features` column: rows of one width, or with crops each row's own length (its feature_shape)."""
+    if "feature_shape" not in cols:
+        return fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok)
+    lengths = np.prod(np.asarray(cols["feature_shape"], np.int64), axis=1)
+    return ragged_list(np.asarray(cols["image_features"], np.float16), lengths, ok)
+
+
+def with_crop_columns(cols: dict, ok: np.ndarray, table: pa.Table) -> pa.Table:
+    """A shard of multi-crop rows gets crop_grid and feature_shape after image_features (null on error rows)."""
+    if "feature_shape" not in cols:
+        return table
+    at = table.schema.get_field_index("image_features") + 1
+    for offset, field in enumerate(MULTI_CROP_FIELDS):
+        values = np.asarray(cols[field.name], np.int32)
+        table = table.add_column(at + offset, field, fixed_list(values, pa.int32(), ok))
+    return table
+
+
 def error_column(errors) -> pa.Array:
     """The `error` column: the reason, or null. Ray Data hands an all-None object column back as float NaN, which
     must become null, never the string "nan"."""

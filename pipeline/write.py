@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 from .schema import (
     IMAGE_SCHEMA,
     error_column,
-    fixed_list,
+    features_column,
     logits_column,
     metadata_bytes,
     source_columns,
+    with_crop_columns,
     without_absent_logits,
 )
 from .sources import image_id
@@ -384,24 +385,22 @@ def image_table_builder(run_id: str, dataset_version: int):
         ok = cols["status"] == "ok"
         uris = [str(u) for u in cols["uri"]]
         n = len(uris)
-        return without_absent_logits(
-            cols,
-            pa.Table.from_arrays(
-                [
-                    pa.array([image_id(u) for u in uris], pa.string()),
-                    pa.array(uris, pa.string()),
-                    pa.array([str(s) for s in cols["status"]], pa.string()),
-                    error_column(cols["error"]),
-                    pa.array(cols["width"], pa.int32()),
-                    pa.array(cols["height"], pa.int32()),
-                    fixed_list(np.asarray(cols["image_features"], np.float16), pa.float16(), ok),
-                    logits_column(cols, ok),
-                    *source_columns(cols),
-                    pa.array([run_id] * n, pa.string()),
-                    pa.array([dataset_version] * n, pa.int32()),
-                ],
-                schema=IMAGE_SCHEMA,
-            ),
+        table = pa.Table.from_arrays(
+            [
+                pa.array([image_id(u) for u in uris], pa.string()),
+                pa.array(uris, pa.string()),
+                pa.array([str(s) for s in cols["status"]], pa.string()),
+                error_column(cols["error"]),
+                pa.array(cols["width"], pa.int32()),
+                pa.array(cols["height"], pa.int32()),
+                features_column(cols, ok),
+                logits_column(cols, ok),
+                *source_columns(cols),
+                pa.array([run_id] * n, pa.string()),
+                pa.array([dataset_version] * n, pa.int32()),
+            ],
+            schema=IMAGE_SCHEMA,
         )
+        return with_crop_columns(cols, ok, without_absent_logits(cols, table))
 
     return build

@@ -29,6 +29,10 @@ SLOW_TESTS = {
         "test_non_finite_features_become_error_rows_never_ok_rows",
     },
     "test_lease.py": {"test_second_command_into_a_busy_output_is_refused"},
+    "test_multicrop.py": {
+        "test_multi_crop_patch_tokens_merged_follow_the_recipe",
+        "test_multi_crop_with_the_class_token_follows_the_recipe",
+    },
     "test_pipeline.py": {
         "test_same_input_gives_identical_features_whatever_the_batching",
         "test_cli_run_with_broken_and_unusual_files",
