@@ -248,7 +248,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out}: write a .html file")
     options = _storage_options(args, args.output, args.out)
-    write_report(args.output, args.out, options, args.concept, args.max_slides)
+    write_report(args.output, args.out, options, args.concept, args.max_slides, args.top_k)
     _echo(f"featurize: wrote {args.out}")
     return 0
 
@@ -482,6 +482,7 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the .html file to write (local path or fsspec URL)")
     p.add_argument("--concept", default=None, help="slides: the concept of the heatmap thumbnails [default: the first]")
     p.add_argument("--max-slides", type=int, default=100, help="slides: heatmaps for at most this many [default: 100]")
+    p.add_argument("--top-k", type=int, default=8, help="thumbnails per concept, 0 to 50 [default: 8]")
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
 
 
