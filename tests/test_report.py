@@ -244,6 +244,23 @@ def test_a_features_only_output_is_mapped_in_one_colour(colours, tmp_path):
     assert list(figures(path)) == ["errors"]
 
 
+def test_a_rescore_is_reported_with_its_new_concepts_and_without_a_map(colours, tmp_path):
+    out2 = tmp_path / "out2"
+    args = ["rescore", colours["output"], "--prompts", colours["new_prompts"], "--out", str(out2)]
+    assert main([*args, "--trust-remote-code"]) == 0
+    path = tmp_path / "r.html"
+    assert main(["report", str(out2), "--out", str(path), "--top-k", "2"]) == 0
+    page = check_page(path)
+    text = " ".join(page.text)
+    assert "No map: this OUTPUT stores no image features (a rescore's OUT2 holds logits only)." in text
+    groups = figures(path)
+    assert list(groups) == ["red things", "sky", "grass", "glass", "errors"]
+    assert all(len(groups[c]) == 2 and groups[c][0]["src"] for c in ["red things", "sky", "grass", "glass"])
+    assert sorted(f["caption"] for f in groups["errors"]) == [f"broken_{i}.jpg(no reason given)" for i in (1, 2)]
+    assert main(["report", str(out2), "--out", str(path), "--top-k", "0"]) == 0
+    assert "top" not in check_page(path).ids and list(figures(path)) == ["errors"]
+
+
 def test_slides_report_escapes_and_draws_a_heatmap_per_slide(
     ray_session, tmp_path_factory, conceptclip_model, prompts_file, tmp_path
 ):
