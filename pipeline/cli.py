@@ -503,7 +503,7 @@ COMMANDS = [  # name, one-line help, the function that adds its arguments, the f
     ("probe", "train and test a linear probe (logistic regression) on OUTPUT's features", _args_probe, _cmd_probe),
     (
         "report",
-        "one static HTML page about OUTPUT: counts, errors, stages, concepts, slides",
+        "one offline HTML page about OUTPUT: top images per concept, a map, heatmaps, errors, runs",
         _args_report,
         _cmd_report,
     ),
