@@ -248,7 +248,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out}: write a .html file")
     options = _storage_options(args, args.output, args.out)
-    write_report(args.output, args.out, options, args.concept, args.max_slides)
+    write_report(args.output, args.out, options, args.concept, args.max_slides, args.top_k)
     _echo(f"featurize: wrote {args.out}")
     return 0
 
@@ -482,6 +482,7 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the .html file to write (local path or fsspec URL)")
     p.add_argument("--concept", default=None, help="slides: the concept of the heatmap thumbnails [default: the first]")
     p.add_argument("--max-slides", type=int, default=100, help="slides: heatmaps for at most this many [default: 100]")
+    p.add_argument("--top-k", type=int, default=8, help="thumbnails per concept, 0 to 50 [default: 8]")
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
 
 
@@ -502,7 +503,7 @@ COMMANDS = [  # name, one-line help, the function that adds its arguments, the f
     ("probe", "train and test a linear probe (logistic regression) on OUTPUT's features", _args_probe, _cmd_probe),
     (
         "report",
-        "one static HTML page about OUTPUT: counts, errors, stages, concepts, slides",
+        "one offline HTML page about OUTPUT: top images per concept, a map, heatmaps, errors, runs",
         _args_report,
         _cmd_report,
     ),

@@ -1,375 +1,35 @@
 """`featurize report`: one static HTML page about an OUTPUT, readable offline (no external assets).
 
-The page: what made the numbers (identity), the newest run's counts and every run, the current rows' counts, the
-error reasons grouped (with example uris), the newest run's per-stage seconds and throughput, each concept's logit
-distribution (one histogram per concept), and for slides OUTPUTs the slide list with a heatmap thumbnail per slide
-(drawn by pipeline.heatmap). Figures are PNGs drawn with matplotlib's Agg backend, inlined as base64; every text
-from the OUTPUT is HTML-escaped.
+What people open a report for comes first: per concept the top k images (for slides, tiles cropped from their
+slides) as thumbnails with their logits; a 2-D map of the image features coloured by each row's top concept; for
+slides, a heatmap per slide. Then each concept's logit histogram, the error rows grouped by reason with thumbnails
+where the bytes still decode, the counts, every run, and the newest run's seconds per stage.
+
+The page stays one file of bounded size: at most `top_k` thumbnails (TOP_K by default, MAX_TOP_K at most) for each of
+the first MAX_CONCEPTS_SHOWN concepts, ERROR_THUMBNAILS error rows and MAX_REASONS reasons, MAP_POINTS points in one
+map image, `max_slides` heatmaps. Thumbnails are JPEGs of at most THUMB_PX a side, figures PNGs; every image is a
+data: URI and every text from the OUTPUT is HTML-escaped. An input that cannot be read any more shows the reason
+in place of its thumbnail. The rows are streamed shard by shard (report_scan.RowSummary): only what is shown is kept.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import logging
-import re
-import tempfile
 import time
-from collections import Counter
-from pathlib import Path
-
-import numpy as np
-import pyarrow.compute as pc
 
 from . import families
 from .errors import UserError
-from .rescore import ScoredOutput, logits_matrix
+from .report_figures import embed_2d, figure_class, histogram_png, map_png, short, slide_heatmaps
+from .report_html import esc, img_b64, number, page, section, table, thumb_figure, thumb_img, toc
+from .report_runs import counts_section, runs_section, stages_section
+from .report_scan import MAP_POINTS, MAP_SEED, TOP_K, RowSummary
+from .rescore import ScoredOutput
 from .storage import write_bytes_atomic
+from .thumbnails import THUMB_PX, Thumbnail, image_thumbnail, slide_thumbnail, tile_thumbnails
 
-log = logging.getLogger(__name__)
-
-HIST_BINS = 40
-EXAMPLES_PER_REASON = 3
-MAX_REASONS = 50
-THUMBNAIL_PX = 360
-
-
-def _matplotlib():
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("featurize report draws with matplotlib: pip install 'pipeline-featurize[analysis]'") from None
-    return Figure
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(png_b64: str, alt: str, css: str = "") -> str:
-    return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{png_b64}">'
-
-
-# -- what the rows say ------------------------------------------------------------------------------------------------
-def reason_key(reason: str, uri: str) -> str:
-    """An error reason with what is particular to the input (its uri, file name, long numbers) taken out, so
-    the same failure on many inputs is one group."""
-    text = reason or "(no reason given)"
-    for part in sorted({uri, uri.rsplit("/", 1)[-1]} - {""}, key=len, reverse=True):
-        text = text.replace(part, "…")
-    text = re.sub(r"0x[0-9a-fA-F]+", "0x…", text)  # object addresses (<_io.BytesIO object at 0x7f...>)
-    return re.sub(r"\d{4,}", "N", text)
-
-
-class RowSummary:
-    """Counts, grouped error reasons and per-concept logit histograms over an OUTPUT's current rows."""
-
-    def __init__(self, source: ScoredOutput):
-        self.source = source
-        self.counts: Counter = Counter()
-        self.reasons: dict[str, dict] = {}
-        self.with_logits = source.has_logits
-        columns = (
-            ["uri", "status"]
-            + (["error"] if "error" in source.columns else [])
-            + (["concept_logits"] if self.with_logits else [])
-        )
-        k = len(source.concepts)
-        self.low, self.high = np.full(k, np.inf), np.full(k, -np.inf)
-        self.total, self.n = np.zeros(k), 0
-        for chunk in source.chunks(columns) if source.shards else ():
-            self._first_pass(chunk)
-        self.histograms = self._histograms() if self.with_logits and self.n else []
-
-    def _first_pass(self, chunk) -> None:
-        status = chunk.column("status").to_pylist()
-        self.counts.update(status)
-        failed = [i for i, s in enumerate(status) if s != "ok"]
-        if failed:
-            uris = chunk.column("uri").to_pylist()
-            errors = chunk.column("error").to_pylist() if "error" in chunk.column_names else [None] * len(uris)
-            for i in failed:
-                group = self.reasons.setdefault(
-                    reason_key(errors[i], uris[i]), {"count": 0, "examples": [], "reason": errors[i]}
-                )
-                group["count"] += 1
-                if len(group["examples"]) < EXAMPLES_PER_REASON:
-                    group["examples"].append(uris[i])
-        if self.with_logits:
-            logits = self._ok_logits(chunk)
-            if len(logits):
-                self.low = np.minimum(self.low, logits.min(axis=0))
-                self.high = np.maximum(self.high, logits.max(axis=0))
-                self.total += logits.sum(axis=0, dtype=np.float64)
-                self.n += len(logits)
-
-    @staticmethod
-    def _ok_logits(chunk) -> np.ndarray:
-        ok = pc.fill_null(
-            pc.and_(pc.equal(chunk.column("status"), "ok"), pc.is_valid(chunk.column("concept_logits"))), False
-        )
-        return logits_matrix(chunk.column("concept_logits").filter(ok))
-
-    def _histograms(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Second pass: per concept, counts over HIST_BINS equal bins between its lowest and highest logit."""
-        edges = []
-        for lo, hi in zip(self.low, self.high):
-            if hi <= lo:
-                lo, hi = lo - 0.5, hi + 0.5
-            edges.append(np.linspace(lo, hi, HIST_BINS + 1))
-        counts = [np.zeros(HIST_BINS, np.int64) for _ in edges]
-        for chunk in self.source.chunks(["uri", "status", "concept_logits"]):
-            logits = self._ok_logits(chunk)
-            for j, e in enumerate(edges):
-                counts[j] += np.histogram(logits[:, j], bins=e)[0] if len(logits) else 0
-        return list(zip(counts, edges))
-
-
-# -- figures ----------------------------------------------------------------------------------------------------------
-def histogram_png(concept: str, counts: np.ndarray, edges: np.ndarray, mean: float, sigmoid: bool) -> str:
-    Figure = _matplotlib()
-    fig = Figure(figsize=(3.3, 2.3), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#3b6ea8", edgecolor="none")
-    ax.axvline(mean, color="#d95f02", linewidth=1.2)
-    half = sigmoid and edges[0] < 0 < edges[-1]
-    if half:
-        ax.axvline(0.0, color="#555555", linewidth=0.8, linestyle="--")
-    ax.set_title(concept if len(concept) <= 40 else concept[:39] + "…", fontsize=9)
-    ax.set_xlabel(f"logit (orange: mean {mean:.3g}" + ("; dashed: p = 0.5)" if half else ")"), fontsize=7)
-    ax.set_ylabel("rows", fontsize=8)
-    ax.tick_params(labelsize=7)
-    return _png(fig)
-
-
-def slide_thumbnails(source: ScoredOutput, concept: str, storage_options: dict | None, max_slides: int) -> dict:
-    """slide_id -> base64 PNG heatmap of `concept` over the slide (pipeline.heatmap's drawing, shrunk)."""
-    from PIL import Image
-
-    from .heatmap import SlideOutput, draw, thumbnail, tile_grid_values
-
-    result = SlideOutput(source.url, storage_options)
-    k = result.concept_index(concept)
-    out: dict[str, str] = {}
-    slides = [s for s in source.current_slides().to_pylist() if s["n_tiles"] and s["footprint_px"] is not None]
-    with tempfile.TemporaryDirectory() as tmp:
-        for slide in slides[:max_slides]:
-            tiles = result.tiles(slide)
-            if tiles.num_rows == 0:
-                continue
-            grid, extent = tile_grid_values(tiles, slide, k, use_maps=False)
-            try:
-                background = thumbnail(slide, storage_options)
-            except Exception as exc:  # a reader that is not installed, a slide gone: draw on white
-                log.warning("slide %s: no thumbnail (%s)", slide["slide_id"], type(exc).__name__)
-                background = None
-            path = draw(Path(tmp) / "h.png", slide, concept, grid, extent, background, f"tile logit: {concept}")
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-            out[slide["slide_id"]] = base64.b64encode(buf.getvalue()).decode("ascii")
-    return out
-
-
-# -- the page ---------------------------------------------------------------------------------------------------------
-CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px auto;max-width:1120px;color:#222;
-font-size:14px;line-height:1.4;padding:0 16px}
-h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;
-vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.muted{color:#777}.bar{background:#3b6ea8;height:10px;display:inline-block;vertical-align:middle}
-.grid{display:flex;flex-wrap:wrap;gap:8px}.grid img{border:1px solid #eee}code{font-size:12px}
-td.uris{font-size:12px;word-break:break-all;max-width:420px}td.reason{max-width:480px;word-break:break-word}
-"""
-
-
-def _e(value) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _table(
-    headers: list[str],
-    rows: list[list],
-    numeric: set[int] = frozenset(),
-    raw: set[int] = frozenset(),
-    css: dict[int, str] | None = None,
-) -> str:
-    """rows of values (escaped, unless their column is in `raw`: already HTML)."""
-    css = css or {}
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    head = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
-    body = []
-    for row in rows:
-        cells = []
-        for i, v in enumerate(row):
-            cls = " ".join(filter(None, ["n" if i in numeric else "", css.get(i, "")]))
-            cells.append(f'<td class="{cls}">{v if i in raw else _e(v)}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
-
-
-def _number(value) -> str:
-    if isinstance(value, float):
-        return f"{value:,.3f}".rstrip("0").rstrip(".") if value else "0"
-    return f"{value:,}" if isinstance(value, int) else _e(value)
-
-
-COUNT_ORDER = (
-    "listed",
-    "skipped",
-    "planned",
-    "slides_ok",
-    "slides_error",
-    "slide_errors_at_planning",
-    "tiles",
-    "processed",
-    "ok",
-    "error",
-    "duplicates_dropped",
-)
-STAGE_ORDER = (
-    "listing_s",
-    "processor_s",
-    "ray_start_and_prepare_s",
-    "planning_s",
-    "startup_s",
-    "read_s",
-    "decode_s",
-    "model_s",
-    "write_s",
-    "stream_s",
-    "gpu_busy_fraction",
-)
-
-
-def _ordered(mapping: dict, order: tuple) -> list:
-    """Items in `order`, then the others as they come."""
-    return sorted(mapping.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
-
-
-def _counts_section(source: ScoredOutput, run: dict | None, summary: RowSummary) -> str:
-    rows = [
-        ["current rows", sum(summary.counts.values())],
-        ["ok", summary.counts.get("ok", 0)],
-        ["error", sum(v for k, v in summary.counts.items() if k != "ok")],
-    ]
-    which = (
-        "each slide's tiles from its newest run"
-        if source.is_slides
-        else "every row"
-        if source.rescore_record
-        else "each input's newest row"
-    )
-    parts = [
-        "<h2>Counts</h2>",
-        f"<p>Current {'tile' if source.is_slides else 'image'} rows (the current dataset version, {which}):</p>",
-        _table(["", "rows"], [[k, _number(v)] for k, v in rows], numeric={1}),
-    ]
-    if run:
-        counts = run.get("counts", {})
-        flat = [[k, _number(v)] for k, v in _ordered(counts, COUNT_ORDER) if not isinstance(v, dict)]
-        classes = counts.get("error_classes") or {}
-        flat += [[f"error class: {k}", _number(v)] for k, v in classes.items()]
-        parts += [
-            f"<p>The newest run, <code>{_e(run.get('run_id'))}</code> ({_e(run.get('command', ''))}, "
-            f"{_e(run.get('state', ''))}), from <code>_run.json</code>:</p>",
-            _table(["count", "value"], flat, numeric={1}),
-        ]
-    return "\n".join(parts)
-
-
-def _runs_section(runs: list[dict]) -> str:
-    if not runs:
-        return ""
-    rows = []
-    for r in runs:
-        c = r.get("counts", {})
-        speed = r.get("images_per_s", r.get("tiles_per_s"))
-        rows.append(
-            [
-                r.get("run_id"),
-                r.get("command", ""),
-                r.get("state"),
-                r.get("started_at", ""),
-                _number(r.get("wall_s", "")),
-                _number(c.get("processed", "")),
-                _number(c.get("ok", "")),
-                _number(c.get("error", "")),
-                _number(speed if speed is not None else ""),
-            ]
-        )
-    return "<h2>Runs</h2>" + _table(
-        ["run", "command", "state", "started", "wall s", "processed", "ok", "error", "per s"],
-        rows,
-        numeric={4, 5, 6, 7, 8},
-    )
-
-
-def _errors_section(summary: RowSummary, slides_errors: list[dict]) -> str:
-    parts = ["<h2>Errors</h2>"]
-    groups = sorted(summary.reasons.values(), key=lambda g: (-g["count"], str(g["reason"])))
-    if not groups and not slides_errors:
-        return "<h2>Errors</h2><p>No error rows.</p>"
-    if slides_errors:
-        parts.append("<p>Slides that failed (<code>_slides.parquet</code>):</p>")
-        parts.append(
-            _table(
-                ["slide", "uri", "reason"],
-                [[s["slide_id"], s["uri"], s["error"]] for s in slides_errors],
-                css={1: "uris", 2: "reason"},
-            )
-        )
-    if groups:
-        shown = groups[:MAX_REASONS]
-        more = f" ({len(groups) - len(shown)} rarer reasons not shown)" if len(groups) > len(shown) else ""
-        parts.append(f"<p>Error rows by reason{more}:</p>")
-        parts.append(
-            _table(
-                ["rows", "reason (an example)", "example uris"],
-                [
-                    [_number(g["count"]), g["reason"] or "(no reason given)", "<br>".join(_e(u) for u in g["examples"])]
-                    for g in shown
-                ],
-                numeric={0},
-                raw={2},
-                css={1: "reason", 2: "uris"},
-            )
-        )
-    return "\n".join(parts)
-
-
-def _stages_section(run: dict | None) -> str:
-    if not run or not run.get("stages"):
-        return ""
-    numbers = {k: v for k, v in run["stages"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    stages = dict(_ordered(numbers, STAGE_ORDER))
-    seconds = {k: v for k, v in stages.items() if k.endswith("_s")}
-    longest = max(seconds.values(), default=0) or 1
-    rows = [
-        [
-            k.removesuffix("_s").replace("_", " "),
-            _number(float(v)),
-            f'<span class="bar" style="width:{int(240 * v / longest)}px"></span>',
-        ]
-        for k, v in seconds.items()
-    ]
-    rows += [[k.replace("_", " "), _number(float(v)), ""] for k, v in stages.items() if k not in seconds]
-    speed = [(k, run[k]) for k in ("images_per_s", "tiles_per_s", "first_shard_s", "wall_s") if run.get(k) is not None]
-    facts = ", ".join(f"{k.replace('_', ' ')}: {_number(v)}" for k, v in speed)
-    if run["stages"].get("actors_started_before_plan"):
-        facts += ("; " if facts else "") + "the model loaded while the driver planned"
-    return (
-        "<h2>Stages and throughput</h2>"
-        + (f"<p>{_e(facts)}</p>" if facts else "")
-        + '<p class="muted">Seconds per stage of the newest run (decode, model and write are summed over '
-        "batches, so they can exceed the wall time).</p>" + _table(["stage", "seconds", ""], rows, numeric={1}, raw={2})
-    )
+MAX_REASONS = 50  # error reasons in the table
+ERROR_THUMBNAILS = 24  # error rows (and failed slides) shown with a thumbnail
+MAX_CONCEPTS_SHOWN = 60  # concepts with thumbnails and a histogram
+MAX_TOP_K = 50
 
 
 def _family(identity: dict) -> families.Family | None:
@@ -379,17 +39,162 @@ def _family(identity: dict) -> families.Family | None:
         return None
 
 
+# -- thumbnails of rows ---------------------------------------------------------------------------------------------
+def _row_key(row: dict) -> tuple:
+    return (row["uri"], row.get("x"), row.get("y"), row.get("level"))
+
+
+def _thumbnails(source: ScoredOutput, rows: list[dict], storage_options: dict | None, partial: bool) -> dict:
+    """_row_key -> Thumbnail for each row (images: the file; tiles: cropped from the slide its _slides.parquet
+    row describes), each input read once."""
+    unique = list({_row_key(r): r for r in rows}.values())
+    if not source.is_slides:
+        return {_row_key(r): image_thumbnail(r["uri"], storage_options, THUMB_PX, partial) for r in unique}
+    slides = {s["uri"]: s for s in source.current_slides().to_pylist()}
+    known = [r for r in unique if slides.get(r["uri"], {}).get("footprint_px") is not None]
+    tiles = [{**r, **{k: slides[r["uri"]][k] for k in ("footprint_px", "reader")}} for r in known]
+    out = dict(zip(map(_row_key, known), tile_thumbnails(tiles, storage_options, THUMB_PX)))
+    for r in unique:
+        out.setdefault(_row_key(r), Thumbnail(reason="its slide has no tile geometry in _slides.parquet"))
+    return out
+
+
+def _where(row: dict) -> str:
+    """A row's short name: the file name, or the slide and the tile's level-0 corner."""
+    if row.get("x") is not None:
+        return f"{row.get('slide_id') or row['uri'].rsplit('/', 1)[-1]} ({row['x']}, {row['y']})"
+    return row["uri"].rstrip("/").rsplit("/", 1)[-1]
+
+
+# -- sections -------------------------------------------------------------------------------------------------------
+def _gallery_section(source: ScoredOutput, summary: RowSummary, storage_options: dict | None) -> str:
+    what = "tiles" if source.is_slides else "images"
+    if not summary.top.k:
+        return ""  # --top-k 0
+    if not source.has_logits:
+        return f"<p>This OUTPUT has no concept logits (a features-only run): no {what} to rank.</p>"
+    if not summary.n:
+        return "<p>No ok rows.</p>"
+    shown = summary.top.best[:MAX_CONCEPTS_SHOWN]
+    thumbs = _thumbnails(source, [p.key for picks in shown for p in picks], storage_options, partial=False)
+    parts = [
+        f"<p>The {summary.top.k} {what} with the highest logit for each concept, of {summary.n:,} ok rows"
+        + (" (cropped from their slides)" if source.is_slides else "")
+        + ", with the logit and the probability (p). Hover over one for its full uri.</p>"
+    ]
+    for concept, picks in zip(source.concepts, shown):
+        figures = []
+        for rank, pick in enumerate(picks, 1):
+            p = f"<br>p {pick.probability:.3g}" if pick.probability is not None else ""
+            caption = f'<b class="n">#{rank} logit {pick.logit:.3f}</b>{p}<br>{esc(short(_where(pick.key), 48))}'
+            figures.append(thumb_figure(thumbs[_row_key(pick.key)], caption, pick.key["uri"]))
+        row = "".join(figures)
+        parts.append(f'<h3>{esc(concept)}</h3><div class="thumbs" data-concept="{esc(concept)}">{row}</div>')
+    if len(source.concepts) > len(shown):
+        parts.append(f'<p class="muted">{len(source.concepts) - len(shown)} more concepts not shown.</p>')
+    return "\n".join(parts)
+
+
+def _map_section(source: ScoredOutput, summary: RowSummary) -> str:
+    sample = summary.map
+    if sample.note:
+        return f"<p>No map: {esc(sample.note)}.</p>"
+    if sample.features is None or not len(sample.features):
+        return "<p>No ok rows with features.</p>"
+    xy, method = embed_2d(sample.features, MAP_SEED)
+    n, of = len(sample.features), sample.offered
+    which = f"all {n:,}" if n == of else f"a seeded sample of {n:,} (of {of:,})"
+    concepts = source.concepts if summary.with_logits else []
+    colour = (
+        "coloured by each row's top concept (the highest logit)"
+        if concepts
+        else "in one colour: this OUTPUT has no concept logits (a features-only run), so there is nothing to colour by"
+    )
+    title = f"{method} of {n:,} rows' image features"
+    return (
+        f"<p>{which} ok rows' image features in two dimensions ({method}{', cosine' if method == 'UMAP' else ''}), "
+        f"{colour}. Points close together have similar features.</p>"
+        + img_b64(map_png(xy, sample.top, concepts, title), f"map of the image features ({method})", "map")
+    )
+
+
+def _errors_section(source: ScoredOutput, summary: RowSummary, storage_options: dict | None) -> str:
+    slides_errors = [s for s in source.current_slides().to_pylist() if s["status"] != "ok"] if source.is_slides else []
+    groups = sorted(summary.reasons.values(), key=lambda g: (-g["count"], str(g["reason"])))
+    if not groups and not slides_errors:
+        return "<p>No error rows.</p>"
+    parts = []
+    if slides_errors:
+        shots = [
+            slide_thumbnail(s["uri"], s.get("reader"), storage_options) if i < ERROR_THUMBNAILS else None
+            for i, s in enumerate(slides_errors)
+        ]
+        parts.append("<p>Slides that failed (<code>_slides.parquet</code>):</p>")
+        parts.append(
+            table(
+                ["slide", "uri", "reason", "slide"],
+                [
+                    [s["slide_id"], s["uri"], s["error"], thumb_img(t, s["slide_id"]) if t else ""]
+                    for s, t in zip(slides_errors, shots)
+                ],
+                raw={3},
+                css={1: "uris", 2: "reason"},
+            )
+        )
+    if groups:
+        parts += _reason_table(groups)
+        rows = summary.error_rows(ERROR_THUMBNAILS)
+        thumbs = _thumbnails(source, rows, storage_options, partial=True)
+        parts.append(
+            f"<p>{_rows(len(rows), 'error row')} as they look now (what still decodes; where nothing does, why):</p>"
+            f'<div class="thumbs errors">{"".join(_error_figure(r, thumbs[_row_key(r)]) for r in rows)}</div>'
+        )
+    return "\n".join(parts)
+
+
+def _rows(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+
+def _error_figure(row: dict, thumb: Thumbnail) -> str:
+    """An error row: what its bytes still show (or why nothing), its name, and its reason unless the box says it."""
+    reason = row.get("error") or "(no reason given)"
+    said = f'<br><span class="reason">{esc(short(reason, 90))}</span>' if reason != thumb.reason else ""
+    return thumb_figure(thumb, esc(short(_where(row), 48)) + said, row["uri"])
+
+
+def _reason_table(groups: list[dict]) -> list[str]:
+    shown = groups[:MAX_REASONS]
+    more = f" ({len(groups) - len(shown)} rarer reasons not shown)" if len(groups) > len(shown) else ""
+    return [
+        f"<p>Error rows by reason{more}:</p>",
+        table(
+            ["rows", "reason (an example)", "example uris"],
+            [
+                [number(g["count"]), g["reason"] or "(no reason given)", "<br>".join(esc(u) for u in g["examples"])]
+                for g in shown
+            ],
+            numeric={0},
+            raw={2},
+            css={1: "reason", 2: "uris"},
+        ),
+    ]
+
+
 def _concepts_section(source: ScoredOutput, summary: RowSummary) -> str:
     if not source.has_logits:
-        return "<h2>Concept logits</h2><p>This OUTPUT has no concept logits (a features-only run).</p>"
+        return "<p>This OUTPUT has no concept logits (a features-only run).</p>"
     if not summary.histograms:
-        return "<h2>Concept logits</h2><p>No ok rows.</p>"
-    sigmoid = _family(source.identity) is not None and _family(source.identity).probability == "sigmoid"
+        return "<p>No ok rows.</p>"
+    family = _family(source.identity)
+    sigmoid = family is not None and family.probability == "sigmoid"
     scale_bias = source.scale_bias
     means = summary.total / max(summary.n, 1)
     figures = [
-        _img(histogram_png(name, counts, edges, float(mean), sigmoid), f"logit histogram: {name}", "concept")
-        for name, (counts, edges), mean in zip(source.concepts, summary.histograms, means)
+        img_b64(histogram_png(name, counts, edges, float(mean), sigmoid), f"logit histogram: {name}", "concept")
+        for name, (counts, edges), mean in zip(
+            source.concepts[:MAX_CONCEPTS_SHOWN], summary.histograms[:MAX_CONCEPTS_SHOWN], means
+        )
     ]
     formula = (
         f"logit = {scale_bias[0]:.4g} * cos"
@@ -401,12 +206,12 @@ def _concepts_section(source: ScoredOutput, summary: RowSummary) -> str:
         "sigmoid(logit) is the probability" if sigmoid else "compare concepts with a softmax"
     )
     return (
-        f"<h2>Concept logits</h2><p>Distribution of each concept's logit over {summary.n:,} ok rows "
-        f'({_e(note)}).</p><div class="grid">' + "".join(figures) + "</div>"
+        f"<p>Distribution of each concept's logit over {summary.n:,} ok rows "
+        f'({esc(note)}).</p><div class="grid">' + "".join(figures) + "</div>"
     )
 
 
-def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_slides: int) -> str:
+def _slides_section(source: ScoredOutput, concept: str, heatmaps: dict, max_slides: int) -> str:
     slides = source.current_slides().to_pylist()
     k = source.concepts.index(concept) if concept in source.concepts else None
     rows = []
@@ -416,21 +221,21 @@ def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_sl
             [
                 s["slide_id"],
                 s["status"],
-                _number(s.get("n_tiles") or 0),
-                _number(s.get("n_tile_errors") or 0),
-                _number(s.get("slide_mpp")) if s.get("slide_mpp") is not None else "",
-                _number(float(best[k])) if best is not None and k is not None and best[k] is not None else "",
-                _img(thumbnails[s["slide_id"]], f"heatmap {s['slide_id']}", "slide")
-                if s["slide_id"] in thumbnails
+                number(s.get("n_tiles") or 0),
+                number(s.get("n_tile_errors") or 0),
+                number(s.get("slide_mpp")) if s.get("slide_mpp") is not None else "",
+                number(float(best[k])) if best is not None and k is not None and best[k] is not None else "",
+                thumb_img(heatmaps[s["slide_id"]], f"heatmap {s['slide_id']}", "slide")
+                if s["slide_id"] in heatmaps
                 else '<span class="muted">no scored tiles</span>',
             ]
         )
     cut = len([s for s in slides if s["n_tiles"]]) > max_slides
     note = f" Heatmaps for the first {max_slides} slides with tiles (--max-slides)." if cut else ""
     return (
-        f"<h2>Slides</h2><p>{len(slides)} slides; heatmaps of <b>{_e(concept)}</b> (tile logits over the "
-        f"slide's thumbnail in grey).{_e(note)}</p>"
-        + _table(
+        f"<p>{len(slides)} slides; heatmaps of <b>{esc(concept)}</b> (tile logits over the "
+        f"slide's thumbnail in grey).{esc(note)}</p>"
+        + table(
             ["slide", "status", "tiles", "tile errors", "slide_mpp (µm/px)", f"max logit: {concept}", "heatmap"],
             rows,
             numeric={2, 3, 4, 5},
@@ -439,21 +244,14 @@ def _slides_section(source: ScoredOutput, concept: str, thumbnails: dict, max_sl
     )
 
 
-def render(
-    source: ScoredOutput, concept: str | None = None, storage_options: dict | None = None, max_slides: int = 100
-) -> str:
-    """The whole page as a string."""
-    _matplotlib()
-    summary = RowSummary(source)
-    run = source.out.read_json("_run.json")
-    runs = source.out.runs()
-    identity = source.identity
-    family = _family(identity)
+# -- the page -------------------------------------------------------------------------------------------------------
+def _identity_rows(source: ScoredOutput) -> list[list]:
+    family = _family(source.identity)
     facts = [
         ["model family", family.title if family else v]
         if k == "kind"
         else [k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())]
-        for k, v in identity.items()
+        for k, v in source.identity.items()
     ]
     if source.version is not None:
         facts.append(["dataset version", source.version])
@@ -461,41 +259,79 @@ def render(
         facts.append(["rescore of", source.rescore_record.get("source", {}).get("output")])
     if source.concepts:
         facts.append(["concepts", ", ".join(source.concepts)])
-    body = [
-        f'<h1>featurize report</h1><p class="muted"><code>{_e(source.url)}</code>, '
-        f"{_e(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>",
-        "<h2>What the numbers depend on</h2>" + _table(["", ""], facts, css={1: "reason"}),
-        _counts_section(source, run, summary),
-        _runs_section(runs),
-    ]
-    slides_errors = []
-    if source.is_slides:
-        slides_errors = [s for s in source.current_slides().to_pylist() if s["status"] != "ok"]
-    body += [_errors_section(summary, slides_errors), _stages_section(run), _concepts_section(source, summary)]
-    if source.is_slides:
-        if concept is None and source.concepts:
-            concept = source.concepts[0]
-        if concept is not None and concept not in source.concepts:
-            raise UserError(f"no concept {concept!r} in {source.url}; available: {', '.join(source.concepts)}")
-        thumbs = slide_thumbnails(source, concept, storage_options, max_slides) if concept else {}
-        body.append(_slides_section(source, concept or "", thumbs, max_slides))
-    title = f"featurize report: {source.url}"
+    return facts
+
+
+def _summary_line(source: ScoredOutput, summary: RowSummary) -> str:
+    total = sum(summary.counts.values())
+    errors = total - summary.counts.get("ok", 0)
+    what = "tile" if source.is_slides else "image"
+    family = _family(source.identity)
+    slides = f"{len(source.current_slides()):,} slides, " if source.is_slides else ""
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
-        + "\n".join(b for b in body if b)
-        + "\n</body></html>\n"
+        f'<p class="summary">{slides}{total:,} current {what} rows: {summary.counts.get("ok", 0):,} ok, '
+        f"{errors:,} errors; {len(source.concepts)} concepts"
+        + (f"; model family {esc(family.title)}" if family else "")
+        + "</p>"
     )
 
 
+def render(
+    source: ScoredOutput,
+    concept: str | None = None,
+    storage_options: dict | None = None,
+    max_slides: int = 100,
+    top_k: int = TOP_K,
+) -> str:
+    """The whole page as a string."""
+    figure_class()  # matplotlib is there, before any reading
+    if source.is_slides:
+        concept = concept if concept is not None else (source.concepts[0] if source.concepts else None)
+        if concept is not None and concept not in source.concepts:
+            raise UserError(f"no concept {concept!r} in {source.url}; available: {', '.join(source.concepts)}")
+    summary = RowSummary(source, top_k, MAP_POINTS)
+    run = source.out.read_json("_run.json")
+    what = "tiles" if source.is_slides else "images"
+    sections = [
+        ("identity", "What the numbers depend on", table(["", ""], _identity_rows(source), css={1: "reason"})),
+        ("top", f"Top {what} per concept", _gallery_section(source, summary, storage_options)),
+        ("map", "Map of the image features", _map_section(source, summary)),
+    ]
+    if source.is_slides:
+        heatmaps = slide_heatmaps(source, concept, storage_options, max_slides) if concept else {}
+        sections.append(("slides", "Slides", _slides_section(source, concept or "", heatmaps, max_slides)))
+    sections += [
+        ("logits", "Concept logits", _concepts_section(source, summary)),
+        ("errors", "Errors", _errors_section(source, summary, storage_options)),
+        ("counts", "Counts", counts_section(source, run, summary.counts)),
+        ("runs", "Runs", runs_section(source.out.runs())),
+        ("stages", "Stages and throughput", stages_section(run)),
+    ]
+    sections = [(a, t, b) for a, t, b in sections if b]
+    header = (
+        f'<h1>featurize report</h1><p class="muted"><code>{esc(source.url)}</code>, '
+        f"{esc(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>"
+    )
+    body = [header, _summary_line(source, summary), toc([(a, t) for a, t, _ in sections])]
+    body += [section(a, t, b) for a, t, b in sections]
+    return page(f"featurize report: {source.url}", body)
+
+
 def write_report(
-    output: str, path: str, storage_options: dict | None = None, concept: str | None = None, max_slides: int = 100
+    output: str,
+    path: str,
+    storage_options: dict | None = None,
+    concept: str | None = None,
+    max_slides: int = 100,
+    top_k: int = TOP_K,
 ) -> str:
     if max_slides < 0:
         raise UserError(f"--max-slides must be 0 or more, not {max_slides}")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise UserError(f"--top-k must be 0 to {MAX_TOP_K}, not {top_k}")
     source = ScoredOutput(output, storage_options)
     if not source.shards:
         raise UserError(f"{output} holds no shards (part-*.parquet) yet: no run has committed a work unit there")
-    page = render(source, concept, storage_options, max_slides)
-    write_bytes_atomic(path, page.encode("utf-8"), storage_options)
+    page_text = render(source, concept, storage_options, max_slides, top_k)
+    write_bytes_atomic(path, page_text.encode("utf-8"), storage_options)
     return path

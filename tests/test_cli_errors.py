@@ -67,3 +67,5 @@ def test_analysis_on_an_output_without_shards_says_so(tmp_path, capsys):
 def test_negative_counts_are_refused(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html"), "--max-slides", "-1"]) == 2
     assert "--max-slides must be 0 or more" in one_line(capsys)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html"), "--top-k", "51"]) == 2
+    assert "--top-k must be 0 to 50, not 51" in one_line(capsys)
