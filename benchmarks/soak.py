@@ -7,7 +7,10 @@ sampled throughout, and every image exactly once at the end.
 Inputs: --distinct (300) generated 64x48 JPEGs (`pipeline.demo.make_images`; 30% portrait), hard-linked under
 --images distinct names in folders of 1,000 (each name is its own uri and input). The model is the demo's tiny
 ConceptCLIP-interface model (`pipeline.demo.copy_demo_model`, 64 px input) with the benchmark prompt set; every
-command is `featurize images` as a subprocess with `--progress-interval-s 1`, the pipeline's defaults otherwise.
+command is `featurize images` as a subprocess with `--progress-interval-s 1` and `--rows-per-shard 10000`, the
+pipeline's defaults otherwise. Shards of 10,000 rows commit all along, as a real model's ~128 MB shards do; the tiny
+model's default shard (~466k rows) would commit once, at the very end, and its one commit's buffers would read as
+growth (as in benchmarks.scale's streaming part).
 
 Parts:
   one      one command over the whole folder of --images images into a fresh OUTPUT.
@@ -44,7 +47,9 @@ from .scale import PROGRESS_RE, Measured
 MB = 1024**2
 TARGET_IMAGES, TARGET_INCREMENTS = 200_000, 20
 GROWTH_MB = 50.0  # driver and actor RSS growth after the first 10%
-TENTH_RATIO = 0.10  # the last tenth's rate within 10% of the first's
+# the last tenth's rate at least 90% of the first's: within 10%, or faster (a faster end is no slowdown; the first
+# tenth still has the stream's warm-up in it)
+TENTH_RATIO = 0.90
 TABLE_HEADER = (
     "| date | machine | part | images | wall s | images/s | driver RSS MB (at 10%, growth after) | "
     "actor RSS MB (at 10%, growth after) | last/first tenth | exactly once | met | command |\n"
@@ -72,6 +77,10 @@ def link_night(paths: list[str], corpus: Path, folder: Path) -> None:
         target = folder / Path(path).relative_to(corpus)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(path, target)
+
+
+def shard_args(args) -> list[str]:
+    return ["--rows-per-shard", str(args.rows_per_shard)] if args.rows_per_shard else []
 
 
 def model_args(work: Path) -> list[str]:
@@ -224,7 +233,7 @@ def checks(figures: dict, once: dict) -> dict:
                              and figures["driver"]["growth_mb"] <= GROWTH_MB),
         "actor_growth_mb": (max(actor_growth, default=None), bool(actor_growth) and
                             all(g is not None and g <= GROWTH_MB for g in actor_growth)),
-        "last_over_first_tenth": (ratio, ratio is not None and abs(ratio - 1) <= TENTH_RATIO),
+        "last_over_first_tenth": (ratio, ratio is not None and ratio >= TENTH_RATIO),
         "exactly_once": (once["rows"], once["pass"]),
     }  # fmt: skip
     return {k: {"measured": v, "pass": ok} for k, (v, ok) in out.items()}
@@ -235,7 +244,7 @@ def part_one(args, work: Path) -> dict:
     soak_corpus(work, n, args.distinct)
     out = common.fresh_dir(work / "soak" / "out-one")
     cmd = common.featurize_cmd() + ["images", str(work / "corpus" / f"soak64-{n}"), str(out), *model_args(work)]
-    cmd += ["--progress-interval-s", "1", *args.extra]
+    cmd += ["--progress-interval-s", "1", *shard_args(args), *args.extra]
     log(f"one: featurize images over {n:,} images")
     res, sampler = featurize(cmd, work / "soak" / "one.log", args.interval, args.timeout)
     record = json.loads((out / "_run.json").read_text())
@@ -259,7 +268,7 @@ def part_one(args, work: Path) -> dict:
 
 def one_night(args, work: Path, folder: Path, out: Path, night: int, per: int) -> dict:
     cmd = common.featurize_cmd() + ["images", str(folder), str(out), *model_args(work), "--incremental"]
-    cmd += ["--progress-interval-s", "1", *args.extra]
+    cmd += ["--progress-interval-s", "1", *shard_args(args), *args.extra]
     res, sampler = featurize(cmd, work / "soak" / f"night-{night:02d}.log", args.interval, args.timeout)
     c = json.loads((out / "_run.json").read_text())["counts"]
     actors = [
@@ -272,6 +281,7 @@ def one_night(args, work: Path, folder: Path, out: Path, night: int, per: int) -
         "listed": c.get("listed"),
         "processed": c.get("processed"),
         "ok": c.get("ok"),
+        "driver_at_first_result_mb": next((x["driver_mb"] for x in sampler.samples if x["done"]), None),
         "driver_peak_mb": res["peak_rss_mb"],
         "actor_peak_mb": max(actors, default=None),
         "command": shlex.join(cmd),
@@ -353,11 +363,12 @@ def report(rec: dict, at_size: bool) -> None:
         if r["part"] == "one":
             print(f"    images/s by tenth {r['tenths_images_per_s']}; last/first {r['last_over_first_tenth']}")
         else:
-            print("    night  processed  ok      wall s  images/s  driver peak MB  actor peak MB")
+            print("    night  processed  ok      wall s  images/s  driver MB at first result, peak  actor peak MB")
             for n in r["nights"]:
                 print(
                     f"    {n['night']:>5}  {n['processed']:>9}  {n['ok']:>6}  {n['wall_s']:>6.1f}  "
-                    f"{n['images_per_s']:>8}  {n['driver_peak_mb']:>14}  {n['actor_peak_mb']:>13}"
+                    f"{n['images_per_s']:>8}  {n['driver_at_first_result_mb']:>20}, {n['driver_peak_mb']:>7}  "
+                    f"{n['actor_peak_mb']:>13}"
                 )
         for name, check in r["checks"].items():
             print(f"    {name}: {check['measured']} -> {'PASS' if check['pass'] else 'FAIL'}")
@@ -371,6 +382,12 @@ def main(argv=None) -> int:
     ap.add_argument("--increments", type=int, default=TARGET_INCREMENTS, help=f"nights [{TARGET_INCREMENTS}]")
     ap.add_argument("--only", default="one,nightly", help="comma list of parts [one,nightly]")
     ap.add_argument("--distinct", type=int, default=300, help="distinct JPEGs behind the links [300]")
+    ap.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=10_000,
+        help="--rows-per-shard of every command (0 = the pipeline's default) [10000]",
+    )
     ap.add_argument("--pipeline-args", default="", help="extra `featurize images` flags, one string")
     ap.add_argument("--interval", type=float, default=1.0, help="sampling interval, seconds [1.0]")
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
@@ -388,7 +405,7 @@ def main(argv=None) -> int:
         "noisy": args.noisy,
         "machine": common.machine_info(),
         "versions": common.versions(),
-        "targets": {"growth_mb": GROWTH_MB, "tenth_ratio_within": TENTH_RATIO, "images": TARGET_IMAGES},
+        "targets": {"growth_mb": GROWTH_MB, "last_over_first_tenth_min": TENTH_RATIO, "images": TARGET_IMAGES},
         "parts": [],
     }
     for name, run in (("one", part_one), ("nightly", part_nightly)):
