@@ -30,8 +30,10 @@ def parse_storage_options(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--storage-options is not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError("--storage-options is not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # a JSONDecodeError, or a number longer than Python's limit on digits
+            raise UserError(f"--storage-options is not valid JSON ({getattr(exc, 'msg', first_line(exc))})") from None
     if not isinstance(value, dict):
         raise UserError(
             f'--storage-options must be a JSON object of fsspec options (e.g. {{"key": ..., "secret": ...}}), '
@@ -169,6 +171,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "config"
+        name = name if name.isprintable() else repr(name)  # a key with a line break stays on the one line
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown option (check its spelling)"
@@ -187,8 +190,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise UserError(f"config file {path} is not valid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

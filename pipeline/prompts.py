@@ -61,7 +61,9 @@ def parse_prompt_yaml(data: object, source: str) -> PromptSet:
         raise UserError(f"prompt file {source} must be a mapping with 'concepts' and 'templates'")
     unknown = set(data) - {"concepts", "templates"}
     if unknown:
-        raise UserError(f"prompt file {source}: unknown key(s) {sorted(unknown)}; expected 'concepts' and 'templates'")
+        raise UserError(
+            f"prompt file {source}: unknown key(s) {sorted(unknown, key=str)}; expected 'concepts' and 'templates'"
+        )
     raw_concepts = data.get("concepts")
     if not isinstance(raw_concepts, list) or not raw_concepts:
         raise UserError(f"prompt file {source}: 'concepts' must be a non-empty list")
@@ -116,6 +118,8 @@ def load_prompts(path: str) -> PromptSet:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise UserError(f"prompt file {path} is not valid YAML: {first_line(exc)}") from None
+        except RecursionError:  # nested deeper than the parser goes
+            raise UserError(f"prompt file {path} is not valid YAML: nested too deeply") from None
         return parse_prompt_yaml(data, path)
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]

@@ -72,7 +72,11 @@ def check_storage_options(urls, storage_options: dict | None) -> None:
     """Before any work starts: every object store among `urls` accepts `storage_options` (a filesystem that checks
     its options only on first use, like s3fs, is set up now, offline). An option it does not take, or a missing
     filesystem package, is a one-line UserError naming it."""
-    for protocol in sorted({url.split("://", 1)[0] for url in urls if url and is_remote(url)}):
+    protocols = sorted({url.split("://", 1)[0] for url in urls if url and is_remote(url)})
+    for name, value in (storage_options or {}).items() if protocols else ():
+        if name.endswith("_kwargs") and not isinstance(value, dict):  # client_kwargs, config_kwargs, ...
+            raise UserError(f"--storage-options: {name} must be a JSON object of options, not {type(value).__name__}")
+    for protocol in protocols:
         try:
             fs = fsspec.filesystem(protocol, skip_instance_cache=True, **(storage_options or {}))
             connect = getattr(fs, "connect", None)
@@ -85,10 +89,38 @@ def check_storage_options(urls, storage_options: dict | None) -> None:
             ) from None
         except TypeError as exc:
             raise UserError(
-                f"--storage-options: {protocol}:// does not take {unexpected_name(exc)} ({first_line(exc, 200)})"
+                f"--storage-options: {protocol}:// does not take {unexpected_name(exc)} "
+                f"({_masked(first_line(exc, 200), storage_options)})"
             ) from None
         except ValueError as exc:
-            raise UserError(f"--storage-options for {protocol}://: {first_line(exc, 200)}") from None
+            raise UserError(
+                f"--storage-options for {protocol}://: {_masked(first_line(exc, 200), storage_options)}"
+            ) from None
+        except Exception as exc:  # set up offline, so the options are at fault: a wrong type, a missing profile...
+            raise UserError(
+                f"--storage-options for {protocol}:// were refused ({type(exc).__name__}: "
+                f"{_masked(first_line(exc, 200), storage_options)})"
+            ) from None
+
+
+_SECRET_PARTS = ("secret", "token", "password", "key", "credential")
+
+
+def _masked(text: str, storage_options: dict | None) -> str:
+    """text without the values of the options that read as credentials (key, secret, token, ... at any depth)."""
+
+    def secrets(options: dict) -> list[str]:
+        found = []
+        for name, value in options.items():
+            if isinstance(value, dict):
+                found += secrets(value)
+            elif isinstance(value, str) and len(value) >= 4 and any(p in str(name).lower() for p in _SECRET_PARTS):
+                found.append(value)
+        return found
+
+    for value in sorted(secrets(storage_options or {}), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 def unexpected_name(exc: BaseException) -> str:

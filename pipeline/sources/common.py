@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import UserError
 from ..storage import filesystem, is_remote, local_path, with_retries
@@ -42,6 +43,12 @@ def suffix_of(name: str) -> str:
 
 def no_inputs(source: str, suffixes) -> UserError:
     return UserError(f"input {source} holds no images (looked for {', '.join(sorted(suffixes)[:6])}, ...)")
+
+
+def epoch_seconds(column) -> pa.ChunkedArray:
+    """A timestamp column as seconds since the epoch (float64), whatever its unit."""
+    per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[column.type.unit]
+    return pc.divide(pc.cast(column, pa.int64()).cast(pa.float64()), float(per_second))
 
 
 def listing_table(rows: list[tuple]) -> pa.Table:

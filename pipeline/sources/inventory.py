@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from ..errors import UserError, first_line
 from ..storage import exists, read_text
-from .common import IMAGE_SUFFIXES, LISTING_SCHEMA, has_glob, no_inputs
+from .common import IMAGE_SUFFIXES, LISTING_SCHEMA, epoch_seconds, has_glob, no_inputs
 from .lists import ListFiles, read_lists
 
 name = "S3 Inventory"
@@ -43,6 +43,8 @@ def inventory_files(source: str, storage_options: dict | None) -> ListFiles:
             f"input {source} is not an S3 Inventory manifest ({first_line(exc) or 'no files'}): it "
             "needs fileFormat, destinationBucket and files[].key"
         ) from None
+    if not re.fullmatch(r"[A-Za-z0-9.\-_]{1,255}", bucket):  # S3's own rule, checked before any request
+        raise UserError(f"input {source}: destinationBucket {manifest['destinationBucket']!r} names no bucket")
     if fmt not in ("parquet", "csv"):
         raise UserError(
             f"input {source}: S3 Inventory format {manifest.get('fileFormat')!r} is not supported; "
@@ -76,8 +78,7 @@ def _epoch_seconds(column) -> pa.Array:
     """last_modified_date (a Parquet timestamp, or CSV's ISO-8601 text) as epoch seconds."""
     if not pa.types.is_timestamp(column.type):
         column = pc.cast(pc.utf8_replace_slice(column.cast(pa.string()), 23, 100, ""), pa.timestamp("ms"))
-    per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[column.type.unit]
-    return pc.divide(pc.cast(column, pa.int64()).cast(pa.float64()), float(per_second))
+    return epoch_seconds(column)
 
 
 def inventory_chunk(
@@ -91,6 +92,9 @@ def inventory_chunk(
             f"input {spec.source}: its inventory data has no bucket and key columns (columns: "
             f"{', '.join(table.column_names)})"
         )
+    repeated = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+    if repeated:
+        raise UserError(f"input {spec.source}: its inventory data has the column(s) {', '.join(repeated)} twice")
     keys = table.column("key").cast(pa.string()).combine_chunks()
     if spec.fmt == "csv":
         from urllib.parse import unquote_plus
@@ -104,11 +108,10 @@ def inventory_chunk(
     if "is_latest" in table.column_names:
         keep = pc.and_(keep, _flag(table.column("is_latest")).fill_null(True))
     table = table.filter(keep)
-    columns = {
-        "uri": pc.binary_join_element_wise(
-            "s3://", table.column("bucket").cast(pa.string()), "/", table.column("key"), ""
-        )
-    }
+    buckets = table.column("bucket").cast(pa.string())
+    if pc.any(pc.invert(pc.not_equal(buckets, "").fill_null(False))).as_py():  # else a null or `s3:///key` uri
+        raise UserError(f"input {spec.source}: its inventory data has rows without a bucket")
+    columns = {"uri": pc.binary_join_element_wise("s3://", buckets, "/", table.column("key"), "")}
     n = table.num_rows
     columns["size"] = (
         pc.cast(table.column("size"), pa.int64()) if "size" in table.column_names else pa.nulls(n, pa.int64())

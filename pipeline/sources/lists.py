@@ -27,7 +27,16 @@ import pyarrow.parquet as pq
 from ..errors import UserError, first_line
 from ..storage import filesystem, is_remote, local_path, with_retries
 from . import common
-from .common import LISTING_SCHEMA, glob_pattern, has_glob, literal, normalised_uri, remote_row, suffix_of
+from .common import (
+    LISTING_SCHEMA,
+    epoch_seconds,
+    glob_pattern,
+    has_glob,
+    literal,
+    normalised_uri,
+    remote_row,
+    suffix_of,
+)
 
 name = "list files"
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".parquet", ".lst"})
@@ -118,7 +127,7 @@ def read_lists(spec: ListFiles, storage_options: dict | None, suffixes, normalis
                 for batch in _batches(f, spec):
                     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
                     yield normalise(table, spec, spec.base(uri), spec.named(uri), storage_options, suffixes)
-        except (pa.ArrowInvalid, UnicodeDecodeError, OSError, EOFError) as exc:
+        except (ValueError, pa.ArrowException, OSError, EOFError) as exc:  # Arrow's errors, bad text, NUL bytes
             raise UserError(f"input list {spec.named(uri)} cannot be read: {first_line(exc)}") from None
 
 
@@ -175,22 +184,40 @@ def list_chunk(
     names = table.column_names
     if "uri" not in names:
         raise UserError(f"input list {named} has no 'uri' column (columns: {', '.join(names)})")
-    uris = table.column("uri").cast(pa.string())
+    uris = _listing_column(table, LISTING_SCHEMA.field("uri"), named)
     present = pc.and_kleene(pc.is_valid(uris), pc.invert(pc.equal(pc.utf8_trim_whitespace(uris), "")))
     if any(n in names for n in ("size", "mtime", "etag")) and not pc.all(present.fill_null(False)).as_py():
         raise UserError(f"input list {named} has empty uri values")
     table = table.filter(present.fill_null(False))
-    uris = _resolved(table.column("uri").cast(pa.string()).combine_chunks(), base)
+    uris = _resolved(uris.filter(present.fill_null(False)).combine_chunks(), base)
     columns = {"uri": uris}
     for field in LISTING_SCHEMA:
         if field.name != "uri":
             columns[field.name] = (
-                table.column(field.name).cast(field.type) if field.name in names
+                _listing_column(table, field, named) if field.name in names
                 else pa.nulls(table.num_rows, field.type)
             )  # fmt: skip
     if spec.fmt == "text" and table.num_rows:
         columns["size"], columns["mtime"] = _stat_all(uris.to_pylist(), storage_options)
     return pa.table(columns, schema=LISTING_SCHEMA)
+
+
+def _listing_column(table: pa.Table, field: pa.Field, named: str) -> pa.ChunkedArray:
+    """A list file's column as LISTING_SCHEMA types it (a timestamp mtime as seconds since the epoch); a column given
+    twice, or one whose values do not convert, is a UserError naming it."""
+    found = table.schema.get_all_field_indices(field.name)
+    if len(found) > 1:
+        raise UserError(f"input list {named} has {len(found)} columns named {field.name!r}; keep one")
+    column = table.column(found[0])
+    if field.name == "mtime" and pa.types.is_timestamp(column.type):
+        return epoch_seconds(column)
+    try:
+        return column.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise UserError(
+            f"input list {named}: its {field.name!r} column ({column.type}) cannot be read as {field.type}: "
+            f"{first_line(exc)}"
+        ) from None
 
 
 def _resolved(uris: pa.Array, base: str) -> pa.Array:
