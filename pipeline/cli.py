@@ -20,7 +20,15 @@ from pydantic import BaseModel
 
 COMMAND_STARTED = time.time()  # before the imports below: first_shard_s counts from here
 
-from .config import RESCORE_BATCH_ROWS, RESCORE_ROWS_PER_SHARD, RunConfig, SlidesConfig, load_config_file, make_config
+from .config import (
+    DEDUP_THRESHOLD,
+    RESCORE_BATCH_ROWS,
+    RESCORE_ROWS_PER_SHARD,
+    RunConfig,
+    SlidesConfig,
+    load_config_file,
+    make_config,
+)
 from .errors import EnvironmentFailure, UserError
 from .models import quiet_libraries
 
@@ -213,6 +221,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: write a .html file")
     write_report(args.output, args.out, parse_storage_options(args.storage_options), args.concept, args.max_slides)
     _echo(f"featurize: wrote {args.out}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import build_index, index_summary
+
+    meta = build_index(
+        args.output,
+        args.out,
+        parse_storage_options(args.storage_options),
+        args.max_memory,
+        args.index_type,
+        args.rebuild,
+        echo=_echo,
+    )
+    _echo(f"featurize: {index_summary(meta)} -> {args.out or args.output.rstrip('/') + '/_index'}")
+    return 0
+
+
+SEARCH_SUFFIXES = (".parquet", ".csv", ".html", ".htm")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import embed_query, results_text, search
+
+    if args.out and not args.out.lower().endswith(SEARCH_SUFFIXES):
+        raise UserError(f"--out {args.out}: write a .parquet, .csv or .html file")
+    options = parse_storage_options(args.storage_options)
+    query = embed_query(args.output, args.text, args.image, args.template or (), args.trust_remote_code, options)
+    table, info = search(args.output, query.vector, args.k, args.index, args.exact, args.nprobe, options, echo=_echo)
+    how = "exact scan" if info["source"] == "exact" else f"index {info['factory']}"
+    how += f", nprobe {info['nprobe']}" if info.get("nprobe") else ""
+    about = f"{query.label}: {table.num_rows} nearest of {info['rows']} rows of {args.output} ({how})"
+    if not args.out:
+        print(results_text(table), flush=True)
+    elif args.out.lower().endswith((".html", ".htm")):
+        from .gallery import write_gallery
+        from .write import OutputDir
+
+        slides = OutputDir(args.output, options).read_table("_slides.parquet")
+        write_gallery(table, args.out, f"featurize search: {query.label}", about, slides, query.image_bytes, options)
+    else:
+        from .labels import table_bytes
+        from .storage import write_bytes_atomic
+
+        write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _echo(
+        f"featurize: {about}; query encoded in {query.encode_s * 1000:.0f} ms, searched in "
+        f"{info['seconds'] * 1000:.1f} ms{' -> ' + args.out if args.out else ''}"
+    )
+    return 0
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from .dedup import dedup, summary
+    from .labels import check_suffix, table_bytes
+    from .storage import write_bytes_atomic
+
+    check_suffix(args.out)
+    options = parse_storage_options(args.storage_options)
+    table, counts = dedup(args.output, args.threshold, args.against, options)
+    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _echo(summary(counts, args.threshold, args.against, args.out))
     return 0
 
 
@@ -431,7 +502,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slides", type=int, default=100, help="slides: heatmaps for at most this many [default: 100]")
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
     p.set_defaults(func=_cmd_report)
+    _add_search_parsers(sub)
     return parser
+
+
+def _add_search_parsers(sub) -> None:
+    """`index`, `search` and `dedup`: nearest neighbours and near-duplicates over stored features."""
+    p = sub.add_parser("index", help="an approximate nearest-neighbour index (faiss) over OUTPUT's features")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec)")
+    p.add_argument("--out", default=None, help="the index folder [default: OUTPUT/_index]")
+    p.add_argument(
+        "--max-memory", default=None, help="memory the index may take, e.g. 4GB [default: a quarter of the machine's]"
+    )
+    p.add_argument(
+        "--index-type", default=None, help="a faiss factory string: Flat or IVF... (e.g. IVF4096,SQ8) [default: chosen]"
+    )
+    p.add_argument("--rebuild", action="store_true", help="build it afresh (also for an OUTPUT's new features)")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="the rows of OUTPUT nearest to a text or an image")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", default=None, help="embedded by the model's text tower, as prompts are")
+    query.add_argument("--image", default=None, help="PATH_OR_URI of an image, embedded as the run embeds images")
+    p.add_argument(
+        "--template", action="append", help="wrap the text ('a photo of {}'); several are ensembled [default: none]"
+    )
+    p.add_argument("--k", type=int, default=20, help="how many rows [default: 20]")
+    p.add_argument("--out", default=None, help="FILE.parquet, .csv or .html (a gallery) [default: print the rows]")
+    p.add_argument("--index", default=None, help="the index folder [default: OUTPUT/_index when there is one]")
+    p.add_argument("--exact", action="store_true", help="scan every row instead of using the index")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit [default: calibrated at build time]")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("dedup", help="near-duplicate groups in OUTPUT, or its rows that near-duplicate another's")
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec)")
+    p.add_argument("--against", default=None, help="OTHER_OUTPUT (same model): report OUTPUT's rows found there")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEDUP_THRESHOLD,
+        help=f"cosine similarity at which two rows are near-duplicates [default: {DEDUP_THRESHOLD}]",
+    )
+    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
+    p.set_defaults(func=_cmd_dedup)
 
 
 def main(argv: list[str] | None = None) -> int:

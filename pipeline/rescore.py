@@ -180,8 +180,6 @@ def same_location(a: str, b: str, storage_options: dict | None = None) -> bool:
 def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "auto") -> ModelSpec:
     """The ModelSpec of the run that made `source`: its model, kind, revision and dtype; refuses what cannot be
     rescored (hidden-state features, image towers without text, a model that is not there any more)."""
-    from .models import resolve_model
-
     identity = source.identity
     if source.rescore_record is not None:
         raise UserError(
@@ -196,27 +194,33 @@ def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "
             f"{source.url} stores hidden-state features ({features}), not the model's embedding: "
             "concept logits need the embedding (`--features embedding`)"
         )
-    if identity["kind"] == "remote" and not trust_remote_code:
-        raise UserError(
-            f"{source.url} was made with {identity['model']}, which runs its own Python code: review "
-            "it, then pass --trust-remote-code"
-        )
     if identity["kind"] in VISION_ONLY_KINDS:
         raise UserError(
             f"{source.url} was made with {identity['model']}, an image tower without a text tower: it "
             "cannot score prompts"
+        )
+    return resolve_recorded(identity, source.url, trust_remote_code, device)
+
+
+def resolve_recorded(identity: dict, url: str, trust_remote_code: bool, device: str = "auto") -> ModelSpec:
+    """The model an OUTPUT's identity records (model, kind, revision, dtype), resolved again on `device`; refuses
+    remote code without consent, a model that cannot be loaded here, and a checkpoint of another family now."""
+    from .models import resolve_model
+
+    if identity["kind"] == "remote" and not trust_remote_code:
+        raise UserError(
+            f"{url} was made with {identity['model']}, which runs its own Python code: review "
+            "it, then pass --trust-remote-code"
         )
     try:
         spec = resolve_model(
             identity["model"], identity.get("revision"), trust_remote_code, identity.get("dtype") or "auto", device
         )
     except UserError as exc:
-        raise UserError(
-            f"{source.url} was made with model {identity['model']}, which cannot be loaded here: {exc}"
-        ) from None
+        raise UserError(f"{url} was made with model {identity['model']}, which cannot be loaded here: {exc}") from None
     if spec.kind != identity["kind"]:
         raise UserError(
-            f"model {identity['model']} is now a {spec.kind} checkpoint, but {source.url} was made with a "
+            f"model {identity['model']} is now a {spec.kind} checkpoint, but {url} was made with a "
             f"{identity['kind']} one: it is not the same model"
         )
     return spec

@@ -1,0 +1,136 @@
+"""Search results as a self-contained HTML gallery: every thumbnail is an inline JPEG (a data: URI), tiles are cropped
+from their slides, and a Content-Security-Policy allows nothing but inline images, styles and the one inline script
+(which counts the thumbnails the browser decoded: `data-decoded` on <body>, for checks in a headless browser), so
+the page works offline and loads nothing from anywhere."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+THUMB_PX = 192
+POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+STYLE = """
+body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; margin: 0 0 4px; } p.meta { color: #666; margin: 0 0 16px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 14px; }
+figure { margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; background: #fafafa; }
+figure img, .missing { display: block; margin: 0 auto 6px; max-width: 192px; max-height: 192px; }
+.missing { width: 192px; height: 120px; background: #eee; color: #999; text-align: center; line-height: 120px; }
+figcaption { font-size: 12px; word-break: break-all; } .score { font-weight: 600; }
+.query img { max-width: 192px; max-height: 192px; display: block; }
+"""
+SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  document.body.setAttribute("data-thumbnails", images.length);
+  document.body.setAttribute("data-decoded", images.filter(function (i) {
+    return i.complete && i.naturalWidth > 0; }).length);
+});
+"""
+
+
+def data_uri(image: Image.Image) -> str:
+    """A thumbnail of at most THUMB_PX a side as an inline JPEG."""
+    image = image.convert("RGB")
+    image.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_thumbnail(uri: str, storage_options: dict | None) -> str | None:
+    """An image file's thumbnail (None when it cannot be read any more)."""
+    from .decode import open_image, read_input
+
+    try:
+        return data_uri(open_image(read_input(uri, storage_options), 2**31, draft_px=2 * THUMB_PX))
+    except Exception:  # a moved or broken file: the gallery shows a placeholder
+        return None
+
+
+def tile_thumbnails(rows: pa.Table, slides: pa.Table | None, storage_options: dict | None) -> list[str | None]:
+    """Each tile cropped from its slide: the region the run read (level, read_px from _slides.parquet)."""
+    from .slides import open_slide
+
+    known = {s["slide_id"]: s for s in (slides.to_pylist() if slides is not None else [])}
+    opened: dict[str, object] = {}
+    out = []
+    for row in rows.to_pylist():
+        info = known.get(row["slide_id"], {})
+        size = int(info.get("read_px") or info.get("footprint_px") or 0)
+        try:
+            if row["uri"] not in opened:
+                opened[row["uri"]] = open_slide(row["uri"], info.get("reader") or "auto", storage_options)
+            region = opened[row["uri"]].read(int(row["x"]), int(row["y"]), int(row["level"]), size, size)
+            out.append(data_uri(Image.fromarray(np.asarray(region, np.uint8), "RGB")))
+        except Exception:  # a slide that cannot be opened any more: a placeholder
+            out.append(None)
+    for slide in opened.values():
+        slide.close()
+    return out
+
+
+def _figure(row: dict, thumbnail: str | None) -> str:
+    picture = (
+        f'<img src="{thumbnail}" alt="result {row["rank"]}">'
+        if thumbnail
+        else '<div class="missing">not readable</div>'
+    )
+    if "slide_id" in row:
+        where = f"{row['slide_id']} x={row['x']} y={row['y']} level={row['level']}"
+    else:
+        where = row["uri"]
+    return (
+        f'<figure>{picture}<figcaption><span class="score">#{row["rank"]} {row["score"]:.4f}</span><br>'
+        f'<span title="{html.escape(str(row["uri"]))}">{html.escape(str(where))}</span></figcaption></figure>'
+    )
+
+
+def gallery_html(
+    results: pa.Table, thumbnails: list[str | None], title: str, about: str, query_image: str | None
+) -> str:
+    """The page: a title, a line about the search, the query image if any, then one figure per result."""
+    figures = "\n".join(_figure(row, thumb) for row, thumb in zip(results.to_pylist(), thumbnails))
+    query = f'<div class="query"><p>query</p><img src="{query_image}" alt="query"></div>' if query_image else ""
+    empty = "" if results.num_rows else "<p>No rows matched.</p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{POLICY}">
+<title>{html.escape(title)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head>
+<body><h1>{html.escape(title)}</h1><p class="meta">{html.escape(about)}</p>{query}
+<div class="grid">
+{figures}
+</div>{empty}
+</body></html>
+"""
+
+
+def write_gallery(
+    results: pa.Table,
+    path: str,
+    title: str,
+    about: str,
+    slides: pa.Table | None = None,
+    query_image: bytes | None = None,
+    storage_options: dict | None = None,
+) -> None:
+    from .storage import write_bytes_atomic
+
+    if "slide_id" in results.column_names:
+        thumbnails = tile_thumbnails(results, slides, storage_options)
+    else:
+        thumbnails = [image_thumbnail(uri, storage_options) for uri in results.column("uri").to_pylist()]
+    query = None
+    if query_image is not None:
+        try:
+            query = data_uri(Image.open(io.BytesIO(query_image)))
+        except Exception:
+            query = None
+    page = gallery_html(results, thumbnails, title, about, query)
+    write_bytes_atomic(path, page.encode("utf-8"), storage_options)
