@@ -23,7 +23,7 @@ figure { margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; ba
 figure img, .missing { display: block; margin: 0 auto 6px; max-width: 192px; max-height: 192px; }
 .missing { width: 192px; height: 120px; background: #eee; color: #999; text-align: center; line-height: 120px; }
 figcaption { font-size: 12px; word-break: break-all; } .score { font-weight: 600; }
-.query img { max-width: 192px; max-height: 192px; display: block; }
+.query { margin-bottom: 18px; } .query img { max-width: 192px; max-height: 192px; display: block; }
 """
 SCRIPT = """
 window.addEventListener("load", function () {

@@ -278,16 +278,21 @@ def build_index(
 
 
 def _wants_rebuild(old: dict, rows: int, index_type: str | None) -> bool:
-    """Another type asked for, or an automatic exact index that now has too many rows to stay exact."""
+    """Another type asked for, or a chosen one that no longer fits the rows: an exact index past EXACT_ROWS, or IVF
+    lists (and quantisers) made for a sixteenth of the rows or fewer."""
     if index_type:
         return index_type != old.get("factory")
-    return old.get("factory") == "Flat" and old.get("chosen", True) and rows >= EXACT_ROWS
+    if not old.get("chosen", True):
+        return False
+    if old.get("factory") == "Flat":
+        return rows >= EXACT_ROWS
+    return bool(old.get("nlist")) and list_count(rows) >= 4 * int(old["nlist"])
 
 
 def _rebuild_reason(old: dict, rows: int, index_type: str | None) -> str:
     if index_type:
         return f"--index-type {index_type}, was {old.get('factory')}"
-    return f"{rows} rows outgrow the exact index"
+    return f"{rows} rows outgrow {old.get('factory')}"
 
 
 def _full_build(vectors: Vectors, budget: int, index_type: str | None, use_ray: bool, echo):

@@ -91,10 +91,11 @@ def image_vector(encoder, identity: dict, data: bytes, name: str) -> np.ndarray:
         pixels, _, _ = decode_one(data, encoder.preprocess, max_pixels, bool(identity.get("fast_decode")))
     except ValueError as exc:
         raise UserError(f"--image {name}: {exc}") from None
+    batch = np.array(pixels)[None]  # a writable copy: torch takes it as it is
     features = parse_features(identity.get("features", "embedding"))
     if features.kind == "embedding":
-        return normalised(encoder.encode_images(pixels[None]))
-    return normalised(encoder.encode_hidden(pixels[None], features))
+        return normalised(encoder.encode_images(batch))
+    return normalised(encoder.encode_hidden(batch, features))
 
 
 def embed_query(
