@@ -173,8 +173,9 @@ def _from_index(loaded: Index, query: np.ndarray, k: int, nprobe: int | None) ->
     _check_dim(query, loaded.meta.get("dim"), f"index {loaded.index_dir}")
     scores, ids = loaded.search(query, k, nprobe)
     found = ids[0] >= 0
-    rows = loaded.rows_of(ids[0][found])
-    return _results(rows.select(loaded.meta["keys"]), scores[0][found])
+    scores, ids = scores[0][found], ids[0][found]
+    order = np.lexsort((ids, -scores))  # ties: the earlier row, as the exact scan orders them
+    return _results(loaded.rows_of(ids[order]).select(loaded.meta["keys"]), scores[order])
 
 
 def _exact(vectors, query: np.ndarray, k: int) -> pa.Table:
