@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from .config import DEDUP_THRESHOLD as DEFAULT_THRESHOLD
 from .errors import UserError
-from .vectors import Vectors, open_vectors
+from .vectors import Vectors, normalised, open_vectors
 
 EXACT_ROWS = 20_000
 PARTITION_ROWS = 2_000
@@ -62,9 +62,10 @@ def find_pairs(
         buckets = Spill(scratch, partitions, total, dim)
         offset = 0
         for side, vectors in enumerate(sides):
-            for batch, features in vectors.batches():
+            for batch, features in vectors.batches(stored=True):
                 rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
-                buckets.add(rows, np.full(len(rows), side, np.int8), _assign(features, centroids, margin), features)
+                parts = _assign(normalised(features), centroids, margin)
+                buckets.add(rows, np.full(len(rows), side, np.int8), parts, features)
                 offset += batch.num_rows
         found = [
             _within(features[members], rows[members], side[members], threshold, len(sides) == 2)
@@ -107,7 +108,8 @@ def _assign(features: np.ndarray, centroids: np.ndarray | None, margin: float) -
 
 
 class Spill:
-    """Rows spilled to local files by partition, `buckets` of partitions a file, and read back bucket by bucket."""
+    """Rows spilled to local files by partition, `buckets` of partitions a file, and read back bucket by bucket. The
+    features are spilled as stored (float16), so a partition's similarities are those of the stored values."""
 
     def __init__(self, folder: str, partitions: int, rows: int, dim: int):
         self.folder, self.dim = folder, dim
@@ -154,7 +156,7 @@ class Spill:
 def _within(features: np.ndarray, rows: np.ndarray, sides: np.ndarray, threshold: float, across: bool) -> list:
     """Pairs (a, b, similarity) at or above the threshold in one partition: all pairs of its rows, or with `across`
     only pairs of a row of side 0 and one of side 1."""
-    x = features.astype(np.float32)
+    x = normalised(features)
     left = np.flatnonzero(sides == 0) if across else np.arange(len(rows))
     right = np.flatnonzero(sides == 1) if across else np.arange(len(rows))
     found = []

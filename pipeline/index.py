@@ -187,7 +187,10 @@ def load_index(index_dir: str, storage_options: dict | None = None) -> Index:
     if int(meta.get("format", 0)) != FORMAT:
         raise UserError(f"index {index_dir} has format {meta.get('format')}, this version reads {FORMAT}: rebuild it")
     if not meta.get("rows"):
-        return Index(index_dir, meta, None, _ids_table([], None, []))
+        types = {"x": pa.int64(), "y": pa.int64(), "level": pa.int32()}
+        names = ["id", *meta.get("keys", []), "run_id"]
+        empty = pa.table({n: pa.array([], pa.int64() if n == "id" else types.get(n, pa.string())) for n in names})
+        return Index(index_dir, meta, None, empty)
     ids = folder.read_table(meta["files"]["ids"])
     path = join(folder.path, meta["files"]["index"])
     if not is_remote(folder.url):

@@ -54,10 +54,11 @@ class Vectors:
         return feature_identity(self.identity, self.version)
 
     def batches(
-        self, rows: pa.Table | None = None, batch_rows: int = BATCH_ROWS
+        self, rows: pa.Table | None = None, batch_rows: int = BATCH_ROWS, stored: bool = False
     ) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """(rows, features [n, D] float32, L2-normalised) for `rows` (a selection of self.rows in its order; all by
-        default), in order, at most `batch_rows` a batch; one shard is open at a time."""
+        """(rows, features [n, D] float32, L2-normalised; with `stored`, as stored) for `rows` (a selection of
+        self.rows in its order; all by default), in order, at most `batch_rows` a batch; one shard is open at a
+        time."""
         rows = self.rows if rows is None else rows
         if not rows.num_rows:
             return
@@ -69,12 +70,15 @@ class Vectors:
             positions = chosen.column("row").to_numpy()
             for begin in range(0, len(positions), batch_rows):
                 part = positions[begin : begin + batch_rows]
-                yield chosen.slice(begin, len(part)), shard_features(self.url, self.storage_options, path, part)
+                features = shard_features(self.url, self.storage_options, path, part, not stored)
+                yield chosen.slice(begin, len(part)), features
 
 
-def shard_features(url: str, storage_options: dict | None, path: str, positions: np.ndarray) -> np.ndarray:
-    """The image_features of the rows at `positions` (ascending) of one shard, [n, D] float32, L2-normalised; reads
-    only the row groups that hold them. Also what a Ray task runs (it opens the OUTPUT's filesystem itself)."""
+def shard_features(
+    url: str, storage_options: dict | None, path: str, positions: np.ndarray, normalise: bool = True
+) -> np.ndarray:
+    """The image_features of the rows at `positions` (ascending) of one shard, [n, D] float32 L2-normalised (else as
+    stored); reads only the row groups that hold them. Also what a Ray task runs (it opens the filesystem itself)."""
     fs, _ = filesystem(url, storage_options)
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
@@ -89,8 +93,8 @@ def shard_features(url: str, storage_options: dict | None, path: str, positions:
     column = table.column("image_features").take(pa.array(local, pa.int64())).combine_chunks()
     if column.null_count:
         raise UserError(f"{path}: a current ok row has no image_features; the shard is damaged")
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return normalised(values.reshape(len(column), -1))
+    values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+    return normalised(values) if normalise else values
 
 
 def feature_identity(identity: dict, version: int) -> dict:

@@ -186,6 +186,8 @@ def test_outputs_without_rows(ray_session, tmp_path_factory, conceptclip_model, 
     assert featurize("index", errors) == 0
     assert "indexed 0 rows (empty)" in capsys.readouterr().err
     assert load_index(str(Path(errors) / "_index")).rows == 0
+    assert featurize("search", errors, "--text", "x", "--trust-remote-code") == 0  # through the empty index
+    assert "0 nearest of 0 rows" in capsys.readouterr().err
     # an OUTPUT whose first run committed no shard yet, and a folder that is no OUTPUT
     started = tmp_path / "started"
     started.mkdir()
