@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,8 @@ import numpy as np  # noqa: E402
 
 from . import common  # noqa: E402
 from .common import log  # noqa: E402
+
+GB = 1024**3
 
 CLUSTER_ROWS = 500
 LATENT = 8
@@ -102,15 +106,16 @@ def unit(x: np.ndarray) -> np.ndarray:
 def write_output(folder: Path, rows: int, dim: int, shard_rows: int, queries: int, seed: int = 0) -> dict:
     """The synthetic OUTPUT (once per size), the held-out queries and the planted groups (truth.npz beside it)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from pipeline.schema import IMAGE_SCHEMA, fixed_list
     from pipeline.sources import image_id
-    from pipeline.write import OutputDir
+    from pipeline.write import SHARD_ROW_GROUP_BYTES, OutputDir
 
     truth_path = folder / "truth.npz"
     if truth_path.is_file():
-        truth = np.load(truth_path)
-        return {"output": str(folder / "out"), "queries": truth["queries"], "groups": truth["groups"]}
+        truth = dict(np.load(truth_path))
+        return {"output": str(folder / "out"), **truth}
     model = Model(rows, dim, seed)
     rng = np.random.default_rng(seed + 1)
     planted = int(rows * PLANTED_FRACTION)
@@ -118,12 +123,11 @@ def write_output(folder: Path, rows: int, dim: int, shard_rows: int, queries: in
     originals = np.sort(rng.choice(rows - int(copies.sum()), planted, replace=False))
     base_rows = rows - int(copies.sum())
     out = OutputDir(str(folder / "out"))
+    Path(out.path).mkdir(parents=True, exist_ok=True)
     schema = IMAGE_SCHEMA.remove(IMAGE_SCHEMA.get_field_index("concept_logits"))
     kept = np.zeros((planted, dim), np.float32)
-    groups = np.full(rows, -1, np.int64)  # row -> its planted group (the original's position in `originals`)
-    groups[originals] = np.arange(planted)
 
-    def shard(unit_no: int, first: int, features: np.ndarray, uris: list[str]) -> None:
+    def shard(unit_no: int, features: np.ndarray, uris: list[str]) -> None:
         n = len(uris)
         ok = np.ones(n, bool)
         table = pa.table(
@@ -143,7 +147,10 @@ def write_output(folder: Path, rows: int, dim: int, shard_rows: int, queries: in
             },
             schema=schema,
         )
-        out.write_table(table, f"part-{unit_no:05d}.parquet")
+        group_rows = max(64, SHARD_ROW_GROUP_BYTES // (dim * 2 + 120))  # row groups of ~8 MB, as the pipeline writes
+        pq.write_table(
+            table, Path(out.path) / f"part-{unit_no:05d}.parquet", row_group_size=group_rows, compression="zstd"
+        )
 
     unit_no = 0
     for first in range(0, base_rows, shard_rows):
@@ -151,19 +158,21 @@ def write_output(folder: Path, rows: int, dim: int, shard_rows: int, queries: in
         features = model.draw(rng, n)
         inside = (originals >= first) & (originals < first + n)
         kept[inside] = features[originals[inside] - first]
-        shard(unit_no, first, features, [f"/data/img_{i:08d}.jpg" for i in range(first, first + n)])
+        shard(unit_no, features, [f"/data/img_{i:08d}.jpg" for i in range(first, first + n)])
         unit_no += 1
         log(f"wrote {first + n} of {rows} rows")
     kinds = np.array(["reencode", "colour", "crop"])
-    edited, uris, row = [], [], base_rows
+    edited, uris = [], []
+    truth_uris = [f"/data/img_{original:08d}.jpg" for original in originals]
+    truth_groups = list(range(planted))
     for group, (original, count) in enumerate(zip(originals, copies)):
         for kind in kinds[rng.permutation(3)[:count]]:
             edited.append(model.edit(rng, kept[group], kind))
             uris.append(f"/data/img_{original:08d}.{kind}.jpg")
-            groups[row] = group
-            row += 1
+            truth_uris.append(uris[-1])
+            truth_groups.append(group)
     for first in range(0, len(uris), shard_rows):
-        shard(unit_no, base_rows + first, np.array(edited[first : first + shard_rows]), uris[first : first + shard_rows])
+        shard(unit_no, np.array(edited[first : first + shard_rows]), uris[first : first + shard_rows])
         unit_no += 1
     identity = {
         "model": "synthetic",
@@ -174,6 +183,208 @@ def write_output(folder: Path, rows: int, dim: int, shard_rows: int, queries: in
         "features": "embedding",
     }
     out.write_json({"identity": identity, "version": 1, "readable_version": 1}, "_dataset.json")
-    held_out = model.draw(np.random.default_rng(seed + 2), queries)
-    np.savez(truth_path, queries=held_out, groups=groups)
-    return {"output": str(out.url), "queries": held_out, "groups": groups}
+    truth = {
+        "queries": model.draw(np.random.default_rng(seed + 2), queries),
+        "planted_uris": np.array(truth_uris),
+        "planted_groups": np.array(truth_groups, np.int64),
+    }
+    np.savez(truth_path, **truth)
+    return {"output": str(out.url), **truth}
+
+
+# -- measuring ------------------------------------------------------------------------------------------------------
+def measured(args: list[str], interval: float = 0.1) -> dict:
+    """A `featurize` subprocess: wall seconds, its peak RSS (the kernel's high-water mark VmHWM of that process, read
+    from /proc every `interval` s until it exits; wait4's ru_maxrss would carry this process's own peak across the
+    fork), its stderr."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=common.quiet_env(), stderr=err)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _hwm(proc.pid))
+            time.sleep(interval)
+        err.seek(0)
+        stderr = err.read()
+    if proc.returncode:
+        raise SystemExit(f"featurize {' '.join(args)} failed ({proc.returncode}):\n{stderr}")
+    wall = time.perf_counter() - started
+    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak / GB, 3), "stderr": stderr.strip()}
+
+
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def exact_top(output: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """The ids (row numbers in read order) of each query's k nearest rows, every row scanned in float32."""
+    from pipeline.vectors import open_vectors
+
+    vectors = open_vectors(output)
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    done = 0
+    for batch, features in vectors.batches(batch_rows=32768):
+        s = np.concatenate([scores, queries @ features.T], axis=1)
+        i = np.concatenate(
+            [ids, np.broadcast_to(np.arange(done, done + batch.num_rows), (len(queries), batch.num_rows))], axis=1
+        )
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        scores, ids = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+        done += batch.num_rows
+    uris = vectors.rows.column("uri").to_numpy(zero_copy_only=False)
+    return uris[ids]
+
+
+def search_figures(output: str, queries: np.ndarray) -> dict:
+    """Recall@10 of the index against exact search, and the latency of one query at k = 10 (index loaded)."""
+    from pipeline.index import default_index_dir, load_index
+
+    started = time.perf_counter()
+    index = load_index(default_index_dir(output))
+    load_s = time.perf_counter() - started
+    log(f"index loaded in {load_s:.1f} s; exact search of {len(queries)} queries")
+    truth = exact_top(output, queries, 10)
+    latencies, hits = [], 0.0
+    for query, exact in zip(queries, truth):
+        t = time.perf_counter()
+        _, ids = index.search(query[None], 10)
+        found = index.rows_of(ids[0][ids[0] >= 0]).column("uri").to_pylist()
+        latencies.append(time.perf_counter() - t)
+        hits += len(set(found) & set(exact.tolist())) / 10
+    ms = np.array(latencies) * 1000
+    return {
+        "index_load_s": round(load_s, 1),
+        "recall_at_10": round(hits / len(queries), 4),
+        "query_ms_median": round(float(np.median(ms)), 2),
+        "query_ms_p95": round(float(np.quantile(ms, 0.95)), 2),
+    }
+
+
+def text_encoding_ms(work: Path, repeats: int = 20) -> dict:
+    """One text query through a ConceptCLIP-shaped text tower (BERT-base width and depth, random weights) on CPU."""
+    from pipeline.models import Encoder, preprocess_spec, resolve_model
+    from pipeline.search import text_vector
+    from pipeline.tiny import _conceptclip_config, _save_conceptclip
+
+    folder = work / "text-tower-bert-base"
+    if not (folder / "config.json").is_file():
+        config = _conceptclip_config(
+            image_size=64, patch_size=16, vision_width=32, vision_layers=2, vision_heads=2,
+            text_width=768, text_layers=12, text_heads=12, embed_dim=1152,
+        )  # fmt: skip
+        _save_conceptclip(folder, config, 0)
+    spec = resolve_model(str(folder), trust_remote_code=True, dtype="float32", device="cpu")
+    encoder = Encoder(spec, preprocess_spec(spec))
+    text_vector(encoder, "warm-up")
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        text_vector(encoder, "necrotic tissue", ["a histopathology image of {}"])
+        times.append(time.perf_counter() - t)
+    return {"text_encode_ms_median": round(float(np.median(times)) * 1000, 1)}
+
+
+def dedup_figures(groups_path: Path, truth: dict) -> dict:
+    """Precision and recall of the pairs within dedup's groups against the pairs within the planted groups."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(groups_path, columns=["group", "uri"])
+    found = dict(zip(table.column("uri").to_pylist(), table.column("group").to_pylist()))
+    sizes = np.bincount(table.column("group").to_numpy()) if table.num_rows else np.zeros(0, np.int64)
+    predicted = int((sizes * (sizes - 1) // 2).sum())
+    planted: dict[int, list[str]] = {}
+    for uri, group in zip(truth["planted_uris"].tolist(), truth["planted_groups"].tolist()):
+        planted.setdefault(group, []).append(uri)
+    true_pairs = hits = 0
+    for members in planted.values():
+        for i, a in enumerate(members):
+            for b in members[i + 1 :]:
+                true_pairs += 1
+                hits += a in found and found.get(a) == found.get(b)
+    return {
+        "dedup_pairs_predicted": predicted,
+        "dedup_pairs_planted": true_pairs,
+        "dedup_precision": round(hits / max(1, predicted), 4),
+        "dedup_recall": round(hits / max(1, true_pairs), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=1152)
+    parser.add_argument("--queries", type=int, default=1000, help="held-out queries for recall and latency")
+    parser.add_argument("--shard-rows", type=int, default=47_500, help="rows a shard (the pipeline's default size)")
+    parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: index,search,text,dedup")
+    args = parser.parse_args(argv)
+    common.set_quiet_env()
+    skip = set(filter(None, args.skip.split(",")))
+    folder = args.work / f"search-{args.rows}x{args.dim}"
+    started = time.perf_counter()
+    data = write_output(folder, args.rows, args.dim, args.shard_rows, args.queries)
+    result = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "queries": len(data["queries"]),
+        "write_s": round(time.perf_counter() - started, 1),
+    }
+    output = data["output"]
+    if "index" not in skip:
+        shutil.rmtree(Path(output) / "_index", ignore_errors=True)
+        log("featurize index")
+        build = measured(["index", output])
+        meta = json.loads((Path(output) / "_index" / "_index.json").read_text())
+        result.update(
+            index_wall_s=build["wall_s"],
+            index_peak_rss_gb=build["peak_rss_gb"],
+            index_type=meta["factory"],
+            nprobe=meta.get("nprobe"),
+            calibration=meta.get("calibration"),
+            index_line=build["stderr"].splitlines()[-1],
+        )
+    if "search" not in skip:
+        result.update(search_figures(output, data["queries"]))
+    if "text" not in skip:
+        result.update(text_encoding_ms(args.work))
+    if "dedup" not in skip:
+        log("featurize dedup")
+        groups = folder / "groups.parquet"
+        run = measured(["dedup", output, "--out", str(groups)])
+        result.update(
+            dedup_wall_s=run["wall_s"], dedup_peak_rss_gb=run["peak_rss_gb"], dedup_line=run["stderr"].splitlines()[-1]
+        )
+        result.update(dedup_figures(groups, data))
+    record = {"benchmark": "search", "command": common.command_line(), "machine": common.machine_info(),
+              "versions": common.versions(), "result": result, "targets": TARGETS}  # fmt: skip
+    common.RESULTS.mkdir(exist_ok=True)
+    path = common.RESULTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-search.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(report(result))
+    log(f"wrote {path}")
+    return 0
+
+
+def report(result: dict) -> str:
+    lines = [f"search benchmark: {result['rows']} rows x {result['dim']}"]
+    for key, value in result.items():
+        target = TARGETS.get(key)
+        verdict = ""
+        if target is not None and isinstance(value, (int, float)):
+            upper = not key.startswith(("recall", "dedup_precision", "dedup_recall"))
+            met = value <= target if upper else value >= target
+            verdict = f"  (target {'<=' if upper else '>='} {target}: {'ok' if met else 'MISSED'})"
+        lines.append(f"  {key}: {value}{verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

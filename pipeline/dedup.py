@@ -5,12 +5,13 @@ A pair is a near-duplicate when the cosine similarity of its features (L2-normal
 threshold; groups are the connected components of such pairs. Every pair is found exactly within a partition:
   - up to `exact_rows` rows, one partition: all rows against all, in blocks;
   - above, out of core, as SemDeDup and NVIDIA's curator do: spherical k-means centroids (about `partition_rows`
-    rows each) trained on a sample; each row goes to its nearest centroid and to every other of its ASSIGN nearest
-    within MARGIN of the nearest, MARGIN being twice the distance between two unit vectors at the threshold (two
-    rows closer than that differ by at most that much in their similarity to any unit centroid, so a pair whose rows
-    fall to different centroids still meets in one partition unless more than ASSIGN centroids crowd in). Rows are
-    spilled to local files (float16) in buckets of partitions, and each bucket is read back alone: memory holds one
-    bucket, never all features.
+    rows each) trained on a sample; each row lives in its nearest centroid's partition (home) and visits the
+    partitions of the others of its ASSIGN nearest that are within MARGIN of the nearest (a guest). MARGIN is twice
+    the distance between two unit vectors at the threshold: two such rows differ by at most half of it in their
+    similarity to any unit centroid, so when their homes differ, each is a guest in the other's home, unless more
+    than ASSIGN centroids crowd in. In a partition every row is compared with its home rows (guests with guests are
+    not: that pair meets in a home of its own). Rows are spilled to local files (float16) in buckets of partitions,
+    and each bucket is read back alone: memory holds one bucket, never all features.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import pyarrow as pa
 
 from .config import DEDUP_THRESHOLD as DEFAULT_THRESHOLD
 from .errors import UserError
+from .index import require_faiss
 from .vectors import Vectors, normalised, open_vectors
 
 EXACT_ROWS = 20_000
-PARTITION_ROWS = 2_000
+PARTITION_ROWS = 1_000
 ASSIGN = 3  # the most partitions one row is compared in
 TRAIN_ROWS = 100_000
 BUCKET_BYTES = 256 * 2**20  # spilled features read back at a time
@@ -55,6 +57,8 @@ def find_pairs(
     if total == 0 or (len(sides) == 2 and not all(v.rows.num_rows for v in sides)):
         return _pairs([])
     partitions = 1 if total <= exact_rows else math.ceil(total / partition_rows)
+    if partitions > 1:
+        require_faiss()
     centroids = _centroids(sides, partitions) if partitions > 1 else None
     margin = 2 * math.sqrt(max(0.0, 2 - 2 * threshold))
     dim = next(sides[0].batches(sides[0].rows.slice(0, 1)))[1].shape[1]
@@ -68,8 +72,8 @@ def find_pairs(
                 buckets.add(rows, np.full(len(rows), side, np.int8), parts, features)
                 offset += batch.num_rows
         found = [
-            _within(features[members], rows[members], side[members], threshold, len(sides) == 2)
-            for rows, side, features, members in buckets.partitions()
+            _within(features[members], rows[members], side[members], home[members], threshold, len(sides) == 2)
+            for rows, side, home, features, members in buckets.partitions()
         ]
     return _pairs(found)
 
@@ -78,15 +82,11 @@ def _centroids(sides: list[Vectors], partitions: int) -> np.ndarray:
     """Spherical k-means centroids from a random sample of the rows of both sides."""
     import faiss
 
-    rng = np.random.default_rng(0)
     total = sum(v.rows.num_rows for v in sides)
-    chosen = np.sort(rng.choice(total, min(total, TRAIN_ROWS), replace=False))
-    sample, offset = [], 0
-    for vectors in sides:
-        n = vectors.rows.num_rows
-        mine = chosen[(chosen >= offset) & (chosen < offset + n)] - offset
-        sample += [x for _, x in vectors.batches(vectors.rows.take(pa.array(mine, pa.int64())))] if len(mine) else []
-        offset += n
+    sample = []
+    for vectors in sides:  # each side in proportion to its rows
+        share = math.ceil(TRAIN_ROWS * vectors.rows.num_rows / total)
+        sample += [x for _, x in vectors.batches(vectors.sample(share))] if vectors.rows.num_rows else []
     sample = np.concatenate(sample)
     kmeans = faiss.Kmeans(sample.shape[1], min(partitions, len(sample)), niter=10, spherical=True, seed=0)
     kmeans.cp.min_points_per_centroid = 1
@@ -120,20 +120,22 @@ class Spill:
         ]
 
     def add(self, rows: np.ndarray, side: np.ndarray, parts: np.ndarray, features: np.ndarray) -> None:
+        """Rows with their side (0: OUTPUT, 1: OTHER) and partitions (column 0 their home, then guest visits)."""
         features = features.astype(np.float16)
         for column in range(parts.shape[1]):
             keep = parts[:, column] >= 0
             bucket = parts[:, column] % self.buckets
+            flags = (side | (2 if column else 0)).astype(np.int8)  # bit 1: a guest here
             for b in np.unique(bucket[keep]):
                 chosen = keep & (bucket == b)
                 files = self.files[int(b)]
                 rows[chosen].tofile(files["row"])
-                side[chosen].tofile(files["side"])
+                flags[chosen].tofile(files["side"])
                 parts[chosen, column].tofile(files["part"])
                 features[chosen].tofile(files["x"])
 
     def partitions(self):
-        """(rows, sides, features float32, members) per non-empty partition, a bucket in memory at a time."""
+        """(rows, sides, home, features, members) per non-empty partition, a bucket in memory at a time."""
         for files in self.files:
             for f in files.values():
                 f.close()
@@ -142,32 +144,39 @@ class Spill:
             parts = np.fromfile(f"{path}.part", np.int32)
             if not len(parts):
                 continue
-            rows, sides = np.fromfile(f"{path}.row", np.int64), np.fromfile(f"{path}.side", np.int8)
+            rows, flags = np.fromfile(f"{path}.row", np.int64), np.fromfile(f"{path}.side", np.int8)
             features = np.fromfile(f"{path}.x", np.float16).reshape(len(parts), self.dim)
             order = np.argsort(parts, kind="stable")
             bounds = np.flatnonzero(np.diff(parts[order])) + 1
             for members in np.split(order, bounds):
-                yield rows, sides, features, members
+                yield rows, flags & 1, (flags & 2) == 0, features, members
             del features
             for kind in ("row", "side", "part", "x"):
                 os.unlink(f"{path}.{kind}")
 
 
-def _within(features: np.ndarray, rows: np.ndarray, sides: np.ndarray, threshold: float, across: bool) -> list:
-    """Pairs (a, b, similarity) at or above the threshold in one partition: all pairs of its rows, or with `across`
-    only pairs of a row of side 0 and one of side 1."""
+def _within(
+    features: np.ndarray, rows: np.ndarray, sides: np.ndarray, home: np.ndarray, threshold: float, across: bool
+) -> list:
+    """Pairs (a, b, similarity) at or above the threshold in one partition: each row against the home rows; with
+    `across` only pairs of a row of side 0 and one of side 1, one of them at home."""
     x = normalised(features)
-    left = np.flatnonzero(sides == 0) if across else np.arange(len(rows))
-    right = np.flatnonzero(sides == 1) if across else np.arange(len(rows))
+    if across:
+        ours, theirs = sides == 0, sides == 1
+        blocks = [(ours, theirs & home), (ours & home, theirs & ~home)]
+    else:
+        blocks = [(np.ones(len(rows), bool), home)]
     found = []
-    step = max(1, BLOCK_VALUES // max(1, len(right)))
-    for start in range(0, len(left), step):
-        block = left[start : start + step]
-        scores = x[block] @ x[right].T
-        i, j = np.nonzero(scores >= threshold)
-        a, b = rows[block[i]], rows[right[j]]
-        keep = a != b
-        found.append((np.minimum(a, b)[keep], np.maximum(a, b)[keep], scores[i, j][keep]))
+    for left_mask, right_mask in blocks:
+        left, right = np.flatnonzero(left_mask), np.flatnonzero(right_mask)
+        step = max(1, BLOCK_VALUES // max(1, len(right)))
+        for start in range(0, len(left) if len(right) else 0, step):
+            block = left[start : start + step]
+            scores = x[block] @ x[right].T
+            i, j = np.nonzero(scores >= threshold)
+            a, b = rows[block[i]], rows[right[j]]
+            keep = a != b
+            found.append((np.minimum(a, b)[keep], np.maximum(a, b)[keep], scores[i, j][keep]))
     return found
 
 

@@ -44,7 +44,16 @@ MEMORY_FRACTION = 0.25  # of the machine's memory: the default --max-memory
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
 TARGET_RECALL = 0.97
+FEW_QUERIES = 8  # fewer queries than this are searched on one thread
 IVF_RE = re.compile(r"(^|,)IVF\d+")
+
+
+def require_faiss() -> None:
+    """faiss is an extra: without it, one line that says how to install it."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise UserError("the nearest-neighbour index needs faiss: pip install 'pipeline-featurize[search]'") from None
 
 
 # -- choosing the index --------------------------------------------------------------------------------------------
@@ -151,6 +160,7 @@ class Index:
 
     def __init__(self, index_dir: str, meta: dict, faiss_index, ids: pa.Table):
         self.index_dir, self.meta, self.faiss_index, self.ids = index_dir, meta, faiss_index, ids
+        self.sorted_ids = ids.column("id").to_numpy()  # ascending: ids files are written sorted by id
 
     @property
     def rows(self) -> int:
@@ -158,17 +168,23 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) [Q, k] for L2-normalised float32 queries; ids of -1 where fewer than k rows matched."""
+        import faiss
+
         if self.faiss_index is None or k < 1:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if is_ivf(self.faiss_index):
-            import faiss
-
             faiss.extract_index_ivf(self.faiss_index).nprobe = int(nprobe or self.meta.get("nprobe") or 1)
-        return self.faiss_index.search(np.ascontiguousarray(queries, np.float32), int(k))
+        threads = faiss.omp_get_max_threads()
+        if len(queries) < FEW_QUERIES:  # threads splitting one query wait on each other (on a busy machine: 40x)
+            faiss.omp_set_num_threads(1)
+        try:
+            return self.faiss_index.search(np.ascontiguousarray(queries, np.float32), int(k))
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def rows_of(self, ids: np.ndarray) -> pa.Table:
         """The ids table's rows for `ids`, in that order."""
-        positions = np.searchsorted(self.ids.column("id").to_numpy(), ids)
+        positions = np.searchsorted(self.sorted_ids, ids)
         return self.ids.take(pa.array(positions, pa.int64()))
 
 
@@ -178,6 +194,7 @@ def read_meta(index_dir: str, storage_options: dict | None) -> dict | None:
 
 def load_index(index_dir: str, storage_options: dict | None = None) -> Index:
     """The index in `index_dir` (a remote one is copied to a local temporary file for faiss, then removed)."""
+    require_faiss()
     import faiss
 
     folder = OutputDir(index_dir, storage_options)
@@ -245,6 +262,7 @@ def build_index(
     the new _index.json record (with `added`, `removed`, `seconds` of this call)."""
     from .run import new_run_id
 
+    require_faiss()
     started = time.perf_counter()
     index_dir = index_dir or default_index_dir(output)
     budget = parse_size(max_memory) or default_max_memory()
@@ -312,8 +330,9 @@ def _full_build(vectors: Vectors, budget: int, index_type: str | None, use_ray: 
     if not is_ivf(index):
         _add_local(index, vectors, rows, ids, None)
         return index, _ids_table(ids, rows, vectors.keys), info
-    sample = np.sort(rng.choice(n, min(n, TRAIN_ROWS), replace=False))
-    train = np.concatenate([x for _, x in vectors.batches(rows.take(pa.array(sample)))])
+    sampled = vectors.sample(TRAIN_ROWS)
+    train = np.concatenate([x for _, x in vectors.batches(sampled)])
+    sample = _positions(rows, sampled)
     echo(f"featurize: training {factory} on {len(train)} of {n} rows")
     index.train(train)
     probes = sample[rng.choice(len(sample), min(len(sample), CALIBRATION_QUERIES), replace=False)]
@@ -328,6 +347,13 @@ def _full_build(vectors: Vectors, budget: int, index_type: str | None, use_ray: 
         nlist=int(faiss_ivf(index).nlist), nprobe=nprobe, calibration={"queries": len(probes), "recall_at_10": recall}
     )
     return index, _ids_table(ids, rows, vectors.keys), info
+
+
+def _positions(rows: pa.Table, chosen: pa.Table) -> np.ndarray:
+    """Where the rows of `chosen` (a selection of `rows`, in its order) stand in `rows`: their ids in a full build."""
+    key = rows.column("shard").to_numpy().astype(np.int64) << 40 | rows.column("row").to_numpy()
+    wanted = chosen.column("shard").to_numpy().astype(np.int64) << 40 | chosen.column("row").to_numpy()
+    return np.searchsorted(key, wanted)
 
 
 def faiss_ivf(index):

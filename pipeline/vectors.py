@@ -67,34 +67,82 @@ class Vectors:
         for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(shard_of)]):
             chosen = rows.slice(int(start), int(stop - start))
             path = self.shards[int(shard_of[start])]
-            positions = chosen.column("row").to_numpy()
-            for begin in range(0, len(positions), batch_rows):
-                part = positions[begin : begin + batch_rows]
-                features = shard_features(self.url, self.storage_options, path, part, not stored)
-                yield chosen.slice(begin, len(part)), features
+            done = 0
+            for features in shard_batches(
+                self.url, self.storage_options, path, chosen.column("row").to_numpy(), batch_rows, not stored
+            ):
+                yield chosen.slice(done, len(features)), features
+                done += len(features)
+
+    def sample(self, count: int, seed: int = 0) -> pa.Table:
+        """About `count` rows chosen at random (in self.rows' order) from random row groups holding at least twice as
+        many, so that reading the sample reads a part of the OUTPUT, not all of it; all rows when there are few."""
+        n = self.rows.num_rows
+        if count >= n:
+            return self.rows
+        rng = np.random.default_rng(seed)
+        shard_of, row_of = self.rows.column("shard").to_numpy(), self.rows.column("row").to_numpy()
+        groups = []  # (first, last) positions in self.rows of each row group's rows
+        for shard in np.unique(shard_of):
+            first, last = np.searchsorted(shard_of, [shard, shard + 1])
+            fs, _ = filesystem(self.url, self.storage_options)
+            with fs.open(self.shards[int(shard)], "rb") as f:
+                metadata = pq.ParquetFile(f).metadata
+            ends = np.cumsum([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+            bounds = first + np.searchsorted(row_of[first:last], np.r_[0, ends], side="left")
+            groups += [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        chosen, total = [], 0
+        for i in rng.permutation(len(groups)):
+            chosen.append(groups[i])
+            total += groups[i][1] - groups[i][0]
+            if total >= 2 * count:
+                break
+        candidates = np.concatenate([np.arange(a, b) for a, b in chosen])
+        picked = np.sort(rng.choice(candidates, min(count, len(candidates)), replace=False))
+        return self.rows.take(pa.array(picked, pa.int64()))
 
 
-def shard_features(
-    url: str, storage_options: dict | None, path: str, positions: np.ndarray, normalise: bool = True
-) -> np.ndarray:
-    """The image_features of the rows at `positions` (ascending) of one shard, [n, D] float32 L2-normalised (else as
-    stored); reads only the row groups that hold them. Also what a Ray task runs (it opens the filesystem itself)."""
+def shard_batches(
+    url: str,
+    storage_options: dict | None,
+    path: str,
+    positions: np.ndarray,
+    batch_rows: int = BATCH_ROWS,
+    normalise: bool = True,
+) -> Iterator[np.ndarray]:
+    """The image_features of the rows at `positions` (ascending) of one shard, in order, at most `batch_rows` rows
+    a batch: [n, D] float32 L2-normalised (else as stored). Each row group that holds some is read once; the
+    others are not read."""
     fs, _ = filesystem(url, storage_options)
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
-        sizes = np.array([parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)], np.int64)
-        ends = np.cumsum(sizes)
-        group_of = np.searchsorted(ends, positions, side="right")
-        groups = np.unique(group_of)
-        table = parquet.read_row_groups(groups.tolist(), columns=["image_features"])
-    offset = np.zeros(len(sizes), np.int64)  # where each group that was read starts in `table`
-    offset[groups] = np.cumsum(np.r_[0, sizes[groups][:-1]])
-    local = positions - (ends - sizes)[group_of] + offset[group_of]
-    column = table.column("image_features").take(pa.array(local, pa.int64())).combine_chunks()
+        sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+        group_of = np.searchsorted(starts, positions, side="right") - 1
+        pending: list[np.ndarray] = []
+        for group in np.unique(group_of):
+            column = parquet.read_row_group(int(group), columns=["image_features"]).column(0)
+            pending.append(_matrix(column.take(pa.array(positions[group_of == group] - starts[group])), path))
+            while sum(len(p) for p in pending) >= batch_rows:
+                values = np.concatenate(pending)
+                yield normalised(values[:batch_rows]) if normalise else values[:batch_rows]
+                pending = [values[batch_rows:]]
+        if pending and sum(len(p) for p in pending):
+            values = np.concatenate(pending)
+            yield normalised(values) if normalise else values
+
+
+def shard_features(url: str, storage_options: dict | None, path: str, positions: np.ndarray) -> np.ndarray:
+    """The rows at `positions` of one shard, [n, D] float32 L2-normalised, at once (what a Ray task reads)."""
+    return np.concatenate(list(shard_batches(url, storage_options, path, positions, len(positions) or 1)))
+
+
+def _matrix(column, path: str) -> np.ndarray:
+    """A list<float16> column without nulls -> [n, D] float16."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if column.null_count:
         raise UserError(f"{path}: a current ok row has no image_features; the shard is damaged")
-    values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
-    return normalised(values) if normalise else values
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
 def feature_identity(identity: dict, version: int) -> dict:

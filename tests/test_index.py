@@ -239,3 +239,22 @@ def test_index_type_follows_rows_and_memory():
     assert choose_factory(10_000_000, 1152, 2 * 2**30) == "IVF16384,PQ192"
     assert choose_factory(50_000, 1152, 100 * 2**20) == "IVF1024,SQ8"  # too big to be exact within the budget
     assert parse_size("4GB") == 4 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
+
+
+def test_a_sample_is_random_rows_of_random_row_groups(photos):
+    from pipeline.vectors import open_vectors
+
+    vectors = open_vectors(photos["output"])
+    keys = list(zip(vectors.rows.column("shard").to_pylist(), vectors.rows.column("row").to_pylist()))
+    for seed in range(3):
+        sample = vectors.sample(4, seed)
+        chosen = list(zip(sample.column("shard").to_pylist(), sample.column("row").to_pylist()))
+        assert len(set(chosen)) == 4 and set(chosen) <= set(keys) and chosen == sorted(chosen)
+        features = np.concatenate([x for _, x in vectors.batches(sample)])
+        _, stored_features = stored(photos["output"])
+        uris = vectors.rows.column("uri").to_pylist()
+        order = [uris.index(u) for u in sample.column("uri").to_pylist()]
+        table, _ = stored(photos["output"])
+        expected = stored_features[[table.column("uri").to_pylist().index(uris[i]) for i in order]]
+        np.testing.assert_allclose(features, expected, atol=1e-6)
+    assert vectors.sample(100).equals(vectors.rows)
