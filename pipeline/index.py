@@ -496,8 +496,8 @@ def _merge_done(index, pending: list, calibration: Calibration | None, at_least:
 
 
 def _add_piece(template, url: str, storage_options: dict, path: str, positions, ids, queries):
-    """A Ray task: the rows' features added to a copy of the empty index; the copy, serialised, and the queries'
-    scores over these rows."""
+    """A Ray task: the rows' features added to a copy of the empty index; the copy, serialised, and the calibration
+    queries' best k+1 scores and ids among these rows (not all their scores: those would be large to send back)."""
     import faiss
 
     from .vectors import shard_features
@@ -507,7 +507,9 @@ def _add_piece(template, url: str, storage_options: dict, path: str, positions, 
     index.add_with_ids(features, ids)
     if queries is None:
         return faiss.serialize_index(index), None, None
-    return faiss.serialize_index(index), queries @ features.T, np.broadcast_to(ids, (len(queries), len(ids))).copy()
+    best = Calibration(queries, np.zeros(0, np.int64))
+    best.see(features, ids)
+    return faiss.serialize_index(index), best.scores, best.ids
 
 
 def index_summary(meta: dict) -> str:
