@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -194,22 +195,33 @@ def write_output(folder: Path, rows: int, dim: int, shard_rows: int, queries: in
 
 # -- measuring ------------------------------------------------------------------------------------------------------
 def measured(args: list[str], interval: float = 0.1) -> dict:
-    """A `featurize` subprocess: wall seconds, its peak RSS (the kernel's high-water mark VmHWM of that process, read
-    from /proc every `interval` s until it exits; wait4's ru_maxrss would carry this process's own peak across the
-    fork), its stderr."""
+    """A `featurize` subprocess: wall seconds, CPU seconds (user + system, from wait4), its peak RSS (the kernel's
+    high-water mark VmHWM of that process, read from /proc every `interval` s until it exits; wait4's ru_maxrss
+    would carry this process's own peak across the fork), the load average around it, its stderr. On a shared
+    machine the CPU seconds say what the command costs; the wall time says what the neighbours left it."""
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=common.quiet_env(), stderr=err)
         peak = 0
-        while proc.poll() is None:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
             peak = max(peak, _hwm(proc.pid))
             time.sleep(interval)
+        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read()
     if proc.returncode:
         raise SystemExit(f"featurize {' '.join(args)} failed ({proc.returncode}):\n{stderr}")
-    wall = time.perf_counter() - started
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak / GB, 3), "stderr": stderr.strip()}
+    return {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_gb": round(peak / GB, 3),
+        "loadavg": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "stderr": stderr.strip(),
+    }
 
 
 def _hwm(pid: int) -> int:
@@ -345,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((Path(output) / "_index" / "_index.json").read_text())
         result.update(
             index_wall_s=build["wall_s"],
+            index_cpu_s=build["cpu_s"],
+            index_loadavg=build["loadavg"],
             index_peak_rss_gb=build["peak_rss_gb"],
             index_type=meta["factory"],
             nprobe=meta.get("nprobe"),
@@ -360,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         groups = folder / "groups.parquet"
         run = measured(["dedup", output, "--out", str(groups)])
         result.update(
-            dedup_wall_s=run["wall_s"], dedup_peak_rss_gb=run["peak_rss_gb"], dedup_line=run["stderr"].splitlines()[-1]
+            dedup_wall_s=run["wall_s"],
+            dedup_cpu_s=run["cpu_s"],
+            dedup_loadavg=run["loadavg"],
+            dedup_peak_rss_gb=run["peak_rss_gb"],
+            dedup_line=run["stderr"].splitlines()[-1],
         )
         result.update(dedup_figures(groups, data))
     record = {"benchmark": "search", "command": common.command_line(), "machine": common.machine_info(),

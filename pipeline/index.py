@@ -44,6 +44,7 @@ MEMORY_FRACTION = 0.25  # of the machine's memory: the default --max-memory
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
 TARGET_RECALL = 0.97
+HNSW_LISTS = 4096  # from this many lists on, an HNSW graph finds a vector's lists
 FEW_QUERIES = 8  # fewer queries than this are searched on one thread
 IVF_RE = re.compile(r"(^|,)IVF\d+")
 
@@ -82,13 +83,15 @@ def choose_factory(rows: int, dim: int, max_memory: int) -> str:
         return "Flat"
     nlist = list_count(rows)
     overhead = nlist * dim * 4 + rows * 8  # centroids, ids
+    # thousands of lists: an HNSW graph over the centroids finds a row's list faster than comparing all of them
+    ivf = f"IVF{nlist}_HNSW32" if nlist >= HNSW_LISTS else f"IVF{nlist}"
     if rows * dim + overhead <= max_memory:
-        return f"IVF{nlist},SQ8"
+        return f"{ivf},SQ8"
     fits = [m for m in range(dim // 2, 0, -1) if dim % m == 0 and rows * m + overhead <= max_memory]
     if not fits:
         need = rows * min(m for m in range(1, dim + 1) if dim % m == 0) + overhead
         raise UserError(f"--max-memory {max_memory} bytes cannot hold an index of {rows} rows; give at least {need}")
-    return f"IVF{nlist},PQ{fits[0]}"
+    return f"{ivf},PQ{fits[0]}"
 
 
 def make_index(factory: str, dim: int):
