@@ -44,7 +44,6 @@ MEMORY_FRACTION = 0.25  # of the machine's memory: the default --max-memory
 CALIBRATION_QUERIES = 256
 CALIBRATION_K = 10
 TARGET_RECALL = 0.97
-HNSW_LISTS = 4096  # from this many lists on, an HNSW graph finds a vector's lists
 FEW_QUERIES = 8  # fewer queries than this are searched on one thread
 IVF_RE = re.compile(r"(^|,)IVF\d+")
 
@@ -83,8 +82,7 @@ def choose_factory(rows: int, dim: int, max_memory: int) -> str:
         return "Flat"
     nlist = list_count(rows)
     overhead = nlist * dim * 4 + rows * 8  # centroids, ids
-    # thousands of lists: an HNSW graph over the centroids finds a row's list faster than comparing all of them
-    ivf = f"IVF{nlist}_HNSW32" if nlist >= HNSW_LISTS else f"IVF{nlist}"
+    ivf = f"IVF{nlist}"  # (an HNSW graph over the centroids adds faster, but misses lists: recall 0.92 at most)
     if rows * dim + overhead <= max_memory:
         return f"{ivf},SQ8"
     fits = [m for m in range(dim // 2, 0, -1) if dim % m == 0 and rows * m + overhead <= max_memory]
@@ -112,6 +110,10 @@ def make_index(factory: str, dim: int):
         ivf_index = faiss.extract_index_ivf(index)
         ivf_index.cp.niter = 10
         ivf_index.cp.min_points_per_centroid = 1  # small samples train too (faiss would print a warning)
+        if "SQ" in factory:
+            # 8-bit codes of the vectors themselves, not of their residuals: the ranges learnt from the sample fit
+            # rows added later (a residual can be larger than any in the sample); measured, recall 0.998 vs 0.995
+            ivf_index.by_residual = False
     return index
 
 

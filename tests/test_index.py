@@ -234,9 +234,9 @@ def test_index_on_object_storage(photos, s3_server, s3_bucket, tmp_path, capsys)
 
 def test_index_type_follows_rows_and_memory():
     assert choose_factory(99_999, 1152, 8 * 2**30) == "Flat"
-    assert choose_factory(1_000_000, 1152, 4 * 2**30) == "IVF4096_HNSW32,SQ8"
-    assert choose_factory(1_000_000, 1152, 600 * 2**20) == "IVF4096_HNSW32,PQ576"  # 576 bytes a row fit, 1152 do not
-    assert choose_factory(10_000_000, 1152, 2 * 2**30) == "IVF16384_HNSW32,PQ192"
+    assert choose_factory(1_000_000, 1152, 4 * 2**30) == "IVF4096,SQ8"
+    assert choose_factory(1_000_000, 1152, 600 * 2**20) == "IVF4096,PQ576"  # 576 bytes a row fit, 1152 do not
+    assert choose_factory(10_000_000, 1152, 2 * 2**30) == "IVF16384,PQ192"
     assert choose_factory(50_000, 1152, 100 * 2**20) == "IVF1024,SQ8"  # too big to be exact within the budget
     assert parse_size("4GB") == 4 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
 
