@@ -264,19 +264,24 @@ def search_figures(output: str, queries: np.ndarray) -> dict:
     load_s = time.perf_counter() - started
     log(f"index loaded in {load_s:.1f} s; exact search of {len(queries)} queries")
     truth = exact_top(output, queries, 10)
-    latencies, hits = [], 0.0
+    latencies, best, hits = [], [], 0.0
     for query, exact in zip(queries, truth):
-        t = time.perf_counter()
-        _, ids = index.search(query[None], 10)
-        found = index.rows_of(ids[0][ids[0] >= 0]).column("uri").to_pylist()
-        latencies.append(time.perf_counter() - t)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            _, ids = index.search(query[None], 10)
+            found = index.rows_of(ids[0][ids[0] >= 0]).column("uri").to_pylist()
+            times.append(time.perf_counter() - t)
+        latencies.append(times[0])
+        best.append(min(times))  # the query's cost with the least interference from neighbours
         hits += len(set(found) & set(exact.tolist())) / 10
-    ms = np.array(latencies) * 1000
+    ms, best_ms = np.array(latencies) * 1000, np.array(best) * 1000
     return {
         "index_load_s": round(load_s, 1),
         "recall_at_10": round(hits / len(queries), 4),
         "query_ms_median": round(float(np.median(ms)), 2),
         "query_ms_p95": round(float(np.quantile(ms, 0.95)), 2),
+        "query_ms_median_best_of_3": round(float(np.median(best_ms)), 2),
     }
 
 
