@@ -10,7 +10,7 @@ The index folder (default OUTPUT/_index; local or fsspec):
 The type follows the row count and a memory budget, as autofaiss chooses: exact (flat) below EXACT_ROWS rows; above,
 IVF over sqrt-sized lists with 8-bit scalar quantisation (d bytes a row) when it fits the budget, else IVF with
 product quantisation sized to fit; the quantisers are trained on a random sample. `nprobe` is calibrated at build
-time: the smallest power of two whose recall@10 against exact search reaches TARGET_RECALL on sample rows.
+time: the smallest (to within an eighth) whose recall@10 against exact search reaches TARGET_RECALL on sample rows.
 
 Updates are incremental: rows no longer current (superseded by a newer run, removed from the dataset) are removed,
 current rows not yet indexed are added; nothing else is read. An index made for another feature identity or dataset
