@@ -24,6 +24,7 @@ COMMAND_STARTED = time.time()  # before the imports below: first_shard_s counts 
 
 from .checkpoint import quiet_libraries
 from .config import (
+    DEDUP_THRESHOLD,
     RESCORE_BATCH_ROWS,
     RESCORE_ROWS_PER_SHARD,
     RunConfig,
@@ -250,6 +251,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
     options = _storage_options(args, args.output, args.out)
     write_report(args.output, args.out, options, args.concept, args.max_slides, args.top_k)
     _echo(f"featurize: wrote {args.out}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import build_index, index_summary
+
+    meta = build_index(
+        args.output,
+        args.out,
+        _storage_options(args, args.output, args.out or ""),
+        args.max_memory,
+        args.index_type,
+        args.rebuild,
+        echo=_echo,
+    )
+    _echo(f"featurize: {index_summary(meta)} -> {args.out or args.output.rstrip('/') + '/_index'}")
+    return 0
+
+
+SEARCH_SUFFIXES = (".parquet", ".csv", ".html", ".htm")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import embed_query, results_text, search
+
+    if args.out and not args.out.lower().endswith(SEARCH_SUFFIXES):
+        raise UserError(f"--out {args.out}: write a .parquet, .csv or .html file")
+    options = _storage_options(args, args.output, args.image or "", args.index or "", args.out or "")
+    query = embed_query(args.output, args.text, args.image, args.template or (), args.trust_remote_code, options)
+    table, info = search(args.output, query.vector, args.k, args.index, args.exact, args.nprobe, options, echo=_echo)
+    how = "exact scan" if info["source"] == "exact" else f"index {info['factory']}"
+    how += f", nprobe {info['nprobe']}" if info.get("nprobe") else ""
+    about = f"{query.label}: {table.num_rows} nearest of {info['rows']} rows of {args.output} ({how})"
+    if not args.out:
+        print(results_text(table), flush=True)
+    elif args.out.lower().endswith((".html", ".htm")):
+        from .gallery import write_gallery
+        from .rescore import ScoredOutput
+
+        slides = ScoredOutput(args.output, options).current_slides()
+        write_gallery(table, args.out, f"featurize search: {query.label}", about, slides, query.image_bytes, options)
+    else:
+        from .labels import table_bytes
+        from .storage import write_bytes_atomic
+
+        write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _echo(
+        f"featurize: {about}; query encoded in {query.encode_s * 1000:.0f} ms, searched in "
+        f"{info['seconds'] * 1000:.1f} ms{' -> ' + args.out if args.out else ''}"
+    )
+    return 0
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from .dedup import dedup, summary
+    from .labels import check_suffix, table_bytes
+    from .storage import write_bytes_atomic
+
+    check_suffix(args.out)
+    options = _storage_options(args, args.output, args.against or "", args.out)
+    table, counts = dedup(args.output, args.threshold, args.against, options)
+    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _echo(summary(counts, args.threshold, args.against, args.out))
     return 0
 
 
@@ -486,6 +550,49 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT, slides, --out")
 
 
+def _args_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec)")
+    p.add_argument("--out", default=None, help="the index folder [default: OUTPUT/_index]")
+    p.add_argument(
+        "--max-memory", default=None, help="memory the index may take, e.g. 4GB [default: a quarter of the machine's]"
+    )
+    p.add_argument(
+        "--index-type", default=None, help="a faiss factory string: Flat or IVF... (e.g. IVF4096,SQ8) [default: chosen]"
+    )
+    p.add_argument("--rebuild", action="store_true", help="build it afresh (also for an OUTPUT's new features)")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for OUTPUT and --out")
+
+
+def _args_search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", default=None, help="embedded by the model's text tower, as prompts are")
+    query.add_argument("--image", default=None, help="PATH_OR_URI of an image, embedded as the run embeds images")
+    p.add_argument(
+        "--template", action="append", help="wrap the text ('a photo of {}'); several are ensembled [default: none]"
+    )
+    p.add_argument("--k", type=int, default=20, help="how many rows [default: 20]")
+    p.add_argument("--out", default=None, help="FILE.parquet, .csv or .html (a gallery) [default: print the rows]")
+    p.add_argument("--index", default=None, help="the index folder [default: OUTPUT/_index when there is one]")
+    p.add_argument("--exact", action="store_true", help="scan every row instead of using the index")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit [default: calibrated at build time]")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
+
+
+def _args_dedup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUTPUT", help="the OUTPUT of `featurize images` or `slides` (local or fsspec)")
+    p.add_argument("--against", default=None, help="OTHER_OUTPUT (same model): report OUTPUT's rows found there")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEDUP_THRESHOLD,
+        help=f"cosine similarity at which two rows are near-duplicates [default: {DEDUP_THRESHOLD}]",
+    )
+    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write (local path or fsspec URL)")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options (JSON) for every path")
+
+
 COMMANDS = [  # name, one-line help, the function that adds its arguments, the function that runs it
     ("images", "featurise every image under INPUT into sharded Parquet in OUTPUT", _args_images, _cmd_images),
     ("manifest", "list INPUT once (uri, size, mtime, etag) into a Parquet manifest", _args_manifest, _cmd_manifest),
@@ -506,6 +613,14 @@ COMMANDS = [  # name, one-line help, the function that adds its arguments, the f
         "one offline HTML page about OUTPUT: top images per concept, a map, heatmaps, errors, runs",
         _args_report,
         _cmd_report,
+    ),
+    ("index", "an approximate nearest-neighbour index (faiss) over OUTPUT's features", _args_index, _cmd_index),
+    ("search", "the rows of OUTPUT nearest to a text or an image", _args_search, _cmd_search),
+    (
+        "dedup",
+        "near-duplicate groups in OUTPUT, or its rows that near-duplicate another's",
+        _args_dedup,
+        _cmd_dedup,
     ),
 ]
 

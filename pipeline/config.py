@@ -19,6 +19,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 # `featurize rescore`'s defaults: here, so that the command line shows them without importing the rescorer
 RESCORE_ROWS_PER_SHARD = 40000
 RESCORE_BATCH_ROWS = 8192
+DEDUP_THRESHOLD = 0.95  # `featurize dedup`'s default cosine similarity
 
 
 def parse_storage_options(value: Any) -> dict[str, Any]:

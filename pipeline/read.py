@@ -314,3 +314,22 @@ def _with_shard(scanner: pads.Scanner, paths: list[str]) -> pa.RecordBatchReader
             yield pa.RecordBatch.from_arrays([*batch.columns, shard], schema=schema)
 
     return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def current_rows(snap: Snapshot, columns: list[str] = ()) -> pa.Table:
+    """The current rows' key columns and `columns`, with `shard` (the index in snap.shards) and `row` (the position in
+    that shard), ordered by shard and row: for readers that go back to the shards for a wide column (the features) of
+    chosen rows only. Shards are read one at a time, key columns only."""
+    names = list(dict.fromkeys([*snap.layout.key_columns(snap.listing is not None), *columns]))
+    parts = []
+    for shard, path in enumerate(snap.shards):
+        with snap.out.fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=names)
+        parts.append(
+            table.append_column("shard", pa.array(np.full(table.num_rows, shard, np.int32))).append_column(
+                "row", pa.array(np.arange(table.num_rows, dtype=np.int64))
+            )
+        )
+    with _connect(snap, quiet=True) as con:
+        con.register("located", pa.concat_tables(parts))
+        return con.sql(f"SELECT * FROM ({_current_sql(snap, 'located')}) ORDER BY shard, row").to_arrow_table()

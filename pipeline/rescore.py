@@ -192,18 +192,20 @@ def same_location(a: str, b: str, storage_options: dict | None = None) -> bool:
 # -- the model, as the OUTPUT recorded it -----------------------------------------------------------------------------
 def recorded_family(source: ScoredOutput) -> families.Family:
     """The model family an OUTPUT's identity names (`kind`)."""
-    name = source.identity.get("kind", "")
+    return identity_family(source.identity, source.url)
+
+
+def identity_family(identity: dict, url: str) -> families.Family:
+    name = identity.get("kind", "")
     try:
         return families.named(name)
     except KeyError:
-        raise UserError(f"{source.url} was made with a model family this version does not know ({name!r})") from None
+        raise UserError(f"{url} was made with a model family this version does not know ({name!r})") from None
 
 
 def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "auto") -> ModelSpec:
     """The ModelSpec of the run that made `source`: its model, kind, revision and dtype; refuses what cannot be
     rescored (hidden-state features, image towers without text, a model that is not there any more)."""
-    from .checkpoint import resolve_model
-
     identity = source.identity
     if source.rescore_record is not None:
         raise UserError(
@@ -219,27 +221,34 @@ def recorded_spec(source: ScoredOutput, trust_remote_code: bool, device: str = "
             f"{source.url} stores hidden-state features ({features}), not the model's embedding: "
             "concept logits need the embedding (`--features embedding`)"
         )
-    if family.remote_code and not trust_remote_code:
-        raise UserError(
-            f"{source.url} was made with {identity['model']}, which runs its own Python code: review "
-            "it, then pass --trust-remote-code"
-        )
     if not family.has_text:
         raise UserError(
             f"{source.url} was made with {identity['model']}, an image tower without a text tower: it "
             "cannot score prompts"
+        )
+    return resolve_recorded(identity, source.url, trust_remote_code, device)
+
+
+def resolve_recorded(identity: dict, url: str, trust_remote_code: bool, device: str = "auto") -> ModelSpec:
+    """The model an OUTPUT's identity records (model, kind, revision, dtype), resolved again on `device`; refuses
+    remote code without consent, a model that cannot be loaded here, and a checkpoint of another family now."""
+    from .checkpoint import resolve_model
+
+    family = identity_family(identity, url)
+    if family.remote_code and not trust_remote_code:
+        raise UserError(
+            f"{url} was made with {identity['model']}, which runs its own Python code: review it, then pass "
+            "--trust-remote-code"
         )
     try:
         spec = resolve_model(
             identity["model"], identity.get("revision"), trust_remote_code, identity.get("dtype") or "auto", device
         )
     except UserError as exc:
-        raise UserError(
-            f"{source.url} was made with model {identity['model']}, which cannot be loaded here: {exc}"
-        ) from None
+        raise UserError(f"{url} was made with model {identity['model']}, which cannot be loaded here: {exc}") from None
     if spec.family is not family:
         raise UserError(
-            f"model {identity['model']} is now a {spec.family.title} checkpoint, but {source.url} was made with a "
+            f"model {identity['model']} is now a {spec.family.title} checkpoint, but {url} was made with a "
             f"{family.title} one: it is not the same model"
         )
     return spec

@@ -277,6 +277,11 @@ def test_help_loads_no_driver_or_analysis_module():
         "tiny",
         "plan",
         "summary",
+        "vectors",
+        "index",
+        "gallery",
+        "search",
+        "dedup",
     ]
     code = (
         "import sys; from pipeline.cli import build_parser; build_parser(); "
