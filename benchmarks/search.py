@@ -283,7 +283,8 @@ def search_figures(output: str, queries: np.ndarray) -> dict:
 
 def text_encoding_ms(work: Path, repeats: int = 20) -> dict:
     """One text query through a ConceptCLIP-shaped text tower (BERT-base width and depth, random weights) on CPU."""
-    from pipeline.models import Encoder, preprocess_spec, resolve_model
+    from pipeline.checkpoint import preprocess_spec, resolve_model
+    from pipeline.models import Encoder
     from pipeline.search import text_vector
     from pipeline.tiny import _conceptclip_config, _save_conceptclip
 
