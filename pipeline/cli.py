@@ -210,13 +210,12 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 def _cmd_labels(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
-    from .labels import check_suffix, label_output, table_bytes
-    from .storage import write_bytes_atomic
+    from .labels import check_suffix, label_output
 
     check_suffix(args.out)
     options = _storage_options(args, args.output, args.out)
     table = label_output(args.output, args.top_k, options, args.softmax)
-    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _write_rows(table, args.out, options)
     _echo(
         f"featurize: wrote {table.num_rows} labels ({int(pc.sum(pc.equal(table.column('rank'), 1)).as_py() or 0)} "
         f"rows x top {args.top_k}) -> {args.out}"
@@ -293,10 +292,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         slides = ScoredOutput(args.output, options).current_slides()
         write_gallery(table, args.out, f"featurize search: {query.label}", about, slides, query.image_bytes, options)
     else:
-        from .labels import table_bytes
-        from .storage import write_bytes_atomic
-
-        write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+        _write_rows(table, args.out, options)
     _echo(
         f"featurize: {about}; query encoded in {query.encode_s * 1000:.0f} ms, searched in "
         f"{info['seconds'] * 1000:.1f} ms{' -> ' + args.out if args.out else ''}"
@@ -306,15 +302,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_dedup(args: argparse.Namespace) -> int:
     from .dedup import dedup, summary
-    from .labels import check_suffix, table_bytes
-    from .storage import write_bytes_atomic
+    from .labels import check_suffix
 
     check_suffix(args.out)
     options = _storage_options(args, args.output, args.against or "", args.out)
     table, counts = dedup(args.output, args.threshold, args.against, options)
-    write_bytes_atomic(args.out, table_bytes(table, args.out), options)
+    _write_rows(table, args.out, options)
     _echo(summary(counts, args.threshold, args.against, args.out))
     return 0
+
+
+def _write_rows(table, path: str, options: dict) -> None:
+    """A command's result rows as `path` (.parquet or .csv, local or fsspec), written whole or not at all."""
+    from .labels import table_bytes
+    from .storage import write_bytes_atomic
+
+    write_bytes_atomic(path, table_bytes(table, path), options)
 
 
 def _storage_options(args: argparse.Namespace, *urls: str) -> dict:
