@@ -10,7 +10,7 @@ import html
 import pyarrow as pa
 
 from .decode import open_image
-from .thumbnails import MAX_PIXELS, Thumbnail, data_uri, image_thumbnail, tile_thumbnails
+from .thumbnails import MAX_PIXELS, Thumbnail, data_uri, row_thumbnails
 
 THUMB_PX = 192
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -37,16 +37,9 @@ window.addEventListener("load", function () {
 def thumbnails(results: pa.Table, slides: pa.Table | None, storage_options: dict | None) -> list[Thumbnail]:
     """Each result's thumbnail: the image file, or the tile cropped from its slide (geometry from `slides`, the
     version's rows of _slides.parquet)."""
-    if "slide_id" not in results.column_names:
-        return [image_thumbnail(uri, storage_options, THUMB_PX) for uri in results.column("uri").to_pylist()]
-    known = {s["uri"]: s for s in (slides.to_pylist() if slides is not None else [])}
-    rows = results.to_pylist()
-    with_geometry = [i for i, r in enumerate(rows) if known.get(r["uri"], {}).get("footprint_px") is not None]
-    tiles = [{**rows[i], **{k: known[rows[i]["uri"]][k] for k in ("footprint_px", "reader")}} for i in with_geometry]
-    out = [Thumbnail(reason="its slide has no tile geometry in _slides.parquet")] * len(rows)
-    for i, thumbnail in zip(with_geometry, tile_thumbnails(tiles, storage_options, THUMB_PX)):
-        out[i] = thumbnail
-    return out
+    is_tiles = "slide_id" in results.column_names
+    known = (slides.to_pylist() if slides is not None else []) if is_tiles else None
+    return row_thumbnails(results.to_pylist(), known, storage_options, THUMB_PX)
 
 
 def _figure(row: dict, thumbnail: Thumbnail) -> str:

@@ -24,7 +24,7 @@ from .report_runs import counts_section, runs_section, stages_section
 from .report_scan import MAP_POINTS, MAP_SEED, TOP_K, RowSummary
 from .rescore import ScoredOutput
 from .storage import write_bytes_atomic
-from .thumbnails import THUMB_PX, Thumbnail, image_thumbnail, slide_thumbnail, tile_thumbnails
+from .thumbnails import THUMB_PX, Thumbnail, row_thumbnails, slide_thumbnail
 
 MAX_REASONS = 50  # error reasons in the table
 ERROR_THUMBNAILS = 24  # error rows (and failed slides) shown with a thumbnail
@@ -48,15 +48,8 @@ def _thumbnails(source: ScoredOutput, rows: list[dict], storage_options: dict | 
     """_row_key -> Thumbnail for each row (images: the file; tiles: cropped from the slide its _slides.parquet
     row describes), each input read once."""
     unique = list({_row_key(r): r for r in rows}.values())
-    if not source.is_slides:
-        return {_row_key(r): image_thumbnail(r["uri"], storage_options, THUMB_PX, partial) for r in unique}
-    slides = {s["uri"]: s for s in source.current_slides().to_pylist()}
-    known = [r for r in unique if slides.get(r["uri"], {}).get("footprint_px") is not None]
-    tiles = [{**r, **{k: slides[r["uri"]][k] for k in ("footprint_px", "reader")}} for r in known]
-    out = dict(zip(map(_row_key, known), tile_thumbnails(tiles, storage_options, THUMB_PX)))
-    for r in unique:
-        out.setdefault(_row_key(r), Thumbnail(reason="its slide has no tile geometry in _slides.parquet"))
-    return out
+    slides = source.current_slides().to_pylist() if source.is_slides else None
+    return dict(zip(map(_row_key, unique), row_thumbnails(unique, slides, storage_options, THUMB_PX, partial)))
 
 
 def _where(row: dict) -> str:

@@ -140,6 +140,27 @@ def tile_thumbnails(
     return out
 
 
+def row_thumbnails(
+    rows: list[dict],
+    slides: list[dict] | None,
+    storage_options: dict | None = None,
+    max_px: int = THUMB_PX,
+    partial: bool = False,
+) -> list[Thumbnail]:
+    """One thumbnail per row of an OUTPUT: for image rows (`slides` None) the file (`partial`: also what a truncated
+    file holds); for tile rows the tile cropped from its slide, whose footprint and reader come from `slides` (the
+    read version's rows of _slides.parquet), a reason where the slide has none."""
+    if slides is None:
+        return [image_thumbnail(r["uri"], storage_options, max_px, partial) for r in rows]
+    known = {s["uri"]: s for s in slides}
+    placed = [i for i, r in enumerate(rows) if known.get(r["uri"], {}).get("footprint_px") is not None]
+    tiles = [{**rows[i], **{k: known[rows[i]["uri"]][k] for k in ("footprint_px", "reader")}} for i in placed]
+    out = [Thumbnail(reason="its slide has no tile geometry in _slides.parquet")] * len(rows)
+    for i, thumbnail in zip(placed, tile_thumbnails(tiles, storage_options, max_px)):
+        out[i] = thumbnail
+    return out
+
+
 def slide_thumbnail(uri: str, reader: str | None, storage_options: dict | None, max_px: int = THUMB_PX) -> Thumbnail:
     """The whole slide, from the coarsest level that is still `max_px` on its longer side."""
     side = _side(max_px)
