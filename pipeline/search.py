@@ -22,7 +22,7 @@ from .errors import UserError
 from .index import Index, check_identity, coverage, default_index_dir, load_index, read_meta
 from .prompts import Concept, PromptSet
 from .rescore import IMAGE_KEYS, TILE_KEYS, identity_family, resolve_recorded
-from .vectors import check_one_vector_a_row, feature_identity, normalised, open_vectors
+from .vectors import check_one_vector_a_row, feature_identity, normalised, open_vectors, read_dataset
 from .write import OutputDir
 
 
@@ -39,15 +39,6 @@ class Query:
     @property
     def label(self) -> str:
         return f"text {self.text!r}" if self.text is not None else f"image {self.image}"
-
-
-def _dataset(output: str, storage_options: dict | None) -> dict:
-    dataset = OutputDir(output, storage_options).read_json("_dataset.json")
-    if dataset is None:
-        raise UserError(
-            f"{output} holds no featurised output (no _dataset.json); pass the OUTPUT of `featurize images` or `slides`"
-        )
-    return dataset
 
 
 def query_encoder(output: str, identity: dict, text: bool, trust_remote_code: bool):
@@ -112,7 +103,7 @@ def embed_query(
 
     if (text is None) == (image is None):
         raise UserError("give one query: --text TEXT or --image PATH_OR_URI")
-    identity = dict(_dataset(output, storage_options).get("identity", {}))
+    identity = dict(read_dataset(OutputDir(output, storage_options)).get("identity", {}))
     data = None
     if image is not None:
         try:
@@ -142,7 +133,7 @@ def search(
     they were found (`source`: 'index' or 'exact', `seconds`, index facts)."""
     if k < 1:
         raise UserError(f"--k must be at least 1, not {k}")
-    dataset = _dataset(output, storage_options)
+    dataset = read_dataset(OutputDir(output, storage_options))
     wanted = feature_identity(dict(dataset.get("identity", {})), readable_version(dataset))
     chosen = index_dir or default_index_dir(output)
     meta = None if exact else read_meta(chosen, storage_options)

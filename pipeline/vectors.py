@@ -167,17 +167,23 @@ def normalised(features: np.ndarray) -> np.ndarray:
     return features / np.where(norms > 0, norms, 1.0)
 
 
-def open_vectors(output: str, storage_options: dict | None = None) -> Vectors:
-    """The current ok rows of `output` (images or slides). An OUTPUT without rows yet gives no rows; one that is not an
-    OUTPUT, or a rescore's OUT2 (no features), is refused."""
-    out = OutputDir(output, storage_options)
+def read_dataset(out: OutputDir) -> dict:
+    """OUTPUT's _dataset.json; an OUTPUT that has none (or a rescore's OUT2, which stores no features) is refused."""
     dataset = out.read_json("_dataset.json")
     if dataset is None:
         rescored = out.read_json("_rescore.json")
         why = "it is a rescore's OUT2, which stores no image_features" if rescored else "no _dataset.json"
         raise UserError(
-            f"{output} holds no featurised output ({why}); pass the OUTPUT of `featurize images` or `slides`"
+            f"{out.url} holds no featurised output ({why}); pass the OUTPUT of `featurize images` or `slides`"
         )
+    return dataset
+
+
+def open_vectors(output: str, storage_options: dict | None = None) -> Vectors:
+    """The current ok rows of `output` (images or slides). An OUTPUT without rows yet gives no rows; one that is not an
+    OUTPUT, or a rescore's OUT2 (no features), is refused."""
+    out = OutputDir(output, storage_options)
+    dataset = read_dataset(out)
     identity = dict(dataset.get("identity", {}))
     check_one_vector_a_row(identity, output)
     if not out.shard_units():
