@@ -128,7 +128,7 @@ def _wait_until(condition, submission, timeout: float, what: str) -> None:
 def _model_actor(cluster):
     """(process, node) of this test's model actor; None while there is none (a straggler of an earlier job, which
     the fixture below ends, is never taken for it)."""
-    found = [(p, n) for p, n in cluster.processes_named(MODEL_ACTOR) if p.pid not in _STRAGGLERS]
+    found = _left(cluster)
     assert len(found) <= 1, f"more than one model actor: {[(p.pid, n.name) for p, n in found]}"
     return found[0] if found else None
 
